@@ -1,0 +1,97 @@
+"""Contrastive loss (Hadsell, Chopra, LeCun 2006) on cosine distance, as used in DML benchmarks.
+
+With s_ij the dot-product similarity (the cosine for L2-normalised embeddings) and the cosine
+distance d_ij = 1 - s_ij, every ordered pair (i, j), i != j, of the batch is a positive pair
+(same label) or a negative pair (different labels), with per-pair losses
+
+    positive: relu(d_ij - pos_margin)  = relu((1 - pos_margin) - s_ij),
+    negative: relu(neg_margin - d_ij)  = relu(s_ij - (1 - neg_margin)).
+
+The margins are distances: the default pos_margin = 0, neg_margin = 0.5 pulls positives to
+similarity 1 and pushes negatives below similarity 0.5. This is pytorch-metric-learning's
+`ContrastiveLoss(pos_margin=1 - pos_margin, neg_margin=1 - neg_margin,
+distance=CosineSimilarity())`, whose margins are similarities.
+
+Reduction (pytorch-metric-learning's `AvgNonZeroReducer`): the positive and the negative pair
+losses are each averaged over the pairs whose loss is > 0 (a term with no such pair is 0), and the
+two averages are added. Ordered pairs are used as in pytorch-metric-learning; since the loss is
+symmetric this equals averaging over unordered pairs. Rows without a positive still contribute
+their negative pairs. Unlike pytorch-metric-learning, a batch with at most one positive and at
+most one negative ordered pair is not special-cased to zero.
+"""
+
+from __future__ import annotations
+
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from recall_jax.losses.recall_at_k import check_labels
+from recall_jax.losses.recall_at_k import compute_dtype
+from recall_jax.losses.recall_at_k import similarity
+
+DEFAULT_POS_MARGIN = 0.0
+DEFAULT_NEG_MARGIN = 0.5
+
+
+def _mean_of_nonzero(losses: jax.Array, mask: jax.Array) -> jax.Array:
+  """Mean of the entries of `losses` where `mask` and the loss is > 0; 0 if there are none."""
+  active = mask & (losses > 0)
+  total = jnp.sum(jnp.where(active, losses, 0.0))
+  return total / jnp.maximum(jnp.sum(active), 1).astype(losses.dtype)
+
+
+def contrastive_loss(
+    embeddings: jax.Array,
+    labels: jax.Array,
+    *,
+    pos_margin: float = DEFAULT_POS_MARGIN,
+    neg_margin: float = DEFAULT_NEG_MARGIN,
+) -> jax.Array:
+  """The contrastive loss of a batch (formula and reduction in the module docstring).
+
+  Args:
+    embeddings: (B, D) float embeddings, used as given: similarity is the plain dot product
+      (the cosine when the model L2-normalises). float64 inputs (with x64 enabled) compute in
+      float64, anything else in float32 at HIGHEST matmul precision.
+    labels: (B,) integer class labels in any order.
+    pos_margin: cosine-distance margin below which a positive pair has no loss (>= 0).
+    neg_margin: cosine-distance margin above which a negative pair has no loss
+      (>= pos_margin).
+
+  Returns:
+    Scalar loss >= 0, dtype float32 (float64 for float64 inputs).
+
+  Raises:
+    ValueError: on a shape mismatch, non-floating embeddings, non-integer labels, an empty
+      batch, or non-finite / negative / inverted margins.
+  """
+  embeddings, labels = jnp.asarray(embeddings), jnp.asarray(labels)
+  if embeddings.ndim != 2:
+    raise ValueError(f"embeddings must have shape (B, D), got shape {embeddings.shape}")
+  if not jnp.issubdtype(embeddings.dtype, jnp.floating):
+    raise ValueError(f"embeddings must be floating point, got dtype {embeddings.dtype}")
+  check_labels(labels, embeddings.shape[0])
+  for name, value in (("pos_margin", pos_margin), ("neg_margin", neg_margin)):
+    if not (isinstance(value, (int, float)) and math.isfinite(value)):
+      raise ValueError(f"{name} must be a finite number, got {value!r}")
+  if pos_margin < 0:
+    raise ValueError(f"pos_margin must be >= 0 (a distance), got {pos_margin}")
+  if neg_margin < pos_margin:
+    raise ValueError(
+        f"neg_margin ({neg_margin}) must be >= pos_margin ({pos_margin})")
+  dtype = compute_dtype(embeddings)
+  embeddings = embeddings.astype(dtype)
+  num_rows = labels.shape[0]
+
+  sim = similarity(embeddings, embeddings)  # (B, B)
+  chex.assert_shape(sim, (num_rows, num_rows))
+  same = labels[:, None] == labels[None, :]
+  off_diagonal = ~jnp.eye(num_rows, dtype=bool)
+  pos_losses = jax.nn.relu((1.0 - pos_margin) - sim)
+  neg_losses = jax.nn.relu(sim - (1.0 - neg_margin))
+  loss = (_mean_of_nonzero(pos_losses, same & off_diagonal)
+          + _mean_of_nonzero(neg_losses, ~same))
+  return loss.astype(dtype)
