@@ -1,0 +1,25 @@
+"""Retrieval evaluation: embedding extraction, exact blocked k-NN and the standard metrics.
+
+Similarity is the inner product in float32 (cosine for the L2-normalised embeddings that
+`extract_embeddings` returns); ties rank the lower database index first everywhere.
+"""
+
+from recall_jax.evaluation.evaluator import Evaluator
+from recall_jax.evaluation.extraction import extract_embeddings, l2_normalize
+from recall_jax.evaluation.knn import knn
+from recall_jax.evaluation.metrics import metrics_from_ranks, retrieval_metrics
+from recall_jax.evaluation.protocols import protocol_for
+from recall_jax.evaluation.reid import vehicleid_reid_metrics
+from recall_jax.evaluation.sharding import data_mesh
+
+__all__ = [
+    "Evaluator",
+    "data_mesh",
+    "extract_embeddings",
+    "knn",
+    "l2_normalize",
+    "metrics_from_ranks",
+    "protocol_for",
+    "retrieval_metrics",
+    "vehicleid_reid_metrics",
+]

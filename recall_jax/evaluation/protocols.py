@@ -1,0 +1,41 @@
+"""Evaluation protocol (Recall@k cut-offs) of each benchmark, as in the paper and Smooth-AP."""
+
+from typing import Any
+
+# Canonical name -> protocol. All are leave-one-out over the test split ("all-vs-all"); VehicleID's
+# three test lists are evaluated separately, and it also supports the re-identification protocol
+# (`vehicleid_reid_metrics`).
+_PROTOCOLS: dict[str, dict[str, Any]] = {
+    "sop": {"k_values": (1, 10, 100, 1000)},
+    "inat2018": {"k_values": (1, 4, 16, 32)},
+    "cars196": {"k_values": (1, 2, 4, 8, 16)},
+    "cub200": {"k_values": (1, 2, 4, 8, 16)},
+    "omniglot": {"k_values": (1, 2, 4, 8)},
+    "vehicleid": {"k_values": (1, 5), "reid_k_values": (1, 5)},
+}
+
+_ALIASES = {
+    "stanfordonlineproducts": "sop", "onlineproducts": "sop",
+    "inat": "inat2018", "inaturalist": "inat2018", "inaturalist2018": "inat2018",
+    "cars": "cars196", "stanfordcars": "cars196",
+    "cub": "cub200", "cub2002011": "cub200",
+}
+
+
+def canonical_name(dataset_name: str) -> str:
+  """Lower-cases and strips '-', '_' and spaces, then resolves aliases ('SOP', 'cub-200-2011')."""
+  key = "".join(c for c in dataset_name.lower() if c not in "-_ ")
+  key = _ALIASES.get(key, key)
+  if key not in _PROTOCOLS:
+    raise ValueError(f"no evaluation protocol for dataset {dataset_name!r}; known: "
+                     f"{sorted(_PROTOCOLS)}")
+  return key
+
+
+def protocol_for(dataset_name: str) -> dict[str, Any]:
+  """{'name': canonical name, 'k_values': recall@k cut-offs, 'reid_k_values': cut-offs of the
+  optional re-identification protocol or None}. A fresh dict each call."""
+  name = canonical_name(dataset_name)
+  protocol = _PROTOCOLS[name]
+  return {"name": name, "k_values": protocol["k_values"],
+          "reid_k_values": protocol.get("reid_k_values")}
