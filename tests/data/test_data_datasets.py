@@ -1,0 +1,384 @@
+"""Tests of recall_jax.data.datasets / parsing / download: official formats -> prepared splits."""
+
+import functools
+import http.server
+import io
+import pathlib
+import threading
+import zipfile
+
+import numpy as np
+import PIL.Image
+import pytest
+import scipy.io
+
+from recall_jax import data
+from recall_jax.data import datasets
+from recall_jax.data import paths
+
+
+def _color(key: str) -> tuple[int, int, int]:
+  """A colour derived from a class name, so a decoded image reveals which class it was saved as."""
+  h = sum((i + 1) * ord(c) for i, c in enumerate(key)) * 2654435761
+  return (h % 251, (h // 251) % 251, (h // 63001) % 251)
+
+
+def _image_bytes(key: str, fmt: str = "PNG", size: tuple[int, int] = (9, 7)) -> bytes:
+  buffer = io.BytesIO()
+  PIL.Image.new("RGB", size, _color(key)).save(buffer, fmt)
+  return buffer.getvalue()
+
+
+def _write_image(path: pathlib.Path, key: str) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_bytes(_image_bytes(key, "JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else "PNG"))
+
+
+def _decoded_color(record) -> tuple[int, ...]:
+  return tuple(np.asarray(PIL.Image.open(io.BytesIO(record["image"])).convert("RGB"))[3, 4])
+
+
+def _assert_labels_match_names(source, expected_names: dict[str, str]) -> None:
+  """Every record's label names the class its image was written for (checked via the colour)."""
+  for i in range(len(source)):
+    record = source[i]
+    assert record["label"] == source.labels[i]
+    name = source.class_names[record["label"]]
+    assert name == expected_names[record["id"]], (record["id"], name)
+    want = np.array(_color(name))
+    assert np.abs(np.array(_decoded_color(record), int) - want).max() <= 12  # JPEG tolerance.
+
+
+def _load(name, split, root, **kw):
+  return data.load_split(name, split, data_root=root, prepared_dir=root / "prep", **kw)
+
+
+# --------------------------------------------------------------------------------------------
+# Paths.
+
+
+def test_data_root_precedence(monkeypatch, tmp_path):
+  monkeypatch.setenv(paths.DATA_ENV_VAR, str(tmp_path / "env"))
+  assert data.data_root(str(tmp_path / "cfg")) == tmp_path / "cfg"
+  assert data.data_root() == tmp_path / "env"
+  monkeypatch.delenv(paths.DATA_ENV_VAR)
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+  assert data.data_root() == tmp_path / "cache" / "recall_jax"
+
+
+def test_prepared_root_falls_back_when_read_only(monkeypatch, tmp_path):
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+  assert data.prepared_root(tmp_path) == tmp_path / "prepared"
+  read_only = tmp_path / "ro"
+  read_only.mkdir()
+  read_only.chmod(0o555)
+  try:
+    assert data.prepared_root(read_only) == tmp_path / "cache" / "recall_jax" / "prepared"
+  finally:
+    read_only.chmod(0o755)
+
+
+# --------------------------------------------------------------------------------------------
+# Official formats.
+
+
+def _make_sop(root: pathlib.Path) -> dict[str, str]:
+  folder = root / "Stanford_Online_Products"
+  names, image_id = {}, 0
+  for split, classes in (("train", (1, 2, 5)), ("test", (7, 8))):
+    lines = ["image_id class_id super_class_id path"]
+    for class_id in classes:
+      for k in range(class_id % 3 + 2):
+        image_id += 1
+        rel = f"bike_final/{class_id}_{k}.JPG"
+        _write_image(folder / rel, str(class_id))
+        lines.append(f"{image_id} {class_id} {1 + class_id % 2} {rel}")
+        names[str(image_id)] = str(class_id)
+    (folder / f"Ebay_{split}.txt").write_text("\n".join(lines) + "\n")
+  return names
+
+
+def test_sop_splits_and_labels(tmp_path):
+  names = _make_sop(tmp_path)
+  train = _load("sop", "train", tmp_path)
+  test = _load("sop", "test", tmp_path)
+  assert (len(train), train.num_classes, len(test), test.num_classes) == (3 + 4 + 4, 3, 3 + 4, 2)
+  assert train.class_names == ["1", "2", "5"] and test.class_names == ["7", "8"]
+  np.testing.assert_array_equal(np.unique(test.labels), [0, 1])
+  _assert_labels_match_names(train, names)
+  _assert_labels_match_names(test, names)
+  # Super-classes 1 + class % 2: class 7 -> 2, class 8 -> 1, contiguous within the split.
+  assert test.super_class_names == ["1", "2"]
+  for i in range(len(test)):
+    assert test[i]["super_label"] == (0 if test.class_names[test[i]["label"]] == "8" else 1)
+
+
+def test_second_load_reuses_prepared_copy(tmp_path):
+  _make_sop(tmp_path)
+  first = _load("sop", "train", tmp_path)
+  stamp = {p: p.stat().st_mtime_ns for p in (tmp_path / "prep").rglob("*.array_record*")}
+  second = _load("sop", "train", tmp_path)
+  assert stamp and stamp == {p: p.stat().st_mtime_ns for p in (tmp_path / "prep").rglob("*.array_record*")}
+  np.testing.assert_array_equal(first.labels, second.labels)
+
+
+def test_inat2018(tmp_path):
+  folder = tmp_path / "inaturalist2018"
+  names = {}
+  for split, classes in (("train", ("Plantae/10", "Plantae/2", "Aves/7")), ("test", ("Fungi/3", "Aves/9"))):
+    lines = []
+    for cls in classes:
+      for k in range(2):
+        rel = f"train_val2018/{cls}/{k}ab.jpg"
+        _write_image(folder / rel, cls)
+        lines.append(rel)
+        names[rel] = cls
+    (folder / f"Inaturalist_{split}_set1.txt").write_text("\n".join(lines) + "\n")
+  train = _load("inat2018", "train", tmp_path)
+  assert train.class_names == ["Aves/7", "Plantae/10", "Plantae/2"]
+  assert train.super_class_names == ["Aves", "Plantae"] and len(train) == 6
+  _assert_labels_match_names(train, names)
+  _assert_labels_match_names(_load("inat2018", "test", tmp_path), names)
+
+
+def test_vehicleid_four_splits(tmp_path):
+  folder = tmp_path / "VehicleID_V1.0"
+  lists = {"train_list.txt": [(1, 10), (2, 10), (3, 4)], "test_list_800.txt": [(4, 20), (5, 21)],
+           "test_list_1600.txt": [(4, 20), (5, 21), (6, 22)],
+           "test_list_2400.txt": [(4, 20), (5, 21), (6, 22), (7, 23)]}
+  names = {}
+  for name, rows in lists.items():
+    for image_id, vehicle in rows:
+      _write_image(folder / "image" / f"{image_id:07d}.jpg", str(vehicle))
+      names[f"{image_id:07d}"] = str(vehicle)
+    (folder / "train_test_split").mkdir(parents=True, exist_ok=True)
+    (folder / "train_test_split" / name).write_text("".join(f"{i:07d} {v:04d}\n" for i, v in rows))
+  sizes = {s: len(_load("vehicleid", s, tmp_path)) for s in ("train", "test_800", "test_1600", "test_2400")}
+  assert sizes == {"train": 3, "test_800": 2, "test_1600": 3, "test_2400": 4}
+  train = _load("vehicleid", "train", tmp_path)
+  assert train.class_names == ["4", "10"]  # Numeric order, not "10" < "4".
+  _assert_labels_match_names(train, names)
+  with pytest.raises(ValueError, match="Unknown split"):
+    _load("vehicleid", "test", tmp_path)
+
+
+def _cars_mat(path: pathlib.Path, rows: list[tuple[str, int]]) -> None:
+  """cars_annos.mat in the official layout: a 1xN struct array `annotations` + `class_names`."""
+  fields = ["relative_im_path", "bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class", "test"]
+  annotations = np.zeros((1, len(rows)), dtype=[(f, "O") for f in fields])
+  for n, (rel, cls) in enumerate(rows):
+    annotations[0, n] = (np.array([rel]), np.array([[1]], np.uint8), np.array([[2]], np.uint8),
+                         np.array([[8]], np.uint8), np.array([[6]], np.uint8),
+                         np.array([[cls]], np.uint8), np.array([[n % 2]], np.uint8))
+  class_names = np.empty((1, 196), dtype=object)
+  class_names[0, :] = [f"Car {i}" for i in range(1, 197)]
+  scipy.io.savemat(path, {"annotations": annotations, "class_names": class_names})
+
+
+def test_cars196_class_split(tmp_path):
+  folder = tmp_path / "cars196"
+  rows = [(f"car_ims/{n:06d}.jpg", cls) for n, cls in enumerate([1, 1, 98, 98, 99, 196, 196, 50], 1)]
+  for rel, cls in rows:
+    _write_image(folder / rel, str(cls))
+  _cars_mat(folder / "cars_annos.mat", rows)
+  names = {pathlib.Path(rel).stem: str(cls) for rel, cls in rows}
+  train, test = _load("cars196", "train", tmp_path), _load("cars196", "test", tmp_path)
+  assert train.class_names == ["1", "50", "98"] and test.class_names == ["99", "196"]
+  assert (len(train), len(test)) == (5, 3)
+  _assert_labels_match_names(train, names)
+  _assert_labels_match_names(test, names)
+
+
+def test_cub200_class_split(tmp_path):
+  folder = tmp_path / "CUB_200_2011"
+  rows = [(1, "001.Black_footed_Albatross/a.jpg"), (2, "001.Black_footed_Albatross/b.jpg"),
+          (3, "100.Brown_Pelican/c.jpg"), (4, "101.White_Pelican/d.jpg"), (5, "200.Wren/e.jpg")]
+  for _, rel in rows:
+    _write_image(folder / "images" / rel, str(int(rel[:3])))
+  (folder / "images.txt").write_text("".join(f"{i} {rel}\n" for i, rel in rows))
+  names = {str(i): str(int(rel[:3])) for i, rel in rows}
+  train, test = _load("cub200", "train", tmp_path), _load("cub200", "test", tmp_path)
+  assert (len(train), train.class_names, len(test), test.class_names) == (3, ["1", "100"], 2, ["101", "200"])
+  _assert_labels_match_names(train, names)
+  _assert_labels_match_names(test, names)
+
+
+def _omniglot_zip(path: pathlib.Path, stem: str, layout: dict[str, int], images_per_char: int = 3) -> dict:
+  """An archive in the official layout; returns member -> class name."""
+  names = {}
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with zipfile.ZipFile(path, "w") as z:
+    for alphabet, characters in layout.items():
+      for c in range(1, characters + 1):
+        cls = f"{alphabet}/character{c:02d}"
+        for k in range(images_per_char):
+          member = f"{stem}/{cls}/{c:04d}_{k + 1:02d}.png"
+          buffer = io.BytesIO()
+          PIL.Image.new("RGB", (9, 7), _color(cls)).convert("1").save(buffer, "PNG")
+          z.writestr(member, buffer.getvalue())
+          names[member] = cls
+  return names
+
+
+def test_omniglot_fake_archives(tmp_path):
+  folder = tmp_path / "omniglot"
+  _omniglot_zip(folder / "images_background.zip", "images_background", {"Greek": 2, "Latin": 3})
+  _omniglot_zip(folder / "images_evaluation.zip", "images_evaluation", {"Atlantean": 2})
+  train = _load("omniglot", "train", tmp_path, download=False)
+  test = _load("omniglot", "test", tmp_path, download=False)
+  assert (len(train), train.num_classes, len(test), test.num_classes) == (15, 5, 6, 2)
+  assert train.class_names[:2] == ["Greek/character01", "Greek/character02"]
+  assert train.super_class_names == ["Greek", "Latin"] and train.channels == 1
+  record = train[0]
+  assert record["id"].startswith("images_background/") and record["image"][:4] == b"\x89PNG"
+  assert train.class_names[record["label"]] == record["id"].split("/", 1)[1].rsplit("/", 1)[0]
+
+
+def test_omniglot_download_from_local_server(tmp_path):
+  served = tmp_path / "served"
+  _omniglot_zip(served / "images_background.zip", "images_background", {"Greek": 2})
+  _omniglot_zip(served / "images_evaluation.zip", "images_evaluation", {"Mongolian": 1})
+  handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+  handler.log_message = lambda *args: None
+  server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+  thread = threading.Thread(target=server.serve_forever, daemon=True)
+  thread.start()
+  try:
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    root = tmp_path / "root"
+    test = _load("omniglot", "test", root, url_base=url)
+    assert (len(test), test.num_classes) == (3, 1)
+    for name in ("images_background.zip", "images_evaluation.zip"):
+      assert (root / "omniglot" / name).read_bytes() == (served / name).read_bytes()
+    assert not list((root / "omniglot").glob(".*part"))
+    with pytest.raises(OSError, match="Could not download"):
+      data.download_file(f"{url}/missing.zip", tmp_path / "x.zip")
+    assert not (tmp_path / "x.zip").exists()
+  finally:
+    server.shutdown()
+    server.server_close()
+
+
+def test_omniglot_missing_without_download(tmp_path):
+  with pytest.raises(FileNotFoundError, match="images_background.zip"):
+    _load("omniglot", "train", tmp_path, download=False)
+
+
+def test_folder_tree_and_csv(tmp_path):
+  tree = tmp_path / "folder"
+  names = {}
+  for cls, count in (("zebra", 2), ("apple", 3)):
+    for k in range(count):
+      rel = f"{cls}/{k}.png"
+      _write_image(tree / "train" / rel, cls)
+      names[rel] = cls
+  source = _load("folder", "train", tmp_path)
+  assert source.class_names == ["apple", "zebra"] and len(source) == 5
+  _assert_labels_match_names(source, names)
+  # CSV `path,label` with a header; paths relative to the CSV.
+  rows = ["path,label"] + [f"train/{rel},{cls}" for rel, cls in names.items()]
+  (tree / "val.csv").write_text("\n".join(rows) + "\n")
+  via_csv = _load("folder", "val", tmp_path)
+  assert via_csv.class_names == ["apple", "zebra"]
+  _assert_labels_match_names(via_csv, {f"train/{k}": v for k, v in names.items()})
+  direct = data.load_split("folder", "whatever", path=tree / "val.csv", prepared_dir=tmp_path / "prep")
+  np.testing.assert_array_equal(np.sort(direct.labels), np.sort(via_csv.labels))
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input.
+
+
+def test_malformed_line_names_file_and_line(tmp_path):
+  _make_sop(tmp_path)
+  listing = tmp_path / "Stanford_Online_Products" / "Ebay_train.txt"
+  lines = listing.read_text().splitlines()
+  lines[3] = "4 2 bike_final/2_0.JPG"
+  listing.write_text("\n".join(lines) + "\n")
+  with pytest.raises(ValueError, match=r"Ebay_train\.txt:4: malformed line"):
+    _load("sop", "train", tmp_path)
+  lines[3] = "4 two 1 bike_final/2_0.JPG"
+  listing.write_text("\n".join(lines) + "\n")
+  with pytest.raises(ValueError, match=r"Ebay_train\.txt:4: class_id 'two' is not an integer"):
+    _load("sop", "train", tmp_path)
+
+
+def test_missing_files(tmp_path):
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    _load("sop", "train", tmp_path)
+  _make_sop(tmp_path)
+  image = tmp_path / "Stanford_Online_Products" / "bike_final" / "5_1.JPG"
+  content = image.read_bytes()
+  image.unlink()
+  with pytest.raises(FileNotFoundError, match=r"5_1\.JPG \(listed at Ebay_train\.txt:\d+\)"):
+    _load("sop", "train", tmp_path)
+  image.write_bytes(content)
+  (tmp_path / "Stanford_Online_Products" / "Ebay_test.txt").unlink()
+  with pytest.raises(FileNotFoundError, match="Ebay_test.txt not found"):
+    _load("sop", "test", tmp_path)
+
+
+def test_empty_class_folder_and_bad_csv(tmp_path):
+  tree = tmp_path / "folder"
+  _write_image(tree / "train" / "a" / "0.png", "a")
+  (tree / "train" / "b").mkdir()
+  with pytest.raises(ValueError, match="class folder .*b holds no images"):
+    _load("folder", "train", tmp_path)
+  (tree / "val.csv").write_text("path,label\ntrain/a/0.png,a\ntrain/a/0.png\n")
+  with pytest.raises(ValueError, match=r"val\.csv:3: malformed row"):
+    _load("folder", "val", tmp_path)
+  with pytest.raises(FileNotFoundError, match="neither"):
+    _load("folder", "nothing", tmp_path)
+  with pytest.raises(ValueError, match="Unknown dataset"):
+    _load("imagenet", "train", tmp_path)
+
+
+def test_corrupt_images_are_skipped_with_one_warning(tmp_path):
+  tree = tmp_path / "folder" / "train"
+  for cls in ("a", "b"):
+    for k in range(3):
+      _write_image(tree / cls / f"{k}.jpg", cls)
+  (tree / "a" / "1.jpg").write_bytes(b"not an image")
+  good = (tree / "b" / "2.jpg").read_bytes()
+  (tree / "b" / "2.jpg").write_bytes(good[: len(good) // 2])  # Truncated JPEG.
+  with pytest.warns(UserWarning, match=r"skipped 2 unreadable image\(s\) of 6"):
+    source = _load("folder", "train", tmp_path)
+  assert len(source) == 4 and len(source.skipped) == 2
+  np.testing.assert_array_equal(np.bincount(source.labels), [2, 2])
+  assert {source[i]["id"] for i in range(4)} == {"a/0.jpg", "a/2.jpg", "b/0.jpg", "b/1.jpg"}
+
+
+def test_class_with_only_corrupt_images_is_an_error(tmp_path):
+  tree = tmp_path / "folder" / "train"
+  _write_image(tree / "a" / "0.png", "a")
+  (tree / "b").mkdir(parents=True)
+  (tree / "b" / "0.png").write_bytes(b"\x89PNG broken")
+  with pytest.raises(ValueError, match=r"every image of class\(es\) \['b'\] is unreadable"):
+    _load("folder", "train", tmp_path)
+
+
+def test_cars_mat_without_annotations(tmp_path):
+  (tmp_path / "cars196").mkdir()
+  scipy.io.savemat(tmp_path / "cars196" / "cars_annos.mat", {"something": np.zeros(3)})
+  with pytest.raises(ValueError, match="no `annotations` variable"):
+    _load("cars196", "train", tmp_path)
+
+
+# --------------------------------------------------------------------------------------------
+# The real Omniglot archives (../shared/data), prepared once into the user cache.
+
+
+def test_omniglot_shared_copy(omniglot_root):
+  train = data.load_split("omniglot", "train", data_root=omniglot_root)
+  assert (len(train), train.num_classes) == (19280, 964)
+  np.testing.assert_array_equal(np.bincount(train.labels), np.full(964, 20))
+  assert len(train.super_class_names) == 30
+  for i in (0, 12345, len(train) - 1):
+    record = train[i]
+    member = record["id"]
+    assert train.class_names[record["label"]] == "/".join(member.split("/")[1:3])
+    with zipfile.ZipFile(omniglot_root / "omniglot" / "images_background.zip") as z:
+      assert record["image"] == z.read(member)
+    assert PIL.Image.open(io.BytesIO(record["image"])).size == (105, 105)
+  test = data.load_split("omniglot", "test", data_root=omniglot_root)
+  assert (len(test), test.num_classes) == (13180, 659)

@@ -1,0 +1,183 @@
+"""Tests of recall_jax.data.transforms and the grain loaders (worker_count=0)."""
+
+import io
+import math
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from recall_jax import data
+from recall_jax.data import transforms
+
+
+def _encode(array: np.ndarray, fmt: str = "PNG") -> bytes:
+  buffer = io.BytesIO()
+  PIL.Image.fromarray(array).save(buffer, fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+  return buffer.getvalue()
+
+
+def _gradient(width: int, height: int, seed: int = 0) -> np.ndarray:
+  """uint8 (H, W, 3): smooth and asymmetric, so crops, flips and resizes are all visible."""
+  y, x = np.mgrid[0:height, 0:width]
+  return np.stack([x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1),
+                   np.full_like(x, 40 * seed % 256)], -1).astype(np.uint8)
+
+
+def _source(sizes=(6, 5, 8, 4, 7, 4), fmt="PNG"):
+  """An in-memory source: a list of records, class c's images tinted by c."""
+  records = []
+  for c, n in enumerate(sizes):
+    for k in range(n):
+      records.append({"image": _encode(_gradient(30 + 3 * k, 22 + k, seed=c), fmt), "label": c, "id": f"{c}-{k}"})
+  return records
+
+
+def test_random_resized_crop_box_statistics():
+  rng = np.random.default_rng(0)
+  for _ in range(500):
+    width, height = int(rng.integers(20, 400)), int(rng.integers(20, 400))
+    left, top, right, bottom = transforms.random_resized_crop_box(width, height, rng)
+    assert 0 <= left < right <= width and 0 <= top < bottom <= height
+    w, h = right - left, bottom - top
+    in_ratio = w / h
+    # Either a valid draw or the clamped-ratio center-crop fallback.
+    assert 3 / 4 - 0.1 <= in_ratio <= 4 / 3 + 0.1 or (w, h) in ((width, height),)
+    assert w * h <= width * height
+
+
+def test_full_crop_without_flip_is_a_plain_resize():
+  image = _gradient(40, 30)
+  out = transforms.train_augment(_encode(image), np.random.default_rng(0), image_size=16,
+                                 crop_scale=(1.0, 1.0), flip=False)
+  reference = np.asarray(PIL.Image.fromarray(image).resize((16, 16), PIL.Image.BILINEAR))
+  assert out.shape == (16, 16, 3) and out.dtype == np.uint8
+  np.testing.assert_array_equal(out, reference)
+
+
+def test_flip_is_random_and_optional():
+  encoded = _encode(_gradient(40, 30))
+  flipped = 0
+  for seed in range(20):
+    a = transforms.train_augment(encoded, np.random.default_rng(seed), image_size=16, crop_scale=(1.0, 1.0))
+    b = transforms.train_augment(encoded, np.random.default_rng(seed), image_size=16, crop_scale=(1.0, 1.0),
+                                 flip=False)
+    if not np.array_equal(a, b):
+      np.testing.assert_array_equal(a, b[:, ::-1])
+      flipped += 1
+  assert 3 <= flipped <= 17
+
+
+def test_jpeg_draft_decode_close_to_full_decode():
+  image = np.asarray(PIL.Image.fromarray(_gradient(480, 360)).resize((480, 360)))
+  encoded = _encode(image, "JPEG")
+  out = transforms.eval_transform(encoded, image_size=56, resize_size=64)
+  full = PIL.Image.open(io.BytesIO(encoded)).convert("RGB").resize((85, 64), PIL.Image.BILINEAR)
+  reference = np.asarray(full)[4:60, 14:70]
+  assert out.shape == (56, 56, 3)
+  assert np.abs(out.astype(int) - reference.astype(int)).mean() < 3.0
+
+
+def test_eval_transform_center_crop_matches_two_step_reference():
+  image = _gradient(60, 30)
+  out = transforms.eval_transform(_encode(image), image_size=16, resize_size=20)
+  reference = np.asarray(PIL.Image.fromarray(image).resize((40, 20), PIL.Image.BILINEAR))[2:18, 12:28]
+  assert np.abs(out.astype(int) - reference.astype(int)).max() <= 8
+
+
+def test_one_bit_png_to_grayscale_and_rgb():
+  bits = np.zeros((105, 105), bool)
+  bits[30:70, 40:65] = True
+  buffer = io.BytesIO()
+  PIL.Image.fromarray(bits).convert("1").save(buffer, "PNG")
+  gray = transforms.eval_transform(buffer.getvalue(), image_size=28, resize_size=28, channels=1)
+  rgb = transforms.eval_transform(buffer.getvalue(), image_size=28, resize_size=28, channels=3)
+  assert gray.shape == (28, 28, 1) and rgb.shape == (28, 28, 3)
+  np.testing.assert_array_equal(rgb, np.repeat(gray, 3, -1))
+  assert len(np.unique(gray)) > 2  # Bilinear, not nearest, resampling of the 1-bit image.
+  assert gray[14, 14, 0] > 200 and gray[2, 2, 0] == 0
+
+
+def test_corrupt_image_names_the_record():
+  source = _source()
+  source[3] = {**source[3], "image": b"garbage"}
+  with pytest.raises(ValueError, match=r"record 3 \(id '0-3'\)"):
+    list(data.make_eval_loader(source, image_size=8, resize_size=8, batch_size=4))
+  with pytest.raises(ValueError, match="channels must be 1 or 3"):
+    transforms.eval_transform(source[0]["image"], image_size=8, resize_size=8, channels=2)
+
+
+def _loader(source, sampler, **kw):
+  return data.make_train_loader(source, sampler, image_size=12, seed=3, **kw)
+
+
+def test_train_loader_follows_sampler_and_is_deterministic():
+  source = _source()
+  labels = np.array([r["label"] for r in source])
+  sampler = data.MPerClassSampler(labels, 8, 2, seed=0)
+  batches = [b for _, b in zip(range(5), _loader(source, sampler))]
+  again = [b for _, b in zip(range(5), _loader(source, sampler))]
+  for step, (batch, other) in enumerate(zip(batches, again)):
+    assert batch["image"].shape == (8, 12, 12, 3) and batch["image"].dtype == np.uint8
+    assert batch["label"].dtype == np.int32
+    np.testing.assert_array_equal(batch["label"], labels[sampler.batch_indices(step)])
+    np.testing.assert_array_equal(batch["image"], other["image"])
+  # Same record, same step, different positions/steps: different augmentations.
+  assert not np.array_equal(batches[0]["image"][0], batches[0]["image"][1])
+  other_seed = next(data.make_train_loader(source, sampler, image_size=12, seed=4))
+  assert not np.array_equal(other_seed["image"], batches[0]["image"])
+
+
+def test_train_loader_resume_and_process_slices():
+  source = _source()
+  labels = np.array([r["label"] for r in source])
+  sampler = data.MPerClassSampler(labels, 8, 2, seed=0)
+  full = [b for _, b in zip(range(6), _loader(source, sampler))]
+  resumed = [b for _, b in zip(range(2), _loader(source, sampler, start_step=4))]
+  for a, b in zip(full[4:], resumed):
+    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["label"], b["label"])
+  for count in (2, 4):
+    parts = [next(_loader(source, sampler, start_step=2, process_index=p, process_count=count))
+             for p in range(count)]
+    np.testing.assert_array_equal(np.concatenate([p["image"] for p in parts]), full[2]["image"])
+    np.testing.assert_array_equal(np.concatenate([p["label"] for p in parts]), full[2]["label"])
+  with pytest.raises(ValueError, match="not divisible by process_count 3"):
+    _loader(source, sampler, process_count=3)
+
+
+def test_train_loader_num_steps_and_grayscale():
+  source = _source()
+  sampler = data.MPerClassSampler(np.array([r["label"] for r in source]), 4, 2, seed=0)
+  batches = list(_loader(source, sampler, num_steps=3, channels=1, flip=False))
+  assert len(batches) == 3 and batches[0]["image"].shape == (4, 12, 12, 1)
+
+
+def test_eval_loader_pads_last_batch():
+  source = _source()
+  n = len(source)
+  batches = list(data.make_eval_loader(source, image_size=10, resize_size=12, batch_size=8))
+  assert len(batches) == math.ceil(n / 8)
+  mask = np.concatenate([b["mask"] for b in batches])
+  index = np.concatenate([b["index"] for b in batches])
+  label = np.concatenate([b["label"] for b in batches])
+  assert mask.sum() == n and mask[:n].all()
+  np.testing.assert_array_equal(index[:n], np.arange(n))
+  assert (index[n:] == -1).all() and (label[n:] == -1).all()
+  np.testing.assert_array_equal(label[:n], [r["label"] for r in source])
+  assert batches[-1]["image"][n % 8:].max() == 0
+  first = transforms.eval_transform(source[9]["image"], image_size=10, resize_size=12)
+  np.testing.assert_array_equal(batches[1]["image"][1], first)
+  # Re-iterable, identical.
+  again = list(data.make_eval_loader(source, image_size=10, resize_size=12, batch_size=8))
+  np.testing.assert_array_equal(again[0]["image"], batches[0]["image"])
+
+
+def test_omniglot_end_to_end(omniglot_root):
+  source = data.load_split("omniglot", "test", data_root=omniglot_root)
+  sampler = data.MPerClassSampler(source.labels, 16, 4, seed=0)
+  batch = next(data.make_train_loader(source, sampler, image_size=28, seed=0, channels=1, flip=False))
+  assert batch["image"].shape == (16, 28, 28, 1)
+  np.testing.assert_array_equal(batch["label"], source.labels[sampler.batch_indices(0)])
+  # Omniglot strokes are dark on white.
+  assert batch["image"].max() == 255 and batch["image"].min() < 64
