@@ -1,0 +1,156 @@
+"""ResNet-50 (torchvision v1.5 layout) with frozen BatchNorm and the paper's GeM head.
+
+torchvision's v1.5 bottleneck puts the stride in the 3x3 convolution. Module names mirror the
+torchvision / timm state dict (`conv1`, `bn1`, `layer{1-4}_{j}/conv{1-3}`, `bn{1-3}`,
+`downsample_conv`, `downsample_bn`), so `recall_jax.models.checkpoints` maps them one to one.
+
+BatchNorm is frozen, as in the paper: every forward pass (train or not) normalises with the
+running statistics stored in the `batch_stats` collection, which is read and never written, so
+`apply` never needs `mutable=...` and an image's output does not depend on the rest of the batch.
+The affine scale and bias of each BatchNorm are ordinary trainable `params`.
+
+Variables: `params` (convolutions, BN scale/bias, GeM `p`, head) and `batch_stats` (BN `mean` and
+`var`, frozen). A trainer optimises `variables['params']` only and passes `batch_stats` through
+unchanged.
+"""
+
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from recall_jax.models import common
+
+Dtype = Any
+
+# torchvision initialises convolutions with kaiming_normal_(mode='fan_out', nonlinearity='relu').
+_conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+class FrozenBatchNorm(nn.Module):
+  """BatchNorm that always uses its running statistics: y = (x - mean) / sqrt(var + eps) * s + b.
+
+  `mean` and `var` live in the `batch_stats` collection and are never updated; `scale` and `bias`
+  are trainable `params`. The normalisation is computed in float32 and cast to `dtype`.
+  """
+
+  epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """(..., C) -> (..., C) in `dtype`."""
+    features = x.shape[-1]
+    mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32))
+    var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
+    scale = self.param("scale", nn.initializers.ones, (features,), self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros, (features,), self.param_dtype)
+    # Folding into one multiply-add keeps the op count (and memory traffic) of a plain affine map.
+    mul = scale.astype(jnp.float32) * jax.lax.rsqrt(var.value.astype(jnp.float32) + self.epsilon)
+    add = bias.astype(jnp.float32) - mean.value.astype(jnp.float32) * mul
+    return (x.astype(jnp.float32) * mul + add).astype(self.dtype)
+
+
+class Bottleneck(nn.Module):
+  """torchvision v1.5 bottleneck: 1x1 -> 3x3 (stride) -> 1x1 (4x planes), projection shortcut."""
+
+  planes: int
+  strides: int = 1
+  downsample: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """(B, H, W, C) -> (B, H / strides, W / strides, 4 planes)."""
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
+                             param_dtype=self.param_dtype, kernel_init=_conv_init)
+    norm = functools.partial(FrozenBatchNorm, dtype=self.dtype, param_dtype=self.param_dtype)
+    s = self.strides
+    y = nn.relu(norm(name="bn1")(conv(self.planes, (1, 1), name="conv1")(x)))
+    y = conv(self.planes, (3, 3), strides=(s, s), padding=((1, 1), (1, 1)), name="conv2")(y)
+    y = nn.relu(norm(name="bn2")(y))
+    y = norm(name="bn3")(conv(self.planes * 4, (1, 1), name="conv3")(y))
+    shortcut = x
+    if self.downsample:
+      shortcut = conv(self.planes * 4, (1, 1), strides=(s, s), name="downsample_conv")(x)
+      shortcut = norm(name="downsample_bn")(shortcut)
+    return nn.relu(y + shortcut)
+
+
+class ResNetTrunk(nn.Module):
+  """Stem (7x7/2 conv, BN, ReLU, 3x3/2 max-pool) and four stages of bottlenecks."""
+
+  stage_sizes: Sequence[int] = (3, 4, 6, 3)
+  base_width: int = 64
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """float32 (B, H, W, 3) standardised images -> (B, H/32, W/32, 32 base_width) in `dtype`."""
+    x = nn.Conv(self.base_width, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)),
+                use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                kernel_init=_conv_init, name="conv1")(x.astype(self.dtype))
+    x = nn.relu(FrozenBatchNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="bn1")(x))
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    for stage, num_blocks in enumerate(self.stage_sizes):
+      for block in range(num_blocks):
+        strides = 2 if stage > 0 and block == 0 else 1
+        x = Bottleneck(self.base_width * 2**stage, strides, downsample=block == 0,
+                       dtype=self.dtype, param_dtype=self.param_dtype,
+                       name=f"layer{stage + 1}_{block}")(x)
+    return x
+
+
+class ResNet(nn.Module):
+  """ResNet embedding model: images -> feature map -> [GeM -> LayerNorm -> Linear -> L2-normalise].
+
+  Attributes:
+    stage_sizes: bottlenecks per stage ((3, 4, 6, 3) for ResNet-50).
+    base_width: channels of the stem (64 for ResNet-50); features have 32 * base_width channels.
+    image_size: nominal input size (used by `init_variables`); any size works at apply time.
+    embedding_dim: output size of the head.
+    with_head: if False, `__call__` returns global-average-pooled features (B, 32 base_width), the
+      torchvision pooled features; the GeM `p` then does not exist.
+    gem_p_init, gem_eps: GeM exponent initialisation (3) and clamp (1e-6).
+    dtype: compute dtype of the trunk (e.g. jnp.bfloat16 on GPU); pooling, head and outputs are
+      float32.
+    param_dtype: dtype of the parameters.
+  """
+
+  stage_sizes: Sequence[int] = (3, 4, 6, 3)
+  base_width: int = 64
+  image_size: int = 224
+  embedding_dim: int = 512
+  with_head: bool = True
+  gem_p_init: float = 3.0
+  gem_eps: float = 1e-6
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def setup(self):
+    self.backbone = ResNetTrunk(tuple(self.stage_sizes), self.base_width, self.dtype,
+                                self.param_dtype)
+    if self.with_head:
+      self.gem = common.GeM(self.gem_p_init, self.gem_eps)
+      self.embedding_head = common.EmbeddingHead(self.embedding_dim, self.param_dtype)
+
+  def features(self, images: jax.Array, train: bool = False) -> jax.Array:
+    """(B, H, W, C) uint8 or [0, 1] float -> float32 (B, H/32, W/32, 32 base_width) feature map.
+
+    `train` has no effect (BatchNorm is frozen; there is no dropout); it is accepted so every
+    model has the same call signature.
+    """
+    del train
+    return self.backbone(common.preprocess_images(images)).astype(jnp.float32)
+
+  def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+    """Images -> float32 (B, embedding_dim) unit-norm embeddings, or (B, 32 base_width)."""
+    fmap = self.features(images, train)
+    if not self.with_head:
+      return jnp.mean(fmap, axis=(1, 2))
+    return self.embedding_head(self.gem(fmap))

@@ -1,0 +1,87 @@
+"""A small CNN for 28-64 px images trained from scratch (the Omniglot demo).
+
+Each of the blocks is `convs_per_block` x [3x3 conv -> GroupNorm -> ReLU] followed by a 2x2
+max-pool; then global average pooling -> LayerNorm -> Linear(embedding_dim) -> L2-normalise.
+GroupNorm (not BatchNorm) keeps every image's embedding independent of the rest of the batch,
+which the exact mega-batch training relies on, and leaves no state besides `params`.
+"""
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from recall_jax.models import common
+
+Dtype = Any
+
+
+class SmallCNNTrunk(nn.Module):
+  """Conv blocks on standardised images -> (B, h, w, channels[-1]) feature map."""
+
+  channels: Sequence[int] = (32, 64, 128, 128)
+  convs_per_block: int = 1
+  num_groups: int = 8
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x.astype(self.dtype)
+    for i, c in enumerate(self.channels):
+      for j in range(self.convs_per_block):
+        x = nn.Conv(c, (3, 3), padding="SAME", use_bias=False, dtype=self.dtype,
+                    param_dtype=self.param_dtype, name=f"block{i}_conv{j}")(x)
+        x = nn.GroupNorm(num_groups=min(self.num_groups, c), epsilon=1e-5, dtype=self.dtype,
+                         param_dtype=self.param_dtype, name=f"block{i}_norm{j}")(x)
+        x = nn.relu(x)
+      # Ceil-mode pooling keeps at least one pixel, so 28 px inputs survive four blocks.
+      pad_h, pad_w = x.shape[1] % 2, x.shape[2] % 2
+      x = nn.max_pool(x, (2, 2), strides=(2, 2), padding=((0, pad_h), (0, pad_w)))
+    return x
+
+
+class SmallCNN(nn.Module):
+  """Small CNN embedding model.
+
+  Attributes:
+    channels: output channels of the blocks (one 2x max-pool per block).
+    convs_per_block: 3x3 convolutions per block.
+    num_groups: GroupNorm groups (capped at the channel count).
+    image_size: nominal input size (used by `init_variables`); any size works at apply time.
+    embedding_dim: output size of the head.
+    with_head: if False, `__call__` returns the average-pooled features (B, channels[-1]).
+    dtype: compute dtype of the convolutions; the head and outputs are float32.
+    param_dtype: dtype of the parameters.
+  """
+
+  channels: Sequence[int] = (32, 64, 128, 128)
+  convs_per_block: int = 1
+  num_groups: int = 8
+  image_size: int = 28
+  embedding_dim: int = 512
+  with_head: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def setup(self):
+    if not self.channels or self.convs_per_block < 1:
+      raise ValueError(f"need at least one block and one conv per block, got channels="
+                       f"{self.channels}, convs_per_block={self.convs_per_block}")
+    self.backbone = SmallCNNTrunk(tuple(self.channels), self.convs_per_block, self.num_groups,
+                                  self.dtype, self.param_dtype)
+    if self.with_head:
+      self.embedding_head = common.EmbeddingHead(self.embedding_dim, self.param_dtype)
+
+  def features(self, images: jax.Array, train: bool = False) -> jax.Array:
+    """(B, H, W, C) uint8 or [0, 1] float, C in {1, 3} -> float32 (B, h, w, channels[-1])."""
+    del train  # No dropout or batch statistics.
+    return self.backbone(common.preprocess_images(images)).astype(jnp.float32)
+
+  def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+    """Images -> float32 (B, embedding_dim) unit-norm embeddings, or (B, channels[-1])."""
+    pooled = jnp.mean(self.features(images, train), axis=(1, 2))
+    if not self.with_head:
+      return pooled
+    return self.embedding_head(pooled)
