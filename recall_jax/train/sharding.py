@@ -1,0 +1,374 @@
+"""Data-parallel training over every device of every host, with exactly the single-device gradient.
+
+The RS@k loss is a function of the whole (global) mega-batch, so N devices must give the same
+gradient as one device holding the whole batch. The recipe, in JAX's global-array view:
+
+* one mesh axis, `data`, over all devices of all processes (`data_mesh`, shared with evaluation);
+* parameters and optimiser state replicated, and born that way (`create_sharded_state` runs
+  `init_train_state` under `jit(out_shardings=replicated)`, so no host ever holds a full copy
+  outside the devices);
+* the global batch sharded along its leading axis; each process feeds only its contiguous slice
+  (the sampler's `local_slice`) and `global_batch` assembles the global array with
+  `jax.make_array_from_process_local_data`;
+* `make_sharded_train_step` runs the two-pass `megabatch_value_and_grad` per device under
+  `shard_map`: pass 1 and pass 2 only ever see the device's own chunk rows (the strided chunk
+  layout makes device d's chunk c its share of global chunk c, so all devices work in every
+  chunk and forming chunks moves no data); the (b, D) embeddings and labels are all-gathered
+  so SiMix and RS@k see the global batch; every device computes the same loss and dL/dE and
+  keeps its own rows of dL/dE; the parameter gradients are accumulated locally and summed by ONE
+  all-reduce at the end of the step.
+
+Communication per step: one all-gather of the B x D embeddings (float32), one all-reduce of the
+parameter gradients, and nothing per chunk. See launch/README.md for the numbers.
+
+Chunk size semantics: `chunk_size_per_device` is the number of images ONE device embeds and
+back-propagates at once (what bounds its memory, as `config.chunk_size`); a chunk of the global
+batch holds `chunk_size_per_device * num_devices` images. The global batch must be divisible by
+that product (`check_batch_layout`).
+
+Multi-host: `initialize_distributed()` starts `jax.distributed` when launched by SLURM with
+several tasks, by Open MPI with several ranks, or with explicit `JAX_COORDINATOR_ADDRESS`,
+`JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`; a single process is left alone.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, PartitionSpec
+
+from recall_jax.evaluation.sharding import DATA_AXIS
+from recall_jax.evaluation.sharding import data_mesh
+from recall_jax.evaluation.sharding import replicated
+from recall_jax.evaluation.sharding import row_sharding
+from recall_jax.train import megabatch
+from recall_jax.train import train_step as train_step_lib
+
+__all__ = [
+    "DATA_AXIS", "data_mesh", "replicated", "batch_sharding", "initialize_distributed",
+    "distributed_environment", "check_batch_layout", "create_sharded_state", "global_batch",
+    "sharded_value_and_grad", "make_sharded_train_step",
+]
+
+PyTree = Any
+_log = logging.getLogger(__name__)
+
+batch_sharding = row_sharding  # The leading (batch) axis split over `data`; the same object.
+
+
+# ----------------------------------------------------------------------------------------------
+# Multi-process start-up.
+# ----------------------------------------------------------------------------------------------
+
+
+def _int_env(env: Mapping[str, str], name: str) -> int | None:
+  value = env.get(name)
+  if value is None or value == "":
+    return None
+  try:
+    return int(value)
+  except ValueError:
+    raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def distributed_environment(env: Mapping[str, str] | None = None) -> dict[str, Any] | None:
+  """How this process was launched: the `jax.distributed.initialize` arguments, or None.
+
+  Args:
+    env: the environment (default `os.environ`).
+
+  Returns:
+    None for a single process. Otherwise a dict with 'launcher' ('explicit', 'slurm' or 'mpi')
+    and the keyword arguments for `jax.distributed.initialize`: explicit variables give
+    coordinator_address / num_processes / process_id; for SLURM and Open MPI JAX's own cluster
+    detection reads the scheduler's variables, so only `launcher` is set.
+
+  Raises:
+    ValueError: explicit variables given only in part, or not integers.
+  """
+  env = os.environ if env is None else env
+  explicit = {k: env.get(k) for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES",
+                                      "JAX_PROCESS_ID")}
+  if any(explicit.values()):
+    missing = [k for k, v in explicit.items() if not v]
+    if missing:
+      raise ValueError(
+          f"multi-process launch needs JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and "
+          f"JAX_PROCESS_ID together; missing {', '.join(missing)}")
+    num_processes = _int_env(env, "JAX_NUM_PROCESSES")
+    process_id = _int_env(env, "JAX_PROCESS_ID")
+    if not 0 <= process_id < num_processes:
+      raise ValueError(f"JAX_PROCESS_ID={process_id} not in [0, JAX_NUM_PROCESSES={num_processes})")
+    if num_processes == 1:
+      return None
+    return {"launcher": "explicit", "coordinator_address": explicit["JAX_COORDINATOR_ADDRESS"],
+            "num_processes": num_processes, "process_id": process_id}
+  if env.get("SLURM_JOB_ID") and (_int_env(env, "SLURM_NTASKS") or 1) > 1:
+    return {"launcher": "slurm"}
+  if (_int_env(env, "OMPI_COMM_WORLD_SIZE") or 1) > 1:
+    return {"launcher": "mpi"}
+  return None
+
+
+def initialize_distributed(env: Mapping[str, str] | None = None) -> tuple[int, int]:
+  """Starts `jax.distributed` when this is one of several processes; a no-op for one process.
+
+  Call it first thing, before any other JAX call (JAX refuses to initialise once a backend
+  exists). Calling it again after a successful start is harmless.
+
+  Args:
+    env: the environment to read (default `os.environ`); see `distributed_environment`.
+
+  Returns:
+    (process_index, process_count) after start-up.
+  """
+  launch = distributed_environment(env)
+  if launch is not None and not jax.distributed.is_initialized():
+    kwargs = {k: v for k, v in launch.items() if k != "launcher"}
+    _log.info("jax.distributed.initialize via %s %s", launch["launcher"], kwargs)
+    jax.distributed.initialize(**kwargs)
+  return jax.process_index(), jax.process_count()
+
+
+# ----------------------------------------------------------------------------------------------
+# Layout checks, state and batches.
+# ----------------------------------------------------------------------------------------------
+
+
+def check_batch_layout(global_batch_size: int, chunk_size_per_device: int, num_devices: int,
+                       num_processes: int = 1, samples_per_class: int | None = None) -> int:
+  """Validates a global batch for the sharded step; returns the number of chunks.
+
+  Args:
+    global_batch_size: B, images per step over all devices.
+    chunk_size_per_device: images one device embeds at once.
+    num_devices: devices in the mesh.
+    num_processes: processes feeding the batch (each gets B / num_processes rows).
+    samples_per_class: m, if each process's slice must hold whole classes (the sampler's rule).
+
+  Returns:
+    n = B / (chunk_size_per_device * num_devices), the number of chunks per step.
+
+  Raises:
+    ValueError: naming the sizes that do not divide, with a valid alternative.
+  """
+  for name, value in (("global batch size", global_batch_size),
+                      ("chunk_size_per_device", chunk_size_per_device),
+                      ("number of devices", num_devices), ("number of processes", num_processes)):
+    if int(value) != value or value < 1:
+      raise ValueError(f"{name} must be a positive integer, got {value}")
+  if num_devices % num_processes:
+    raise ValueError(f"{num_devices} devices do not split evenly over {num_processes} processes")
+  global_chunk = chunk_size_per_device * num_devices
+  if global_batch_size % global_chunk:
+    per_device = global_batch_size / num_devices
+    hint = (f"per-device batch {global_batch_size // num_devices}; pick chunk_size_per_device "
+            f"dividing it" if per_device == int(per_device) else
+            f"use a global batch that is a multiple of {global_chunk}")
+    raise ValueError(
+        f"global batch {global_batch_size} is not divisible by chunk_size_per_device "
+        f"{chunk_size_per_device} x {num_devices} devices = {global_chunk} ({hint})")
+  if samples_per_class is not None and (global_batch_size // num_processes) % samples_per_class:
+    raise ValueError(
+        f"each of {num_processes} processes gets {global_batch_size // num_processes} images, not "
+        f"a multiple of samples_per_class {samples_per_class}")
+  return global_batch_size // global_chunk
+
+
+def create_sharded_state(params: PyTree, optimizer: optax.GradientTransformation,
+                         mesh: Mesh) -> train_step_lib.TrainState:
+  """A step-0 `TrainState` whose parameters and optimiser state are replicated over `mesh`.
+
+  Built under `jit(out_shardings=replicated)`, so each device receives its copy directly.
+  `params` must be identical on every process (same seed / same pretrained file).
+  """
+  init = jax.jit(train_step_lib.init_train_state, static_argnums=1,
+                 out_shardings=replicated(mesh))
+  return init(params, optimizer)
+
+
+def global_batch(local_batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
+  """Assembles this process's contiguous slice of every array into global arrays.
+
+  Args:
+    local_batch: name -> (b, ...) NumPy arrays, rows `[p * b, (p + 1) * b)` of the global batch
+      for process p (`MPerClassSampler.local_slice`), e.g. {'image': uint8, 'label': int32}.
+    mesh: the data mesh; its devices on this process receive the slice, split evenly.
+
+  Returns:
+    name -> global (b * process_count, ...) `jax.Array` sharded along the leading axis.
+
+  Raises:
+    ValueError: arrays of different lengths, or a length that does not split over this
+      process's devices.
+  """
+  sizes = {k: np.shape(v)[0] if np.ndim(v) else None for k, v in local_batch.items()}
+  if len(set(sizes.values())) != 1 or None in sizes.values():
+    raise ValueError(f"every batch array needs the same leading axis, got lengths {sizes}")
+  (local_size,) = set(sizes.values())
+  local_devices = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+  if local_size % local_devices:
+    raise ValueError(f"local batch of {local_size} rows does not split over this process's "
+                     f"{local_devices} devices")
+  sharding = batch_sharding(mesh)
+  global_size = local_size * (mesh.devices.size // local_devices)
+  return {k: jax.make_array_from_process_local_data(
+      sharding, np.asarray(v), (global_size,) + np.shape(v)[1:]) for k, v in local_batch.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# The sharded step.
+# ----------------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _gather_rows(local: jax.Array, axis_name: str) -> jax.Array:
+  """(b, D) per device -> (b * devices, D), rows in device order; inside `shard_map` only."""
+  return jax.lax.all_gather(local, axis_name, tiled=True)
+
+
+def _gather_rows_fwd(local, axis_name):
+  return _gather_rows(local, axis_name), local.shape[0]
+
+
+def _gather_rows_bwd(axis_name, rows, cotangent):
+  # Every device computes the same loss from the same gathered embeddings, so the full (B, D)
+  # cotangent is identical everywhere: each device keeps its own rows. (The default transpose,
+  # a reduce-scatter, would sum the devices' identical copies: devices x the true gradient.)
+  start = jax.lax.axis_index(axis_name) * rows
+  return (jax.lax.dynamic_slice_in_dim(cotangent, start, rows, axis=0),)
+
+
+_gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
+
+
+def sharded_value_and_grad(
+    embed_fn: megabatch.EmbedFn,
+    loss_fn: megabatch.LossFn,
+    mesh: Mesh,
+    *,
+    chunk_size_per_device: int,
+    loss_uses_rng: bool = False,
+) -> megabatch.StepFn:
+  """The data-parallel, exact mega-batch `value_and_grad`.
+
+  Each device runs `megabatch_value_and_grad` on its own rows (`shard_map`): pass 1 embeds its
+  chunks, the (b, D) embeddings are all-gathered so the loss (and SiMix) see the global (B, D)
+  batch, every device computes the same loss and dL/dE and keeps its own rows of dL/dE, pass 2
+  accumulates its parameter gradients locally, and ONE all-reduce (`psum`) sums them over the
+  devices at the end. With the strided chunk layout, device d's chunk c is its share of global
+  chunk c, so the result equals `megabatch_value_and_grad(..., chunk_size=chunk_size_per_device
+  * devices)` on one device, i.e. the full-batch gradient, up to float rounding.
+
+  Dropout: chunk c's key is folded with the device index, so devices draw independent masks for
+  their rows (with one key per chunk they would repeat each other's masks). Models without
+  dropout give the single-device result exactly; with dropout the masks (not their statistics)
+  depend on the device count.
+
+  Args:
+    embed_fn, loss_fn, loss_uses_rng: as in `megabatch.megabatch_value_and_grad`.
+    mesh: the data mesh (`data_mesh()`).
+    chunk_size_per_device: images one device embeds at once.
+
+  Returns:
+    `step_fn(params, images, labels, rng=None) -> (loss, grads)` to call under `jax.jit` on the
+    global batch (B, ...) sharded along `data`, `params` replicated; loss and grads replicated.
+    ValueError (trace time) when B is not divisible by `chunk_size_per_device` x devices.
+  """
+  num_devices = mesh.devices.size
+  check_batch_layout(chunk_size_per_device * num_devices, chunk_size_per_device, num_devices)
+
+  def local_embed_fn(params, images_chunk, rng):
+    if rng is not None:
+      rng = jax.random.fold_in(rng, jax.lax.axis_index(DATA_AXIS))
+    return embed_fn(params, images_chunk, rng)
+
+  def global_loss_fn(local_embeddings, local_labels, *rng):
+    embeddings = _gather_rows(local_embeddings, DATA_AXIS)
+    labels = jax.lax.all_gather(local_labels, DATA_AXIS, tiled=True)
+    return loss_fn(embeddings, labels, *rng)
+
+  local_value_and_grad = megabatch.megabatch_value_and_grad(
+      local_embed_fn, global_loss_fn, chunk_size=chunk_size_per_device,
+      loss_uses_rng=loss_uses_rng)
+
+  def per_device(params, images, labels, rng):
+    loss, grads = local_value_and_grad(params, images, labels, rng)
+    return loss, jax.lax.psum(grads, DATA_AXIS)
+
+  data, full = PartitionSpec(DATA_AXIS), PartitionSpec()
+  # check_vma=False: the loss is replicated by construction (same inputs on every device) and
+  # the gradients by the psum; the vma type system cannot see the former.
+  mapped = jax.shard_map(per_device, mesh=mesh, in_specs=(full, data, data, full),
+                         out_specs=(full, full), check_vma=False)
+
+  def step_fn(params, images, labels, rng=None):
+    batch_size = _batch_size_of(images)
+    if batch_size is None:
+      raise ValueError("images must be an array (or pytree of arrays) with a leading batch axis")
+    check_batch_layout(batch_size, chunk_size_per_device, num_devices)
+    if np.shape(labels)[:1] != (batch_size,) or np.ndim(labels) != 1:
+      raise ValueError(f"labels must have shape ({batch_size},), got {np.shape(labels)}")
+    return mapped(params, images, labels, rng)
+
+  return step_fn
+
+
+def _batch_size_of(images: Any) -> int | None:
+  leaves = jax.tree.leaves(images)
+  return np.shape(leaves[0])[0] if leaves and np.ndim(leaves[0]) else None
+
+
+def make_sharded_train_step(
+    embed_fn: megabatch.EmbedFn,
+    loss_fn: megabatch.LossFn,
+    optimizer: optax.GradientTransformation,
+    mesh: Mesh,
+    *,
+    chunk_size_per_device: int,
+    loss_uses_rng: bool = False,
+) -> Callable[..., tuple[train_step_lib.TrainState, dict[str, jax.Array]]]:
+  """Builds the data-parallel `train_step(state, images, labels, rng) -> (state, metrics)`.
+
+  The contract of `train_step.make_train_step` (jitted, `state` donated, the same metrics) on a
+  mesh: `state` replicated (`create_sharded_state`), `images` and `labels` global arrays sharded
+  along their leading axis (`global_batch`), `rng` a key identical on every process. The new
+  state and the metrics come back replicated. Loss, gradients and update equal the
+  single-device step on the whole batch, up to float rounding (see `sharded_value_and_grad`).
+
+  Args:
+    embed_fn, loss_fn, optimizer, loss_uses_rng: as in `train_step.make_train_step`.
+    mesh: the data mesh (`data_mesh()`).
+    chunk_size_per_device: images per device per chunk (bounds each device's activation
+      memory); the global batch must be divisible by it x the number of devices.
+
+  Raises:
+    ValueError: at trace time, before compiling, for a batch that does not fit the layout.
+  """
+  value_and_grad = sharded_value_and_grad(embed_fn, loss_fn, mesh,
+                                          chunk_size_per_device=chunk_size_per_device,
+                                          loss_uses_rng=loss_uses_rng)
+
+  def train_step(state: train_step_lib.TrainState, images: Any, labels: jax.Array,
+                 rng: jax.Array | None = None):
+    loss, grads = value_and_grad(state.params, images, labels, rng)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        "loss": loss.astype(jnp.float32),
+        "grad_norm": optax.tree.norm(grads).astype(jnp.float32),
+        "update_norm": optax.tree.norm(updates).astype(jnp.float32),
+        "param_norm": optax.tree.norm(params).astype(jnp.float32),
+    }
+    return train_step_lib.TrainState(step=state.step + 1, params=params,
+                                     opt_state=opt_state), metrics
+
+  return jax.jit(train_step, donate_argnums=0, out_shardings=replicated(mesh))

@@ -1,0 +1,288 @@
+"""Worker for tests/train/test_sharding.py: runs in its own process with forced host devices.
+
+Usage (the test sets XLA_FLAGS / JAX_* before starting it):
+  python sharding_worker.py eight                 # 8 devices vs the single-device step
+  python sharding_worker.py process OUT_DIR       # one of 2 processes (JAX_* env vars set)
+
+The test also imports this file (for the shared toy problem and the single-device reference), so
+nothing here touches JAX at import time.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import pathlib
+import re
+import sys
+
+import numpy as np
+
+NUM_IMAGES, IMAGE_SHAPE, M = 96, (6, 6, 1), 4
+GLOBAL_BATCH, STEPS = 32, 3
+
+
+# ----------------------------------------------------------------------------------------------
+# The toy problem: a 2-layer MLP embedding of 6 x 6 images, RS@k with or without SiMix.
+# ----------------------------------------------------------------------------------------------
+
+
+def dataset(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  rng = np.random.default_rng(seed)
+  images = rng.integers(0, 256, (NUM_IMAGES,) + IMAGE_SHAPE, dtype=np.uint8)
+  labels = np.repeat(np.arange(NUM_IMAGES // 6), 6).astype(np.int32)
+  return images, labels
+
+
+def init_params(seed: int = 0):
+  rng = np.random.default_rng(seed + 1)
+  d_in = int(np.prod(IMAGE_SHAPE))
+  return {"w1": (rng.standard_normal((d_in, 24)) / np.sqrt(d_in)).astype(np.float32),
+          "b1": (0.1 * rng.standard_normal(24)).astype(np.float32),
+          "w2": (rng.standard_normal((24, 8)) / np.sqrt(24)).astype(np.float32)}
+
+
+def embed_fn(params, images, rng):
+  import jax.numpy as jnp
+  del rng
+  x = images.reshape(images.shape[0], -1).astype(jnp.float32) / 255.0
+  e = jnp.tanh(x @ params["w1"] + params["b1"]) @ params["w2"]
+  return e / jnp.linalg.norm(e, axis=1, keepdims=True)
+
+
+def loss_fn_for(batch_size: int, m: int, use_simix: bool):
+  """(loss_fn, uses_rng) with the static sizes bound, as the trainer builds it."""
+  from recall_jax import simix
+  from recall_jax.losses import recall_at_k
+  if not use_simix:
+    return functools.partial(recall_at_k.recall_at_k_surrogate, max_positives=m - 1), False
+  pairs = m * (m - 1) // 2
+
+  def loss(embeddings, labels, rng):
+    mixed, mixed_labels = simix.simix(embeddings, labels, rng, num_pairs=(batch_size // m) * pairs)
+    return recall_at_k.recall_at_k_surrogate(mixed, mixed_labels, max_positives=m - 1 + pairs)
+
+  return loss, True
+
+
+LR = 0.5
+
+
+def optimizer():
+  import optax
+  return optax.sgd(LR, momentum=0.9)
+
+
+def reference_steps(steps: int, use_simix: bool = True):
+  """The single-device run: `steps` train steps on whole global batches. Returns (losses, states)."""
+  import jax
+  from recall_jax.data import sampler as sampler_lib
+  from recall_jax.train import train_step as train_step_lib
+  images, labels = dataset()
+  sampler = sampler_lib.MPerClassSampler(labels, GLOBAL_BATCH, M, seed=0)
+  loss_fn, uses_rng = loss_fn_for(GLOBAL_BATCH, M, use_simix)
+  step_fn = train_step_lib.make_train_step(embed_fn, loss_fn, optimizer(), chunk_size=8,
+                                           loss_uses_rng=uses_rng)
+  state = train_step_lib.init_train_state(jax.tree.map(jax.numpy.asarray, init_params()),
+                                          optimizer())
+  losses, states = [], []
+  for step in range(steps):
+    idx = sampler.batch_indices(step)
+    state, metrics = step_fn(state, images[idx], labels[idx], jax.random.fold_in(jax.random.key(0),
+                                                                                  step))
+    losses.append(float(metrics["loss"]))
+    states.append(jax.tree.map(np.asarray, state))
+  return losses, states
+
+
+def relative_error(a, b) -> float:
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def assert_trees_close(got, want, rtol: float = 1e-5, what: str = "") -> None:
+  import jax
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want),
+                          strict=True):
+    err = relative_error(a, b)
+    assert err <= rtol, f"{what}{jax.tree_util.keystr(path)}: relative error {err:.2e}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Mode 'eight': 8 devices, one process.
+# ----------------------------------------------------------------------------------------------
+
+
+def _case(batch_size: int, chunk_per_device: int, use_simix: bool, shuffle: bool) -> None:
+  import jax
+  import jax.numpy as jnp
+  from recall_jax.train import megabatch
+  from recall_jax.train import sharding
+  from recall_jax.train import train_step as train_step_lib
+
+  mesh = sharding.data_mesh()
+  ndev = mesh.devices.size
+  rng = np.random.default_rng(batch_size + chunk_per_device)
+  images = rng.integers(0, 256, (batch_size,) + IMAGE_SHAPE, dtype=np.uint8)
+  labels = np.repeat(np.arange(batch_size // M), M).astype(np.int32)
+  if shuffle:  # classes scattered over devices and chunks
+    labels = labels[rng.permutation(batch_size)]
+  rows = batch_size // ndev
+  per_device = [set(labels[d * rows:(d + 1) * rows]) for d in range(ndev)]
+  straddles = any(per_device[d] & per_device[d + 1] for d in range(ndev - 1))
+  several = all(len(s) >= 2 for s in per_device)
+  loss_fn, uses_rng = loss_fn_for(batch_size, M, use_simix)
+  params = jax.tree.map(jnp.asarray, init_params())
+  key = jax.random.key(7)
+  name = f"B={batch_size} chunk/device={chunk_per_device} simix={use_simix}: "
+
+  # Reference: plain value_and_grad of the full batch on one device, same loss key.
+  num_chunks = batch_size // (chunk_per_device * ndev)
+  _, loss_key = megabatch.chunk_rngs(key, num_chunks)
+  single = jax.devices()[0]
+  def full_loss(p, x, y, k):
+    e = embed_fn(p, x, None)
+    return loss_fn(e, y, k) if uses_rng else loss_fn(e, y)
+  with jax.default_device(single):
+    want_loss, want_grads = jax.jit(jax.value_and_grad(full_loss))(params, images, labels,
+                                                                   loss_key)
+
+  batch = sharding.global_batch({"image": images, "label": labels}, mesh)
+  vg = jax.jit(sharding.sharded_value_and_grad(embed_fn, loss_fn, mesh,
+                                               chunk_size_per_device=chunk_per_device,
+                                               loss_uses_rng=uses_rng))
+  state = sharding.create_sharded_state(params, optimizer(), mesh)
+  loss, grads = vg(state.params, batch["image"], batch["label"], key)
+  assert abs(float(loss) - float(want_loss)) <= 1e-5 * abs(float(want_loss)), \
+      (name, float(loss), float(want_loss))
+  assert_trees_close(grads, want_grads, what=name + "grad ")
+  for leaf in jax.tree.leaves(grads):
+    assert leaf.sharding.is_fully_replicated, leaf.sharding
+
+  # One optimiser step (SGD with momentum: the first update is -lr * grad) on the same key.
+  step = sharding.make_sharded_train_step(embed_fn, loss_fn, optimizer(), mesh,
+                                          chunk_size_per_device=chunk_per_device,
+                                          loss_uses_rng=uses_rng)
+  compiled = step.lower(state, batch["image"], batch["label"], key).compile()
+  state, metrics = compiled(state, batch["image"], batch["label"], key)
+  assert relative_error(metrics["loss"], want_loss) <= 1e-5, name
+  want_params = jax.tree.map(lambda p, g: np.asarray(p, np.float64) - LR * np.asarray(g, np.float64),
+                             params, want_grads)
+  assert_trees_close(state.params, want_params, what=name + "params ")
+  assert int(state.step) == 1
+  for leaf in jax.tree.leaves(state):
+    assert leaf.sharding.is_fully_replicated, leaf.sharding
+  print(f"case ok: {name}straddles={straddles} several_classes_per_device={several}")
+  return (straddles, several), compiled
+
+
+def _check_compiled_hlo(compiled, mesh) -> None:
+  """One all-reduce (the gradients) per step, outside every loop; two all-gathers (E, labels)."""
+  from recall_jax.train import sharding
+  hlo = compiled.as_text()
+  computations = re.split(r"\n(?=\S)", hlo)
+  reducing = [c.split("(", 1)[0] for c in computations if re.search(r" all-reduce(-start)?\(", c)]
+  assert len(reducing) == 1 and reducing[0].startswith("ENTRY"), reducing
+  assert len(re.findall(r" all-reduce(-start)?\(", hlo)) == 1
+  assert len(re.findall(r" all-gather(-start)?\(", hlo)) == 2
+  # Per-device work: the 64-image batch arrives as 8 rows per device and the MLP's first layer
+  # runs on 2-row per-device chunks (f32[2,36] inputs); no global (16- or 64-row) chunk exists.
+  assert re.search(r"u8\[8,6,6,1\]", hlo) and re.search(r"f32\[2,36\]", hlo), "local shapes"
+  assert not re.search(r"(u8\[(16|64),6,6,1\])|(f32\[(16|64),36\])", hlo), "global chunk found"
+  image_sharding = compiled.input_shardings[0][1]
+  assert image_sharding.spec == sharding.batch_sharding(mesh).spec, image_sharding
+  print("hlo ok")
+
+
+def _check_errors() -> None:
+  import jax
+  from recall_jax.train import sharding
+  mesh = sharding.data_mesh()
+  loss_fn, _ = loss_fn_for(64, M, False)
+  state = sharding.create_sharded_state(init_params(), optimizer(), mesh)
+  step = sharding.make_sharded_train_step(embed_fn, loss_fn, optimizer(), mesh,
+                                          chunk_size_per_device=3)
+  labels = np.repeat(np.arange(12), M).astype(np.int32)
+  batch = sharding.global_batch({"image": np.zeros((48,) + IMAGE_SHAPE, np.uint8),
+                                 "label": labels}, mesh)
+  try:  # 48 = 2 x 3 x 8: fine; 64 is not divisible by 3 x 8 = 24.
+    step.lower(state, batch["image"], batch["label"], None)
+    batch = sharding.global_batch({"image": np.zeros((64,) + IMAGE_SHAPE, np.uint8),
+                                   "label": np.zeros(64, np.int32)}, mesh)
+    step(state, batch["image"], batch["label"], None)
+  except ValueError as e:
+    assert "global batch 64 is not divisible by chunk_size_per_device 3 x 8 devices" in str(e), e
+  else:
+    raise AssertionError("no error for B=64, chunk 3 x 8 devices")
+  try:
+    sharding.global_batch({"image": np.zeros((12,) + IMAGE_SHAPE, np.uint8),
+                           "label": np.zeros(12, np.int32)}, mesh)
+  except ValueError as e:
+    assert "does not split over this process's 8 devices" in str(e), e
+  else:
+    raise AssertionError("no error for 12 rows on 8 devices")
+  assert jax.tree.leaves(state)[0].sharding.is_fully_replicated
+  print("errors ok")
+
+
+def main_eight() -> None:
+  import jax
+  assert jax.device_count() == 8, jax.devices()
+  from recall_jax.train import sharding
+  # (B, chunk/device, SiMix, shuffled labels): 2 whole classes per device (4 chunks); classes
+  # scattered over devices with SiMix (2 chunks) and without (a single chunk).
+  seen, compiled = zip(*[_case(64, 2, True, False), _case(48, 3, True, True),
+                         _case(48, 6, False, True)])
+  assert seen[0] == (False, True), seen[0]  # 8 rows = 2 whole classes per device
+  assert seen[1][0] and seen[2][0], seen  # classes straddle devices
+  _check_compiled_hlo(compiled[0], sharding.data_mesh())
+  _check_errors()
+  print("EIGHT_OK")
+
+
+# ----------------------------------------------------------------------------------------------
+# Mode 'process': one of two processes x 4 devices.
+# ----------------------------------------------------------------------------------------------
+
+
+def main_process(out_dir: str) -> None:
+  from recall_jax.train import sharding
+  process_index, process_count = sharding.initialize_distributed()
+  import jax
+  import orbax.checkpoint as ocp
+  from recall_jax.data import sampler as sampler_lib
+
+  assert process_count == 2 and jax.device_count() == 8 and jax.local_device_count() == 4
+  out = pathlib.Path(out_dir)
+  mesh = sharding.data_mesh()
+  images, labels = dataset()
+  sampler = sampler_lib.MPerClassSampler(labels, GLOBAL_BATCH, M, seed=0)
+  loss_fn, uses_rng = loss_fn_for(GLOBAL_BATCH, M, True)
+  step_fn = sharding.make_sharded_train_step(embed_fn, loss_fn, optimizer(), mesh,
+                                             chunk_size_per_device=1, loss_uses_rng=uses_rng)
+  state = sharding.create_sharded_state(init_params(), optimizer(), mesh)
+  losses = []
+  for step in range(STEPS):
+    local = sampler.local_slice(sampler.batch_indices(step), process_index, process_count)
+    batch = sharding.global_batch({"image": images[local], "label": labels[local]}, mesh)
+    state, metrics = step_fn(state, batch["image"], batch["label"],
+                             jax.random.fold_in(jax.random.key(0), step))
+    losses.append(float(metrics["loss"]))
+  manager = ocp.CheckpointManager(out / "checkpoints", options=ocp.CheckpointManagerOptions(
+      create=True, enable_async_checkpointing=False))
+  manager.save(STEPS, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=True)
+  manager.wait_until_finished()
+  manager.close()
+  params = {k: np.asarray(v.addressable_data(0)) for k, v in state.params.items()}
+  np.savez(out / f"params_{process_index}.npz", **params)
+  (out / f"losses_{process_index}.json").write_text(json.dumps(losses))
+  print(f"PROCESS_{process_index}_OK")
+
+
+if __name__ == "__main__":
+  if sys.argv[1] == "eight":
+    main_eight()
+  elif sys.argv[1] == "process":
+    main_process(sys.argv[2])
+  else:
+    raise SystemExit(f"unknown mode {sys.argv[1]!r}")
