@@ -33,7 +33,6 @@ import optax
 
 from recall_jax import models
 from recall_jax.losses.recall_at_k import recall_at_k_surrogate
-from recall_jax.train.megabatch import megabatch_value_and_grad
 from recall_jax.train.train_step import init_train_state
 from recall_jax.train.train_step import make_train_step
 

@@ -28,7 +28,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from recall_jax.losses.recall_at_k import check_labels
+from recall_jax.losses.recall_at_k import check_embeddings
 from recall_jax.losses.recall_at_k import compute_dtype
 from recall_jax.losses.recall_at_k import similarity
 
@@ -69,11 +69,7 @@ def contrastive_loss(
       batch, or non-finite / negative / inverted margins.
   """
   embeddings, labels = jnp.asarray(embeddings), jnp.asarray(labels)
-  if embeddings.ndim != 2:
-    raise ValueError(f"embeddings must have shape (B, D), got shape {embeddings.shape}")
-  if not jnp.issubdtype(embeddings.dtype, jnp.floating):
-    raise ValueError(f"embeddings must be floating point, got dtype {embeddings.dtype}")
-  check_labels(labels, embeddings.shape[0])
+  check_embeddings(embeddings, labels)
   for name, value in (("pos_margin", pos_margin), ("neg_margin", neg_margin)):
     if not (isinstance(value, (int, float)) and math.isfinite(value)):
       raise ValueError(f"{name} must be a finite number, got {value!r}")

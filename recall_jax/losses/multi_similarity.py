@@ -36,7 +36,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from recall_jax.losses.recall_at_k import check_labels
+from recall_jax.losses.recall_at_k import check_embeddings
 from recall_jax.losses.recall_at_k import compute_dtype
 from recall_jax.losses.recall_at_k import similarity
 
@@ -110,11 +110,7 @@ def multi_similarity_loss(
       batch, or bad hyper-parameters.
   """
   embeddings, labels = jnp.asarray(embeddings), jnp.asarray(labels)
-  if embeddings.ndim != 2:
-    raise ValueError(f"embeddings must have shape (B, D), got shape {embeddings.shape}")
-  if not jnp.issubdtype(embeddings.dtype, jnp.floating):
-    raise ValueError(f"embeddings must be floating point, got dtype {embeddings.dtype}")
-  check_labels(labels, embeddings.shape[0])
+  check_embeddings(embeddings, labels)
   for name, value in (("alpha", alpha), ("beta", beta), ("base", base), ("epsilon", epsilon)):
     if not (isinstance(value, (int, float)) and math.isfinite(value)):
       raise ValueError(f"{name} must be a finite number, got {value!r}")

@@ -78,6 +78,15 @@ def check_labels(labels, num_rows: int | None = None) -> None:
         f"shape mismatch: {num_rows} embedding rows but {labels.shape[0]} labels")
 
 
+def check_embeddings(embeddings, labels) -> None:
+  """Raises ValueError unless embeddings is a (B, D) float array and labels (B,) integers."""
+  if embeddings.ndim != 2:
+    raise ValueError(f"embeddings must have shape (B, D), got shape {embeddings.shape}")
+  if not jnp.issubdtype(embeddings.dtype, jnp.floating):
+    raise ValueError(f"embeddings must be floating point, got dtype {embeddings.dtype}")
+  check_labels(labels, embeddings.shape[0])
+
+
 def check_k_and_taus(k_values: Sequence[int], tau1: float, tau2: float) -> tuple[int, ...]:
   k_values = tuple(k_values)
   if not k_values:
@@ -307,11 +316,7 @@ def recall_at_k_surrogate(
     ValueError: on a shape mismatch, non-integer labels, an empty batch, k <= 0, tau <= 0, or a
       query with more positives than `max_positives`.
   """
-  if embeddings.ndim != 2:
-    raise ValueError(f"embeddings must have shape (B, D), got shape {embeddings.shape}")
-  if not jnp.issubdtype(embeddings.dtype, jnp.floating):
-    raise ValueError(f"embeddings must be floating point, got dtype {embeddings.dtype}")
-  check_labels(labels, embeddings.shape[0])
+  check_embeddings(embeddings, labels)
   k_values, max_positives = _validate(labels, k_values, tau1, tau2, max_positives, query_block)
   return _surrogate(
       embeddings.astype(compute_dtype(embeddings)), jnp.asarray(labels), from_similarity=False,

@@ -35,7 +35,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from recall_jax.losses.recall_at_k import check_labels
+from recall_jax.losses.recall_at_k import check_embeddings
 from recall_jax.losses.recall_at_k import class_groups
 from recall_jax.losses.recall_at_k import clipped_sigmoid
 from recall_jax.losses.recall_at_k import compute_dtype
@@ -127,11 +127,7 @@ def smooth_ap_loss(
   # Kept as given: numpy labels stay concrete under jit, where jnp.asarray would trace them.
   given_labels = labels
   embeddings, labels = jnp.asarray(embeddings), jnp.asarray(labels)
-  if embeddings.ndim != 2:
-    raise ValueError(f"embeddings must have shape (B, D), got shape {embeddings.shape}")
-  if not jnp.issubdtype(embeddings.dtype, jnp.floating):
-    raise ValueError(f"embeddings must be floating point, got dtype {embeddings.dtype}")
-  check_labels(labels, embeddings.shape[0])
+  check_embeddings(embeddings, labels)
   if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
           and temperature > 0):
     raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")

@@ -40,7 +40,6 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh, PartitionSpec
@@ -360,15 +359,6 @@ def make_sharded_train_step(
   def train_step(state: train_step_lib.TrainState, images: Any, labels: jax.Array,
                  rng: jax.Array | None = None):
     loss, grads = value_and_grad(state.params, images, labels, rng)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {
-        "loss": loss.astype(jnp.float32),
-        "grad_norm": optax.tree.norm(grads).astype(jnp.float32),
-        "update_norm": optax.tree.norm(updates).astype(jnp.float32),
-        "param_norm": optax.tree.norm(params).astype(jnp.float32),
-    }
-    return train_step_lib.TrainState(step=state.step + 1, params=params,
-                                     opt_state=opt_state), metrics
+    return train_step_lib.apply_gradients(state, loss, grads, optimizer)
 
   return jax.jit(train_step, donate_argnums=0, out_shardings=replicated(mesh))

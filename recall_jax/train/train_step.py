@@ -66,14 +66,22 @@ def make_train_step(
   def train_step(state: TrainState, images: Any, labels: jax.Array,
                  rng: jax.Array | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
     loss, grads = value_and_grad(state.params, images, labels, rng)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {
-        "loss": loss.astype(jnp.float32),
-        "grad_norm": optax.tree.norm(grads).astype(jnp.float32),
-        "update_norm": optax.tree.norm(updates).astype(jnp.float32),
-        "param_norm": optax.tree.norm(params).astype(jnp.float32),
-    }
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    return apply_gradients(state, loss, grads, optimizer)
 
   return jax.jit(train_step, donate_argnums=0)
+
+
+def apply_gradients(state: TrainState, loss: jax.Array, grads: PyTree,
+                    optimizer: optax.GradientTransformation
+                    ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer update of `state` with `grads`; returns the new state and float32 metrics
+  'loss', 'grad_norm', 'update_norm' and 'param_norm' (after the update)."""
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {
+      "loss": loss.astype(jnp.float32),
+      "grad_norm": optax.tree.norm(grads).astype(jnp.float32),
+      "update_norm": optax.tree.norm(updates).astype(jnp.float32),
+      "param_norm": optax.tree.norm(params).astype(jnp.float32),
+  }
+  return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics

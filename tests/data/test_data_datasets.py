@@ -13,7 +13,6 @@ import pytest
 import scipy.io
 
 from recall_jax import data
-from recall_jax.data import datasets
 from recall_jax.data import paths
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from recall_jax.evaluation import protocol_for, retrieval_metrics, vehicleid_reid_metrics
+from recall_jax.evaluation import protocol_for, vehicleid_reid_metrics
 
 
 @pytest.mark.parametrize("name, k_values", [

@@ -118,7 +118,6 @@ def _case(batch_size: int, chunk_per_device: int, use_simix: bool, shuffle: bool
   import jax.numpy as jnp
   from recall_jax.train import megabatch
   from recall_jax.train import sharding
-  from recall_jax.train import train_step as train_step_lib
 
   mesh = sharding.data_mesh()
   ndev = mesh.devices.size
