@@ -54,16 +54,21 @@ class Evaluator:
     self._mesh = mesh
     self._log_fn = log_fn
     self._progress = progress
+    # split -> (embeddings (N, D) float32, labels (N,)) of the latest call.
+    self.last_embeddings: dict[str, tuple[Any, Any]] = {}
 
   def __call__(self, params_or_embed_fn: Any, step: int) -> dict[str, float | int]:
     """Evaluates every split; returns {'<split>/<metric>': value} and logs it."""
     embed_fn = (params_or_embed_fn if self._factory is None
                 else self._factory(params_or_embed_fn))
     results: dict[str, float | int] = {}
+    self.last_embeddings = {}
     for split, make_batches in self._splits.items():
       embeddings, labels, _ = extraction.extract_embeddings(
           embed_fn, make_batches(), desc=f"embed {split}", mesh=self._mesh,
           progress=self._progress)
+      # Kept for reports drawn from the same evaluation (e.g. the trainer's retrieval grid).
+      self.last_embeddings[split] = (embeddings, labels)
       split_metrics = metrics_lib.retrieval_metrics(
           embeddings, labels, k_values=self.k_values, block=self._block, mesh=self._mesh)
       results.update({f"{split}/{name}": value for name, value in split_metrics.items()})

@@ -1,0 +1,17 @@
+"""Every config key with its default: the paper's shared hyper-parameters (SOP, ViT-B/16).
+
+The paper rows (`sop_vit.py`, `cars_resnet.py`, ...) and the demo (`omniglot.py`) start from these
+defaults (`recall_jax.config.base_config`) and change a few keys. Any key can be overridden on the
+command line, e.g. `--config.batch_size=2000 --config.chunk_size=250`.
+
+  python -m recall_jax.main --config configs/default.py --workdir runs/default
+"""
+
+from recall_jax import config as config_lib
+
+
+def get_config(arg=None):
+  c = config_lib.base_config()
+  if "smoke" in config_lib.parse_arg(arg):
+    c = config_lib.smoke(c)
+  return c

@@ -1,0 +1,164 @@
+"""End-to-end tests of the training program on a tiny Omniglot run (real data from ../shared)."""
+
+import importlib.util
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from recall_jax import config as config_lib
+from recall_jax.train import reporting
+from recall_jax.train import trainer
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+def load_config(name="omniglot", arg="smoke"):
+  spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.fixture
+def smoke_config(omniglot_root):
+  c = load_config()
+  c.data.root = str(omniglot_root)
+  c.num_grid_queries = 2
+  c.data.max_eval_images = 200
+  return c
+
+
+def train_rows(workdir):
+  return [r for r in reporting.read_metrics(pathlib.Path(workdir) / "metrics.jsonl")
+          if r["kind"] == "train"]
+
+
+def test_train_evaluate_embed(smoke_config, tmp_path, capsys):
+  results = trainer.train_and_evaluate(smoke_config, tmp_path)
+  assert 0.0 < results["test/recall@1"] <= 1.0
+  assert results["test/num_queries"] == 200
+  rows = train_rows(tmp_path)
+  assert [r["step"] for r in rows] == [1, 2, 3]
+  assert all(np.isfinite(r["loss"]) and r["images_per_s"] > 0 for r in rows)
+  for png in ("training_curve.png", "recall.png", "retrieval_test.png"):
+    assert (tmp_path / png).stat().st_size > 1000, png
+  assert json.loads((tmp_path / "config.json").read_text())["batch_size"] == smoke_config.batch_size
+
+  evaluated = trainer.evaluate_checkpoint(smoke_config, tmp_path, "latest")
+  assert evaluated["test/recall@1"] == pytest.approx(results["test/recall@1"])
+  assert "test/recall@1" in capsys.readouterr().out
+  best = trainer.evaluate_checkpoint(smoke_config, tmp_path, "best")
+  assert best["test/recall@1"] == pytest.approx(results["test/recall@1"])
+
+  out = trainer.embed_split(smoke_config, tmp_path, "3", output=str(tmp_path / "emb.npz"))
+  with np.load(out, allow_pickle=False) as f:
+    emb, labels, ids = f["embeddings"], f["labels"], f["ids"]
+  # embed covers the whole split, not the evaluation slice.
+  assert emb.shape == (13_180, smoke_config.model.embedding_dim) and emb.dtype == np.float32
+  np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
+  assert labels.shape == ids.shape == (13_180,)
+  assert len(set(ids.tolist())) == 13_180
+
+  with pytest.raises(ValueError, match="no checkpoint at step 7"):
+    trainer.evaluate_checkpoint(smoke_config, tmp_path, "7")
+
+
+def test_resume_is_bit_identical_and_nan_keeps_last_good_checkpoint(smoke_config, tmp_path,
+                                                                    monkeypatch):
+  smoke_config.max_steps = 4
+  smoke_config.checkpoint_every_steps = 2
+  straight = tmp_path / "straight"
+  trainer.train_and_evaluate(smoke_config, straight)
+
+  interrupted = tmp_path / "interrupted"
+  smoke_config.max_steps = 2
+  trainer.train_and_evaluate(smoke_config, interrupted)
+  smoke_config.max_steps = 4
+  trainer.train_and_evaluate(smoke_config, interrupted)
+
+  expected = {r["step"]: r["loss"] for r in train_rows(straight)}
+  got = {r["step"]: r["loss"] for r in train_rows(interrupted)}
+  assert sorted(got) == [1, 2, 3, 4]
+  assert got == expected  # bit for bit, floats compared exactly
+  _, state_a = trainer._restored_params(smoke_config, straight, "latest")
+  _, state_b = trainer._restored_params(smoke_config, interrupted, "latest")
+  assert int(state_a.step) == int(state_b.step) == 4
+  jax.tree.map(np.testing.assert_array_equal, state_a.params, state_b.params)
+  jax.tree.map(np.testing.assert_array_equal, state_a.opt_state, state_b.opt_state)
+
+  # A NaN loss in the continuation stops the run and leaves checkpoint 4 as it was.
+  real_build = trainer.build_loss_fn
+
+  def poisoned(c):
+    loss_fn, uses_rng = real_build(c)
+    return (lambda *args: loss_fn(*args) * np.nan), uses_rng
+
+  monkeypatch.setattr(trainer, "build_loss_fn", poisoned)
+  smoke_config.max_steps = 6
+  with pytest.raises(trainer.NonFiniteLossError, match="loss is nan at step 5.*step 4"):
+    trainer.train_and_evaluate(smoke_config, straight)
+  _, after = trainer._restored_params(smoke_config, straight, "latest")
+  assert int(after.step) == 4
+  jax.tree.map(np.testing.assert_array_equal, state_a.params, after.params)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(omniglot_root, tmp_path):
+  env = dict(os.environ, RECALL_JAX_DATA=str(omniglot_root), PYTHONUNBUFFERED="1")
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "recall_jax.main", "--config", "configs/omniglot.py:smoke",
+       "--workdir", str(tmp_path), "--config.max_steps=200", "--config.checkpoint_every_steps=1000",
+       "--config.num_grid_queries=0"],
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + 240
+  while not train_rows(tmp_path) and time.time() < deadline and proc.poll() is None:
+    time.sleep(0.5)
+  assert train_rows(tmp_path), "training never logged a step"
+  proc.send_signal(signal.SIGTERM)
+  output, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0, output
+  assert "SIGTERM received" in output
+  saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  assert saved and 1 <= saved[-1] < 200, saved
+  assert saved[-1] == max(r["step"] for r in train_rows(tmp_path))
+
+
+def test_config_validation_names_every_problem():
+  c = load_config()
+  c.batch_size = 30
+  c.chunk_size = 7
+  c.loss.name = "triplet"
+  c.model.pretrained = "/nonexistent/weights.npz"
+  with pytest.raises(ValueError) as info:
+    config_lib.validate(c)
+  message = str(info.value)
+  for fragment in ("not divisible by samples_per_class", "not divisible by chunk_size",
+                   "loss.name 'triplet'", "weights file /nonexistent/weights.npz does not exist"):
+    assert fragment in message
+  c = load_config()
+  with pytest.raises(ValueError, match=r"batch_size 32 is not divisible by chunk_size 16 x 4 device"):
+    config_lib.validate(c, num_devices=4)
+  with pytest.raises(ValueError, match="unknown config argument"):
+    load_config(arg="smok")
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--config.batch_size=30"], "not divisible by samples_per_class"),
+    (["--config.no_such_key=1"], "no_such_key"),
+    (["--config.batch_size=abc"], "batch_size"),
+])
+def test_main_rejects_bad_config_before_compiling(tmp_path, extra, message):
+  proc = subprocess.run(
+      [sys.executable, "-m", "recall_jax.main", "--config", "configs/omniglot.py:smoke",
+       "--workdir", str(tmp_path), *extra],
+      cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0
+  assert message in proc.stdout + proc.stderr
+  assert not (tmp_path / "checkpoints").exists()
