@@ -18,8 +18,9 @@ def get_config(arg=None):
   c.data.image_size = 28
   c.data.resize_size = 28
   c.data.channels = 1
-  # Characters: mild crops keep strokes legible; a flipped character is another character.
-  c.data.crop_scale = (0.7, 1.0)
+  # Characters: a flipped character is another character, and at this budget of 9 epochs crops
+  # did not help (R@1 0.823 with crops of 85-100% over 8 epochs vs 0.821 without over 9).
+  c.data.crop_scale = (1.0, 1.0)
   c.data.flip = False
   c.data.eval_batch_size = 1000
 
@@ -36,13 +37,13 @@ def get_config(arg=None):
   c.simix = False
 
   c.optimizer.name = "adam"
-  c.optimizer.learning_rate = 1e-3
+  c.optimizer.learning_rate = 3e-3
   c.optimizer.weight_decay = 4e-4
   # From scratch, Adam's first full-size steps undo the head centring; ramp the rate up.
   c.optimizer.warmup_steps = 20
-  c.epochs = 7
-  c.optimizer.milestones = (5,)
-  c.eval_every_epochs = 1
+  c.epochs = 9
+  c.optimizer.milestones = (7,)
+  c.eval_every_epochs = 9
   c.checkpoint_every_steps = 50
   c.best_metric = "test/recall@1"
 
