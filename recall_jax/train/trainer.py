@@ -331,9 +331,11 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str | pathlib.Path
     return model.apply({"params": params, **frozen}, images, train=True, rngs=rngs)
 
   # Each device embeds `chunk_size` of its own rows at a time; the loss sees the global batch.
-  train_step = sharding.make_sharded_train_step(embed_fn, loss_fn, run.optimizer, run.mesh,
-                                                chunk_size_per_device=c.chunk_size,
-                                                loss_uses_rng=loss_uses_rng)
+  # On the CPU backend the backward pass is unrolled: ~15x faster there, at the price of memory
+  # growing with the batch (see megabatch_value_and_grad); accelerators keep the flat loop.
+  train_step = sharding.make_sharded_train_step(
+      embed_fn, loss_fn, run.optimizer, run.mesh, chunk_size_per_device=c.chunk_size,
+      loss_uses_rng=loss_uses_rng, unroll_backward=jax.default_backend() == "cpu")
   evaluator = evaluation.Evaluator(run.embed_fn_for, {s: _eval_batches(c, src)
                                                       for s, src in test_sources.items()},
                                    c.data.name, log_fn=_say, progress=jax.process_index() == 0)

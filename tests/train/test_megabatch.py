@@ -331,3 +331,19 @@ def test_refuses_batchnorm_in_training_mode():
   step = megabatch_value_and_grad(embed_fn, _contrastive, chunk_size=4)
   with pytest.raises(ValueError, match=r"(?s)'batch_stats'.*frozen BatchNorm"):
     jax.eval_shape(step, variables["params"], images, jnp.zeros((16,), jnp.int32))
+
+
+def test_unrolled_backward_gives_the_same_gradient(x64):
+  """`unroll_backward=True` (the trainer's CPU setting) changes scheduling, not the maths."""
+  rng = np.random.default_rng(0)
+  params = {"w": jnp.asarray(rng.normal(size=(6, 4))), "b": jnp.asarray(rng.normal(size=(4,)))}
+  images = jnp.asarray(rng.normal(size=(12, 6)))
+  labels = jnp.repeat(jnp.arange(3), 4)
+  embed = lambda p, x, r: jnp.tanh(x @ p["w"] + p["b"])
+  loss = lambda e, l: recall_at_k_surrogate(e, l, max_positives=3, tau2=0.1)
+  looped = jax.jit(megabatch_value_and_grad(embed, loss, chunk_size=3))(params, images, labels)
+  unrolled = jax.jit(megabatch_value_and_grad(embed, loss, chunk_size=3, unroll_backward=True))(
+      params, images, labels)
+  np.testing.assert_allclose(unrolled[0], looped[0], rtol=1e-12)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14),
+               unrolled[1], looped[1])
