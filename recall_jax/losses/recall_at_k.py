@@ -224,6 +224,23 @@ def _validate(
   return k_values, max_positives
 
 
+def map_query_blocks(block_fn, num_rows: int, query_block: int | None) -> jax.Array:
+  """`block_fn(query_indices (Q,)) -> (Q,)` over all rows, `query_block` queries at a time.
+
+  Each block is rematerialised in the backward pass (`jax.checkpoint`), so memory holds one
+  block's intermediates; the last block is padded with row 0 and the padding dropped.
+
+  Returns:
+    (num_rows,) per-query values in row order.
+  """
+  if query_block is None or query_block >= num_rows:
+    return block_fn(jnp.arange(num_rows))
+  num_blocks = -(-num_rows // query_block)
+  padded = jnp.arange(num_blocks * query_block) % num_rows
+  per_query = jax.lax.map(jax.checkpoint(block_fn), padded.reshape(num_blocks, query_block))
+  return per_query.reshape(-1)[:num_rows]
+
+
 @functools.partial(
     jax.jit,
     static_argnames=("from_similarity", "k_values", "tau1", "tau2", "count_query_in_rank",
@@ -261,14 +278,7 @@ def _surrogate(
         num_positives[query_idx], k_values, tau1, tau2, count_query_in_rank)
     return loss.astype(dtype)
 
-  if query_block is None or query_block >= num_rows:
-    per_query = block_loss(jnp.arange(num_rows))
-  else:
-    num_blocks = -(-num_rows // query_block)
-    # Padded queries repeat row 0 and are masked out below.
-    padded = jnp.arange(num_blocks * query_block) % num_rows
-    per_query = jax.lax.map(jax.checkpoint(block_loss), padded.reshape(num_blocks, query_block))
-    per_query = per_query.reshape(-1)[:num_rows]
+  per_query = map_query_blocks(block_loss, num_rows, query_block)
 
   has_positive = num_positives > 0
   num_queries = jnp.sum(has_positive)

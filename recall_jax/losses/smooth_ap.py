@@ -39,6 +39,7 @@ from recall_jax.losses.recall_at_k import check_embeddings
 from recall_jax.losses.recall_at_k import class_groups
 from recall_jax.losses.recall_at_k import clipped_sigmoid
 from recall_jax.losses.recall_at_k import compute_dtype
+from recall_jax.losses.recall_at_k import map_query_blocks
 from recall_jax.losses.recall_at_k import max_positives_of
 from recall_jax.losses.recall_at_k import positive_indices
 from recall_jax.losses.recall_at_k import resolve_max_positives
@@ -159,14 +160,7 @@ def smooth_ap_loss(
         slots, valid, temperature, include_query)
     return ap.astype(dtype)
 
-  if query_block is None or query_block >= num_rows:
-    per_query = block_ap(jnp.arange(num_rows))
-  else:
-    num_blocks = -(-num_rows // query_block)
-    # Padding queries repeat row 0 and are dropped below.
-    padded = jnp.arange(num_blocks * query_block) % num_rows
-    per_query = jax.lax.map(jax.checkpoint(block_ap), padded.reshape(num_blocks, query_block))
-    per_query = per_query.reshape(-1)[:num_rows]
+  per_query = map_query_blocks(block_ap, num_rows, query_block)
   chex.assert_shape(per_query, (num_rows,))
 
   loss = jnp.sum(jnp.where(has_positive, 1.0 - per_query, 0.0)) / jnp.maximum(num_queries, 1)
