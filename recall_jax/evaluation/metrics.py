@@ -13,11 +13,18 @@ with R positives:
   map         = sum_j (j / r_j) / R              (average precision over the whole ranking)
 
 each averaged over queries that have at least one positive; the others are excluded and counted.
-This needs no top-k list at all, so neighbours are never materialised beyond the (block, N)
-similarity matrix, and k and R are unbounded. Cost: the matmul plus one pass over the block's
-similarities per positive, O(N * sum_q R_q) comparisons. Queries are grouped by R so a block only
-pays for its own largest class; with a huge R (say a 5,000-image class) its queries cost about
-5,000 passes over their rows, which is slow on CPU but exact and still O(block x N) memory.
+This needs no top-k list at all, so neighbours are never materialised and k and R are unbounded.
+
+Two exact paths give the same ranks:
+  * leave-one-out on one device (`symmetric_ranks`): S = E E^T is symmetric, so classes are packed
+    whole into (tile x tile) blocks and each block is computed once for both its rows and its
+    columns: N^2 D / 2 multiply-adds, memory O(tile^2 + N x W);
+  * otherwise query blocks: each block of queries against the whole database, Q N D multiply-adds
+    (N^2 D in leave-one-out), memory O(block x N), rows split over the devices of a mesh.
+Counting costs one pass over a query's similarities per positive in both, O(N * sum_q R_q)
+comparisons. Queries are grouped by R so a block only pays for its own largest class; with a huge R
+(say a 5,000-image class) its queries cost about 5,000 passes over their rows, which is slow on CPU
+but exact.
 """
 
 from collections.abc import Sequence
@@ -32,6 +39,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from recall_jax.evaluation import knn as knn_lib
 from recall_jax.evaluation import sharding
+from recall_jax.evaluation import symmetric_ranks
 
 # Rows compared per step when counting on CPU: small enough that a step's rows stay in cache. On
 # accelerators the whole per-device block is one fused compare-and-reduce instead.
@@ -40,23 +48,11 @@ _ROWS_PER_STEP = 8
 
 def _ranks_local(queries, database, self_index, positives, valid, *, rows_per_step):
   sims = knn_lib.mask_self(knn_lib.similarities(queries, database), self_index)
-  rows, num_items = sims.shape
-  width = positives.shape[1]
+  num_items = sims.shape[1]
   thresholds = jnp.take_along_axis(sims, positives, axis=1)
-  columns = lax.iota(jnp.int32, num_items)
-
-  def count_above(args):
-    s, t, p = args  # (c, N), (c, W), (c, W)
-    higher = s[:, None, :] > t[:, :, None]
-    tied_before = (s[:, None, :] == t[:, :, None]) & (columns < p[:, :, None])
-    return jnp.sum(higher | tied_before, axis=-1, dtype=jnp.int32)
-
-  steps = rows // rows_per_step
-  counts = lax.map(count_above, (sims.reshape(steps, rows_per_step, num_items),
-                                 thresholds.reshape(steps, rows_per_step, width),
-                                 positives.reshape(steps, rows_per_step, width)))
-  ranks = counts.reshape(rows, width) + 1
-  return jnp.where(valid, ranks, num_items + 1)
+  counts = symmetric_ranks.count_above_by_row(sims, thresholds, positives,
+                                              lax.iota(jnp.int32, num_items), rows_per_step)
+  return jnp.where(valid, counts + 1, num_items + 1)
 
 
 @partial(jax.jit, static_argnames=("mesh", "rows_per_step"))
@@ -67,12 +63,6 @@ def _positive_ranks_block(queries, database, self_index, positives, valid, *, me
       partial(_ranks_local, rows_per_step=rows_per_step), mesh=mesh,
       in_specs=(rows, PartitionSpec(), rows, rows, rows), out_specs=rows)(
           queries, database, self_index, positives, valid)
-
-
-def _bucket(width: int) -> int:
-  """Rounds a positive-list width up to one of ~4 sizes per octave to bound recompilation."""
-  step = max(4, 1 << max(0, width.bit_length() - 3))
-  return sharding.round_up(width, step)
 
 
 def metrics_from_ranks(ranks: np.ndarray, num_positives: np.ndarray,
@@ -127,10 +117,59 @@ def _check_k_values(k_values: Sequence[int], available: int, leave_one_out: bool
   return tuple(int(k) for k in k_values)
 
 
+def _query_block_ranks(queries, database, used, order, start, count, *, leave_one_out: bool,
+                       block: int, mesh: Mesh) -> list[tuple[np.ndarray, jax.Array]]:
+  """Ranks of the positives of queries `used`, in blocks of queries against the whole database.
+
+  Returns per block (ids, ranks): ids (M,) query indices, ranks (>= M, W) int32 device array (rows
+  beyond M are padding), slots beyond a query's positives hold N + 1.
+  """
+  num_items = database.shape[0]
+  block = knn_lib.block_size(block, used.size, mesh.size * _ROWS_PER_STEP)
+  block = sharding.round_up(block, mesh.size * _ROWS_PER_STEP)
+  rows = sharding.row_sharding(mesh)
+  database_device = jax.device_put(database, sharding.replicated(mesh))
+  on_cpu = mesh.devices.flat[0].platform == "cpu"
+  rows_per_step = _ROWS_PER_STEP if on_cpu else block // mesh.size
+  pending = []
+  for s in range(0, used.size, block):
+    ids = used[s:s + block]
+    width = symmetric_ranks.bucket_width(int(count[ids].max()))
+    slots = np.arange(width)
+    positives = order[np.minimum(start[ids, None] + slots, num_items - 1)]
+    valid = slots < count[ids, None]
+    if leave_one_out:
+      valid &= positives != ids[:, None]
+    self_index = ids.astype(np.int32) if leave_one_out else np.full(ids.shape, -1, np.int32)
+    args = (sharding.pad_rows(queries[ids], block), sharding.pad_rows(self_index, block, -1),
+            sharding.pad_rows(positives, block), sharding.pad_rows(valid, block, False))
+    ranks = _positive_ranks_block(
+        jax.device_put(args[0], rows), database_device, *(jax.device_put(a, rows) for a in args[1:]),
+        mesh=mesh, rows_per_step=rows_per_step)
+    pending.append((ids, ranks))
+  return pending
+
+
+def _symmetric_tile(block: int, num_items: int, largest_class: int) -> tuple[int, bool]:
+  """Tile size of the symmetric path, and whether its memory is within the query-block path's.
+
+  A tile holds whole classes, so it grows to the largest class; that is only worth it while
+  tile^2 <= block x N (the query-block path's similarity buffer).
+  """
+  base = sharding.round_up(min(block, num_items), 8)
+  tile = max(base, sharding.round_up(largest_class, 8))
+  return tile, tile == base or tile * tile <= base * num_items
+
+
 def retrieval_metrics(embeddings, labels, *, k_values: Sequence[int], query_embeddings=None,
-                      query_labels=None, block: int = 1024,
-                      mesh: Mesh | None = None) -> dict[str, float | int]:
+                      query_labels=None, block: int = 1024, mesh: Mesh | None = None,
+                      symmetric: bool | None = None) -> dict[str, float | int]:
   """Exact retrieval metrics by inner-product similarity (cosine for L2-normalised embeddings).
+
+  Leave-one-out on a single device computes each similarity once for both of its items (tiles of
+  whole classes, `symmetric_ranks`): half the matmul of the query-block path that every other case
+  uses. Both give the same ranks (exactly the same wherever float32 inner products are exact, as in
+  the tests; otherwise up to rounding of near-ties in the last bit, like any change of matmul).
 
   Args:
     embeddings: (N, D) float database embeddings.
@@ -139,8 +178,14 @@ def retrieval_metrics(embeddings, labels, *, k_values: Sequence[int], query_embe
     query_embeddings: (Q, D) float queries; None means leave-one-out: every database item is a query
       and never retrieves itself (by index).
     query_labels: (Q,) integer labels of the queries; given iff `query_embeddings` is.
-    block: queries per matmul (rounded to a multiple of 8 x devices); memory ~ block x N x 4 bytes.
+    block: query-block path: queries per matmul (rounded to a multiple of 8 x devices), memory
+      ~ block x N x 4 bytes. Symmetric path: rows and columns of a square tile (rounded up to a
+      multiple of 8, and up to the largest class, which must fit one tile), memory ~ tile^2 x 4
+      bytes.
     mesh: 1-D mesh to split query blocks over (default: all devices).
+    symmetric: True forces the symmetric path (needs leave-one-out and a one-device mesh), False the
+      query-block path; None (default) picks the symmetric path in leave-one-out on one device,
+      unless a class is so large that its tile would take more memory than block x N.
 
   Returns:
     {'recall@k' for each k, 'precision@1', 'r_precision', 'map@r', 'map'}: means in [0, 1] over
@@ -162,6 +207,8 @@ def retrieval_metrics(embeddings, labels, *, k_values: Sequence[int], query_embe
                        f"{database.shape[1]}")
   num_items = database.shape[0]
   k_values = _check_k_values(k_values, num_items - int(leave_one_out), leave_one_out)
+  if block < 1:
+    raise ValueError(f"block must be >= 1, got {block}")
 
   # Each class's database indices, ascending, as a slice [start, start + count) of `order`.
   order = np.argsort(db_labels, kind="stable").astype(np.int32)
@@ -176,36 +223,30 @@ def retrieval_metrics(embeddings, labels, *, k_values: Sequence[int], query_embe
   used = used[np.argsort(count[used], kind="stable")]
 
   mesh = sharding.data_mesh() if mesh is None else mesh
-  block = knn_lib.block_size(block, used.size, mesh.size * _ROWS_PER_STEP)
-  block = sharding.round_up(block, mesh.size * _ROWS_PER_STEP)
-  rows = sharding.row_sharding(mesh)
-  database_device = jax.device_put(database, sharding.replicated(mesh))
-  on_cpu = mesh.devices.flat[0].platform == "cpu"
-  rows_per_step = _ROWS_PER_STEP if on_cpu else block // mesh.size
-  pending = []
-  for s in range(0, used.size, block):
-    ids = used[s:s + block]
-    width = _bucket(int(count[ids].max()))
-    slots = np.arange(width)
-    positives = order[np.minimum(start[ids, None] + slots, num_items - 1)]
-    valid = slots < count[ids, None]
-    if leave_one_out:
-      valid &= positives != ids[:, None]
-    self_index = ids.astype(np.int32) if leave_one_out else np.full(ids.shape, -1, np.int32)
-    args = (sharding.pad_rows(queries[ids], block), sharding.pad_rows(self_index, block, -1),
-            sharding.pad_rows(positives, block), sharding.pad_rows(valid, block, False))
-    ranks = _positive_ranks_block(
-        jax.device_put(args[0], rows), database_device, *(jax.device_put(a, rows) for a in args[1:]),
-        mesh=mesh, rows_per_step=rows_per_step)
-    pending.append((ids, ranks))
+  tile, tile_fits = _symmetric_tile(block, num_items, int(count.max()))
+  if symmetric is None:
+    symmetric = leave_one_out and mesh.size == 1 and tile_fits
+  elif symmetric and not (leave_one_out and mesh.size == 1):
+    raise ValueError("symmetric=True needs leave-one-out (no query_embeddings) and a one-device "
+                     f"mesh, got {'leave-one-out' if leave_one_out else 'separate queries'} on "
+                     f"{mesh.size} devices")
+  if symmetric:
+    blocks = symmetric_ranks.leave_one_out_ranks(database, db_labels, tile=tile,
+                                                 device=mesh.devices.flat[0])
+  else:
+    blocks = _query_block_ranks(queries, database, used, order, start, count,
+                                leave_one_out=leave_one_out, block=block, mesh=mesh)
 
-  per_query = {}
-  for ids, ranks in pending:
+  # Per-query values are laid out in the order of `used` whatever the path, so the means below sum
+  # the same numbers in the same order.
+  position = np.empty(q_labels.shape[0], np.int64)
+  position[used] = np.arange(used.size)
+  per_query: dict[str, np.ndarray] = {}
+  for ids, ranks in blocks:
     values = metrics_from_ranks(np.asarray(ranks)[:ids.size], num_positives[ids], k_values)
     for name, value in values.items():
-      per_query.setdefault(name, []).append(value)
-  out: dict[str, float | int] = {
-      name: float(np.mean(np.concatenate(parts))) for name, parts in per_query.items()}
+      per_query.setdefault(name, np.empty(used.size))[position[ids]] = value
+  out: dict[str, float | int] = {name: float(np.mean(value)) for name, value in per_query.items()}
   out["num_queries"] = int(used.size)
   out["num_queries_without_positives"] = int(q_labels.shape[0] - used.size)
   return out

@@ -1,9 +1,16 @@
-"""retrieval_metrics against a brute-force NumPy float64 ranking and pytorch-metric-learning."""
+"""retrieval_metrics against a brute-force NumPy float64 ranking and pytorch-metric-learning.
 
+Both rank paths are covered: query blocks against the whole database, and the symmetric
+leave-one-out tiles (`symmetric_ranks`), forced with `symmetric=` and compared with each other.
+"""
+
+import jax
 import numpy as np
 import pytest
 
+from recall_jax.evaluation import metrics as metrics_lib
 from recall_jax.evaluation import metrics_from_ranks, retrieval_metrics
+from recall_jax.evaluation import symmetric_ranks
 
 KEYS = ("precision@1", "r_precision", "map@r", "map")
 
@@ -172,3 +179,130 @@ def test_accelerator_layout_counts_the_same_ranks():
   above = (sims[:, None, :] > t[:, :, None]) | (
       (sims[:, None, :] == t[:, :, None]) & (cols < positives[:, :, None]))
   np.testing.assert_array_equal(ranks[0], np.where(valid, above.sum(-1) + 1, 65))
+
+
+def brute_force_ranks(x, labels):
+  """{query: sorted 1-based ranks of its positives} by a float64 stable sort, self excluded."""
+  sims = x.astype(np.float64) @ x.T.astype(np.float64)
+  order = np.argsort(-sims, axis=1, kind="stable")
+  out = {}
+  for i in range(len(x)):
+    ranking = order[i][order[i] != i]
+    ranks = np.flatnonzero(labels[ranking] == labels[i]) + 1
+    if ranks.size:
+      out[i] = ranks
+  return out
+
+
+def tie_heavy_data(num=150, seed=0):
+  """Exact data with duplicates far apart (ties across tiles), singletons and uneven classes."""
+  x = exact_data(num, 4, seed=seed, duplicates=40)
+  rng = np.random.default_rng(seed + 1)
+  labels = rng.integers(0, num // 6, num)
+  labels[:12] = np.arange(1000, 1012)  # singletons: database items that are never queries
+  labels[40:49] = 2000  # a 9-item class
+  return x, labels
+
+
+@pytest.mark.parametrize("block", [3, 16, 40, 1024])
+def test_symmetric_path_equals_query_blocks_and_reference(block):
+  # Small blocks make many tiles (of 16 at least: the largest class) with padding; block 3 is also
+  # smaller than several classes. The whole ranking is one tile with block 1024.
+  x, labels = tie_heavy_data()
+  k_values = (1, 2, 5, 30, 149)
+  symmetric = retrieval_metrics(x, labels, k_values=k_values, block=block, symmetric=True)
+  query_blocks = retrieval_metrics(x, labels, k_values=k_values, block=block, symmetric=False)
+  assert symmetric == query_blocks
+  assert retrieval_metrics(x, labels, k_values=k_values, block=block) == symmetric  # auto
+  expected = reference_metrics(x, labels, k_values)
+  assert expected["num_queries_without_positives"] >= 12
+  assert_metrics_equal(symmetric, expected)
+
+
+@pytest.mark.parametrize("tile", [16, 24])
+def test_symmetric_ranks_equal_brute_force(tile):
+  x, labels = tie_heavy_data(num=90, seed=3)
+  expected = brute_force_ranks(x, labels)
+  got = {}
+  for ids, ranks in symmetric_ranks.leave_one_out_ranks(x, labels.astype(np.int64), tile=tile,
+                                                        device=jax.devices()[0]):
+    assert ranks.shape[0] == ids.size
+    for i, row in zip(ids, ranks):
+      assert np.all(row[row > len(x)] == len(x) + 1)  # padding slots
+      got[int(i)] = np.sort(row[row <= len(x)])
+  assert got.keys() == expected.keys()
+  for i, ranks in expected.items():
+    np.testing.assert_array_equal(got[i], ranks, err_msg=f"query {i}")
+
+
+def test_symmetric_path_with_a_class_larger_than_the_block():
+  # A 30-item class and block 8: forced, the tile grows to 32; auto also takes it here because a
+  # 32 x 32 tile is no more memory than the 8 x 150 query block.
+  x, labels = tie_heavy_data()
+  labels[60:90] = 3000
+  k_values = (1, 3, 100)
+  expected = reference_metrics(x, labels, k_values)
+  symmetric = retrieval_metrics(x, labels, k_values=k_values, block=8, symmetric=True)
+  assert symmetric == retrieval_metrics(x, labels, k_values=k_values, block=8, symmetric=False)
+  assert_metrics_equal(symmetric, expected)
+  assert metrics_lib._symmetric_tile(8, 150, 30) == (32, True)  # pylint: disable=protected-access
+
+
+def test_auto_falls_back_to_query_blocks_when_a_tile_would_be_too_big():
+  # One class of 100 out of 120 with block 8: a 104 x 104 tile exceeds 8 x 120, so auto uses query
+  # blocks; forcing the symmetric path still gives the same exact metrics.
+  symmetric_tile = metrics_lib._symmetric_tile  # pylint: disable=protected-access
+  assert symmetric_tile(8, 120, 100) == (104, False)
+  assert symmetric_tile(2048, 120, 100) == (120, True)
+  x = exact_data(120, 4, seed=8, duplicates=30)
+  labels = np.concatenate([np.zeros(100, int), np.arange(1, 21) % 7 + 1])
+  k_values = (1, 10)
+  expected = reference_metrics(x, labels, k_values)
+  auto = retrieval_metrics(x, labels, k_values=k_values, block=8)
+  assert auto == retrieval_metrics(x, labels, k_values=k_values, block=8, symmetric=True)
+  assert_metrics_equal(auto, expected)
+
+
+def test_pack_classes_keeps_classes_whole_and_smallest_first():
+  labels = np.array([5, 1, 5, 2, 2, 2, 9, 5, 1, 7, 7, 7, 7])
+  packing = symmetric_ranks.pack_classes(labels, tile=5)
+  items = packing.items
+  real = items != symmetric_ranks.PADDING
+  np.testing.assert_array_equal(np.sort(items[real]), np.arange(labels.size))
+  sizes = []
+  for t in range(items.shape[0]):
+    tile_labels = labels[items[t][real[t]]]
+    for label in tile_labels[np.sort(np.unique(tile_labels, return_index=True)[1])]:
+      slots = np.flatnonzero(real[t] & (labels[np.where(real[t], items[t], 0)] == label))
+      # Whole class, contiguous, ascending original indices, with its start and size recorded.
+      np.testing.assert_array_equal(items[t][slots], np.flatnonzero(labels == label))
+      np.testing.assert_array_equal(slots, np.arange(slots[0], slots[0] + slots.size))
+      assert np.all(packing.class_start[t][slots] == slots[0])
+      assert np.all(packing.class_size[t][slots] == slots.size)
+      sizes.append(slots.size)
+  assert sizes == sorted(sizes)
+  assert np.all(packing.class_size[~real] == 0)
+  with pytest.raises(ValueError, match="does not fit a tile of 3"):
+    symmetric_ranks.pack_classes(labels, tile=3)
+
+
+def test_column_counts_are_row_counts_of_the_transpose():
+  rng = np.random.default_rng(9)
+  sims = rng.integers(-3, 4, (16, 24)).astype(np.float32)  # many exact ties
+  thresholds = rng.integers(-3, 4, (24, 5)).astype(np.float32)
+  positives = rng.integers(0, 40, (24, 5)).astype(np.int32)
+  rows_index = rng.permutation(40)[:16].astype(np.int32)
+  by_column = symmetric_ranks.count_above_by_column(sims, thresholds, positives, rows_index, 8)
+  by_row = symmetric_ranks.count_above_by_row(sims.T, thresholds, positives, rows_index, 8)
+  np.testing.assert_array_equal(by_column, by_row)
+  above = (sims.T[:, None, :] > thresholds[:, :, None]) | (
+      (sims.T[:, None, :] == thresholds[:, :, None]) & (rows_index < positives[:, :, None]))
+  np.testing.assert_array_equal(by_row, above.sum(-1))
+
+
+def test_symmetric_needs_leave_one_out():
+  x = exact_data(20, 3, seed=10)
+  labels = np.arange(20) % 4
+  with pytest.raises(ValueError, match="symmetric=True needs leave-one-out"):
+    retrieval_metrics(x, labels, k_values=(1,), query_embeddings=x[:5], query_labels=labels[:5],
+                      symmetric=True)
