@@ -256,7 +256,7 @@ def sharded_value_and_grad(
     *,
     chunk_size_per_device: int,
     loss_uses_rng: bool = False,
-    unroll_backward: bool = False,
+    keep_activations: bool = False,
 ) -> megabatch.StepFn:
   """The data-parallel, exact mega-batch `value_and_grad`.
 
@@ -298,7 +298,7 @@ def sharded_value_and_grad(
 
   local_value_and_grad = megabatch.megabatch_value_and_grad(
       local_embed_fn, global_loss_fn, chunk_size=chunk_size_per_device,
-      loss_uses_rng=loss_uses_rng, unroll_backward=unroll_backward)
+      loss_uses_rng=loss_uses_rng, keep_activations=keep_activations)
 
   def per_device(params, images, labels, rng):
     loss, grads = local_value_and_grad(params, images, labels, rng)
@@ -335,7 +335,7 @@ def make_sharded_train_step(
     *,
     chunk_size_per_device: int,
     loss_uses_rng: bool = False,
-    unroll_backward: bool = False,
+    keep_activations: bool = False,
 ) -> Callable[..., tuple[train_step_lib.TrainState, dict[str, jax.Array]]]:
   """Builds the data-parallel `train_step(state, images, labels, rng) -> (state, metrics)`.
 
@@ -357,7 +357,7 @@ def make_sharded_train_step(
   value_and_grad = sharded_value_and_grad(embed_fn, loss_fn, mesh,
                                           chunk_size_per_device=chunk_size_per_device,
                                           loss_uses_rng=loss_uses_rng,
-                                          unroll_backward=unroll_backward)
+                                          keep_activations=keep_activations)
 
   def train_step(state: train_step_lib.TrainState, images: Any, labels: jax.Array,
                  rng: jax.Array | None = None):

@@ -44,7 +44,7 @@ def make_train_step(
     *,
     chunk_size: int,
     loss_uses_rng: bool = False,
-    unroll_backward: bool = False,
+    keep_activations: bool = False,
 ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
   """Builds `train_step(state, images, labels, rng) -> (state, metrics)`, jitted, state donated.
 
@@ -63,7 +63,7 @@ def make_train_step(
   """
   value_and_grad = megabatch.megabatch_value_and_grad(
       embed_fn, loss_fn, chunk_size=chunk_size, loss_uses_rng=loss_uses_rng,
-      unroll_backward=unroll_backward)
+      keep_activations=keep_activations)
 
   def train_step(state: TrainState, images: Any, labels: jax.Array,
                  rng: jax.Array | None = None) -> tuple[TrainState, dict[str, jax.Array]]:

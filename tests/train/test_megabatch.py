@@ -333,17 +333,25 @@ def test_refuses_batchnorm_in_training_mode():
     jax.eval_shape(step, variables["params"], images, jnp.zeros((16,), jnp.int32))
 
 
-def test_unrolled_backward_gives_the_same_gradient(x64):
-  """`unroll_backward=True` (the trainer's CPU setting) changes scheduling, not the maths."""
+@pytest.mark.parametrize("chunk_size", [3, 4, 12])
+def test_kept_activations_give_the_same_gradient(x64, chunk_size):
+  """`keep_activations=True` (the trainer's CPU setting) changes scheduling, not the maths."""
   rng = np.random.default_rng(0)
   params = {"w": jnp.asarray(rng.normal(size=(6, 4))), "b": jnp.asarray(rng.normal(size=(4,)))}
   images = jnp.asarray(rng.normal(size=(12, 6)))
   labels = jnp.repeat(jnp.arange(3), 4)
-  embed = lambda p, x, r: jnp.tanh(x @ p["w"] + p["b"])
+
+  def embed(p, x, r):  # Dropout-like noise: each chunk must see the same key in both modes.
+    keep = jax.random.bernoulli(r, 0.8, (x.shape[0], 4))
+    return jnp.tanh(x @ p["w"] + p["b"]) * keep
+
   loss = lambda e, l: recall_at_k_surrogate(e, l, max_positives=3, tau2=0.1)
-  looped = jax.jit(megabatch_value_and_grad(embed, loss, chunk_size=3))(params, images, labels)
-  unrolled = jax.jit(megabatch_value_and_grad(embed, loss, chunk_size=3, unroll_backward=True))(
-      params, images, labels)
-  np.testing.assert_allclose(unrolled[0], looped[0], rtol=1e-12)
+  key = jax.random.key(3)
+  two_pass = jax.jit(megabatch_value_and_grad(embed, loss, chunk_size=chunk_size))(
+      params, images, labels, key)
+  kept = jax.jit(megabatch_value_and_grad(embed, loss, chunk_size=chunk_size,
+                                          keep_activations=True))(params, images, labels, key)
+  np.testing.assert_allclose(kept[0], two_pass[0], rtol=1e-12)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14),
-               unrolled[1], looped[1])
+               kept[1], two_pass[1])
+  assert float(jnp.abs(kept[1]["w"]).sum()) > 0
