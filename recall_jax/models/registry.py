@@ -27,6 +27,10 @@ _MODELS: dict[str, tuple[Callable[..., nn.Module], dict[str, Any]]] = {
     "resnet_tiny_test": (resnet.ResNet, dict(stage_sizes=(1, 1, 1, 1), base_width=8,
                                              image_size=32, embedding_dim=16)),
     "small_cnn": (small_cnn.SmallCNN, dict(channels=(32, 64, 128, 128), convs_per_block=1)),
+    # The demo's: the final 2 x 2 map (at 28 px) flattened, so the layout of the strokes
+    # survives pooling.
+    "small_cnn_flat": (small_cnn.SmallCNN, dict(channels=(32, 64, 128, 128), convs_per_block=1,
+                                                pooling="flatten")),
 }
 
 

@@ -1,7 +1,10 @@
 """A small CNN for 28-64 px images trained from scratch (the Omniglot demo).
 
 Each of the blocks is `convs_per_block` x [3x3 conv -> GroupNorm -> ReLU] followed by a 2x2
-max-pool; then global average pooling -> LayerNorm -> Linear(embedding_dim) -> L2-normalise.
+max-pool; then global average pooling (or flattening) -> LayerNorm -> Linear(embedding_dim) ->
+L2-normalise. Flattening keeps where in the image each feature fired; for characters, whose
+identity is largely the layout of their strokes, that is worth the larger head (28 px: a 2 x 2 x
+128 map, 512 features either way after the head).
 GroupNorm (not BatchNorm) keeps every image's embedding independent of the rest of the batch,
 which the exact mega-batch training relies on, and leaves no state besides `params`.
 """
@@ -49,7 +52,9 @@ class SmallCNN(nn.Module):
     channels: output channels of the blocks (one 2x max-pool per block).
     convs_per_block: 3x3 convolutions per block.
     num_groups: GroupNorm groups (capped at the channel count).
-    image_size: nominal input size (used by `init_variables`); any size works at apply time.
+    pooling: 'avg' (global average pooling: any input size at apply time) or 'flatten' (the
+      final map flattened: the input size must be the one the model was initialised with).
+    image_size: nominal input size (used by `init_variables`).
     embedding_dim: output size of the head.
     with_head: if False, `__call__` returns the average-pooled features (B, channels[-1]).
     dtype: compute dtype of the convolutions; the head and outputs are float32.
@@ -59,6 +64,7 @@ class SmallCNN(nn.Module):
   channels: Sequence[int] = (32, 64, 128, 128)
   convs_per_block: int = 1
   num_groups: int = 8
+  pooling: str = "avg"
   image_size: int = 28
   embedding_dim: int = 512
   with_head: bool = True
@@ -69,6 +75,8 @@ class SmallCNN(nn.Module):
     if not self.channels or self.convs_per_block < 1:
       raise ValueError(f"need at least one block and one conv per block, got channels="
                        f"{self.channels}, convs_per_block={self.convs_per_block}")
+    if self.pooling not in ("avg", "flatten"):
+      raise ValueError(f"pooling must be 'avg' or 'flatten', got {self.pooling!r}")
     self.backbone = SmallCNNTrunk(tuple(self.channels), self.convs_per_block, self.num_groups,
                                   self.dtype, self.param_dtype)
     if self.with_head:
@@ -80,8 +88,12 @@ class SmallCNN(nn.Module):
     return self.backbone(common.preprocess_images(images)).astype(jnp.float32)
 
   def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
-    """Images -> float32 (B, embedding_dim) unit-norm embeddings, or (B, channels[-1])."""
-    pooled = jnp.mean(self.features(images, train), axis=(1, 2))
+    """Images -> float32 (B, embedding_dim) unit-norm embeddings, or the pooled features."""
+    features = self.features(images, train)
+    if self.pooling == "avg":
+      pooled = jnp.mean(features, axis=(1, 2))
+    else:
+      pooled = features.reshape(features.shape[0], -1)
     if not self.with_head:
       return pooled
     return self.embedding_head(pooled)

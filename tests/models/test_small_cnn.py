@@ -40,3 +40,21 @@ def test_small_cnn_options_and_errors():
         models.get_model("small_cnn", channels=()), jax.random.key(0), 28))
   with pytest.raises(ValueError, match="no pretrained checkpoints"):
     models.load_pretrained("small_cnn", variables, "x.npz")
+
+
+def test_small_cnn_flatten_pooling_keeps_the_layout():
+  model = models.get_model("small_cnn_flat", embedding_dim=16, image_size=28)
+  variables = models.init_variables(model, jax.random.key(0), 28, channels=1)
+  # LayerNorm over the flattened 2 x 2 x 128 map (ceil-mode pooling of 28 px).
+  assert variables["params"]["embedding_head"]["norm"]["scale"].shape == (512,)
+  features = models.get_model("small_cnn_flat", with_head=False)
+  images = np.random.default_rng(0).integers(0, 256, (3, 28, 28, 1), np.uint8)
+  fmap = np.asarray(model.apply(variables, images, method="features"))
+  pooled = np.asarray(features.apply({"params": variables["params"]}, images))
+  np.testing.assert_array_equal(pooled, fmap.reshape(3, -1))  # row-major (h, w, c) order
+  out = np.asarray(model.apply(variables, images))
+  assert out.shape == (3, 16)
+  np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-6)
+  with pytest.raises(ValueError, match="pooling must be"):
+    jax.eval_shape(lambda: models.init_variables(
+        models.get_model("small_cnn", pooling="max"), jax.random.key(0), 28))
