@@ -33,7 +33,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.channels = 3
   c.data.crop_scale = (0.08, 1.0)
   c.data.flip = True
+  # Training classes at 1-4 quarter-turns, each turn a new class (data.RotatedClasses): 1 = off.
+  c.data.rotated_classes = 1
   c.data.worker_count = 0  # grain worker processes for training batches
+  c.data.in_memory = False  # hold the training split's encoded images in memory (small datasets)
   c.data.eval_batch_size = 256
   c.data.download = True  # Omniglot only: fetch missing archives from the official repository
   # Evaluate on the first N images of each test split only (smoke runs); None: all.
@@ -163,6 +166,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     problems.append("epochs and eval_every_epochs must be positive")
   if c.data.channels not in (1, 3):
     problems.append(f"data.channels must be 1 or 3, got {c.data.channels}")
+  if c.data.rotated_classes not in (1, 2, 3, 4):
+    problems.append(f"data.rotated_classes must be 1 (off), 2, 3 or 4 quarter-turns, got "
+                    f"{c.data.rotated_classes}")
   if c.data.image_size > c.data.resize_size:
     problems.append(f"data.image_size {c.data.image_size} exceeds data.resize_size "
                     f"{c.data.resize_size}")

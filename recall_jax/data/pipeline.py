@@ -68,6 +68,8 @@ class _TrainStep:
       images[k] = transforms.train_augment(
           record["image"], rng, image_size=self.image_size, channels=self.channels,
           crop_scale=self.crop_scale, flip=self.flip, record=_record_name(self.source, index, record))
+      if record.get("quarter_turns"):  # RotatedClasses: the rotation is part of the class
+        images[k] = np.rot90(images[k], record["quarter_turns"], axes=(0, 1)).copy()
       labels[k] = record["label"]
     return {"image": images, "label": labels}
 

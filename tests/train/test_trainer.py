@@ -41,8 +41,10 @@ def train_rows(workdir):
           if r["kind"] == "train"]
 
 
-def test_train_evaluate_embed(smoke_config, tmp_path, capsys):
-  results = trainer.train_and_evaluate(smoke_config, tmp_path)
+def test_train_evaluate_embed(smoke_config, tmp_path, capsys, monkeypatch):
+  # A relative workdir, as in the README's first command (Orbax itself wants absolute paths).
+  monkeypatch.chdir(tmp_path.parent)
+  results = trainer.train_and_evaluate(smoke_config, tmp_path.name)
   assert 0.0 < results["test/recall@1"] <= 1.0
   assert results["test/num_queries"] == 200
   rows = train_rows(tmp_path)
@@ -52,13 +54,13 @@ def test_train_evaluate_embed(smoke_config, tmp_path, capsys):
     assert (tmp_path / png).stat().st_size > 1000, png
   assert json.loads((tmp_path / "config.json").read_text())["batch_size"] == smoke_config.batch_size
 
-  evaluated = trainer.evaluate_checkpoint(smoke_config, tmp_path, "latest")
+  evaluated = trainer.evaluate_checkpoint(smoke_config, tmp_path.name, "latest")
   assert evaluated["test/recall@1"] == pytest.approx(results["test/recall@1"])
   assert "test/recall@1" in capsys.readouterr().out
   best = trainer.evaluate_checkpoint(smoke_config, tmp_path, "best")
   assert best["test/recall@1"] == pytest.approx(results["test/recall@1"])
 
-  out = trainer.embed_split(smoke_config, tmp_path, "3", output=str(tmp_path / "emb.npz"))
+  out = trainer.embed_split(smoke_config, tmp_path.name, "3", output=str(tmp_path / "emb.npz"))
   with np.load(out, allow_pickle=False) as f:
     emb, labels, ids = f["embeddings"], f["labels"], f["ids"]
   # embed covers the whole split, not the evaluation slice.
@@ -136,11 +138,13 @@ def test_config_validation_names_every_problem():
   c.chunk_size = 7
   c.loss.name = "triplet"
   c.model.pretrained = "/nonexistent/weights.npz"
+  c.data.rotated_classes = 5
   with pytest.raises(ValueError) as info:
     config_lib.validate(c)
   message = str(info.value)
   for fragment in ("not divisible by samples_per_class", "not divisible by chunk_size",
-                   "loss.name 'triplet'", "weights file /nonexistent/weights.npz does not exist"):
+                   "loss.name 'triplet'", "weights file /nonexistent/weights.npz does not exist",
+                   "data.rotated_classes must be 1 (off), 2, 3 or 4"):
     assert fragment in message
   c = load_config()
   with pytest.raises(ValueError, match=r"batch_size 32 is not divisible by chunk_size 16 x 4 device"):

@@ -1,0 +1,75 @@
+"""Quarter-turns of the training classes as new classes (the classic Omniglot augmentation).
+
+Vinyals et al. (2016) and Snell et al. (2017) train on Omniglot with every 90-degree rotation of
+a character as a character of its own: rotating a character generally makes a different one, so
+this multiplies the training classes (964 -> 3,856) instead of only varying the images.
+`RotatedClasses` is a source wrapper: record `i + r * N` is record `i` of the wrapped source turned
+`r` quarter-turns counter-clockwise, with label `label + r * C`. The pipeline applies the turn
+(`quarter_turns` in the record) after augmenting, so batches stay a function of (seed, step).
+"""
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+
+class _Source(Protocol):
+  labels: np.ndarray
+
+  def __len__(self) -> int: ...
+
+  def __getitem__(self, index: int) -> dict[str, Any]: ...
+
+
+class RotatedClasses:
+  """A source holding each record at 0, 90, ... degrees, each rotation a new class.
+
+  Attributes:
+    labels: int64 (turns * N,) labels; rotation r of class c is class c + r * C.
+    num_classes: turns * C, where C = max(labels) + 1 of the wrapped source.
+    turns: quarter-turns used: 1 (the source unchanged), 2 (0 and 90 degrees), 3 or 4.
+  """
+
+  def __init__(self, source: _Source, turns: int):
+    if int(turns) != turns or not 1 <= turns <= 4:
+      raise ValueError(f"turns must be an integer in 1..4 (quarter-turns per class), got {turns}")
+    labels = np.asarray(source.labels, np.int64)
+    if labels.ndim != 1 or labels.size == 0 or labels.min() < 0:
+      raise ValueError("the source needs non-empty, non-negative (N,) integer labels")
+    self.source, self.turns = source, int(turns)
+    self._size, classes = len(labels), int(labels.max()) + 1
+    self.labels = np.concatenate([labels + r * classes for r in range(self.turns)])
+    self.num_classes = classes * self.turns
+    # For error messages of the pipeline.
+    self.name = getattr(source, "name", type(source).__name__)
+    self.split = f"{getattr(source, 'split', '?')} x{self.turns} quarter-turns"
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  def _locate(self, index: int) -> tuple[int, int]:
+    index = int(index)
+    if not 0 <= index < len(self):
+      raise IndexError(f"index {index} out of range for {len(self)} records")
+    turns, base = divmod(index, self._size)
+    return base, turns
+
+  def _rotated(self, record: dict[str, Any], index: int, turns: int) -> dict[str, Any]:
+    record = dict(record)
+    record["label"] = int(self.labels[index])
+    record["quarter_turns"] = turns
+    if turns:
+      record["id"] = f"{record.get('id', '')}@{90 * turns}deg"
+    return record
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    base, turns = self._locate(index)
+    return self._rotated(self.source[base], int(index), turns)
+
+  def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+    located = [self._locate(i) for i in indices]
+    getitems = getattr(self.source, "__getitems__", None)
+    bases = [b for b, _ in located]
+    records = getitems(bases) if getitems else [self.source[b] for b in bases]
+    return [self._rotated(r, int(i), t) for r, i, (_, t) in zip(records, indices, located)]
