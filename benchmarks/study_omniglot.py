@@ -1,8 +1,8 @@
 """Do the paper's claims hold on Omniglot? Losses, batch size and SiMix, 3 seeds each.
 
 Every run is the project's own training program (`recall_jax.train.trainer.train_and_evaluate`)
-on the demo config (`configs/omniglot.py`: small CNN from scratch with the centred head, Adam
-1e-3, m = 4 images per class), trained on the 964 characters of the 30 background alphabets and
+on the demo config (`configs/omniglot.py`: its small CNN from scratch with the centred head, its
+optimizer and data settings, m = 4 images per class), trained on the 964 characters of the 30 background alphabets and
 evaluated (Recall@1/2/4/8, every image querying the others) on the 20 held-out alphabets. Within
 the whole study every run sees the same number of training images (`--images`), so a larger
 batch takes fewer steps. The learning rate warms up linearly over the first quarter of a run's
