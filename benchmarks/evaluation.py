@@ -3,11 +3,13 @@
 Embeddings are random but clustered like SOP's test split (classes of 2-12 images around random
 centres), L2-normalised. Times, on whatever JAX backend is default:
   * `retrieval_metrics` (all metrics: recall@k, precision@1, R-precision, MAP@R, MAP), first call,
-    compilation included;
+    compilation included, then `--repeat` warm calls; `--path` picks the symmetric (tiles computed
+    once) or the query-block path, default what `retrieval_metrics` picks itself;
   * optionally `knn(k=1000, exclude_self=True)`, the like-for-like counterpart of faiss;
   * faiss-cpu `IndexFlatIP` build + search of k=1001 (self included) when faiss is installed.
 
 Usage: python benchmarks/evaluation.py [--num 60502] [--dim 512] [--k 1000] [--no-knn] [--no-faiss]
+                                      [--path auto|symmetric|query-blocks] [--repeat 0]
 """
 
 import argparse
@@ -17,6 +19,8 @@ import jax
 import numpy as np
 
 from recall_jax.evaluation import knn, retrieval_metrics
+
+_PATHS = {"auto": None, "symmetric": True, "query-blocks": False}
 
 
 def clustered_embeddings(num: int, dim: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -36,6 +40,9 @@ def main():
   parser.add_argument("--dim", type=int, default=512)
   parser.add_argument("--k", type=int, default=1000, help="largest recall@k cut-off")
   parser.add_argument("--block", type=int, default=1024)
+  parser.add_argument("--path", choices=tuple(_PATHS), default="auto",
+                      help="retrieval_metrics path (auto: its own choice)")
+  parser.add_argument("--repeat", type=int, default=0, help="warm calls timed after the first")
   parser.add_argument("--no-knn", action="store_true", help="skip timing knn alone")
   parser.add_argument("--no-faiss", action="store_true", help="skip faiss")
   args = parser.parse_args()
@@ -45,10 +52,16 @@ def main():
   print(f"data: {args.num} x {args.dim}, {labels.max() + 1} classes, k_values={k_values}, "
         f"backend={jax.default_backend()} ({jax.device_count()} x {jax.devices()[0].device_kind})")
 
+  symmetric = _PATHS[args.path]
   start, cpu = time.perf_counter(), time.process_time()
-  metrics = retrieval_metrics(x, labels, k_values=k_values, block=args.block)
-  print(f"recall_jax retrieval_metrics: {time.perf_counter() - start:.1f} s wall, "
+  metrics = retrieval_metrics(x, labels, k_values=k_values, block=args.block, symmetric=symmetric)
+  print(f"recall_jax retrieval_metrics ({args.path} path): {time.perf_counter() - start:.1f} s wall, "
         f"{time.process_time() - cpu:.1f} s CPU (incl. compile)")
+  for _ in range(args.repeat):
+    start, cpu = time.perf_counter(), time.process_time()
+    retrieval_metrics(x, labels, k_values=k_values, block=args.block, symmetric=symmetric)
+    print(f"recall_jax retrieval_metrics warm: {time.perf_counter() - start:.2f} s wall, "
+          f"{time.process_time() - cpu:.1f} s CPU")
   print("  " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                          for k, v in metrics.items()))
 
