@@ -2,10 +2,10 @@
 
 Every run is the project's own training program (`recall_jax.train.trainer.train_and_evaluate`)
 on the demo config (`configs/omniglot.py`: its small CNN from scratch with the centred head, its
-optimizer and data settings, m = 4 images per class), trained on the 964 characters of the 30 background alphabets and
-evaluated (Recall@1/2/4/8, every image querying the others) on the 20 held-out alphabets. Within
-the whole study every run sees the same number of training images (`--images`), so a larger
-batch takes fewer steps. The learning rate warms up linearly over the first quarter of a run's
+optimizer and data settings, m = 4 images per class), trained on the 964 characters of the 30
+background alphabets and evaluated (Recall@1/2/4/8, every image querying the others) on the 20
+held-out alphabets. Within the whole study every run sees the same number of training images
+(`--images`), so a larger batch takes fewer steps. The learning rate warms up linearly over the first quarter of a run's
 steps (the demo's 20 warm-up steps, as a fraction, so that every batch size gets the same share)
 and then stays constant (no milestone decay: the runs are shorter than the demo's first epoch
 milestone).
@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import importlib.util
 import json
 import math
@@ -355,8 +356,11 @@ def main(argv: list[str] | None = None) -> None:
 
   studies = [args.only] if args.only else ["losses", "batch", "simix"]
   runs_by_study = plan(studies, args.seeds)
+  demo = load_demo_config()
+  # Stored runs are reused only if the demo config they ran with is unchanged.
+  digest = hashlib.sha256(demo.to_json_best_effort(sort_keys=True).encode()).hexdigest()[:16]
   settings = {"images": args.images, "max_eval_images": args.max_eval_images,
-              "config": str(CONFIG_FILE.relative_to(REPO))}
+              "config": str(CONFIG_FILE.relative_to(REPO)), "config_digest": digest}
   args.out_dir.mkdir(parents=True, exist_ok=True)
   json_path = args.out_dir / "study_omniglot.json"
   stored: dict[str, Any] = {}
@@ -391,8 +395,10 @@ def main(argv: list[str] | None = None) -> None:
   evaluated = args.max_eval_images or "all 13,180"
   header = (f"Omniglot study ({'quick' if args.quick else 'full'}): {args.images:,} training "
             f"images per run, {args.seeds} seed(s) (mean ± std over seeds), evaluation on "
-            f"{evaluated} images of the 20 held-out alphabets; small CNN from scratch, Adam 1e-3 "
-            f"with warm-up over the first quarter of the steps, m = 4; machine: "
+            f"{evaluated} images of the 20 held-out alphabets; {demo.model.name} from scratch, "
+            f"{demo.optimizer.name} lr {demo.optimizer.learning_rate:g} with warm-up over the first "
+            f"quarter of the steps, training classes at {demo.data.rotated_classes} quarter-turn(s), "
+            f"m = {demo.samples_per_class}; machine: "
             f"{os.cpu_count()}-core CPU ({jax.devices()[0].platform}); total "
             f"{sum(r['seconds'] for r in records.values()):.0f} s of training+evaluation.")
   table = markdown_table(runs_by_study, records, baseline, header)
