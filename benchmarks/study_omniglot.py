@@ -30,8 +30,8 @@ printed), `study_omniglot.png` (R@1 vs batch size) and `study_omniglot.json` (ev
 seconds and settings). Runs already in that JSON with the same settings are reused, so an
 interrupted study continues where it stopped; delete the JSON (or pass `--fresh`) to redo them.
 
-  python benchmarks/study_omniglot.py --quick           # ~10-15 min on 2 CPU cores: 1 seed
-  python benchmarks/study_omniglot.py                   # 3 seeds, all 13,180 test images
+  python benchmarks/study_omniglot.py --quick           # 5.5 min on 2 CPU cores: 1 seed
+  python benchmarks/study_omniglot.py                   # 36 min: 3 seeds, all 13,180 test images
   python benchmarks/study_omniglot.py --only batch --seeds 2
 
 Data: `$RECALL_JAX_DATA/omniglot/images_{background,evaluation}.zip` (downloaded there when
