@@ -65,11 +65,11 @@ class _TrainStep:
     labels = np.empty(len(indices), np.int32)
     for k, (index, record) in enumerate(zip(indices, _read(self.source, indices))):
       rng = np.random.default_rng([self.seed, step, offset + k])
-      images[k] = transforms.train_augment(
+      image = transforms.train_augment(
           record["image"], rng, image_size=self.image_size, channels=self.channels,
           crop_scale=self.crop_scale, flip=self.flip, record=_record_name(self.source, index, record))
-      if record.get("quarter_turns"):  # RotatedClasses: the rotation is part of the class
-        images[k] = np.rot90(images[k], record["quarter_turns"], axes=(0, 1)).copy()
+      # RotatedClasses: the turn is part of the class, applied after augmenting.
+      images[k] = np.rot90(image, record.get("quarter_turns", 0), axes=(0, 1))
       labels[k] = record["label"]
     return {"image": images, "label": labels}
 

@@ -56,7 +56,8 @@ class SmallCNN(nn.Module):
       final map flattened: the input size must be the one the model was initialised with).
     image_size: nominal input size (used by `init_variables`).
     embedding_dim: output size of the head.
-    with_head: if False, `__call__` returns the average-pooled features (B, channels[-1]).
+    with_head: if False, `__call__` returns the pooled features: (B, channels[-1]) averaged, or
+      (B, h * w * channels[-1]) flattened.
     dtype: compute dtype of the convolutions; the head and outputs are float32.
     param_dtype: dtype of the parameters.
   """

@@ -122,6 +122,11 @@ def _checked_embeddings(out: Any, chunk_size: int) -> jax.Array:
   return out
 
 
+def _accumulation_dtype(param: jax.Array) -> jnp.dtype:
+  """Chunk gradients are summed in at least float32, so bf16 parameters keep small chunks."""
+  return jnp.promote_types(param.dtype, jnp.float32)
+
+
 def _check_batch(images: Any, labels: Any) -> int:
   """Shape checks that need no tracing; returns B."""
   leaves = jax.tree.leaves(images)
@@ -226,9 +231,9 @@ def megabatch_value_and_grad(
       loss, cotangents = jax.value_and_grad(compute_loss)(embeddings, labels, loss_rng)
       cotangents = _strided_view(cotangents, num_chunks)
       grads = [pullback(chunk_of(cotangents, c))[0] for c, pullback in enumerate(pullbacks)]
-      acc_dtype = lambda p: jnp.promote_types(p.dtype, jnp.float32)
-      total = jax.tree.map(lambda p, *g: sum(x.astype(acc_dtype(p)) for x in g).astype(p.dtype),
-                           params, *grads)
+      total = jax.tree.map(
+          lambda p, *g: sum(x.astype(_accumulation_dtype(p)) for x in g).astype(p.dtype),
+          params, *grads)
       return loss, total
 
     # Pass 1: forward only; nothing is differentiated here, so no activations are stored.
@@ -242,8 +247,7 @@ def megabatch_value_and_grad(
 
     # Pass 2: re-run each chunk and pull its slice of dL/dE back to the parameters. Accumulate in
     # at least float32 so bf16 parameters do not lose the small chunk contributions.
-    acc_dtype = lambda p: jnp.promote_types(p.dtype, jnp.float32)
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, acc_dtype(p)), params)
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, _accumulation_dtype(p)), params)
 
     def backward_chunk(acc, c):
       images_chunk = chunk_of(strided, c)

@@ -170,6 +170,7 @@ def _checkpoint_managers(workdir: pathlib.Path, c: ml_collections.ConfigDict):
   # Synchronous saves: the train step donates the state's buffers, so a save must have read
   # them before the next step runs.
   options = dict(create=True, enable_async_checkpointing=False)
+  workdir = pathlib.Path(workdir).expanduser().absolute()  # Orbax refuses relative paths
   latest = ocp.CheckpointManager(
       workdir / "checkpoints",
       options=ocp.CheckpointManagerOptions(max_to_keep=c.keep_checkpoints, **options))
@@ -303,7 +304,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str | pathlib.Path
   config_lib.validate(c, num_devices=jax.device_count())
   sharding.check_batch_layout(c.batch_size, c.chunk_size, jax.device_count(),
                               jax.process_count(), c.samples_per_class)
-  workdir = pathlib.Path(workdir).expanduser().absolute()  # Orbax needs absolute paths
+  workdir = pathlib.Path(workdir)
   train_source = load_source(c, c.data.train_split)
   if c.data.in_memory:
     train_source = data.InMemorySource(train_source, progress=jax.process_index() == 0)
@@ -438,7 +439,7 @@ def evaluate_checkpoint(c: ml_collections.ConfigDict, workdir: str | pathlib.Pat
                         which: str = "latest") -> dict[str, Any]:
   """Evaluates a checkpoint ('latest', 'best' or a step) on the test splits; prints a table."""
   config_lib.validate(c)
-  workdir = pathlib.Path(workdir).expanduser().absolute()  # Orbax needs absolute paths
+  workdir = pathlib.Path(workdir)
   test_sources = {s: load_source(c, s, evaluation_split=True) for s in c.data.test_splits}
   run, state = _restored_params(c, workdir, which)
   evaluator = evaluation.Evaluator(run.embed_fn_for, {s: _eval_batches(c, src)
@@ -457,7 +458,7 @@ def embed_split(c: ml_collections.ConfigDict, workdir: str | pathlib.Path, which
     The path written.
   """
   config_lib.validate(c)
-  workdir = pathlib.Path(workdir).expanduser().absolute()  # Orbax needs absolute paths
+  workdir = pathlib.Path(workdir)
   split = split or c.data.test_splits[0]
   source = load_source(c, split)
   run, state = _restored_params(c, workdir, which)
