@@ -201,7 +201,11 @@ def _check_exact(model_name, dropout, with_simix, dtype, tol):
 @pytest.mark.parametrize("model_name,dropout,with_simix",
                          [("vit", 0.2, True), ("cnn", 0.2, False), ("vit", 0.0, False)])
 def test_equals_full_batch_value_and_grad_float32(model_name, dropout, with_simix):
-  _check_exact(model_name, dropout, with_simix, jnp.float32, 1e-5)
+  # Not 1e-5: chunked and whole-batch forwards round differently (~1e-7), and RS@k's
+  # tau2 = 0.01 multiplies that by 100 inside the sigmoids, so float32 gradients that are equal
+  # in exact arithmetic differ by ~1e-5 of their scale (measured 3e-6 to 1.1e-5 on jax 0.10.2
+  # and 0.11.2). A wrong chunk, key or sum is off by O(1); exactness is the float64 test below.
+  _check_exact(model_name, dropout, with_simix, jnp.float32, 1e-4)
 
 
 @pytest.mark.parametrize("model_name,dropout,with_simix",
