@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 import tqdm
 
+from recall_jax.data.source import LabelledSource, check_index, read_records
+
 _READ_BATCH = 1000
 
 
@@ -22,7 +24,7 @@ class InMemorySource:
     name, split, num_classes, channels: copied from the source when it has them.
   """
 
-  def __init__(self, source: Any, *, max_bytes: int = 2 << 30, progress: bool = True):
+  def __init__(self, source: LabelledSource, *, max_bytes: int = 2 << 30, progress: bool = True):
     """Reads all records of `source`.
 
     Args:
@@ -35,14 +37,13 @@ class InMemorySource:
     for attribute in ("name", "split", "num_classes", "channels"):
       if hasattr(source, attribute):
         setattr(self, attribute, getattr(source, attribute))
-    getitems = getattr(source, "__getitems__", None)
     self._records: list[dict[str, Any]] = []
     total = 0
     with tqdm.tqdm(total=len(source), desc="read into memory", unit="img", disable=not progress,
                    leave=False) as bar:
       for start in range(0, len(source), _READ_BATCH):
         indices = list(range(start, min(start + _READ_BATCH, len(source))))
-        records = getitems(indices) if getitems else [source[i] for i in indices]
+        records = read_records(source, indices)
         total += sum(len(r["image"]) for r in records)
         if total > max_bytes:
           raise ValueError(f"{getattr(source, 'name', 'the source')} holds more than {max_bytes} "
@@ -54,10 +55,7 @@ class InMemorySource:
     return len(self._records)
 
   def __getitem__(self, index: int) -> dict[str, Any]:
-    index = int(index)
-    if not 0 <= index < len(self):
-      raise IndexError(f"index {index} out of range for {len(self)} records")
-    return self._records[index]
+    return self._records[check_index(index, len(self))]
 
   def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
     return [self[i] for i in indices]

@@ -10,8 +10,8 @@ keeps the element order) each with a couple of prefetching threads.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from typing import Any, Protocol
+from collections.abc import Iterator
+from typing import Any
 
 from absl import flags
 import grain
@@ -19,24 +19,10 @@ import numpy as np
 
 from recall_jax.data import sampler as sampler_lib
 from recall_jax.data import transforms
+from recall_jax.data.source import Source, read_records
 
 # Steps a training iterator covers when `num_steps` is not given (effectively unbounded).
 _UNBOUNDED_STEPS = 1 << 40
-
-
-class Source(Protocol):
-  """What the loaders read: `len()` and `source[i] -> {'image': bytes, 'label': int, 'id': ...}`."""
-
-  def __len__(self) -> int: ...
-
-  def __getitem__(self, index: int) -> dict[str, Any]: ...
-
-
-def _read(source: Source, indices: Sequence[int]) -> list[dict[str, Any]]:
-  getitems = getattr(source, "__getitems__", None)
-  if getitems is not None:
-    return list(getitems([int(i) for i in indices]))
-  return [source[int(i)] for i in indices]
 
 
 def _record_name(source: Source, index: int, record: dict[str, Any]) -> str:
@@ -63,7 +49,7 @@ class _TrainStep:
     offset = self.process_index * len(indices)
     images = np.empty((len(indices), self.image_size, self.image_size, self.channels), np.uint8)
     labels = np.empty(len(indices), np.int32)
-    for k, (index, record) in enumerate(zip(indices, _read(self.source, indices))):
+    for k, (index, record) in enumerate(zip(indices, read_records(self.source, indices))):
       rng = np.random.default_rng([self.seed, step, offset + k])
       image = transforms.train_augment(
           record["image"], rng, image_size=self.image_size, channels=self.channels,
@@ -91,7 +77,7 @@ class _EvalBatch:
         "mask": np.zeros(b, bool),
         "index": np.full(b, -1, np.int64),
     }
-    for k, (index, record) in enumerate(zip(indices, _read(self.source, indices))):
+    for k, (index, record) in enumerate(zip(indices, read_records(self.source, indices))):
       out["image"][k] = transforms.eval_transform(
           record["image"], image_size=self.image_size, resize_size=self.resize_size,
           channels=self.channels, record=_record_name(self.source, index, record))

@@ -9,17 +9,11 @@ this multiplies the training classes (964 -> 3,856) instead of only varying the 
 """
 
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
-
-class _Source(Protocol):
-  labels: np.ndarray
-
-  def __len__(self) -> int: ...
-
-  def __getitem__(self, index: int) -> dict[str, Any]: ...
+from recall_jax.data.source import LabelledSource, check_index, read_records
 
 
 class RotatedClasses:
@@ -31,7 +25,7 @@ class RotatedClasses:
     turns: quarter-turns used: 1 (the source unchanged), 2 (0 and 90 degrees), 3 or 4.
   """
 
-  def __init__(self, source: _Source, turns: int):
+  def __init__(self, source: LabelledSource, turns: int):
     if int(turns) != turns or not 1 <= turns <= 4:
       raise ValueError(f"turns must be an integer in 1..4 (quarter-turns per class), got {turns}")
     labels = np.asarray(source.labels, np.int64)
@@ -49,10 +43,7 @@ class RotatedClasses:
     return len(self.labels)
 
   def _locate(self, index: int) -> tuple[int, int]:
-    index = int(index)
-    if not 0 <= index < len(self):
-      raise IndexError(f"index {index} out of range for {len(self)} records")
-    turns, base = divmod(index, self._size)
+    turns, base = divmod(check_index(index, len(self)), self._size)
     return base, turns
 
   def _rotated(self, record: dict[str, Any], index: int, turns: int) -> dict[str, Any]:
@@ -69,7 +60,5 @@ class RotatedClasses:
 
   def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
     located = [self._locate(i) for i in indices]
-    getitems = getattr(self.source, "__getitems__", None)
-    bases = [b for b, _ in located]
-    records = getitems(bases) if getitems else [self.source[b] for b in bases]
+    records = read_records(self.source, [b for b, _ in located])
     return [self._rotated(r, int(i), t) for r, i, (_, t) in zip(records, indices, located)]
