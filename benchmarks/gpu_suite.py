@@ -1,16 +1,11 @@
 """All GPU measurements of the project in one call (under 8 minutes), with a pass/fail table.
 
-Device-tool command (repo root; first, on the host: `bash ../shared/hooks/gpu-wheels.sh`, which
-puts grain / ml-collections / tensorflow-datasets wheels in .whl/, absent from the GPU image):
+Run from the repository root on a machine with a GPU (the suite puts the checkout on PYTHONPATH
+for its subprocesses, so the project need not be installed, only its dependencies):
 
-  run(carry=[".whl"], timeout_s=600, command=
-    "python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade
-     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PYTHONPATH || exit;
-     python3 benchmarks/gpu_suite.py --out $OUT/gpu_suite.json --log-dir $OUT/logs 2>&1
-     | tail -c 11000")
+  python benchmarks/gpu_suite.py --out gpu_suite.json --log-dir gpu_logs
 
-(one line in practice; the suite puts the checkout on PYTHONPATH for its subprocesses, so no
-install of the project is needed). Tiny plumbing check on a CPU:  python benchmarks/gpu_suite.py --cpu-smoke
+Tiny plumbing check on a CPU:  python benchmarks/gpu_suite.py --cpu-smoke
 
 Order, each case in its own subprocess (an out-of-memory error or a hang ends only that case;
 every case has a time cap and the whole suite a budget, `--budget-s`, default 470 s):
@@ -27,7 +22,7 @@ every case has a time cap and the whole suite a budget, `--budget-s`, default 47
                  (first call, compilation included, as that script times it).
 Optionally (`--data-pipeline`), last: benchmarks/data_pipeline.py on the host's CPU cores.
 
-Targets (issues 2, 3, 4, 6; one H100): loss B = 4,000 <= 5 ms; loss B = 10,000 (P = 9) peak
+Targets (one H100): loss B = 4,000 <= 5 ms; loss B = 10,000 (P = 9) peak
 < 2 GiB with a query block; mega-batch >= 2,600 img/s at B = 4,000 with peak <= 16 GiB, peak
 <= 24 GiB at B = 16,000, B = 65,536 runs; ViT-B/16 fwd+bwd >= 3,400 img/s; evaluation <= 2 s.
 The table ends with every row's figure, target and PASS / FAIL / info / ERROR / SKIPPED, and is

@@ -13,7 +13,7 @@ milestone).
 Studies (`--only` picks one):
   losses: RS@k vs Smooth-AP vs contrastive vs multi-similarity at B = 1,024 (the demo's 1,000
           rounded onto the batch-size grid, so that run is shared with `batch`).
-  batch:  RS@k at B = 64, 256, 1,024 and 3,072. The issue asks for 4,096, but with m = 4 that
+  batch:  RS@k at B = 64, 256, 1,024 and 3,072. A batch of 4,096 with m = 4
           needs 1,024 classes per batch and Omniglot has 964; 3,072 (768 classes) is the largest
           multiple of 1,024 that fits, and keeps the images seen identical across sizes.
   simix:  RS@k with and without SiMix at B = 256, on all 964 training characters and on 10% of
