@@ -196,6 +196,38 @@ def set_aside(checkpoint_dir: str | os.PathLike, step: int,
   return target
 
 
+def resume_step(manager: Any, *, set_aside_to: str | os.PathLike) -> tuple[int | None, list[str]]:
+  """Picks the step a run resumes from and moves newer, damaged steps out of the way.
+
+  Call it on the coordinating process only, before restoring; other processes call
+  `manager.reload()` once it returned (after a barrier or a broadcast of the step).
+
+  Args:
+    manager: the run's `orbax.checkpoint.CheckpointManager` (default step names).
+    set_aside_to: folder outside the manager's directory that receives damaged steps, e.g.
+      `<workdir>/corrupt_checkpoints`.
+
+  Returns:
+    (step, skipped): the newest intact step (None when nothing was saved yet) and one line per
+    newer step that was set aside, newest first (print them: the run says why it goes back).
+
+  Raises:
+    CorruptCheckpointError: steps exist but none is intact; nothing is moved, and the message
+      lists each step's problem.
+  """
+  steps = list(manager.all_steps())
+  step, skipped = newest_intact_step(manager.directory, steps)
+  if steps and step is None:
+    raise CorruptCheckpointError(
+        f"no intact checkpoint in {manager.directory}: " + "; ".join(skipped) +
+        ". Move that folder away to start the run afresh")
+  for bad in sorted((s for s in steps if s > step), reverse=True):
+    set_aside(manager.directory, bad, set_aside_to)
+  if skipped:
+    manager.reload()
+  return step, skipped
+
+
 @jax.jit
 def _all_finite(tree) -> jax.Array:
   checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)

@@ -171,6 +171,37 @@ def test_corrupt_step_is_set_aside_and_the_run_saves_it_again(checkpoints, tmp_p
   assert again.name == "20-1"
 
 
+@pytest.mark.parametrize("damage", [_flip_16_bytes, _remove_step_metadata])
+def test_resume_step_goes_back_to_the_newest_intact_step(checkpoints, tmp_path, damage):
+  manager = _manager(checkpoints, max_to_keep=3)
+  _save(manager, _state(30))
+  damage(checkpoints / "30")
+  damage(checkpoints / "20")
+  step, skipped = integrity.resume_step(manager, set_aside_to=tmp_path / "corrupt_checkpoints")
+  assert step == 10
+  assert [line.split(" is ")[0] for line in skipped] == ["checkpoint 30", "checkpoint 20"]
+  assert sorted(manager.all_steps()) == [10]
+  assert sorted(p.name for p in (tmp_path / "corrupt_checkpoints").iterdir()) == ["20", "30"]
+  _save(manager, _state(20))  # the replayed steps save again
+  assert integrity.resume_step(manager, set_aside_to=tmp_path / "corrupt_checkpoints") == (20, [])
+
+
+def test_resume_step_of_a_new_run(tmp_path):
+  manager = _manager(tmp_path / "checkpoints")
+  assert integrity.resume_step(manager, set_aside_to=tmp_path / "corrupt") == (None, [])
+  assert not (tmp_path / "corrupt").exists()
+
+
+def test_resume_step_refuses_when_nothing_is_intact(checkpoints, tmp_path):
+  for step in _STEPS:
+    (checkpoints / str(step) / integrity.MANIFEST_NAME).unlink()
+  manager = _manager(checkpoints)
+  with pytest.raises(integrity.CorruptCheckpointError,
+                     match=r"no intact checkpoint in .*checkpoint 20 .*; checkpoint 10 "):
+    integrity.resume_step(manager, set_aside_to=tmp_path / "corrupt")
+  assert sorted(manager.all_steps()) == [10, 20]  # nothing moved
+
+
 def test_manifest_survives_later_saves_and_restores(checkpoints):
   manager = _manager(checkpoints, max_to_keep=2)
   _restore(manager, 20)
