@@ -8,6 +8,9 @@ last); `verify_step` checks them before a restore, and `newest_intact_step` pick
 run resumes from, with one line for each newer step it had to skip. A step without a manifest
 (killed between Orbax's commit and the manifest, or saved by an older version) is not intact.
 
+The manifest is read and written with ordinary file operations, so checkpoints must live on a
+local or mounted file system (not a `gs://` path).
+
 `is_finite_tree` guards the other end: a state that diverged in its last update is never saved,
 so every checkpoint that verifies is also one that training can resume from.
 """
@@ -119,7 +122,8 @@ def verify_step(step_dir: str | os.PathLike) -> str | None:
   try:
     manifest = json.loads(manifest_path.read_text())
     files: dict[str, Any] = manifest["files"]
-    if manifest.get("format") != _FORMAT or not files:
+    if manifest.get("format") != _FORMAT or not files or not all(
+        isinstance(r, dict) and {"sha256", "size"} <= r.keys() for r in files.values()):
       raise ValueError(manifest.get("format"))
   except (OSError, ValueError, KeyError, TypeError):
     return f"{MANIFEST_NAME} is unreadable"

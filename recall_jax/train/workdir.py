@@ -113,6 +113,7 @@ def acquire_workdir_lock(workdir: str | os.PathLike, *, process_index: int = 0) 
   workdir = ensure_writable(workdir)
   path = workdir / LOCK_NAME
   try:
+    # Not inherited by spawned processes (grain's workers), so the lock dies with this process.
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
   except OSError as e:
     raise WorkdirNotWritableError(f"cannot create the lock file {path}: {e.strerror}") from None

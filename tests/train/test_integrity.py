@@ -137,8 +137,11 @@ def test_a_step_without_manifest_is_not_intact(checkpoints):
   assert step == 10 and "no checksums.json" in skipped[0]
 
 
-def test_an_unreadable_manifest_is_not_intact(checkpoints):
-  (checkpoints / "20" / integrity.MANIFEST_NAME).write_text('{"format": 1, "fil')
+@pytest.mark.parametrize("text", ['{"format": 1, "fil', '{"format": 1, "files": {}}',
+                                  '{"format": 1, "files": {"_CHECKPOINT_METADATA": {"size": 1}}}',
+                                  '{"format": 2, "files": {"a": {"size": 1, "sha256": "0"}}}'])
+def test_an_unreadable_manifest_is_not_intact(checkpoints, text):
+  (checkpoints / "20" / integrity.MANIFEST_NAME).write_text(text)
   assert "unreadable" in integrity.verify_step(checkpoints / "20")
 
 
