@@ -6,7 +6,8 @@ TensorStore traceback. So after Orbax finishes step N, `write_manifest` records 
 size of every file under `<checkpoint_dir>/<N>/` in `<N>/checksums.json` (written atomically,
 last); `verify_step` checks them before a restore, and `newest_intact_step` picks the step a
 run resumes from, with one line for each newer step it had to skip. A step without a manifest
-(killed between Orbax's commit and the manifest, or saved by an older version) is not intact.
+(killed between Orbax's commit and the manifest, or saved by an older version) is not intact;
+`resume_step` falls back to such a step, unverified and saying so, only when no step is intact.
 
 The manifest is read and written with ordinary file operations, so checkpoints must live on a
 local or mounted file system (not a `gs://` path).
@@ -139,16 +140,37 @@ def verify_step(step_dir: str | os.PathLike) -> str | None:
   return None
 
 
-def require_intact(checkpoint_dir: str | os.PathLike, step: int) -> None:
+def has_manifest(step_dir: str | os.PathLike) -> bool:
+  """Whether a saved step has a checksum manifest (steps of older versions, or of a run killed
+  between Orbax's commit and the manifest, have none)."""
+  return (pathlib.Path(step_dir) / MANIFEST_NAME).is_file()
+
+
+def require_intact(checkpoint_dir: str | os.PathLike, step: int, *,
+                   allow_unverified: bool = False) -> str | None:
   """Raises unless `step` verifies (before restoring a step the user named, e.g. in eval mode).
+
+  Args:
+    checkpoint_dir: the CheckpointManager directory.
+    step: the step to check.
+    allow_unverified: accept a complete step that has no manifest (saved before checksums were
+      recorded), returning a warning instead of raising.
+
+  Returns:
+    None when the step verifies; with `allow_unverified`, a one-line warning for a step
+    without manifest.
 
   Raises:
     CorruptCheckpointError: one line naming the step, the file and the problem.
   """
-  problem = verify_step(step_path(checkpoint_dir, step))
+  folder = step_path(checkpoint_dir, step)
+  if allow_unverified and folder.is_dir() and not has_manifest(folder):
+    return f"checkpoint {step} in {checkpoint_dir} has no {MANIFEST_NAME}: loading it unverified"
+  problem = verify_step(folder)
   if problem is not None:
     raise CorruptCheckpointError(
         f"checkpoint {step} in {checkpoint_dir} is corrupt or incomplete ({problem})")
+  return None
 
 
 def newest_intact_step(checkpoint_dir: str | os.PathLike,
@@ -203,6 +225,11 @@ def set_aside(checkpoint_dir: str | os.PathLike, step: int,
 def resume_step(manager: Any, *, set_aside_to: str | os.PathLike) -> tuple[int | None, list[str]]:
   """Picks the step a run resumes from and moves newer, damaged steps out of the way.
 
+  The newest intact step wins. When no step is intact but some have no manifest at all (saved
+  by a version without checksums, or the only step of a `keep_checkpoints=1` run killed while its
+  manifest was being written), the newest of those is used unverified, saying so: Orbax commits
+  a step atomically, so it is complete, merely unchecked.
+
   Call it on the coordinating process only, before restoring; other processes call
   `manager.reload()` once it returned (after a barrier or a broadcast of the step).
 
@@ -212,24 +239,33 @@ def resume_step(manager: Any, *, set_aside_to: str | os.PathLike) -> tuple[int |
       `<workdir>/corrupt_checkpoints`.
 
   Returns:
-    (step, skipped): the newest intact step (None when nothing was saved yet) and one line per
-    newer step that was set aside, newest first (print them: the run says why it goes back).
+    (step, messages): the step to restore (None when nothing was saved yet) and one line per
+    newer step that was set aside, newest first, plus one for a step used unverified (print
+    them: the run says why it goes back).
 
   Raises:
-    CorruptCheckpointError: steps exist but none is intact; nothing is moved, and the message
-      lists each step's problem.
+    CorruptCheckpointError: steps exist but every one is damaged; nothing is moved, and the
+      message lists each step's problem.
   """
-  steps = list(manager.all_steps())
-  step, skipped = newest_intact_step(manager.directory, steps)
+  directory = pathlib.Path(manager.directory)
+  steps = sorted((int(s) for s in manager.all_steps()), reverse=True)
+  step, messages = newest_intact_step(directory, steps)
   if steps and step is None:
-    raise CorruptCheckpointError(
-        f"no intact checkpoint in {manager.directory}: " + "; ".join(skipped) +
-        ". Move that folder away to start the run afresh")
-  for bad in sorted((s for s in steps if s > step), reverse=True):
-    set_aside(manager.directory, bad, set_aside_to)
-  if skipped:
+    unverified = [s for s in steps if step_path(directory, s).is_dir() and
+                  not has_manifest(step_path(directory, s))]
+    if not unverified:
+      raise CorruptCheckpointError(
+          f"no intact checkpoint in {directory}: " + "; ".join(messages) +
+          ". Move that folder away to start the run afresh")
+    step = unverified[0]
+    messages = messages[:steps.index(step)] + [
+        f"checkpoint {step} has no {MANIFEST_NAME} and no older checkpoint is intact: "
+        "resuming from it unverified"]
+  for bad in (s for s in steps if s > step):
+    set_aside(directory, bad, set_aside_to)
+  if any(s > step for s in steps):
     manager.reload()
-  return step, skipped
+  return step, messages
 
 
 @jax.jit

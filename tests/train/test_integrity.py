@@ -128,7 +128,7 @@ def test_damaged_newest_step_falls_back_to_the_older_one(checkpoints, damage):
   with pytest.raises(integrity.CorruptCheckpointError, match=f"checkpoint 20 .*{name}") as info:
     integrity.require_intact(checkpoints, 20)
   assert isinstance(info.value, errors.UserInputError)
-  integrity.require_intact(checkpoints, 10)  # no error
+  assert integrity.require_intact(checkpoints, 10) is None
 
 
 def test_a_step_without_manifest_is_not_intact(checkpoints):
@@ -195,14 +195,58 @@ def test_resume_step_of_a_new_run(tmp_path):
   assert not (tmp_path / "corrupt").exists()
 
 
-def test_resume_step_refuses_when_nothing_is_intact(checkpoints, tmp_path):
-  for step in _STEPS:
-    (checkpoints / str(step) / integrity.MANIFEST_NAME).unlink()
+def test_resume_step_refuses_when_every_step_is_damaged(checkpoints, tmp_path):
+  _flip_16_bytes(checkpoints / "20")
+  _delete(checkpoints / "10")
   manager = _manager(checkpoints)
   with pytest.raises(integrity.CorruptCheckpointError,
-                     match=r"no intact checkpoint in .*checkpoint 20 .*; checkpoint 10 "):
+                     match=r"no intact checkpoint in .*checkpoint 20 .*; checkpoint 10 ") as info:
     integrity.resume_step(manager, set_aside_to=tmp_path / "corrupt")
+  assert isinstance(info.value, errors.UserInputError)
   assert sorted(manager.all_steps()) == [10, 20]  # nothing moved
+  assert not (tmp_path / "corrupt").exists()
+
+
+def test_resume_step_uses_a_step_without_manifest_when_nothing_is_intact(checkpoints, tmp_path):
+  """Checkpoints of a version without checksums, or a keep_checkpoints=1 run killed while writing
+  the manifest of its only step: complete (Orbax commits atomically) but unverifiable."""
+  manager = _manager(checkpoints, max_to_keep=3)
+  _save(manager, _state(30))
+  _flip_16_bytes(checkpoints / "30")
+  for step in _STEPS:
+    (checkpoints / str(step) / integrity.MANIFEST_NAME).unlink()
+  step, messages = integrity.resume_step(manager, set_aside_to=tmp_path / "corrupt")
+  assert step == 20
+  assert messages[0].startswith("checkpoint 30 is corrupt or incomplete")
+  assert messages[1] == ("checkpoint 20 has no checksums.json and no older checkpoint is intact: "
+                         "resuming from it unverified")
+  assert len(messages) == 2
+  assert sorted(manager.all_steps()) == [10, 20]
+  np.testing.assert_array_equal(_restore(manager, 20).params["dense"]["kernel"],
+                                np.full((8, 4), 20.0))
+
+
+def test_an_intact_older_step_wins_over_a_newer_one_without_manifest(checkpoints, tmp_path):
+  (checkpoints / "20" / integrity.MANIFEST_NAME).unlink()
+  manager = _manager(checkpoints)
+  step, messages = integrity.resume_step(manager, set_aside_to=tmp_path / "corrupt")
+  assert step == 10 and len(messages) == 1 and "no checksums.json" in messages[0]
+  assert (tmp_path / "corrupt" / "20").is_dir()
+
+
+def test_require_intact_may_accept_a_step_without_manifest(checkpoints):
+  (checkpoints / "20" / integrity.MANIFEST_NAME).unlink()
+  with pytest.raises(integrity.CorruptCheckpointError, match="no checksums.json"):
+    integrity.require_intact(checkpoints, 20)
+  warning = integrity.require_intact(checkpoints, 20, allow_unverified=True)
+  assert warning == (f"checkpoint 20 in {checkpoints} has no checksums.json: loading it "
+                     "unverified")
+  assert integrity.require_intact(checkpoints, 10, allow_unverified=True) is None
+  _flip_16_bytes(checkpoints / "10")
+  with pytest.raises(integrity.CorruptCheckpointError, match="checksum mismatch"):
+    integrity.require_intact(checkpoints, 10, allow_unverified=True)
+  with pytest.raises(integrity.CorruptCheckpointError, match="folder missing"):
+    integrity.require_intact(checkpoints, 99, allow_unverified=True)
 
 
 def test_manifest_survives_later_saves_and_restores(checkpoints):
