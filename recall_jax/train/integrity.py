@@ -7,7 +7,8 @@ size of every file under `<checkpoint_dir>/<N>/` in `<N>/checksums.json` (writte
 last); `verify_step` checks them before a restore, and `newest_intact_step` picks the step a
 run resumes from, with one line for each newer step it had to skip. A step without a manifest
 (killed between Orbax's commit and the manifest, or saved by an older version) is not intact;
-`resume_step` falls back to such a step, unverified and saying so, only when no step is intact.
+`newest_usable_step` falls back to such a step, unverified and saying so, only when no step is
+intact; `resume_step` also moves the damaged newer steps out of the way.
 
 The manifest is read and written with ordinary file operations, so checkpoints must live on a
 local or mounted file system (not a `gs://` path).
@@ -222,13 +223,46 @@ def set_aside(checkpoint_dir: str | os.PathLike, step: int,
   return target
 
 
-def resume_step(manager: Any, *, set_aside_to: str | os.PathLike) -> tuple[int | None, list[str]]:
-  """Picks the step a run resumes from and moves newer, damaged steps out of the way.
+def newest_usable_step(checkpoint_dir: str | os.PathLike,
+                       steps: Iterable[int]) -> tuple[int | None, list[str]]:
+  """The step to load: the newest intact one, else the newest without manifest; reads only.
 
-  The newest intact step wins. When no step is intact but some have no manifest at all (saved
-  by a version without checksums, or the only step of a `keep_checkpoints=1` run killed while its
-  manifest was being written), the newest of those is used unverified, saying so: Orbax commits
-  a step atomically, so it is complete, merely unchecked.
+  When no step is intact but some have no manifest at all (saved by a version without
+  checksums, or the only step of a `keep_checkpoints=1` run killed while its manifest was being
+  written), the newest of those is used unverified, saying so: Orbax commits a step atomically,
+  so it is complete, merely unchecked.
+
+  Args:
+    checkpoint_dir: an Orbax CheckpointManager directory.
+    steps: its saved steps (`CheckpointManager.all_steps()`).
+
+  Returns:
+    (step, messages): the step (None when nothing was saved) and one line per newer step that
+    is damaged, newest first, plus one for a step used unverified.
+
+  Raises:
+    CorruptCheckpointError: steps exist but every one is damaged; the message lists each
+      step's problem.
+  """
+  directory = pathlib.Path(checkpoint_dir)
+  steps = sorted({int(s) for s in steps}, reverse=True)
+  step, messages = newest_intact_step(directory, steps)
+  if step is not None or not steps:
+    return step, messages
+  unverified = [s for s in steps if step_path(directory, s).is_dir() and
+                not has_manifest(step_path(directory, s))]
+  if not unverified:
+    raise CorruptCheckpointError(
+        f"no intact checkpoint in {directory}: " + "; ".join(messages) +
+        ". Move that folder away to start the run afresh")
+  step = unverified[0]
+  return step, messages[:steps.index(step)] + [
+      f"checkpoint {step} has no {MANIFEST_NAME} and no older checkpoint is intact: "
+      "using it unverified"]
+
+
+def resume_step(manager: Any, *, set_aside_to: str | os.PathLike) -> tuple[int | None, list[str]]:
+  """`newest_usable_step` of a run's manager, with the newer, damaged steps moved out of the way.
 
   Call it on the coordinating process only, before restoring; other processes call
   `manager.reload()` once it returned (after a barrier or a broadcast of the step).
@@ -239,31 +273,18 @@ def resume_step(manager: Any, *, set_aside_to: str | os.PathLike) -> tuple[int |
       `<workdir>/corrupt_checkpoints`.
 
   Returns:
-    (step, messages): the step to restore (None when nothing was saved yet) and one line per
-    newer step that was set aside, newest first, plus one for a step used unverified (print
-    them: the run says why it goes back).
+    (step, messages) as `newest_usable_step` (print the messages: the run says why it goes
+    back).
 
   Raises:
-    CorruptCheckpointError: steps exist but every one is damaged; nothing is moved, and the
-      message lists each step's problem.
+    CorruptCheckpointError: steps exist but every one is damaged; nothing is moved.
   """
-  directory = pathlib.Path(manager.directory)
-  steps = sorted((int(s) for s in manager.all_steps()), reverse=True)
-  step, messages = newest_intact_step(directory, steps)
-  if steps and step is None:
-    unverified = [s for s in steps if step_path(directory, s).is_dir() and
-                  not has_manifest(step_path(directory, s))]
-    if not unverified:
-      raise CorruptCheckpointError(
-          f"no intact checkpoint in {directory}: " + "; ".join(messages) +
-          ". Move that folder away to start the run afresh")
-    step = unverified[0]
-    messages = messages[:steps.index(step)] + [
-        f"checkpoint {step} has no {MANIFEST_NAME} and no older checkpoint is intact: "
-        "resuming from it unverified"]
-  for bad in (s for s in steps if s > step):
-    set_aside(directory, bad, set_aside_to)
-  if any(s > step for s in steps):
+  steps = [int(s) for s in manager.all_steps()]
+  step, messages = newest_usable_step(manager.directory, steps)
+  newer = [s for s in steps if step is not None and s > step]
+  for bad in newer:
+    set_aside(manager.directory, bad, set_aside_to)
+  if newer:
     manager.reload()
   return step, messages
 

@@ -219,7 +219,7 @@ def test_resume_step_uses_a_step_without_manifest_when_nothing_is_intact(checkpo
   assert step == 20
   assert messages[0].startswith("checkpoint 30 is corrupt or incomplete")
   assert messages[1] == ("checkpoint 20 has no checksums.json and no older checkpoint is intact: "
-                         "resuming from it unverified")
+                         "using it unverified")
   assert len(messages) == 2
   assert sorted(manager.all_steps()) == [10, 20]
   np.testing.assert_array_equal(_restore(manager, 20).params["dense"]["kernel"],
@@ -232,6 +232,19 @@ def test_an_intact_older_step_wins_over_a_newer_one_without_manifest(checkpoints
   step, messages = integrity.resume_step(manager, set_aside_to=tmp_path / "corrupt")
   assert step == 10 and len(messages) == 1 and "no checksums.json" in messages[0]
   assert (tmp_path / "corrupt" / "20").is_dir()
+
+
+def test_newest_usable_step_only_reads(checkpoints):
+  _flip_16_bytes(checkpoints / "20")
+  (checkpoints / "10" / integrity.MANIFEST_NAME).unlink()
+  before = sorted(p.relative_to(checkpoints) for p in checkpoints.rglob("*"))
+  step, messages = integrity.newest_usable_step(checkpoints, [10, 20])
+  assert step == 10 and len(messages) == 2 and "unverified" in messages[1]
+  assert sorted(p.relative_to(checkpoints) for p in checkpoints.rglob("*")) == before
+  assert integrity.newest_usable_step(checkpoints, []) == (None, [])
+  shutil.rmtree(checkpoints / "10")
+  with pytest.raises(integrity.CorruptCheckpointError, match="no intact checkpoint"):
+    integrity.newest_usable_step(checkpoints, [10, 20])
 
 
 def test_require_intact_may_accept_a_step_without_manifest(checkpoints):
