@@ -331,10 +331,10 @@ def raise_if_not_finite(tree, *, step: int, checkpoint_dir: str | os.PathLike,
   if is_finite_tree(tree):
     return
   good, _ = newest_intact_step(checkpoint_dir, steps)
-  where = (f"the newest intact checkpoint, step {good} in {checkpoint_dir}, is finite: lower "
-           "the learning rate (or check the data), then rerun to resume from it" if good is not None
-           else f"there is no intact checkpoint in {checkpoint_dir}: lower the learning rate (or "
-           "check the data) and start again")
+  advice = "lower the learning rate (or check the data)"
+  where = (f"The newest intact checkpoint, step {good} in {checkpoint_dir}, is finite: {advice}, "
+           "then rerun to resume from it." if good is not None else
+           f"There is no intact checkpoint in {checkpoint_dir}: {advice} and start again.")
   raise NonFiniteStateError(
       f"the parameters or optimizer state are NaN/inf after step {step} (the update diverged); "
-      f"nothing was saved. {where[0].upper()}{where[1:]}.")
+      f"nothing was saved. {where}")
