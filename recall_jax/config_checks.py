@@ -12,6 +12,7 @@ found both directly under `loss` and in per-loss sections (`loss.recall_at_k.tau
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import numbers
@@ -88,7 +89,7 @@ def _increasing_positive_ints(what: str, *, allow_empty: bool) -> Rule:
   def rule(value):
     ok = isinstance(value, Sequence) and not isinstance(value, str) and \
         (allow_empty or len(value) > 0) and all(_is_int(v) and v >= 1 for v in value) and \
-        all(a < b for a, b in zip(value, value[1:]))
+        all(a < b for a, b in itertools.pairwise(value))
     return None if ok else f"must be {what}, got {value!r}"
   return rule
 
@@ -162,10 +163,10 @@ def _loss_options(config: Any) -> list[tuple[str, Any]]:
   if not isinstance(loss, (Mapping, ml_collections.ConfigDict)):
     return []
   found = []
-  for name in loss.keys():
+  for name in loss:
     value = loss[name]
     if isinstance(value, (Mapping, ml_collections.ConfigDict)):
-      found += [(f"loss.{name}.{kw}", value[kw]) for kw in value.keys() if kw in _LOSS_RANGES]
+      found += [(f"loss.{name}.{kw}", value[kw]) for kw in value if kw in _LOSS_RANGES]
     elif name in _LOSS_RANGES:
       found.append((f"loss.{name}", value))
   return found

@@ -29,7 +29,7 @@ def _set(c: ml_collections.ConfigDict, dotted: str, value) -> None:
 def _per_loss_layout() -> ml_collections.ConfigDict:
   """The base config with loss options in per-loss sections (`loss.recall_at_k.tau1`)."""
   c = config_lib.base_config()
-  flat = {k: c.loss[k] for k in c.loss.keys() if k != "name"}
+  flat = {k: c.loss[k] for k in c.loss if k != "name"}
   c.loss = ml_collections.ConfigDict({"name": "recall_at_k"})
   c.loss.recall_at_k = ml_collections.ConfigDict(flat)
   c.loss.smooth_ap = ml_collections.ConfigDict({"temperature": 0.01, "include_query": False,
@@ -126,8 +126,8 @@ _BAD_PER_LOSS = [
     ("loss.smooth_ap.query_block", -2, "loss.smooth_ap.query_block must"),
     ("loss.contrastive.neg_margin", math.inf, "loss.contrastive.neg_margin must be a finite"),
     ("loss.multi_similarity.alpha", 0.0, "loss.multi_similarity.alpha must"),
-    ("loss.multi_similarity.epsilon", -0.1, "loss.multi_similarity.epsilon must be a finite "
-     "number >= 0"),
+    ("loss.multi_similarity.epsilon", -0.1,
+     "loss.multi_similarity.epsilon must be a finite number >= 0"),
     ("eval.k_values", (1, 0), "eval.k_values must"),
 ]
 

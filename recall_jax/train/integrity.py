@@ -189,7 +189,7 @@ def newest_intact_step(checkpoint_dir: str | os.PathLike,
   """
   checkpoint_dir = pathlib.Path(checkpoint_dir)
   skipped = []
-  for step in sorted(set(int(s) for s in steps), reverse=True):
+  for step in sorted({int(s) for s in steps}, reverse=True):
     problem = verify_step(step_path(checkpoint_dir, step))
     if problem is None:
       return step, skipped
@@ -256,9 +256,9 @@ def newest_usable_step(checkpoint_dir: str | os.PathLike,
         f"no intact checkpoint in {directory}: " + "; ".join(messages) +
         ". Move that folder away to start the run afresh")
   step = unverified[0]
-  return step, messages[:steps.index(step)] + [
-      f"checkpoint {step} has no {MANIFEST_NAME} and no older checkpoint is intact: "
-      "using it unverified"]
+  unverified_line = (f"checkpoint {step} has no {MANIFEST_NAME} and no older checkpoint is "
+                     "intact: using it unverified")
+  return step, [*messages[:steps.index(step)], unverified_line]
 
 
 def resume_step(manager: Any, *, set_aside_to: str | os.PathLike) -> tuple[int | None, list[str]]:

@@ -136,7 +136,7 @@ def acquire_workdir_lock(workdir: str | os.PathLike, *, process_index: int = 0) 
         raise WorkdirInUseError(
             f"workdir {workdir} is in use by another run ({_owner_text(previous)}){hint}")
     owner = {"pid": os.getpid(), "host": host,
-             "started": datetime.datetime.now(datetime.timezone.utc).isoformat(
+             "started": datetime.datetime.now(datetime.UTC).isoformat(
                  timespec="seconds")}
     os.ftruncate(fd, 0)
     os.pwrite(fd, (json.dumps(owner) + "\n").encode(), 0)

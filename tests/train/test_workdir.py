@@ -95,9 +95,8 @@ def test_only_the_coordinating_process_locks(live_owner):
 
 
 def test_same_process_cannot_lock_twice(tmp_path):
-  with workdir_lib.lock_workdir(tmp_path / "run"):
-    with pytest.raises(workdir_lib.WorkdirInUseError):
-      workdir_lib.acquire_workdir_lock(tmp_path / "run")
+  with workdir_lib.lock_workdir(tmp_path / "run"), pytest.raises(workdir_lib.WorkdirInUseError):
+    workdir_lib.acquire_workdir_lock(tmp_path / "run")
 
 
 @pytest.fixture
