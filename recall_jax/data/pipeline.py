@@ -4,7 +4,8 @@ Each element is built by one worker: the records of the step are read from the s
 and augmented with PIL, and stacked as uint8 NHWC (normalisation happens on the device). The
 augmentation RNG of a record is `np.random.default_rng([seed, step, global position])`, so a
 batch depends only on (seed, step, sampler), never on worker count, thread timing, process
-count or where a run was resumed. Training uses `worker_count` processes (`mp_prefetch`, which
+count or where a run was resumed. A record's own decoded-image transform (set by a source wrapper,
+see `source.DECODED_TRANSFORM`) is applied to its augmented or resized image. Training uses `worker_count` processes (`mp_prefetch`, which
 keeps the element order) each with a couple of prefetching threads.
 """
 
@@ -19,7 +20,7 @@ import numpy as np
 
 from recall_jax.data import sampler as sampler_lib
 from recall_jax.data import transforms
-from recall_jax.data.source import Source, read_records
+from recall_jax.data.source import Source, apply_decoded_transform, read_records
 
 # Steps a training iterator covers when `num_steps` is not given (effectively unbounded).
 _UNBOUNDED_STEPS = 1 << 40
@@ -54,8 +55,7 @@ class _TrainStep:
       image = transforms.train_augment(
           record["image"], rng, image_size=self.image_size, channels=self.channels,
           crop_scale=self.crop_scale, flip=self.flip, record=_record_name(self.source, index, record))
-      # RotatedClasses: the turn is part of the class, applied after augmenting.
-      images[k] = np.rot90(image, record.get("quarter_turns", 0), axes=(0, 1))
+      images[k] = apply_decoded_transform(record, image)
       labels[k] = record["label"]
     return {"image": images, "label": labels}
 
@@ -78,9 +78,10 @@ class _EvalBatch:
         "index": np.full(b, -1, np.int64),
     }
     for k, (index, record) in enumerate(zip(indices, read_records(self.source, indices))):
-      out["image"][k] = transforms.eval_transform(
+      image = transforms.eval_transform(
           record["image"], image_size=self.image_size, resize_size=self.resize_size,
           channels=self.channels, record=_record_name(self.source, index, record))
+      out["image"][k] = apply_decoded_transform(record, image)
       out["label"][k] = record["label"]
     out["mask"][:len(indices)] = True
     out["index"][:len(indices)] = indices
