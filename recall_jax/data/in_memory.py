@@ -12,6 +12,7 @@ import numpy as np
 import tqdm
 
 from recall_jax.data.source import LabelledSource, check_index, read_records
+from recall_jax.errors import ConfigError
 
 _READ_BATCH = 1000
 
@@ -46,7 +47,7 @@ class InMemorySource:
         records = read_records(source, indices)
         total += sum(len(r["image"]) for r in records)
         if total > max_bytes:
-          raise ValueError(f"{getattr(source, 'name', 'the source')} holds more than {max_bytes} "
+          raise ConfigError(f"{getattr(source, 'name', 'the source')} holds more than {max_bytes} "
                            "bytes of encoded images; turn data.in_memory off for it")
         self._records.extend(records)
         bar.update(len(records))

@@ -21,6 +21,7 @@ import numpy as np
 from recall_jax.data import sampler as sampler_lib
 from recall_jax.data import transforms
 from recall_jax.data.source import Source, apply_decoded_transform, read_records
+from recall_jax.errors import ConfigError
 
 # Steps a training iterator covers when `num_steps` is not given (effectively unbounded).
 _UNBOUNDED_STEPS = 1 << 40
@@ -102,7 +103,7 @@ def _with_workers(dataset: grain.IterDataset, worker_count: int, prefetch_batche
 
 def _check_seed(seed: int) -> None:
   if seed < 0:
-    raise ValueError(f"seed must be non-negative, got {seed}")
+    raise ConfigError(f"seed must be non-negative, got {seed}")
 
 
 def make_train_loader(source: Source, sampler: sampler_lib.MPerClassSampler, *, image_size: int,
@@ -163,9 +164,9 @@ def make_eval_loader(source: Source, *, image_size: int, resize_size: int, batch
     padding rows (only in the last batch) have mask False, label -1, index -1 and zero images.
   """
   if batch_size < 1:
-    raise ValueError(f"batch_size must be positive, got {batch_size}")
+    raise ConfigError(f"batch_size must be positive, got {batch_size}")
   if image_size > resize_size:
-    raise ValueError(f"image_size {image_size} exceeds resize_size {resize_size}")
+    raise ConfigError(f"image_size {image_size} exceeds resize_size {resize_size}")
   num_batches = -(-len(source) // batch_size)
   batch_fn = _EvalBatch(source, image_size=image_size, resize_size=resize_size, batch_size=batch_size,
                         channels=channels)

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from recall_jax.data.source import LabelledSource, check_index, read_records, with_decoded_transform
+from recall_jax.errors import ConfigError, DataError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,10 +44,10 @@ class RotatedClasses:
 
   def __init__(self, source: LabelledSource, turns: int):
     if int(turns) != turns or not 1 <= turns <= 4:
-      raise ValueError(f"turns must be an integer in 1..4 (quarter-turns per class), got {turns}")
+      raise ConfigError(f"turns must be an integer in 1..4 (quarter-turns per class), got {turns}")
     labels = np.asarray(source.labels, np.int64)
     if labels.ndim != 1 or labels.size == 0 or labels.min() < 0:
-      raise ValueError("the source needs non-empty, non-negative (N,) integer labels")
+      raise DataError("the source needs non-empty, non-negative (N,) integer labels")
     self.source, self.turns = source, int(turns)
     self._size, classes = len(labels), int(labels.max()) + 1
     self.labels = np.concatenate([labels + r * classes for r in range(self.turns)])

@@ -26,6 +26,8 @@ import math
 import numpy as np
 import PIL.Image
 
+from recall_jax.errors import ConfigError, DataError
+
 _MODES = {1: "L", 3: "RGB"}
 _HIGH_DEPTH = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _WITH_ALPHA = ("RGBA", "RGBa", "LA", "La", "PA")
@@ -37,7 +39,7 @@ def _open(data: bytes | np.ndarray, record: str) -> PIL.Image.Image:
   try:
     return PIL.Image.open(io.BytesIO(data))
   except Exception as e:
-    raise ValueError(f"Cannot decode image of record {record}: {type(e).__name__}: {e}") from e
+    raise DataError(f"Cannot decode image of record {record}: {type(e).__name__}: {e}") from e
 
 
 def _on_white(pixels: np.ndarray) -> np.ndarray:
@@ -86,12 +88,12 @@ def decode_image(data: bytes, channels: int = 3, *, record: str = "?") -> np.nda
   try:
     return _to_array(_convert(image, channels), channels)
   except Exception as e:
-    raise ValueError(f"Cannot decode image of record {record}: {type(e).__name__}: {e}") from e
+    raise DataError(f"Cannot decode image of record {record}: {type(e).__name__}: {e}") from e
 
 
 def _check_channels(channels: int) -> str:
   if channels not in _MODES:
-    raise ValueError(f"channels must be 1 or 3, got {channels}")
+    raise ConfigError(f"channels must be 1 or 3, got {channels}")
   return _MODES[channels]
 
 
@@ -103,7 +105,7 @@ def _resize(image: PIL.Image.Image, channels: int, box: tuple[float, float, floa
     image = _convert(image, channels)
     return image.resize((size, size), PIL.Image.BILINEAR, box=box)
   except Exception as e:
-    raise ValueError(f"Cannot decode image of record {record}: {type(e).__name__}: {e}") from e
+    raise DataError(f"Cannot decode image of record {record}: {type(e).__name__}: {e}") from e
 
 
 def _to_array(image: PIL.Image.Image, channels: int) -> np.ndarray:
@@ -197,7 +199,7 @@ def eval_transform(data: bytes | np.ndarray, *, image_size: int, resize_size: in
   """
   _check_channels(channels)
   if image_size > resize_size:
-    raise ValueError(f"image_size {image_size} exceeds resize_size {resize_size}")
+    raise ConfigError(f"image_size {image_size} exceeds resize_size {resize_size}")
   image = _open(data, record)
   width, height = image.size
   scale = resize_size / min(width, height)
