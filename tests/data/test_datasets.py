@@ -557,3 +557,18 @@ def test_preparation_shows_one_bar_per_split_and_nothing_of_tfds(tmp_path, capfd
     assert unwanted not in out + err, (unwanted, out, err)
   assert out == "" and "preparing folder/train: 6 images" in err
   assert (out_again, err_again) == ("", "")
+
+
+def test_folder_images_of_any_mode_are_prepared_and_decoded(tmp_path):
+  """A 16-bit PNG and a CMYK TIFF go through preparation and the loader with correct scaling."""
+  tree = tmp_path / "folder" / "train"
+  (tree / "deep").mkdir(parents=True)
+  (tree / "print").mkdir(parents=True)
+  values = np.full((8, 8), 40000, np.uint16)  # 40000 >> 8 = 156, not saturated to 255.
+  PIL.Image.fromarray(values).save(tree / "deep" / "0.png")
+  PIL.Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(tree / "print" / "0.tiff")  # Pure red.
+  source = _load("folder", "train", tmp_path)
+  batch = next(iter(data.make_eval_loader(source, image_size=8, resize_size=8, batch_size=2)))
+  by_class = {source.class_names[label]: image for label, image in zip(batch["label"], batch["image"])}
+  np.testing.assert_array_equal(by_class["deep"], np.full((8, 8, 3), 156, np.uint8))
+  np.testing.assert_array_equal(by_class["print"], np.broadcast_to(np.uint8([255, 0, 0]), (8, 8, 3)))
