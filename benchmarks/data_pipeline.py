@@ -194,8 +194,8 @@ def main() -> None:
   # --- Decode-once cache on the demo's input -------------------------------------------------
   strokes = synthetic_strokes(2000)
   stroke_labels = np.repeat(np.arange(len(strokes) // 4), 4)
-  stroke_source = _ListSource([{"image": e, "label": int(l), "id": str(i)}
-                               for i, (e, l) in enumerate(zip(strokes, stroke_labels))], stroke_labels)
+  stroke_source = _ListSource([{"image": e, "label": int(label), "id": str(i)}
+                               for i, (e, label) in enumerate(zip(strokes, stroke_labels))], stroke_labels)
   stroke_sampler = data.MPerClassSampler(stroke_labels, 1000, 4, seed=0)
   held = {"encoded PNG bytes in memory": data.InMemorySource(stroke_source, progress=False),
           "decoded once (decode_channels=1)": data.InMemorySource(stroke_source, decode_channels=1,

@@ -143,8 +143,8 @@ class RecallJaxRetrieval(tfds.core.GeneratorBasedBuilder):
     name = self.builder_config.name
     folder = pathlib.Path(dl_manager.manual_dir)
     if name == "folder":
-      plans = parsing.parse_folder(pathlib.Path(self._folder_path or folder), self._folder_split or "train",
-                                   self._label_splits)
+      plans = parsing.parse_folder(pathlib.Path(self._folder_path or folder),
+                                   self._folder_split or "train", self._label_splits)
     else:
       plans = parsing.PARSERS[name](folder)
     return {split: self._generate_examples(split, plan) for split, plan in plans.items()}
@@ -153,8 +153,8 @@ class RecallJaxRetrieval(tfds.core.GeneratorBasedBuilder):
     archives: dict[pathlib.Path, zipfile.ZipFile] = {}
     labels, skipped = [], []
     what = f"{self.builder_config.name}/{split}"
-    bar = tqdm.tqdm(plan.records, desc=f"preparing {what}: {len(plan.records):,} images", unit="img",
-                    disable=not self._progress, dynamic_ncols=True)
+    bar = tqdm.tqdm(plan.records, desc=f"preparing {what}: {len(plan.records):,} images",
+                    unit="img", disable=not self._progress, dynamic_ncols=True)
     try:
       for record in bar:
         if record.member is None:
@@ -321,9 +321,9 @@ def _prepare(target: pathlib.Path, name: str, folder: pathlib.Path, split_key: s
                              f"{uuid.uuid4().hex[:8]}")
   try:
     builder = RecallJaxRetrieval(
-        config=name, data_dir=os.fspath(partial), file_format="array_record", folder_split=split_key,
-        folder_path=os.fspath(folder) if split_key else None, label_splits=label_splits,
-        progress=progress)
+        config=name, data_dir=os.fspath(partial), file_format="array_record",
+        folder_split=split_key, folder_path=os.fspath(folder) if split_key else None,
+        label_splits=label_splits, progress=progress)
     manual_dir = folder.parent if folder.is_file() else folder
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir)))
@@ -339,8 +339,8 @@ def _prepare(target: pathlib.Path, name: str, folder: pathlib.Path, split_key: s
 
 def _warn_skipped(source: RetrievalSource) -> None:
   if source.skipped:
-    warnings.warn(f"{source.name}/{source.split}: skipped {len(source.skipped)} unreadable image(s) "
-                  f"of {source.listed}; first: {source.skipped[:5]}", stacklevel=3)
+    warnings.warn(f"{source.name}/{source.split}: skipped {len(source.skipped)} unreadable "
+                  f"image(s) of {source.listed}; first: {source.skipped[:5]}", stacklevel=3)
 
 
 def load_split(name: str, split: str, *, data_root: str | os.PathLike[str] | None = None,

@@ -61,8 +61,8 @@ class InMemorySource:
         indices = list(range(start, min(start + _READ_BATCH, len(source))))
         records = read_records(source, indices)
         if decode_channels:
-          records = [{**r, "image": transforms.decode_image(r["image"], decode_channels,
-                                                            record=f"{i} (id {r.get('id', '?')!r})")}
+          records = [{**r, "image": transforms.decode_image(
+                         r["image"], decode_channels, record=f"{i} (id {r.get('id', '?')!r})")}
                      for i, r in zip(indices, records)]
         self.nbytes += sum(len(r["image"]) if isinstance(r["image"], bytes) else r["image"].nbytes
                            for r in records)

@@ -70,7 +70,8 @@ def _sorted_names(names: Sequence[Hashable]) -> list[Hashable]:
   return sorted(set(names), key=_sort_key)
 
 
-def _plan(entries: list[Entry], what: str, class_names: Sequence[Hashable] | None = None) -> SplitPlan:
+def _plan(entries: list[Entry], what: str,
+          class_names: Sequence[Hashable] | None = None) -> SplitPlan:
   """Builds a split from its entries.
 
   Args:
@@ -164,7 +165,8 @@ def parse_inat2018(folder: pathlib.Path) -> dict[str, SplitPlan]:
         raise DataError(f"{listing}:{lineno}: malformed line {line!r}, expected "
                         "`train_val2018/<Super>/<id>/<file>.jpg`")
       _, super_name, class_id, _ = parts
-      entries.append((folder / line, None, f"{super_name}/{class_id}", line, f"{listing.name}:{lineno}"))
+      entries.append((folder / line, None, f"{super_name}/{class_id}", line,
+                      f"{listing.name}:{lineno}"))
     _check_images_exist(entries, f"inat2018/{split}")
     plans[split] = _plan(entries, f"inat2018/{split} ({listing})")
   return plans
@@ -287,7 +289,8 @@ def parse_omniglot(folder: pathlib.Path) -> dict[str, SplitPlan]:
       if not match or match.group(1) != stem:
         raise DataError(f"{archive}: member {member!r} is not `{stem}/<Alphabet>/character<NN>/<file>.png`")
       _, alphabet, character, _ = match.groups()
-      entries.append((archive, member, f"{alphabet}/{character}", member, f"{archive.name}:{member}"))
+      entries.append((archive, member, f"{alphabet}/{character}", member,
+                      f"{archive.name}:{member}"))
     plans[split] = _plan(entries, f"omniglot/{split} ({archive})")
   return plans
 
@@ -371,7 +374,8 @@ def _split_input(folder: pathlib.Path, split: str) -> pathlib.Path | None:
   return None
 
 
-def label_splits(folder: pathlib.Path, split: str, shared: Sequence[str] | None = None) -> tuple[str, ...]:
+def label_splits(folder: pathlib.Path, split: str,
+                 shared: Sequence[str] | None = None) -> tuple[str, ...]:
   """The splits of a `folder` dataset whose class names `split`'s labels are mapped over.
 
   Args:
@@ -412,7 +416,8 @@ def folder_inputs(folder: pathlib.Path, splits: Sequence[str]) -> list[pathlib.P
   return sorted({p for p in files if p.is_file()}, key=os.fspath)
 
 
-def parse_folder(folder: pathlib.Path, split: str, shared: Sequence[str] | None = None) -> dict[str, SplitPlan]:
+def parse_folder(folder: pathlib.Path, split: str,
+                 shared: Sequence[str] | None = None) -> dict[str, SplitPlan]:
   """A CSV file `path,label`, `<folder>/<split>.csv`, or `<folder>/<split>/<class>/<image>`.
 
   Args:
@@ -445,7 +450,8 @@ def parse_folder(folder: pathlib.Path, split: str, shared: Sequence[str] | None 
     per_split = {n: (k, [next(normalised) for _ in e] if k == "csv" else e)
                  for n, (k, e) in per_split.items()}
   class_names = _sorted_names([e[2] for _, entries in per_split.values() for e in entries])
-  return {name: _plan(entries, f"folder/{name}", class_names) for name, (_, entries) in per_split.items()}
+  return {name: _plan(entries, f"folder/{name}", class_names)
+          for name, (_, entries) in per_split.items()}
 
 
 Parser = Callable[..., dict[str, SplitPlan]]

@@ -113,7 +113,8 @@ def _ahead(batches: grain.MapDataset, *, worker_count: int, read_threads: int,
     dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=worker_count, per_worker_buffer_size=max(prefetch_batches, 1)))
   if prefetch_batches > 0:
-    dataset = grain.experimental.ThreadPrefetchIterDataset(dataset, prefetch_buffer_size=prefetch_batches)
+    dataset = grain.experimental.ThreadPrefetchIterDataset(
+        dataset, prefetch_buffer_size=prefetch_batches)
   return dataset
 
 

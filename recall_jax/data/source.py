@@ -76,7 +76,8 @@ def with_decoded_transform(record: dict[str, Any], transform: ImageTransform) ->
     The record with `DECODED_TRANSFORM` set.
   """
   previous = record.get(DECODED_TRANSFORM)
-  return {**record, DECODED_TRANSFORM: transform if previous is None else _Composed(previous, transform)}
+  combined = transform if previous is None else _Composed(previous, transform)
+  return {**record, DECODED_TRANSFORM: combined}
 
 
 def apply_decoded_transform(record: dict[str, Any], image: np.ndarray) -> np.ndarray:

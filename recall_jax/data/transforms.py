@@ -1,9 +1,10 @@
 """Image decoding and augmentation with PIL: RandomResizedCrop + flip (train), resize + center crop (test).
 
 All functions take encoded bytes (or an image `decode_image` already decoded) and return uint8
-(H, W, C) arrays; normalisation happens on the device. JPEGs are decoded with PIL's DCT-domain downscaling (`draft`) by at most the factor that
-keeps the region of interest at least as large as the output, so a 224 px crop of a large photo
-does not pay for a full-resolution decode; the bilinear (antialiased) resize then does the rest.
+(H, W, C) arrays; normalisation happens on the device. JPEGs are decoded with PIL's DCT-domain
+downscaling (`draft`) by at most the factor that keeps the region of interest at least as large
+as the output, so a 224 px crop of a large photo does not pay for a full-resolution decode; the
+bilinear (antialiased) resize then does the rest.
 
 Every mode PIL opens becomes the configured channels (1: "L", 3: "RGB") as uint8, with these rules:
 
@@ -161,7 +162,8 @@ def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
   return left, top, left + w, top + h
 
 
-def train_augment(data: bytes | np.ndarray, rng: np.random.Generator, *, image_size: int, channels: int = 3,
+def train_augment(data: bytes | np.ndarray, rng: np.random.Generator, *, image_size: int,
+                  channels: int = 3,
                   crop_scale: tuple[float, float] = (0.08, 1.0), flip: bool = True,
                   record: str = "?") -> np.ndarray:
   """Decode -> RandomResizedCrop (bilinear) -> random horizontal flip.
@@ -188,7 +190,8 @@ def train_augment(data: bytes | np.ndarray, rng: np.random.Generator, *, image_s
   return _to_array(image, channels)
 
 
-def eval_transform(data: bytes | np.ndarray, *, image_size: int, resize_size: int, channels: int = 3,
+def eval_transform(data: bytes | np.ndarray, *, image_size: int, resize_size: int,
+                   channels: int = 3,
                    record: str = "?") -> np.ndarray:
   """Decode -> resize the shorter side to `resize_size` (bilinear) -> center crop `image_size`.
 
