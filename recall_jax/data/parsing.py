@@ -26,7 +26,7 @@ from collections.abc import Callable, Hashable, Sequence
 
 import numpy as np
 
-from recall_jax.errors import DataError, MissingFileError
+from recall_jax.errors import ConfigError, DataError, MissingFileError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -383,11 +383,14 @@ def label_splits(folder: pathlib.Path, split: str,
     split: the split being read.
     shared: splits sharing one label space with `split` (which must be among them); default:
       `query` and `gallery` for either of them when both exist, else `split` alone.
+
+  Raises:
+    ConfigError: `shared` does not include `split`.
   """
   if shared:
     shared = tuple(dict.fromkeys(shared))
     if split not in shared:
-      raise DataError(f"folder/{split}: the shared label splits {shared} do not include it")
+      raise ConfigError(f"folder/{split}: the shared label splits {shared} do not include it")
     return shared
   if split in QUERY_GALLERY and not folder.is_file() and all(
       _split_input(folder, s) is not None for s in QUERY_GALLERY):

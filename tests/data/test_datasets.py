@@ -416,7 +416,7 @@ def test_query_gallery_folders_share_one_label_space(tmp_path):
   # Without the pairing (an explicit label space of one split), labels are the split's own.
   alone = _load("folder", "query", tmp_path, label_splits=("query",))
   assert alone.class_names == ["bird", "cat"]
-  with pytest.raises(errors.DataError, match="do not include it"):
+  with pytest.raises(errors.ConfigError, match="do not include it"):
     _load("folder", "query", tmp_path, label_splits=("gallery", "train"))
   with pytest.raises(errors.ConfigError, match="folder` data only"):
     _load("sop", "train", tmp_path, label_splits=("train",))
