@@ -11,7 +11,15 @@ and reports images/s per core and the workers needed to feed a consumer of `--ta
 (default 2,600/s, one H100 training step's appetite). Optionally also times the loader with
 `--workers N` grain processes.
 
+Then the overlap with training: the loader feeds a fake training step (`--step-seconds`, default
+0.2 s, a sleep, which like a real step leaves the CPU to other threads) with batches built ahead
+in the background (the default: `read_threads=2, prefetch_batches=2`) and built on demand
+(`read_threads=0, prefetch_batches=0`), interleaved, median of `--repeats`; and the decode-once
+cache (`InMemorySource(decode_channels=...)`) against held encoded bytes on Omniglot-like 105 px
+1-bit PNGs cropped to 28 px in batches of 1,000 (the demo's input).
+
   python benchmarks/data_pipeline.py [--images 400] [--seconds 10] [--workers 2]
+                                     [--step-seconds 0.2] [--steps 8] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -21,11 +29,13 @@ import io
 import math
 import os
 import pathlib
+import statistics
 import tempfile
 import time
 
 import numpy as np
 import PIL.Image
+import PIL.ImageDraw
 
 from recall_jax import data
 from recall_jax.data import transforms
@@ -60,6 +70,44 @@ def _rate(fn, seconds: float) -> tuple[float, float]:
   return done / (time.process_time() - cpu_start), done / (time.perf_counter() - start)
 
 
+def synthetic_strokes(count: int, seed: int = 0) -> list[bytes]:
+  """`count` 105x105 1-bit PNGs of a few random dark strokes on white (Omniglot's format)."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for _ in range(count):
+    image = PIL.Image.new("1", (105, 105), 1)
+    draw = PIL.ImageDraw.Draw(image)
+    for _ in range(3):
+      draw.line([tuple(int(v) for v in rng.integers(10, 95, 2)) for _ in range(4)], fill=0, width=3)
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    out.append(buffer.getvalue())
+  return out
+
+
+def overlapped_rate(make_loader, step_s: float, steps: int) -> float:
+  """Images/s of a loop that takes a batch and then 'trains' for `step_s` seconds (a sleep)."""
+  loader = make_loader()
+  try:
+    next(loader)  # Start-up (threads, first batch) is not what is measured.
+    images, start = 0, time.perf_counter()
+    for _ in range(steps):
+      images += len(next(loader)["label"])
+      time.sleep(step_s)
+    return images / (time.perf_counter() - start)
+  finally:
+    loader.close()
+
+
+def _median_rates(cases: dict, repeats: int, measure) -> dict[str, float]:
+  """Runs the cases interleaved `repeats` times; the median rate of each."""
+  rates = {name: [] for name in cases}
+  for _ in range(repeats):
+    for name, case in cases.items():
+      rates[name].append(measure(case))
+  return {name: statistics.median(r) for name, r in rates.items()}
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--images", type=int, default=400)
@@ -69,6 +117,9 @@ def main() -> None:
   parser.add_argument("--batch-size", type=int, default=64)
   parser.add_argument("--target", type=float, default=2600.0, help="images/s the trainer consumes")
   parser.add_argument("--workers", type=int, default=0, help="also time the loader with N grain workers")
+  parser.add_argument("--step-seconds", type=float, default=0.2, help="the fake training step")
+  parser.add_argument("--steps", type=int, default=8, help="steps per overlap measurement")
+  parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats (median)")
   args = parser.parse_args()
 
   with tempfile.TemporaryDirectory() as tmp:
@@ -122,6 +173,58 @@ def main() -> None:
   if args.workers:
     _, wall = loader_rate(args.workers)
     print(f"make_train_loader, worker_count={args.workers}: {wall:7.0f} img/s wall-clock")
+
+  # --- Overlap with a training step ------------------------------------------------------------
+  def loader_with(read_threads: int, prefetch_batches: int):
+    return lambda: data.make_train_loader(source, sampler, image_size=args.image_size, seed=0,
+                                          read_threads=read_threads, prefetch_batches=prefetch_batches)
+
+  cases = {"built ahead (read_threads=2, prefetch_batches=2)": loader_with(2, 2),
+           "on demand (read_threads=0, prefetch_batches=0)": loader_with(0, 0)}
+  rates = _median_rates(cases, args.repeats,
+                        lambda make: overlapped_rate(make, args.step_seconds, args.steps))
+  print(f"with a {args.step_seconds:.2f} s fake step per batch of {args.batch_size} "
+        f"(median of {args.repeats}, interleaved):")
+  for name, rate in rates.items():
+    print(f"  {name:58s} {rate:7.0f} img/s")
+  ahead, on_demand = rates.values()
+  print(f"  ratio built ahead / on demand: {ahead / on_demand:.2f}x "
+        f"(bound: step alone {args.batch_size / args.step_seconds:.0f} img/s)")
+
+  # --- Decode-once cache on the demo's input -------------------------------------------------
+  strokes = synthetic_strokes(2000)
+  stroke_labels = np.repeat(np.arange(len(strokes) // 4), 4)
+  stroke_source = _ListSource([{"image": e, "label": int(label), "id": str(i)}
+                               for i, (e, label) in enumerate(zip(strokes, stroke_labels))], stroke_labels)
+  stroke_sampler = data.MPerClassSampler(stroke_labels, 1000, 4, seed=0)
+  held = {"encoded PNG bytes in memory": data.InMemorySource(stroke_source, progress=False),
+          "decoded once (decode_channels=1)": data.InMemorySource(stroke_source, decode_channels=1,
+                                                                   progress=False)}
+
+  def stroke_rate(held_source) -> float:
+    loader = data.make_train_loader(held_source, stroke_sampler, image_size=28, seed=0, channels=1,
+                                    flip=False, read_threads=0, prefetch_batches=0)
+    try:
+      return _rate(lambda: len(next(loader)["label"]), args.seconds)[0]
+    finally:
+      loader.close()
+
+  rates = _median_rates(held, args.repeats, stroke_rate)
+  print("Omniglot-like 105 px 1-bit PNGs -> 28 px, batches of 1,000, one thread "
+        f"(images per CPU-second, median of {args.repeats}):")
+  for name, rate in rates.items():
+    print(f"  {name:58s} {rate:7.0f} img/s")
+  encoded_rate, decoded_rate = rates.values()
+  print(f"  ratio decoded / encoded: {decoded_rate / encoded_rate:.2f}x "
+        f"({held['decoded once (decode_channels=1)'].nbytes / 2**20:.0f} MiB held for {len(strokes)} images)")
+
+
+class _ListSource(list):
+  """Records in a list with the `labels` the sampler and `InMemorySource` read."""
+
+  def __init__(self, records, labels):
+    super().__init__(records)
+    self.labels = labels
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
 """Datasets, the m-per-class batch sampler and the grain input pipeline.
 
-- `load_split(name, split)`: a prepared split (tensorflow-datasets ArrayRecord, encoded images).
+- `load_split(name, split)`: a prepared split (tensorflow-datasets ArrayRecord, encoded images);
+  `source.skipped` lists the images skipped as unreadable.
 - `MPerClassSampler`: deterministic, index-addressable class-balanced batches.
 - `make_train_loader` / `make_eval_loader`: grain pipelines yielding uint8 NHWC batches.
 - `InMemorySource`: a small split's encoded records held in memory.
 - `RotatedClasses`: quarter-turns of the training classes as new classes (Omniglot).
+- `decode_image`: any image PIL opens as uint8 (H, W, 1 or 3).
 """
 
 from recall_jax.data.datasets import CHANNELS, DEFAULT_FOLDERS, SPLITS, RetrievalSource, check_image, load_split
@@ -14,4 +16,4 @@ from recall_jax.data.in_memory import InMemorySource
 from recall_jax.data.pipeline import make_eval_loader, make_train_loader
 from recall_jax.data.rotated_classes import RotatedClasses
 from recall_jax.data.sampler import MPerClassSampler
-from recall_jax.data.transforms import eval_transform, random_resized_crop_box, train_augment
+from recall_jax.data.transforms import decode_image, eval_transform, random_resized_crop_box, train_augment

@@ -9,6 +9,8 @@ import urllib.request
 
 import tqdm
 
+from recall_jax.errors import MissingFileError
+
 OMNIGLOT_URL_BASE = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python"
 OMNIGLOT_ARCHIVES = ("images_background.zip", "images_evaluation.zip")
 
@@ -59,7 +61,7 @@ def ensure_omniglot(folder: pathlib.Path, *, url_base: str | None = None, downlo
     if path.is_file():
       continue
     if not download:
-      raise FileNotFoundError(
+      raise MissingFileError(
           f"Omniglot archive {path} is missing; download it from {OMNIGLOT_URL_BASE}/{name} "
           "or pass download=True")
     base = (url_base or OMNIGLOT_URL_BASE).rstrip("/")

@@ -3,19 +3,30 @@
 Nothing here decodes an image: a parser only reads the annotation files (and lists folders or
 zip archives), checks that every referenced image exists, and maps class names to contiguous
 labels 0..C-1 within each split (sorted numerically when the names are integers, else
-lexicographically), so a label never depends on file order.
+lexicographically), so a label never depends on file order. A user's query and gallery splits
+share one mapping, built over the class names of both.
+
+A user's CSV labels are class names, with one normalisation: when every label of the CSV(s)
+parses as a decimal number (`1`, `01`, `1.0`, `+1`, `1e0`), each is the integer it equals, so
+`1`, `01` and `1.0` are one class; a number that is not whole (`1.5`) is refused, and so is a
+CSV mixing numbers with other names (`1` beside `cat`), since a numeric column with a stray name
+is far more often a mistake than a deliberate class called `1`.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import decimal
+import os
 import pathlib
 import re
 import zipfile
 from collections.abc import Callable, Hashable, Sequence
 
 import numpy as np
+
+from recall_jax.errors import ConfigError, DataError, MissingFileError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -27,25 +38,26 @@ class RawRecord:
   Attributes:
     file: the image file, or the zip archive holding it.
     member: the member name inside `file` when it is a zip archive, else None.
-    label: contiguous class index within the split.
+    label: contiguous class index within the split (or within the query/gallery pair).
     image_id: the dataset's own identifier of the image (a string).
-    super_label: contiguous super-class index within the split, or -1 when there is none.
     origin: where the record was read, e.g. `Ebay_train.txt:17`, for error messages.
   """
   file: pathlib.Path
   member: str | None
   label: int
   image_id: str
-  super_label: int
   origin: str
 
 
 @dataclasses.dataclass(frozen=True)
 class SplitPlan:
-  """All records of one split plus the names behind the contiguous labels."""
+  """All records of one split plus the names behind the labels (label i is `class_names[i]`)."""
   records: list[RawRecord]
   class_names: list[str]
-  super_class_names: list[str]
+
+
+# (file, zip member or None, class name, image id, origin): one image before labels are assigned.
+Entry = tuple[pathlib.Path, "str | None", Hashable, str, str]
 
 
 def _sort_key(name: Hashable) -> tuple[int, int | str]:
@@ -54,43 +66,42 @@ def _sort_key(name: Hashable) -> tuple[int, int | str]:
   return (0, int(text)) if re.fullmatch(r"-?\d+", text) else (1, text)
 
 
-def _contiguous(names: Sequence[Hashable]) -> tuple[np.ndarray, list[str]]:
-  """Maps names to 0..C-1 in sorted order; returns the int64 labels and the sorted names."""
-  unique = sorted(set(names), key=_sort_key)
-  index = {name: i for i, name in enumerate(unique)}
-  return np.array([index[n] for n in names], dtype=np.int64), [str(n) for n in unique]
+def _sorted_names(names: Sequence[Hashable]) -> list[Hashable]:
+  return sorted(set(names), key=_sort_key)
 
 
-def _plan(entries: list[tuple[pathlib.Path, str | None, Hashable, str, Hashable | None, str]],
-          what: str) -> SplitPlan:
-  """Builds a split from (file, member, class name, image id, super-class name, origin)."""
+def _plan(entries: list[Entry], what: str,
+          class_names: Sequence[Hashable] | None = None) -> SplitPlan:
+  """Builds a split from its entries.
+
+  Args:
+    entries: (file, member, class name, image id, origin) of each image.
+    what: names the split in error messages.
+    class_names: the label space, label i being `class_names[i]`; default: the split's own
+      class names, sorted (so labels are 0..C-1).
+  """
   if not entries:
-    raise ValueError(f"{what}: the split has no images")
-  labels, class_names = _contiguous([e[2] for e in entries])
-  if all(e[4] is not None for e in entries):
-    supers, super_names = _contiguous([e[4] for e in entries])
-  else:
-    supers, super_names = np.full(len(entries), -1, np.int64), []
-  records = [
-      RawRecord(file=f, member=m, label=int(l), image_id=str(i), super_label=int(s), origin=o)
-      for (f, m, _, i, _, o), l, s in zip(entries, labels, supers)
-  ]
-  return SplitPlan(records, class_names, super_names)
+    raise DataError(f"{what}: the split has no images")
+  names = _sorted_names([e[2] for e in entries]) if class_names is None else list(class_names)
+  index = {name: i for i, name in enumerate(names)}
+  records = [RawRecord(file=f, member=m, label=index[c], image_id=str(i), origin=o)
+             for f, m, c, i, o in entries]
+  return SplitPlan(records, [str(n) for n in names])
 
 
 def _require_file(path: pathlib.Path, hint: str = "") -> pathlib.Path:
   if not path.is_file():
-    raise FileNotFoundError(f"{path} not found{': ' + hint if hint else ''}")
+    raise MissingFileError(f"{path} not found{': ' + hint if hint else ''}")
   return path
 
 
-def _check_images_exist(entries: list[tuple], what: str) -> None:
-  """Raises FileNotFoundError naming the first missing image, its origin and the count."""
+def _check_images_exist(entries: list[Entry], what: str) -> None:
+  """Raises MissingFileError naming the first missing image, its origin and the count."""
   missing = [e for e in entries if e[1] is None and not e[0].is_file()]
   if missing:
     first = missing[0]
-    raise FileNotFoundError(
-        f"{what}: {len(missing)} listed image(s) do not exist, first {first[0]} (listed at {first[5]})")
+    raise MissingFileError(
+        f"{what}: {len(missing)} listed image(s) do not exist, first {first[0]} (listed at {first[4]})")
 
 
 def _read_lines(path: pathlib.Path) -> list[tuple[int, str]]:
@@ -102,7 +113,7 @@ def _read_lines(path: pathlib.Path) -> list[tuple[int, str]]:
 def _fields(path: pathlib.Path, lineno: int, line: str, count: int, layout: str) -> list[str]:
   parts = line.split()
   if len(parts) != count:
-    raise ValueError(f"{path}:{lineno}: malformed line {line!r}, expected {count} fields `{layout}`")
+    raise DataError(f"{path}:{lineno}: malformed line {line!r}, expected {count} fields `{layout}`")
   return parts
 
 
@@ -110,7 +121,7 @@ def _int_field(path: pathlib.Path, lineno: int, value: str, name: str) -> int:
   try:
     return int(value)
   except ValueError:
-    raise ValueError(f"{path}:{lineno}: {name} {value!r} is not an integer") from None
+    raise DataError(f"{path}:{lineno}: {name} {value!r} is not an integer") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,13 +135,14 @@ def parse_sop(folder: pathlib.Path) -> dict[str, SplitPlan]:
     listing = _require_file(folder / f"Ebay_{split}.txt", "download Stanford_Online_Products")
     lines = _read_lines(listing)
     if not lines or lines[0][1].split()[:2] != ["image_id", "class_id"]:
-      raise ValueError(f"{listing}:1: expected the header `image_id class_id super_class_id path`")
+      raise DataError(f"{listing}:1: expected the header `image_id class_id super_class_id path`")
     entries = []
     for lineno, line in lines[1:]:
       image_id, class_id, super_id, rel = _fields(listing, lineno, line, 4,
                                                  "image_id class_id super_class_id path")
+      _int_field(listing, lineno, super_id, "super_class_id")  # Checked, not kept.
       entries.append((folder / rel, None, _int_field(listing, lineno, class_id, "class_id"), image_id,
-                      _int_field(listing, lineno, super_id, "super_class_id"), f"{listing.name}:{lineno}"))
+                      f"{listing.name}:{lineno}"))
     _check_images_exist(entries, f"sop/{split}")
     plans[split] = _plan(entries, f"sop/{split} ({listing})")
   return plans
@@ -150,10 +162,10 @@ def parse_inat2018(folder: pathlib.Path) -> dict[str, SplitPlan]:
     for lineno, line in _read_lines(listing):
       parts = line.split("/")
       if len(parts) != 4 or not parts[3]:
-        raise ValueError(f"{listing}:{lineno}: malformed line {line!r}, expected "
-                         "`train_val2018/<Super>/<id>/<file>.jpg`")
+        raise DataError(f"{listing}:{lineno}: malformed line {line!r}, expected "
+                        "`train_val2018/<Super>/<id>/<file>.jpg`")
       _, super_name, class_id, _ = parts
-      entries.append((folder / line, None, f"{super_name}/{class_id}", line, super_name,
+      entries.append((folder / line, None, f"{super_name}/{class_id}", line,
                       f"{listing.name}:{lineno}"))
     _check_images_exist(entries, f"inat2018/{split}")
     plans[split] = _plan(entries, f"inat2018/{split} ({listing})")
@@ -180,7 +192,7 @@ def parse_vehicleid(folder: pathlib.Path) -> dict[str, SplitPlan]:
     for lineno, line in _read_lines(listing):
       image_id, vehicle_id = _fields(listing, lineno, line, 2, "image_id vehicle_id")
       entries.append((folder / "image" / f"{image_id}.jpg", None,
-                      _int_field(listing, lineno, vehicle_id, "vehicle_id"), image_id, None,
+                      _int_field(listing, lineno, vehicle_id, "vehicle_id"), image_id,
                       f"{listing.name}:{lineno}"))
     _check_images_exist(entries, f"vehicleid/{split}")
     plans[split] = _plan(entries, f"vehicleid/{split} ({listing})")
@@ -199,25 +211,25 @@ def parse_cars196(folder: pathlib.Path) -> dict[str, SplitPlan]:
   try:
     mat = scipy.io.loadmat(mat_path, squeeze_me=True, struct_as_record=True)
   except Exception as e:
-    raise ValueError(f"{mat_path}: not a readable MATLAB file: {e}") from e
+    raise DataError(f"{mat_path}: not a readable MATLAB file: {e}") from e
   if "annotations" not in mat:
-    raise ValueError(f"{mat_path}: no `annotations` variable (found {sorted(k for k in mat if not k.startswith('__'))})")
+    raise DataError(f"{mat_path}: no `annotations` variable (found {sorted(k for k in mat if not k.startswith('__'))})")
   annotations = np.atleast_1d(mat["annotations"])
   names = annotations.dtype.names or ()
   for field in ("relative_im_path", "class"):
     if field not in names:
-      raise ValueError(f"{mat_path}: `annotations` has no field {field!r} (fields: {names})")
+      raise DataError(f"{mat_path}: `annotations` has no field {field!r} (fields: {names})")
   by_split = {"train": [], "test": []}
   for n, entry in enumerate(annotations):
     rel = str(entry["relative_im_path"])
     try:
       class_id = int(entry["class"])
     except (TypeError, ValueError):
-      raise ValueError(f"{mat_path}: annotations[{n}].class {entry['class']!r} is not an integer") from None
+      raise DataError(f"{mat_path}: annotations[{n}].class {entry['class']!r} is not an integer") from None
     if not 1 <= class_id <= 196:
-      raise ValueError(f"{mat_path}: annotations[{n}].class = {class_id}, expected 1..196")
+      raise DataError(f"{mat_path}: annotations[{n}].class = {class_id}, expected 1..196")
     split = "train" if class_id <= 98 else "test"
-    by_split[split].append((folder / rel, None, class_id, pathlib.PurePosixPath(rel).stem, None,
+    by_split[split].append((folder / rel, None, class_id, pathlib.PurePosixPath(rel).stem,
                             f"{mat_path.name}:annotations[{n}]"))
   plans = {}
   for split, entries in by_split.items():
@@ -238,12 +250,12 @@ def parse_cub200(folder: pathlib.Path) -> dict[str, SplitPlan]:
     image_id, rel = _fields(listing, lineno, line, 2, "image_id <NNN>.<Class>/<file>.jpg")
     match = re.fullmatch(r"(\d+)\.[^/]+/[^/]+", rel)
     if not match:
-      raise ValueError(f"{listing}:{lineno}: path {rel!r} is not `<NNN>.<Class>/<file>`")
+      raise DataError(f"{listing}:{lineno}: path {rel!r} is not `<NNN>.<Class>/<file>`")
     class_id = int(match.group(1))
     if not 1 <= class_id <= 200:
-      raise ValueError(f"{listing}:{lineno}: class {class_id}, expected 1..200")
+      raise DataError(f"{listing}:{lineno}: class {class_id}, expected 1..200")
     split = "train" if class_id <= 100 else "test"
-    by_split[split].append((folder / "images" / rel, None, class_id, image_id, None,
+    by_split[split].append((folder / "images" / rel, None, class_id, image_id,
                             f"{listing.name}:{lineno}"))
   plans = {}
   for split, entries in by_split.items():
@@ -260,7 +272,7 @@ _OMNIGLOT_MEMBER = re.compile(r"(images_\w+)/([^/]+)/(character\d+)/([^/]+\.png)
 
 
 def parse_omniglot(folder: pathlib.Path) -> dict[str, SplitPlan]:
-  """`images_{background,evaluation}.zip`; class = `<Alphabet>/character<NN>`, super = alphabet."""
+  """`images_{background,evaluation}.zip`; class = `<Alphabet>/character<NN>`."""
   plans = {}
   for split, stem in OMNIGLOT_SPLITS.items():
     archive = _require_file(folder / f"{stem}.zip", "run with download=True or copy the archive")
@@ -268,16 +280,16 @@ def parse_omniglot(folder: pathlib.Path) -> dict[str, SplitPlan]:
       with zipfile.ZipFile(archive) as z:
         members = [m for m in z.namelist() if not m.endswith("/")]
     except zipfile.BadZipFile as e:
-      raise ValueError(f"{archive}: not a valid zip archive ({e})") from e
+      raise DataError(f"{archive}: not a valid zip archive ({e})") from e
     entries = []
     for member in members:
       if not member.lower().endswith(".png"):
         continue
       match = _OMNIGLOT_MEMBER.fullmatch(member)
       if not match or match.group(1) != stem:
-        raise ValueError(f"{archive}: member {member!r} is not `{stem}/<Alphabet>/character<NN>/<file>.png`")
+        raise DataError(f"{archive}: member {member!r} is not `{stem}/<Alphabet>/character<NN>/<file>.png`")
       _, alphabet, character, _ = match.groups()
-      entries.append((archive, member, f"{alphabet}/{character}", member, alphabet,
+      entries.append((archive, member, f"{alphabet}/{character}", member,
                       f"{archive.name}:{member}"))
     plans[split] = _plan(entries, f"omniglot/{split} ({archive})")
   return plans
@@ -287,55 +299,162 @@ def parse_omniglot(folder: pathlib.Path) -> dict[str, SplitPlan]:
 # A user's folder-per-class tree or CSV.
 
 
-def _parse_tree(tree: pathlib.Path, what: str) -> SplitPlan:
+QUERY_GALLERY = ("query", "gallery")
+
+_DECIMAL = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def _tree_entries(tree: pathlib.Path, what: str) -> list[Entry]:
   entries = []
   classes = sorted(p for p in tree.iterdir() if p.is_dir())
   if not classes:
-    raise ValueError(f"{what}: {tree} has no class sub-folders")
+    raise DataError(f"{what}: {tree} has no class sub-folders")
   for class_dir in classes:
     images = sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     if not images:
-      raise ValueError(f"{what}: class folder {class_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+      raise DataError(f"{what}: class folder {class_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
     for p in images:
       rel = p.relative_to(tree).as_posix()
-      entries.append((p, None, class_dir.name, rel, None, rel))
-  return _plan(entries, what)
+      entries.append((p, None, class_dir.name, rel, rel))
+  return entries
 
 
-def _parse_csv(listing: pathlib.Path, what: str) -> SplitPlan:
-  entries = []
-  with open(listing, encoding="utf-8", newline="") as f:
+def _csv_rows(listing: pathlib.Path) -> list[tuple[int, list[str]]]:
+  """Non-empty rows with their 1-based line numbers, without the `path,label` header.
+
+  A UTF-8 byte-order mark (as spreadsheet programs write) is accepted.
+  """
+  rows = []
+  with open(listing, encoding="utf-8-sig", newline="") as f:
     for lineno, row in enumerate(csv.reader(f), 1):
       if not row or not "".join(row).strip():
         continue
       if lineno == 1 and [c.strip().lower() for c in row] == ["path", "label"]:
         continue
-      if len(row) != 2 or not row[0].strip() or not row[1].strip():
-        raise ValueError(f"{listing}:{lineno}: malformed row {row!r}, expected `path,label`")
-      rel, label = row[0].strip(), row[1].strip()
-      entries.append((listing.parent / rel, None, label, rel, None, f"{listing.name}:{lineno}"))
+      rows.append((lineno, row))
+  return rows
+
+
+def _csv_entries(listing: pathlib.Path, what: str) -> list[Entry]:
+  entries = []
+  for lineno, row in _csv_rows(listing):
+    if len(row) != 2 or not row[0].strip() or not row[1].strip():
+      raise DataError(f"{listing}:{lineno}: malformed row {row!r}, expected `path,label`")
+    rel, label = row[0].strip(), row[1].strip()
+    entries.append((listing.parent / rel, None, label, rel, f"{listing.name}:{lineno}"))
   _check_images_exist(entries, what)
-  return _plan(entries, what)
+  return entries
 
 
-def parse_folder(folder: pathlib.Path, split: str) -> dict[str, SplitPlan]:
+def _normalise_csv_labels(entries: list[Entry], what: str) -> list[Entry]:
+  """Whole numbers in any spelling -> one integer class name; see the module docstring."""
+  numbers = [decimal.Decimal(e[2]) if _DECIMAL.fullmatch(e[2]) else None for e in entries]
+  numeric = [e for e, n in zip(entries, numbers) if n is not None]
+  if not numeric:
+    return entries
+  if len(numeric) < len(entries):
+    name = next(e for e, n in zip(entries, numbers) if n is None)
+    raise DataError(f"{what}: the labels mix numbers ({numeric[0][4]}: {numeric[0][2]!r}) and names "
+                    f"({name[4]}: {name[2]!r}); give every class the same form")
+  out = []
+  for entry, number in zip(entries, numbers):
+    if number != number.to_integral_value():
+      raise DataError(f"{entry[4]}: label {entry[2]!r} is a number but not a whole one; numeric "
+                      "labels are class ids")
+    out.append((entry[0], entry[1], str(int(number)), entry[3], entry[4]))
+  return out
+
+
+def _split_input(folder: pathlib.Path, split: str) -> pathlib.Path | None:
+  """`<folder>/<split>.csv` or the tree `<folder>/<split>/` (the CSV wins), or None."""
+  if (folder / f"{split}.csv").is_file():
+    return folder / f"{split}.csv"
+  if (folder / split).is_dir():
+    return folder / split
+  return None
+
+
+def label_splits(folder: pathlib.Path, split: str,
+                 shared: Sequence[str] | None = None) -> tuple[str, ...]:
+  """The splits of a `folder` dataset whose class names `split`'s labels are mapped over.
+
+  Args:
+    folder: the dataset folder (or a CSV file, which has one split).
+    split: the split being read.
+    shared: splits sharing one label space with `split` (which must be among them); default:
+      `query` and `gallery` for either of them when both exist, else `split` alone.
+
+  Raises:
+    ConfigError: `shared` does not include `split`.
+  """
+  if shared:
+    shared = tuple(dict.fromkeys(shared))
+    if split not in shared:
+      raise ConfigError(f"folder/{split}: the shared label splits {shared} do not include it")
+    return shared
+  if split in QUERY_GALLERY and not folder.is_file() and all(
+      _split_input(folder, s) is not None for s in QUERY_GALLERY):
+    return QUERY_GALLERY
+  return (split,)
+
+
+def folder_inputs(folder: pathlib.Path, splits: Sequence[str]) -> list[pathlib.Path]:
+  """Every file that defines these splits of a `folder` dataset: each CSV and the images it
+  names, or every file under each tree (sorted; missing ones left out). What a prepared copy's
+  fingerprint covers."""
+  files = []
+  for split in splits:
+    source = folder if folder.is_file() else _split_input(folder, split)
+    if source is None:
+      continue
+    if source.is_file():
+      files.append(source)
+      try:
+        rows = _csv_rows(source)
+      except (OSError, UnicodeDecodeError, csv.Error):
+        continue  # Parsing reports it.
+      files.extend(source.parent / row[0].strip() for _, row in rows if row and row[0].strip())
+    else:
+      files.extend(p for p in source.rglob("*") if p.is_file())
+  return sorted({p for p in files if p.is_file()}, key=os.fspath)
+
+
+def parse_folder(folder: pathlib.Path, split: str,
+                 shared: Sequence[str] | None = None) -> dict[str, SplitPlan]:
   """A CSV file `path,label`, `<folder>/<split>.csv`, or `<folder>/<split>/<class>/<image>`.
 
   Args:
     folder: a CSV file (then `split` only names the result) or a folder holding `<split>.csv`
       or `<split>/`.
     split: the split to read.
+    shared: see `label_splits`: the splits whose class names make up `split`'s label space
+      (query and gallery by default), so a class has the same label in each of them.
+
+  Returns:
+    `{name: plan}` for `split` and every split sharing its label space (prepared together);
+    each plan's `class_names` span them all.
   """
   what = f"folder/{split}"
-  if folder.is_file():
-    return {split: _parse_csv(folder, what)}
-  if (folder / f"{split}.csv").is_file():
-    return {split: _parse_csv(folder / f"{split}.csv", what)}
-  if (folder / split).is_dir():
-    return {split: _parse_tree(folder / split, what)}
-  raise FileNotFoundError(
-      f"{what}: neither {folder / (split + '.csv')} nor the folder {folder / split} exists "
-      "(give `path=` a CSV `path,label` file or a folder of `<split>/<class>/<image>`)")
+  splits = (split,) if folder.is_file() else label_splits(folder, split, shared)
+  per_split = {}
+  for name in splits:
+    source = folder if folder.is_file() else _split_input(folder, name)
+    if source is None:
+      raise MissingFileError(
+          f"folder/{name}: neither {folder / (name + '.csv')} nor the folder {folder / name} exists "
+          "(give `path=` a CSV `path,label` file or a folder of `<split>/<class>/<image>`)")
+    if source.is_file():
+      per_split[name] = ("csv", _csv_entries(source, f"folder/{name}"))
+    else:
+      per_split[name] = ("tree", _tree_entries(source, f"folder/{name}"))
+  csv_entries = [e for kind, entries in per_split.values() if kind == "csv" for e in entries]
+  if csv_entries:
+    normalised = iter(_normalise_csv_labels(csv_entries, what))
+    per_split = {n: (k, [next(normalised) for _ in e] if k == "csv" else e)
+                 for n, (k, e) in per_split.items()}
+  class_names = _sorted_names([e[2] for _, entries in per_split.values() for e in entries])
+  return {name: _plan(entries, f"folder/{name}", class_names)
+          for name, (_, entries) in per_split.items()}
 
 
 Parser = Callable[..., dict[str, SplitPlan]]

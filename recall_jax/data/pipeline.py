@@ -4,8 +4,17 @@ Each element is built by one worker: the records of the step are read from the s
 and augmented with PIL, and stacked as uint8 NHWC (normalisation happens on the device). The
 augmentation RNG of a record is `np.random.default_rng([seed, step, global position])`, so a
 batch depends only on (seed, step, sampler), never on worker count, thread timing, process
-count or where a run was resumed. Training uses `worker_count` processes (`mp_prefetch`, which
-keeps the element order) each with a couple of prefetching threads.
+count or where a run was resumed. A record's own decoded-image transform (set by a source wrapper,
+see `source.DECODED_TRANSFORM`) is applied to its augmented or resized image.
+
+Batches are built ahead of the consumer, in the background, so that building batch t + 1 overlaps
+the training step on batch t instead of following it: `read_threads` threads each build one batch
+(grain's threaded prefetch, in the worker processes when `worker_count > 0`: `mp_prefetch`), and
+`prefetch_batches` finished batches wait in a queue filled by a background thread (grain's
+`ThreadPrefetchIterDataset`), which also takes the copy out of the worker processes off the
+consumer's thread. Both keep the element order, so the batches are the same with or without them;
+`prefetch_batches=0` and `read_threads=0` build each batch on demand, in series with the caller.
+Closing the iterator stops the threads and workers.
 """
 
 from __future__ import annotations
@@ -19,7 +28,8 @@ import numpy as np
 
 from recall_jax.data import sampler as sampler_lib
 from recall_jax.data import transforms
-from recall_jax.data.source import Source, read_records
+from recall_jax.data.source import Source, apply_decoded_transform, read_records
+from recall_jax.errors import ConfigError
 
 # Steps a training iterator covers when `num_steps` is not given (effectively unbounded).
 _UNBOUNDED_STEPS = 1 << 40
@@ -54,8 +64,7 @@ class _TrainStep:
       image = transforms.train_augment(
           record["image"], rng, image_size=self.image_size, channels=self.channels,
           crop_scale=self.crop_scale, flip=self.flip, record=_record_name(self.source, index, record))
-      # RotatedClasses: the turn is part of the class, applied after augmenting.
-      images[k] = np.rot90(image, record.get("quarter_turns", 0), axes=(0, 1))
+      images[k] = apply_decoded_transform(record, image)
       labels[k] = record["label"]
     return {"image": images, "label": labels}
 
@@ -78,30 +87,40 @@ class _EvalBatch:
         "index": np.full(b, -1, np.int64),
     }
     for k, (index, record) in enumerate(zip(indices, read_records(self.source, indices))):
-      out["image"][k] = transforms.eval_transform(
+      image = transforms.eval_transform(
           record["image"], image_size=self.image_size, resize_size=self.resize_size,
           channels=self.channels, record=_record_name(self.source, index, record))
+      out["image"][k] = apply_decoded_transform(record, image)
       out["label"][k] = record["label"]
     out["mask"][:len(indices)] = True
     out["index"][:len(indices)] = indices
     return out
 
 
-def _with_workers(dataset: grain.IterDataset, worker_count: int, prefetch_batches: int) -> grain.IterDataset:
-  """Adds `worker_count` grain worker processes (order-preserving); 0 keeps everything in-process."""
-  if worker_count <= 0:
-    return dataset
-  # grain 0.2.x reads an Abseil flag in mp_prefetch and fails in programs that do not parse
-  # flags with absl.app (google/grain#1355); the flags' defaults are what such programs want.
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
-  return dataset.mp_prefetch(
-      grain.MultiprocessingOptions(num_workers=worker_count, per_worker_buffer_size=prefetch_batches))
+def _ahead(batches: grain.MapDataset, *, worker_count: int, read_threads: int,
+           prefetch_batches: int) -> grain.IterDataset:
+  """Builds `batches` ahead of the consumer (see the module docstring), in order."""
+  if worker_count < 0 or read_threads < 0 or prefetch_batches < 0:
+    raise ConfigError(f"worker_count {worker_count}, read_threads {read_threads} and "
+                      f"prefetch_batches {prefetch_batches} must be non-negative")
+  dataset = batches.to_iter_dataset(
+      grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=read_threads))
+  if worker_count > 0:
+    # grain 0.2.x reads an Abseil flag in mp_prefetch and fails in programs that do not parse
+    # flags with absl.app (google/grain#1355); the flags' defaults are what such programs want.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+    dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=worker_count, per_worker_buffer_size=max(prefetch_batches, 1)))
+  if prefetch_batches > 0:
+    dataset = grain.experimental.ThreadPrefetchIterDataset(
+        dataset, prefetch_buffer_size=prefetch_batches)
+  return dataset
 
 
 def _check_seed(seed: int) -> None:
   if seed < 0:
-    raise ValueError(f"seed must be non-negative, got {seed}")
+    raise ConfigError(f"seed must be non-negative, got {seed}")
 
 
 def make_train_loader(source: Source, sampler: sampler_lib.MPerClassSampler, *, image_size: int,
@@ -110,7 +129,7 @@ def make_train_loader(source: Source, sampler: sampler_lib.MPerClassSampler, *, 
                       crop_scale: tuple[float, float] = (0.08, 1.0), flip: bool = True,
                       num_steps: int | None = None, read_threads: int = 2,
                       prefetch_batches: int = 2) -> Iterator[dict[str, np.ndarray]]:
-  """An iterator of this process's training batches for global steps `start_step, start_step + 1, ...`.
+  """This process's training batches for global steps `start_step, start_step + 1, ...`.
 
   Args:
     source: records `{'image': encoded bytes, 'label': int, ...}` indexed by the sampler.
@@ -124,10 +143,13 @@ def make_train_loader(source: Source, sampler: sampler_lib.MPerClassSampler, *, 
     crop_scale: RandomResizedCrop's area range (ratio is 3/4-4/3).
     flip: random horizontal flips (off makes sense for characters).
     num_steps: steps to yield; default effectively unbounded.
-    read_threads: threads per worker, each building one batch (PIL releases the GIL).
-    prefetch_batches: batches each worker prepares ahead.
+    read_threads: threads per worker (or in this process), each building one batch ahead of
+      the consumer (PIL releases the GIL); 0: one batch at a time.
+    prefetch_batches: finished batches a background thread keeps ready, so that building them
+      overlaps the caller's training step; 0: none (built when asked for, unless read_threads).
 
-  Yields:
+  Returns:
+    An iterator (close it to stop its threads and workers) of
     `{'image': uint8 (b, image_size, image_size, channels), 'label': int32 (b,)}` with
     b = sampler.batch_size / process_count, in sampler order.
   """
@@ -138,9 +160,9 @@ def make_train_loader(source: Source, sampler: sampler_lib.MPerClassSampler, *, 
   stop = start_step + (_UNBOUNDED_STEPS if num_steps is None else int(num_steps))
   step_fn = _TrainStep(source, sampler, image_size=image_size, seed=seed, process_index=process_index,
                        process_count=process_count, channels=channels, crop_scale=crop_scale, flip=flip)
-  dataset = grain.MapDataset.range(start_step, stop).map(step_fn).to_iter_dataset(
-      grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch_batches))
-  return iter(_with_workers(dataset, worker_count, prefetch_batches))
+  batches = grain.MapDataset.range(start_step, stop).map(step_fn)
+  return iter(_ahead(batches, worker_count=worker_count, read_threads=read_threads,
+                     prefetch_batches=prefetch_batches))
 
 
 def make_eval_loader(source: Source, *, image_size: int, resize_size: int, batch_size: int,
@@ -155,6 +177,7 @@ def make_eval_loader(source: Source, *, image_size: int, resize_size: int, batch
     batch_size: images per batch.
     channels: 1 or 3.
     worker_count: grain worker processes (0: in this process).
+    read_threads, prefetch_batches: batches built ahead, as in `make_train_loader`.
 
   Returns:
     Re-iterable batches `{'image': uint8 (batch_size, image_size, image_size, channels),
@@ -162,12 +185,12 @@ def make_eval_loader(source: Source, *, image_size: int, resize_size: int, batch
     padding rows (only in the last batch) have mask False, label -1, index -1 and zero images.
   """
   if batch_size < 1:
-    raise ValueError(f"batch_size must be positive, got {batch_size}")
+    raise ConfigError(f"batch_size must be positive, got {batch_size}")
   if image_size > resize_size:
-    raise ValueError(f"image_size {image_size} exceeds resize_size {resize_size}")
+    raise ConfigError(f"image_size {image_size} exceeds resize_size {resize_size}")
   num_batches = -(-len(source) // batch_size)
   batch_fn = _EvalBatch(source, image_size=image_size, resize_size=resize_size, batch_size=batch_size,
                         channels=channels)
-  dataset = grain.MapDataset.range(num_batches).map(batch_fn).to_iter_dataset(
-      grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch_batches))
-  return _with_workers(dataset, worker_count, prefetch_batches)
+  batches = grain.MapDataset.range(num_batches).map(batch_fn)
+  return _ahead(batches, worker_count=worker_count, read_threads=read_threads,
+                prefetch_batches=prefetch_batches)

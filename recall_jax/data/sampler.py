@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from recall_jax.errors import ConfigError, DataError
+
 
 class MPerClassSampler:
   """Class-balanced batches of `batch_size / samples_per_class` classes x `samples_per_class` images.
@@ -51,10 +53,10 @@ class MPerClassSampler:
     if labels.ndim != 1 or labels.size == 0 or not np.issubdtype(labels.dtype, np.integer):
       raise ValueError(f"labels must be a non-empty 1-D integer array, got {labels.dtype} {labels.shape}")
     if samples_per_class < 1 or batch_size < 1 or batch_size % samples_per_class:
-      raise ValueError(f"batch_size {batch_size} must be a positive multiple of samples_per_class "
+      raise ConfigError(f"batch_size {batch_size} must be a positive multiple of samples_per_class "
                        f"{samples_per_class}")
     if seed < 0:
-      raise ValueError(f"seed must be non-negative, got {seed}")
+      raise ConfigError(f"seed must be non-negative, got {seed}")
     self.batch_size = int(batch_size)
     self.samples_per_class = m = int(samples_per_class)
     self.classes_per_batch = p = self.batch_size // m
@@ -68,7 +70,7 @@ class MPerClassSampler:
     self.num_classes_used = len(self._members)
     if self.num_classes_used < p:
       rule = "at least one image" if with_replacement else f"at least {m} images"
-      raise ValueError(f"A batch needs {p} distinct classes but only {self.num_classes_used} of "
+      raise DataError(f"A batch needs {p} distinct classes but only {self.num_classes_used} of "
                        f"{len(classes)} classes have {rule}")
     sizes = np.array([len(x) for x in self._members])
     groups = -(-sizes // m) if with_replacement else sizes // m
@@ -81,7 +83,7 @@ class MPerClassSampler:
         break
       steps = new_steps
     if steps == 0:
-      raise ValueError("Not enough images for a single batch")
+      raise DataError("Not enough images for a single batch")
     self._groups = np.minimum(groups, steps)
     self.steps_per_epoch = steps
     self._cache: tuple[int, np.ndarray] | None = None
@@ -132,9 +134,9 @@ class MPerClassSampler:
     if process_count < 1 or not 0 <= process_index < process_count:
       raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     if len(indices) % process_count:
-      raise ValueError(f"Global batch {len(indices)} is not divisible by process_count {process_count}")
+      raise ConfigError(f"Global batch {len(indices)} is not divisible by process_count {process_count}")
     local = len(indices) // process_count
     if local % self.samples_per_class:
-      raise ValueError(f"Local batch {local} (= {len(indices)} / {process_count} processes) is not a "
+      raise ConfigError(f"Local batch {local} (= {len(indices)} / {process_count} processes) is not a "
                        f"multiple of samples_per_class {self.samples_per_class}: class groups would split")
     return indices[process_index * local:(process_index + 1) * local]

@@ -1,9 +1,22 @@
 """Image decoding and augmentation with PIL: RandomResizedCrop + flip (train), resize + center crop (test).
 
-All functions take encoded bytes and return uint8 (H, W, C) arrays; normalisation happens on the
-device. JPEGs are decoded with PIL's DCT-domain downscaling (`draft`) by at most the factor that
-keeps the region of interest at least as large as the output, so a 224 px crop of a large photo
-does not pay for a full-resolution decode; the bilinear (antialiased) resize then does the rest.
+All functions take encoded bytes (or an image `decode_image` already decoded) and return uint8
+(H, W, C) arrays; normalisation happens on the device. JPEGs are decoded with PIL's DCT-domain
+downscaling (`draft`) by at most the factor that keeps the region of interest at least as large
+as the output, so a 224 px crop of a large photo does not pay for a full-resolution decode; the
+bilinear (antialiased) resize then does the rest.
+
+Every mode PIL opens becomes the configured channels (1: "L", 3: "RGB") as uint8, with these rules:
+
+- 16-bit and 32-bit integer grey ("I;16", "I;16B", "I;16L", "I"): the value, clipped to
+  0..65535, shifted right by 8 (the high byte), so 65535 -> 255 and 256 -> 1.
+- 32-bit float grey ("F"): the range 0..1 mapped to 0..255 (rounded; NaN -> 0, clipped).
+- Transparency ("RGBA", "LA", "PA", "RGBa", palette or grey/RGB images with a transparent
+  colour): composited on white, `round((c * a + 255 * (255 - a)) / 255)`, so fully transparent
+  pixels are white.
+- CMYK, YCbCr and the other colour modes: PIL's conversion to RGB (CMYK:
+  `round((255 - c) * (255 - k) / 255)`).
+- Colour to one channel: PIL's ITU-R 601-2 luma; grey to three channels: the grey value repeated.
 """
 
 from __future__ import annotations
@@ -14,19 +27,74 @@ import math
 import numpy as np
 import PIL.Image
 
+from recall_jax.errors import ConfigError, DataError
+
 _MODES = {1: "L", 3: "RGB"}
+_HIGH_DEPTH = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_WITH_ALPHA = ("RGBA", "RGBa", "LA", "La", "PA")
 
 
-def _open(data: bytes, record: str) -> PIL.Image.Image:
+def _open(data: bytes | np.ndarray, record: str) -> PIL.Image.Image:
+  if isinstance(data, np.ndarray):  # Already decoded (`decode_image`): uint8 (H, W, 1 or 3).
+    return PIL.Image.fromarray(data[..., 0] if data.shape[-1] == 1 else data)
   try:
     return PIL.Image.open(io.BytesIO(data))
   except Exception as e:
-    raise ValueError(f"Cannot decode image of record {record}: {type(e).__name__}: {e}") from e
+    raise DataError(f"Cannot decode image of record {record}: {type(e).__name__}: {e}") from e
+
+
+def _on_white(pixels: np.ndarray) -> np.ndarray:
+  """uint8 (H, W, C + 1) colour + alpha -> uint8 (H, W, C) composited on white, rounded."""
+  colour, alpha = pixels[..., :-1].astype(np.uint32), pixels[..., -1:].astype(np.uint32)
+  # round(x / 255) as (x + 127) // 255: x / 255 is never exactly k + 1/2 (255 is odd).
+  return ((colour * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
+
+
+def _convert(image: PIL.Image.Image, channels: int) -> PIL.Image.Image:
+  """`image` in mode "L" (channels 1) or "RGB" (3), by the rules in the module docstring."""
+  target = _MODES[channels]
+  mode = image.mode
+  if mode in _HIGH_DEPTH:
+    high = np.clip(np.asarray(image).astype(np.int64), 0, 65535) >> 8
+    image = PIL.Image.fromarray(high.astype(np.uint8), "L")
+  elif mode == "F":
+    unit = np.clip(np.nan_to_num(np.asarray(image, np.float64), nan=0.0), 0.0, 1.0)
+    image = PIL.Image.fromarray(np.rint(unit * 255).astype(np.uint8), "L")
+  elif mode in _WITH_ALPHA or "transparency" in image.info:
+    if mode in ("LA", "La") or (mode in ("L", "1") and "transparency" in image.info):
+      image = PIL.Image.fromarray(_on_white(np.asarray(image.convert("LA")))[..., 0], "L")
+    else:
+      image = PIL.Image.fromarray(_on_white(np.asarray(image.convert("RGBA"))), "RGB")
+  elif mode not in ("1", "L", "P", "RGB"):  # CMYK, YCbCr, LAB, HSV, RGBX, ...
+    image = image.convert("RGB")
+  return image if image.mode == target else image.convert(target)
+
+
+def decode_image(data: bytes, channels: int = 3, *, record: str = "?") -> np.ndarray:
+  """Decodes an image at full resolution to the configured channels.
+
+  Args:
+    data: encoded image bytes (any format and mode PIL opens).
+    channels: 1 (grey) or 3 (RGB); modes are converted by the rules in the module docstring.
+    record: names the record in error messages.
+
+  Returns:
+    uint8 (H, W, channels).
+
+  Raises:
+    ValueError: the bytes cannot be decoded, or channels is not 1 or 3.
+  """
+  _check_channels(channels)
+  image = _open(data, record)
+  try:
+    return _to_array(_convert(image, channels), channels)
+  except Exception as e:
+    raise DataError(f"Cannot decode image of record {record}: {type(e).__name__}: {e}") from e
 
 
 def _check_channels(channels: int) -> str:
   if channels not in _MODES:
-    raise ValueError(f"channels must be 1 or 3, got {channels}")
+    raise ConfigError(f"channels must be 1 or 3, got {channels}")
   return _MODES[channels]
 
 
@@ -35,11 +103,10 @@ def _resize(image: PIL.Image.Image, channels: int, box: tuple[float, float, floa
   """Decodes (in L / RGB, so 1-bit and palette images are resampled bilinearly too) and resizes."""
   try:
     box = _draft(image, channels, box, (size, size))
-    if image.mode != _MODES[channels]:
-      image = image.convert(_MODES[channels])
+    image = _convert(image, channels)
     return image.resize((size, size), PIL.Image.BILINEAR, box=box)
   except Exception as e:
-    raise ValueError(f"Cannot decode image of record {record}: {type(e).__name__}: {e}") from e
+    raise DataError(f"Cannot decode image of record {record}: {type(e).__name__}: {e}") from e
 
 
 def _to_array(image: PIL.Image.Image, channels: int) -> np.ndarray:
@@ -95,13 +162,14 @@ def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
   return left, top, left + w, top + h
 
 
-def train_augment(data: bytes, rng: np.random.Generator, *, image_size: int, channels: int = 3,
+def train_augment(data: bytes | np.ndarray, rng: np.random.Generator, *, image_size: int,
+                  channels: int = 3,
                   crop_scale: tuple[float, float] = (0.08, 1.0), flip: bool = True,
                   record: str = "?") -> np.ndarray:
   """Decode -> RandomResizedCrop (bilinear) -> random horizontal flip.
 
   Args:
-    data: encoded image bytes (JPEG, PNG, ...).
+    data: encoded image bytes (JPEG, PNG, ...), or `decode_image`'s array of them.
     rng: the record's generator; the output is a pure function of (data, rng state).
     image_size: output side in pixels.
     channels: 1 (grayscale) or 3 (RGB).
@@ -122,7 +190,8 @@ def train_augment(data: bytes, rng: np.random.Generator, *, image_size: int, cha
   return _to_array(image, channels)
 
 
-def eval_transform(data: bytes, *, image_size: int, resize_size: int, channels: int = 3,
+def eval_transform(data: bytes | np.ndarray, *, image_size: int, resize_size: int,
+                   channels: int = 3,
                    record: str = "?") -> np.ndarray:
   """Decode -> resize the shorter side to `resize_size` (bilinear) -> center crop `image_size`.
 
@@ -133,7 +202,7 @@ def eval_transform(data: bytes, *, image_size: int, resize_size: int, channels: 
   """
   _check_channels(channels)
   if image_size > resize_size:
-    raise ValueError(f"image_size {image_size} exceeds resize_size {resize_size}")
+    raise ConfigError(f"image_size {image_size} exceeds resize_size {resize_size}")
   image = _open(data, record)
   width, height = image.size
   scale = resize_size / min(width, height)

@@ -8,6 +8,7 @@ import PIL.Image
 import pytest
 
 from recall_jax import data
+from recall_jax import errors
 from recall_jax.data import transforms
 
 
@@ -96,3 +97,45 @@ def test_in_memory_source_holds_the_same_records():
     held[len(source)]
   with pytest.raises(ValueError, match="turn data.in_memory off"):
     data.InMemorySource(source, max_bytes=100, progress=False)
+
+
+def _one_bit_source(num_classes=4, per_class=4, size=20):
+  """1-bit PNGs, as Omniglot's, plus a few 8-bit grey ones."""
+  rng = np.random.default_rng(2)
+  records = []
+  for c in range(num_classes):
+    for k in range(per_class):
+      pixels = rng.integers(0, 2, (size, size + 3)).astype(bool)
+      image = PIL.Image.fromarray(pixels).convert("1") if k % 2 else PIL.Image.fromarray(
+          rng.integers(0, 256, (size, size + 3), np.uint8))
+      buffer = io.BytesIO()
+      image.save(buffer, "PNG")
+      records.append({"image": buffer.getvalue(), "label": c, "id": f"{c}-{k}"})
+  return _ListSource(records)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_decoded_in_memory_source_gives_the_same_batches(channels):
+  source = _one_bit_source()
+  held = data.InMemorySource(source, decode_channels=channels, progress=False)
+  assert held.decode_channels == channels
+  assert held.nbytes == sum(20 * 23 * channels for _ in range(len(source)))
+  for i in (0, 5):
+    np.testing.assert_array_equal(held[i]["image"], transforms.decode_image(source[i]["image"], channels))
+    assert held[i]["label"] == source[i]["label"] and held[i]["id"] == source[i]["id"]
+  sampler = data.MPerClassSampler(source.labels, 8, 2, seed=1)
+  kw = dict(image_size=12, seed=9, channels=channels, num_steps=3)
+  for a, b in zip(data.make_train_loader(source, sampler, **kw), data.make_train_loader(held, sampler, **kw)):
+    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["label"], b["label"])
+  eval_kw = dict(image_size=16, resize_size=18, batch_size=5, channels=channels)
+  for a, b in zip(data.make_eval_loader(source, **eval_kw), data.make_eval_loader(held, **eval_kw)):
+    np.testing.assert_array_equal(a["image"], b["image"])
+
+
+def test_decoded_in_memory_source_refuses_above_its_cap():
+  source = _one_bit_source()
+  encoded = data.InMemorySource(source, max_bytes=20 * 23 * 15, progress=False)  # PNGs are small.
+  assert encoded.decode_channels is None and encoded.nbytes < 20 * 23 * 15
+  with pytest.raises(errors.ConfigError, match="bytes of decoded images; turn data.in_memory off"):
+    data.InMemorySource(source, decode_channels=1, max_bytes=20 * 23 * 15, progress=False)

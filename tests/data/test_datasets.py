@@ -3,9 +3,16 @@
 import functools
 import http.server
 import io
+import logging
+import os
 import pathlib
+import subprocess
+import sys
+import textwrap
 import threading
 import zipfile
+
+from absl import logging as absl_logging
 
 import numpy as np
 import PIL.Image
@@ -13,6 +20,7 @@ import pytest
 import scipy.io
 
 from recall_jax import data
+from recall_jax import errors
 from recall_jax.data import paths
 
 
@@ -106,10 +114,7 @@ def test_sop_splits_and_labels(tmp_path):
   np.testing.assert_array_equal(np.unique(test.labels), [0, 1])
   _assert_labels_match_names(train, names)
   _assert_labels_match_names(test, names)
-  # Super-classes 1 + class % 2: class 7 -> 2, class 8 -> 1, contiguous within the split.
-  assert test.super_class_names == ["1", "2"]
-  for i in range(len(test)):
-    assert test[i]["super_label"] == (0 if test.class_names[test[i]["label"]] == "8" else 1)
+  assert set(test[0]) == {"image", "label", "id"}  # Super-classes are checked, not kept.
 
 
 def test_second_load_reuses_prepared_copy(tmp_path):
@@ -135,7 +140,7 @@ def test_inat2018(tmp_path):
     (folder / f"Inaturalist_{split}_set1.txt").write_text("\n".join(lines) + "\n")
   train = _load("inat2018", "train", tmp_path)
   assert train.class_names == ["Aves/7", "Plantae/10", "Plantae/2"]
-  assert train.super_class_names == ["Aves", "Plantae"] and len(train) == 6
+  assert len(train) == 6
   _assert_labels_match_names(train, names)
   _assert_labels_match_names(_load("inat2018", "test", tmp_path), names)
 
@@ -227,7 +232,7 @@ def test_omniglot_fake_archives(tmp_path):
   test = _load("omniglot", "test", tmp_path, download=False)
   assert (len(train), train.num_classes, len(test), test.num_classes) == (15, 5, 6, 2)
   assert train.class_names[:2] == ["Greek/character01", "Greek/character02"]
-  assert train.super_class_names == ["Greek", "Latin"] and train.channels == 1
+  assert train.channels == 1
   record = train[0]
   assert record["id"].startswith("images_background/") and record["image"][:4] == b"\x89PNG"
   assert train.class_names[record["label"]] == record["id"].split("/", 1)[1].rsplit("/", 1)[0]
@@ -342,7 +347,12 @@ def test_corrupt_images_are_skipped_with_one_warning(tmp_path):
   (tree / "b" / "2.jpg").write_bytes(good[: len(good) // 2])  # Truncated JPEG.
   with pytest.warns(UserWarning, match=r"skipped 2 unreadable image\(s\) of 6"):
     source = _load("folder", "train", tmp_path)
-  assert len(source) == 4 and len(source.skipped) == 2
+  assert len(source) == 4 and len(source.skipped) == 2 and source.listed == 6
+  # Every later load repeats the count (the prepared copy is reused, not rebuilt).
+  with pytest.warns(UserWarning, match=r"folder/train: skipped 2 unreadable image\(s\) of 6; first: "
+                    r"\['a/1\.jpg"):
+    again = _load("folder", "train", tmp_path)
+  assert again.prepared_dir == source.prepared_dir and again.skipped == source.skipped
   np.testing.assert_array_equal(np.bincount(source.labels), [2, 2])
   assert {source[i]["id"] for i in range(4)} == {"a/0.jpg", "a/2.jpg", "b/0.jpg", "b/1.jpg"}
 
@@ -371,7 +381,7 @@ def test_omniglot_shared_copy(omniglot_root):
   train = data.load_split("omniglot", "train", data_root=omniglot_root)
   assert (len(train), train.num_classes) == (19280, 964)
   np.testing.assert_array_equal(np.bincount(train.labels), np.full(964, 20))
-  assert len(train.super_class_names) == 30
+  assert len({name.split("/")[0] for name in train.class_names}) == 30  # Alphabets.
   for i in (0, 12345, len(train) - 1):
     record = train[i]
     member = record["id"]
@@ -381,3 +391,184 @@ def test_omniglot_shared_copy(omniglot_root):
     assert PIL.Image.open(io.BytesIO(record["image"])).size == (105, 105)
   test = data.load_split("omniglot", "test", data_root=omniglot_root)
   assert (len(test), test.num_classes) == (13180, 659)
+
+
+# --------------------------------------------------------------------------------------------
+# A user's folder / CSV data: query and gallery splits, CSV labels, freshness.
+
+
+def test_query_gallery_folders_share_one_label_space(tmp_path):
+  tree = tmp_path / "folder"
+  layout = {"query": ("bird", "cat"), "gallery": ("ant", "bird", "cat", "dog")}
+  names = {}
+  for split, classes in layout.items():
+    for cls in classes:
+      for k in range(2):
+        _write_image(tree / split / cls / f"{k}.png", cls)
+        names[f"{cls}/{k}.png"] = cls
+  query = _load("folder", "query", tmp_path)
+  gallery = _load("folder", "gallery", tmp_path)
+  assert query.class_names == gallery.class_names == ["ant", "bird", "cat", "dog"]
+  assert query.num_classes == gallery.num_classes == 4
+  np.testing.assert_array_equal(np.unique(query.labels), [1, 2])  # bird, cat: as in the gallery.
+  _assert_labels_match_names(query, names)
+  _assert_labels_match_names(gallery, names)
+  # Without the pairing (an explicit label space of one split), labels are the split's own.
+  alone = _load("folder", "query", tmp_path, label_splits=("query",))
+  assert alone.class_names == ["bird", "cat"]
+  with pytest.raises(errors.ConfigError, match="do not include it"):
+    _load("folder", "query", tmp_path, label_splits=("gallery", "train"))
+  with pytest.raises(errors.ConfigError, match="folder` data only"):
+    _load("sop", "train", tmp_path, label_splits=("train",))
+
+
+def test_query_gallery_csvs_share_one_label_space(tmp_path):
+  tree = tmp_path / "folder"
+  names = {}
+  for split, classes in {"query": ("12", "3"), "gallery": ("3", "007", "12")}.items():
+    rows = ["path,label"]
+    for cls in classes:
+      rel = f"images/{split}-{cls}.png"
+      _write_image(tree / rel, str(int(cls)))
+      rows.append(f"{rel},{cls}")
+      names[rel] = str(int(cls))
+    (tree / f"{split}.csv").write_text("\n".join(rows) + "\n")
+  query = _load("folder", "query", tmp_path)
+  gallery = _load("folder", "gallery", tmp_path)
+  assert query.class_names == gallery.class_names == ["3", "7", "12"]
+  _assert_labels_match_names(query, names)
+  _assert_labels_match_names(gallery, names)
+
+
+def test_csv_numeric_labels_are_one_class_and_bom_is_accepted(tmp_path):
+  tree = tmp_path / "folder"
+  spellings = {"1": ("1", "1.0", "01"), "2": ("2", "+2", "2e0")}
+  rows, names = ["path,label"], {}
+  for cls, forms in spellings.items():
+    for k, form in enumerate(forms):
+      rel = f"img/{cls}-{k}.png"
+      _write_image(tree / rel, cls)
+      rows.append(f"{rel},{form}")
+      names[rel] = cls
+  # As spreadsheet programs save "CSV UTF-8": a byte-order mark before the header.
+  (tree / "train.csv").write_bytes(("\n".join(rows) + "\n").encode("utf-8-sig"))
+  source = _load("folder", "train", tmp_path)
+  assert source.class_names == ["1", "2"] and len(source) == 6
+  np.testing.assert_array_equal(np.bincount(source.labels), [3, 3])
+  _assert_labels_match_names(source, names)
+
+
+@pytest.mark.parametrize("labels, message", [
+    (("1", "cat"), r"mix numbers \(train\.csv:2: '1'\) and names \(train\.csv:3: 'cat'\)"),
+    (("1", "1.5"), r"train\.csv:3: label '1\.5' is a number but not a whole one"),
+])
+def test_csv_bad_labels_are_refused(tmp_path, labels, message):
+  tree = tmp_path / "folder"
+  rows = ["path,label"]
+  for k, label in enumerate(labels):
+    _write_image(tree / f"{k}.png", "x")
+    rows.append(f"{k}.png,{label}")
+  (tree / "train.csv").write_text("\n".join(rows) + "\n")
+  with pytest.raises(errors.DataError, match=message):
+    _load("folder", "train", tmp_path)
+
+
+def test_changed_csv_image_is_prepared_again(tmp_path):
+  tree = tmp_path / "folder"
+  _write_image(tree / "img" / "a.png", "a")
+  _write_image(tree / "img" / "b.png", "b")
+  (tree / "train.csv").write_text("path,label\nimg/a.png,a\nimg/b.png,b\n")
+  first = _load("folder", "train", tmp_path)
+  _assert_labels_match_names(first, {"img/a.png": "a", "img/b.png": "b"})
+  # Replace an image's content, not the CSV: the prepared copy must not be reused.
+  image = tree / "img" / "a.png"
+  image.write_bytes(_image_bytes("other", size=(11, 8)))
+  os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))
+  second = _load("folder", "train", tmp_path)
+  assert second.prepared_dir != first.prepared_dir
+  record = next(second[i] for i in range(len(second)) if second[i]["id"] == "img/a.png")
+  assert record["image"] == image.read_bytes()
+
+
+# --------------------------------------------------------------------------------------------
+# Preparation: atomic, quiet.
+
+
+def _tiny_folder(root: pathlib.Path, per_class: int = 3) -> None:
+  for cls in ("a", "b"):
+    for k in range(per_class):
+      _write_image(root / "folder" / "train" / cls / f"{k}.png", cls)
+
+
+def test_preparation_killed_midway_leaves_nothing_that_breaks_the_next_load(tmp_path):
+  _tiny_folder(tmp_path, per_class=4)
+  # A preparation that the kernel kills (SIGKILL, no clean-up code runs) on its fifth image.
+  script = textwrap.dedent(f"""
+      import os, signal
+      from recall_jax import data
+      from recall_jax.data import datasets
+      seen = []
+      check = datasets.check_image
+      def dying_check(blob):
+        seen.append(1)
+        if len(seen) == 5:
+          os.kill(os.getpid(), signal.SIGKILL)
+        return check(blob)
+      datasets.check_image = dying_check
+      data.load_split("folder", "train", data_root={str(tmp_path)!r}, prepared_dir={str(tmp_path / "prep")!r})
+  """)
+  result = subprocess.run([sys.executable, "-c", script], cwd=pathlib.Path(__file__).parents[2],
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == -9, result.stderr[-2000:]
+  leftovers = list((tmp_path / "prep").iterdir())
+  assert leftovers and all(p.name.startswith(".folder-") and ".partial-" in p.name for p in leftovers)
+  source = _load("folder", "train", tmp_path)
+  assert len(source) == 8
+  assert [p.name for p in (tmp_path / "prep").iterdir()] == [source.prepared_dir.name]
+
+
+def test_incomplete_prepared_copy_is_rebuilt(tmp_path):
+  _tiny_folder(tmp_path)
+  first = _load("folder", "train", tmp_path)
+  info = next(first.prepared_dir.rglob("dataset_info.json"))
+  info.unlink()  # What an interrupted copy without the final rename would look like.
+  again = _load("folder", "train", tmp_path)
+  assert again.prepared_dir == first.prepared_dir and info.is_file()
+  np.testing.assert_array_equal(again.labels, first.labels)
+  assert [p.name for p in (tmp_path / "prep").iterdir()] == [first.prepared_dir.name]
+
+
+def test_preparation_shows_one_bar_per_split_and_nothing_of_tfds(tmp_path, capfd):
+  _tiny_folder(tmp_path)
+  absl_logger = logging.getLogger("absl")
+  verbosity, level = absl_logging.get_verbosity(), absl_logger.level
+  absl_logging.set_verbosity(absl_logging.INFO)  # As under absl.app with --verbosity=0.
+  try:
+    _load("folder", "train", tmp_path)
+    out, err = capfd.readouterr()
+    assert absl_logger.level == logging.INFO  # Restored after preparing.
+    _load("folder", "train", tmp_path)  # Reused: not a word.
+    out_again, err_again = capfd.readouterr()
+  finally:
+    absl_logging.set_verbosity(verbosity)
+    absl_logger.setLevel(level)
+  for unwanted in ("Downloading and preparing", "Unknown size", "Shuffling", "incomplete",
+                   "Generating", "Subsequent calls", "dataset_info", "INFO", "recall_jax_retrieval"):
+    assert unwanted not in out + err, (unwanted, out, err)
+  assert out == "" and "preparing folder/train: 6 images" in err
+  assert (out_again, err_again) == ("", "")
+
+
+def test_folder_images_of_any_mode_are_prepared_and_decoded(tmp_path):
+  """A 16-bit PNG and a CMYK TIFF go through preparation and the loader with correct scaling."""
+  tree = tmp_path / "folder" / "train"
+  (tree / "deep").mkdir(parents=True)
+  (tree / "print").mkdir(parents=True)
+  values = np.full((8, 8), 40000, np.uint16)  # 40000 >> 8 = 156, not saturated to 255.
+  PIL.Image.fromarray(values).save(tree / "deep" / "0.png")
+  PIL.Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(tree / "print" / "0.tiff")  # Pure red.
+  source = _load("folder", "train", tmp_path)
+  batch = next(iter(data.make_eval_loader(source, image_size=8, resize_size=8, batch_size=2)))
+  by_class = {source.class_names[label]: image for label, image in zip(batch["label"], batch["image"])}
+  np.testing.assert_array_equal(by_class["deep"], np.full((8, 8, 3), 156, np.uint8))
+  np.testing.assert_array_equal(by_class["print"], np.broadcast_to(np.uint8([255, 0, 0]), (8, 8, 3)))

@@ -2,12 +2,15 @@
 
 import io
 import math
+import threading
+import time
 
 import numpy as np
 import PIL.Image
 import pytest
 
 from recall_jax import data
+from recall_jax import errors
 from recall_jax.data import transforms
 
 
@@ -181,3 +184,67 @@ def test_omniglot_end_to_end(omniglot_root):
   np.testing.assert_array_equal(batch["label"], source.labels[sampler.batch_indices(0)])
   # Omniglot strokes are dark on white.
   assert batch["image"].max() == 255 and batch["image"].min() < 64
+
+
+class _CountingSource(list):
+  """A list source that counts the records read, to see batches being built ahead."""
+
+  def __init__(self, records):
+    super().__init__(records)
+    self.reads = 0
+    self._lock = threading.Lock()
+
+  def __getitem__(self, index):
+    with self._lock:
+      self.reads += 1
+    return super().__getitem__(index)
+
+
+def _wait_for(condition, timeout_s=20.0):
+  deadline = time.monotonic() + timeout_s
+  while not condition() and time.monotonic() < deadline:
+    time.sleep(0.01)
+  return condition()
+
+
+def _prefetch_threads():
+  return [t for t in threading.enumerate() if t.name.startswith("grain-thread-prefetch") and t.is_alive()]
+
+
+@pytest.mark.parametrize("read_threads, prefetch_batches", [(0, 2), (2, 0), (2, 2), (1, 1)])
+def test_read_ahead_keeps_the_batches(read_threads, prefetch_batches):
+  source = _source()
+  sampler = data.MPerClassSampler(np.array([r["label"] for r in source]), 8, 2, seed=0)
+  serial = list(_loader(source, sampler, num_steps=4, read_threads=0, prefetch_batches=0))
+  ahead = list(_loader(source, sampler, num_steps=4, read_threads=read_threads,
+                       prefetch_batches=prefetch_batches))
+  assert len(ahead) == 4
+  for a, b in zip(serial, ahead):
+    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["label"], b["label"])
+
+
+def test_batches_are_built_in_the_background_while_the_caller_works():
+  source = _CountingSource(_source())
+  sampler = data.MPerClassSampler(np.array([r["label"] for r in source]), 8, 2, seed=0)
+  loader = _loader(source, sampler, read_threads=0, prefetch_batches=2)
+  next(loader)
+  # Nobody asks for batch 2 or 3, yet their records are read: 1 returned + 2 queued (+ 1 held).
+  assert _wait_for(lambda: source.reads >= 3 * 8)
+  assert _prefetch_threads()
+  loader.close()
+  assert _wait_for(lambda: not _prefetch_threads())
+  # Without read-ahead, nothing is read beyond the batch asked for.
+  source.reads = 0
+  serial = _loader(source, sampler, read_threads=0, prefetch_batches=0)
+  next(serial)
+  time.sleep(0.3)
+  assert source.reads == 8
+  serial.close()
+
+
+def test_negative_prefetch_is_refused():
+  source = _source()
+  sampler = data.MPerClassSampler(np.array([r["label"] for r in source]), 8, 2, seed=0)
+  with pytest.raises(errors.ConfigError, match="must be non-negative"):
+    _loader(source, sampler, prefetch_batches=-1)
