@@ -10,16 +10,21 @@ from recall_jax.evaluation.knn import knn
 from recall_jax.evaluation.metrics import metrics_from_ranks, retrieval_metrics
 from recall_jax.evaluation.protocols import protocol_for
 from recall_jax.evaluation.reid import vehicleid_reid_metrics
+from recall_jax.evaluation.revisited import (format_revisited_table, revisited_metrics,
+                                             scores_from_ranks)
 from recall_jax.evaluation.sharding import data_mesh
 
 __all__ = [
     "Evaluator",
     "data_mesh",
     "extract_embeddings",
+    "format_revisited_table",
     "knn",
     "l2_normalize",
     "metrics_from_ranks",
     "protocol_for",
     "retrieval_metrics",
+    "revisited_metrics",
+    "scores_from_ranks",
     "vehicleid_reid_metrics",
 ]

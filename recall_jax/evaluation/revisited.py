@@ -1,0 +1,349 @@
+"""The revisited Oxford / Paris protocol (Radenovic et al., CVPR 2018): Easy, Medium and Hard.
+
+Each query's ground truth lists database indices `easy`, `hard` and `junk`. A protocol splits them
+into positives and ignored items; everything else is negative:
+
+  protocol   positives      ignored
+  easy       easy           junk + hard
+  medium     easy + hard    junk
+  hard       hard           junk + easy
+
+Ignored items are removed from the ranking, so a positive at 0-based rank r with i ignored items
+above it is at rank r - i. With the j-th positive (0-based) at rank r_j of R positives:
+
+  AP     = (1 / R) sum_j (p_left + p_right) / 2,  p_left = j / r_j (1 when r_j = 0),
+                                                  p_right = (j + 1) / (r_j + 1)
+  mP@k   = #{j : r_j + 1 <= k'} / k',  k' = min(k, r_{R-1} + 1)
+
+averaged over the queries that have at least one positive under the protocol (the others are left
+out of that protocol's means; a protocol without any such query is NaN).
+
+Ranking is by cosine similarity in float32 (`Precision.HIGHEST`), equal similarities ranking the
+lower database index first (the tie rule of `knn`). No ranking is ever sorted: the database is read
+in blocks of rows (a memory-mapped file is never loaded whole) and, per block, every query counts
+the items that rank above each of its listed items (`symmetric_ranks.count_above_by_row`). Two
+passes keep that exact: the first computes the similarity of each listed item in the block that
+holds it, the second counts against those very float32 values from the same compiled block
+computation. Memory is O(block x D + Q x block + Q x W), W the longest list of a query; cost is two
+matmuls' worth of the blocks holding listed items, one of the rest, and Q x N x W comparisons.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import os
+from collections.abc import Mapping, Sequence
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import Mesh, PartitionSpec
+
+from recall_jax.evaluation import extraction
+from recall_jax.evaluation import sharding
+from recall_jax.evaluation import symmetric_ranks
+# Imported by name: the package rebinds `recall_jax.evaluation.knn` to the function of that name.
+from recall_jax.evaluation.knn import as_embeddings, similarities
+
+PROTOCOLS = ("easy", "medium", "hard")
+# Roles of a listed item, and which roles are positive / ignored under each protocol.
+_EASY, _HARD, _JUNK = 0, 1, 2
+_ROLES = {
+    "easy": ((_EASY,), (_JUNK, _HARD)),
+    "medium": ((_EASY, _HARD), (_JUNK,)),
+    "hard": ((_HARD,), (_JUNK, _EASY)),
+}
+# Query rows compared per counting step on CPU (see `metrics._ROWS_PER_STEP`).
+_ROWS_PER_STEP = 8
+# Default database block: about this many bytes of float32 rows.
+_BLOCK_BYTES = 64 << 20
+# Blocks dispatched ahead of the one the host waits for; bounds the device buffers in flight.
+_IN_FLIGHT = 2
+
+
+def _similarities_local(queries, block, num_valid):
+  sims = similarities(queries, extraction.l2_normalize(block))
+  columns = lax.broadcasted_iota(jnp.int32, sims.shape, 1)
+  finite = jnp.all(jnp.isfinite(block))
+  # Padding rows of the last block never rank above anything.
+  return jnp.where(columns < num_valid, sims, -jnp.inf), finite[None]
+
+
+@partial(jax.jit, static_argnames=("mesh",))
+def _block_similarities(queries, block, num_valid, *, mesh: Mesh):
+  """(Qp, D) normalised queries x (B, D) raw rows -> (Qp, B) cosines, padding columns -inf; and
+  whether the block's rows are all finite, one flag per device."""
+  rows = PartitionSpec(sharding.DATA_AXIS)
+  return jax.shard_map(_similarities_local, mesh=mesh,
+                       in_specs=(rows, PartitionSpec(), PartitionSpec()),
+                       out_specs=(rows, rows))(queries, block, num_valid)
+
+
+def _count_local(counts, sims, thresholds, items, start, *, rows_per_step):
+  columns = start + lax.iota(jnp.int32, sims.shape[1])
+  return counts + symmetric_ranks.count_above_by_row(sims, thresholds, items, columns,
+                                                     rows_per_step)
+
+
+@partial(jax.jit, static_argnames=("mesh", "rows_per_step"))
+def _add_block_counts(counts, sims, thresholds, items, start, *, mesh: Mesh, rows_per_step: int):
+  rows = PartitionSpec(sharding.DATA_AXIS)
+  return jax.shard_map(partial(_count_local, rows_per_step=rows_per_step), mesh=mesh,
+                       in_specs=(rows, rows, rows, rows, PartitionSpec()), out_specs=rows)(
+                           counts, sims, thresholds, items, start)
+
+
+def scores_from_ranks(positive_ranks, ignored_ranks, *,
+                      kappas: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+  """AP and mP@k of one query from the full-ranking positions of its positives and ignored items.
+
+  Args:
+    positive_ranks: (R,) distinct 0-based ranks of the positives in the ranking that still holds
+      the ignored items, any order; R >= 1.
+    ignored_ranks: (I,) 0-based ranks of the ignored items in the same ranking, any order.
+    kappas: cut-offs k of mP@k.
+
+  Returns:
+    {'ap': ..., 'mp@k' for each k} as floats in [0, 1].
+
+  Raises:
+    ValueError: no positives, or a rank listed twice.
+  """
+  positives = np.sort(np.asarray(positive_ranks, np.int64).ravel())
+  ignored = np.sort(np.asarray(ignored_ranks, np.int64).ravel())
+  if positives.size == 0:
+    raise ValueError("scores_from_ranks needs at least one positive")
+  if np.unique(np.concatenate([positives, ignored])).size != positives.size + ignored.size:
+    raise ValueError("a rank is listed twice among the positives and ignored items")
+  # Each positive moves up by the number of ignored items above it.
+  ranks = (positives - np.searchsorted(ignored, positives, side="left")).astype(np.float64)
+  j = np.arange(ranks.size, dtype=np.float64)
+  left = np.where(ranks == 0, 1.0, j / np.maximum(ranks, 1.0))
+  right = (j + 1) / (ranks + 1)
+  out = {"ap": float(np.mean((left + right) / 2))}
+  last = ranks[-1] + 1
+  for k in kappas:
+    cut = min(float(k), last)
+    out[f"mp@{k}"] = float(np.count_nonzero(ranks + 1 <= cut) / cut)
+  return out
+
+
+def _check_kappas(kappas: Sequence[int]) -> tuple[int, ...]:
+  kappas = tuple(kappas)
+  if not kappas:
+    raise ValueError("kappas must not be empty")
+  for k in kappas:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+      raise ValueError(f"kappas must be positive integers, got {k!r}")
+  return tuple(int(k) for k in kappas)
+
+
+def _open_database(database) -> Any:
+  """An (N, D) floating array-like, a `.npy` path opened memory-mapped; nothing is read yet."""
+  if isinstance(database, (str, os.PathLike)):
+    database = np.load(database, mmap_mode="r")
+  if not hasattr(database, "shape") or not hasattr(database, "dtype"):
+    database = np.asarray(database)
+  if len(database.shape) != 2 or database.shape[0] == 0 or database.shape[1] == 0:
+    raise ValueError(f"database_embeddings must be a non-empty 2-D (num, dim) array, got shape "
+                     f"{tuple(database.shape)}")
+  if not np.issubdtype(database.dtype, np.floating):
+    raise ValueError(f"database_embeddings must be floating point, got dtype {database.dtype}")
+  return database
+
+
+def _listed_items(gnd: Sequence[Mapping[str, Any]], num_queries: int,
+                  num_items: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+  """Per query: the database indices of its easy, hard and junk items and their roles."""
+  if len(gnd) != num_queries:
+    raise ValueError(f"gnd has {len(gnd)} entries for {num_queries} queries")
+  items, roles = [], []
+  for q, entry in enumerate(gnd):
+    lists = []
+    for role, key in ((_EASY, "easy"), (_HARD, "hard"), (_JUNK, "junk")):
+      if key not in entry:
+        raise ValueError(f"gnd[{q}] has no {key!r} list (keys: {sorted(entry)})")
+      values = np.asarray(entry[key]).ravel()
+      if values.size and not np.issubdtype(values.dtype, np.integer):
+        raise ValueError(f"gnd[{q}][{key!r}] must hold integer indices, got dtype {values.dtype}")
+      values = values.astype(np.int64)
+      if values.size and (values.min() < 0 or values.max() >= num_items):
+        raise ValueError(f"gnd[{q}][{key!r}] holds an index outside [0, {num_items}) "
+                         f"(min {values.min()}, max {values.max()})")
+      lists.append((np.full(values.shape, role, np.int8), values))
+    query_items = np.concatenate([v for _, v in lists])
+    if np.unique(query_items).size != query_items.size:
+      raise ValueError(f"gnd[{q}]: an index is listed twice across 'easy', 'hard' and 'junk'")
+    items.append(query_items)
+    roles.append(np.concatenate([r for r, _ in lists]))
+  return items, roles
+
+
+def _device_block(database, start: int, block: int) -> tuple[np.ndarray, int]:
+  """Rows [start, start + block) as float32, zero-padded to `block` rows; and the real count."""
+  rows = np.asarray(database[start:start + block], dtype=np.float32)
+  return sharding.pad_rows(rows, block), rows.shape[0]
+
+
+def revisited_metrics(query_embeddings, database_embeddings, gnd: Sequence[Mapping[str, Any]], *,
+                      kappas: Sequence[int] = (1, 5, 10), block: int | None = None,
+                      mesh: Mesh | None = None) -> dict[str, float]:
+  """mAP and mP@k of the Easy, Medium and Hard protocols, exactly and in bounded memory.
+
+  Args:
+    query_embeddings: (Q, D) float queries (not part of the database).
+    database_embeddings: (N, D) float database: an array, a `np.memmap` / `np.load(...,
+      mmap_mode='r')` array, or the path of a `.npy` file (opened memory-mapped). Read in blocks of
+      rows, never whole.
+    gnd: Q mappings with 0-based database index lists 'easy', 'hard' and 'junk' (as the official
+      ground-truth files hold them; other keys such as 'bbx' are ignored). The lists of a query must
+      be disjoint.
+    kappas: cut-offs k of mP@k.
+    block: database rows per step (default: about 64 MiB of float32 rows); memory ~ 3 blocks.
+    mesh: 1-D mesh to split the queries over (default: all devices).
+
+  Returns:
+    {'<protocol>/map', '<protocol>/mp@k' for each k} for protocol in easy, medium, hard: means in
+    [0, 1] over the queries with at least one positive under the protocol, NaN when none has.
+
+  Raises:
+    ValueError: bad shapes or dtypes, non-finite embeddings, malformed `gnd`, bad kappas or block.
+  """
+  kappas = _check_kappas(kappas)
+  queries = as_embeddings(query_embeddings, "query_embeddings")
+  database = _open_database(database_embeddings)
+  num_items, dim = (int(s) for s in database.shape)
+  if queries.shape[1] != dim:
+    raise ValueError(f"query_embeddings have dimension {queries.shape[1]} but the database has "
+                     f"{dim}")
+  items, roles = _listed_items(gnd, queries.shape[0], num_items)
+  if block is None:
+    block = max(1024, _BLOCK_BYTES // (4 * dim))
+  if block < 1:
+    raise ValueError(f"block must be >= 1, got {block}")
+  block = min(block, num_items)
+
+  ranks = _listed_ranks(queries, database, items, block=block,
+                        mesh=sharding.data_mesh() if mesh is None else mesh)
+
+  per_protocol: dict[str, list[dict[str, float]]] = {p: [] for p in PROTOCOLS}
+  for q, (rank, role) in enumerate(zip(ranks, roles)):
+    for protocol, (positive_roles, ignored_roles) in _ROLES.items():
+      positive = np.isin(role, positive_roles)
+      if positive.any():
+        per_protocol[protocol].append(scores_from_ranks(
+            rank[positive], rank[np.isin(role, ignored_roles)], kappas=kappas))
+  out = {}
+  for protocol, scores in per_protocol.items():
+    for name, key in [("map", "ap")] + [(f"mp@{k}", f"mp@{k}") for k in kappas]:
+      out[f"{protocol}/{name}"] = (float(np.mean([s[key] for s in scores])) if scores
+                                   else math.nan)
+  return out
+
+
+def _listed_ranks(queries: np.ndarray, database, items: list[np.ndarray], *, block: int,
+                  mesh: Mesh) -> list[np.ndarray]:
+  """0-based rank of every listed item of every query in its full cosine ranking."""
+  num_queries = queries.shape[0]
+  num_items = int(database.shape[0])
+  longest = max(i.size for i in items)
+  if longest == 0:
+    return [np.zeros(0, np.int64) for _ in items]
+  width = symmetric_ranks.bucket_width(longest)
+  padded = sharding.round_up(num_queries, mesh.size * _ROWS_PER_STEP)
+  valid = np.zeros((padded, width), bool)
+  listed = np.zeros((padded, width), np.int32)
+  for q, query_items in enumerate(items):
+    valid[q, :query_items.size] = True
+    listed[q, :query_items.size] = query_items
+
+  rows = sharding.row_sharding(mesh)
+  replicated = sharding.replicated(mesh)
+  on_cpu = mesh.devices.flat[0].platform == "cpu"
+  rows_per_step = _ROWS_PER_STEP if on_cpu else padded // mesh.size
+  query_rows = jax.device_put(
+      np.asarray(extraction.l2_normalize(sharding.pad_rows(queries, padded))), rows)
+
+  def block_similarities(start):
+    host_block, num_valid = _device_block(database, start, block)
+    return _block_similarities(query_rows, jax.device_put(host_block, replicated),
+                               jnp.int32(num_valid), mesh=mesh)
+
+  # Pass 1: the similarity of each listed item, from the block computation that pass 2 repeats.
+  # Slots without an item keep +inf, so nothing ever counts above them.
+  thresholds = np.full((padded, width), np.inf, np.float32)
+  finite_flags = []
+  for start in np.unique(listed[valid] // block * block):
+    start = int(start)
+    sims, finite = block_similarities(start)
+    finite_flags.append(finite)
+    here = valid & (listed >= start) & (listed < start + block)
+    q_index, w_index = np.nonzero(here)
+    thresholds[q_index, w_index] = np.asarray(sims)[q_index, listed[q_index, w_index] - start]
+
+  # Pass 2: count, per listed item, the database items ranking above it.
+  thresholds_device = jax.device_put(thresholds, rows)
+  listed_device = jax.device_put(listed, rows)
+  counts = jax.device_put(np.zeros((padded, width), np.int32), rows)
+  in_flight: collections.deque[jax.Array] = collections.deque()
+  for start in range(0, num_items, block):
+    sims, finite = block_similarities(start)
+    finite_flags.append(finite)
+    counts = _add_block_counts(counts, sims, thresholds_device, listed_device, jnp.int32(start),
+                               mesh=mesh, rows_per_step=rows_per_step)
+    # Waiting for an earlier step bounds the host blocks held by dispatched, unfinished steps.
+    in_flight.append(counts)
+    if len(in_flight) > _IN_FLIGHT:
+      in_flight.popleft().block_until_ready()
+  counts = np.asarray(counts)
+  if not all(bool(np.all(np.asarray(f))) for f in finite_flags):
+    raise ValueError("database_embeddings contain NaN or infinite values")
+  return [counts[q, :query_items.size].astype(np.int64) for q, query_items in enumerate(items)]
+
+
+def format_revisited_table(metrics: Mapping[str, float], *, digits: int = 2) -> str:
+  """The Easy / Medium / Hard table of `revisited_metrics` results, in percent.
+
+  Args:
+    metrics: `revisited_metrics` output, either as returned ('easy/map', ...) or with one prefix
+      per setting ('roxford5k/easy/map', 'roxford5k+revisitop1m/easy/map', ...): one row each.
+    digits: decimals shown.
+
+  Returns:
+    A plain-text table: one header line naming the protocols, one naming the columns (mAP and
+    mP@k, in the order the metrics hold them), one line per setting.
+
+  Raises:
+    ValueError: no '<protocol>/<metric>' keys.
+  """
+  settings: dict[str, dict[str, float]] = {}
+  columns: list[str] = []
+  for key, value in metrics.items():
+    parts = key.split("/")
+    if len(parts) < 2 or parts[-2] not in PROTOCOLS:
+      continue
+    setting = "/".join(parts[:-2])
+    settings.setdefault(setting, {})[f"{parts[-2]}/{parts[-1]}"] = float(value)
+    if parts[-1] not in columns:
+      columns.append(parts[-1])
+  if not settings:
+    raise ValueError(f"no '<protocol>/<metric>' keys (protocols {PROTOCOLS}) in {sorted(metrics)}")
+  columns.sort(key=lambda c: (c != "map", int(c[3:]) if c.startswith("mp@") else 0))
+  titles = ["mAP" if c == "map" else c.replace("mp@", "mP@") for c in columns]
+  cell = max(4 + digits, *(len(t) for t in titles)) + 1
+  label = max(len("setting"), *(len(s) for s in settings))
+  group = cell * len(columns)
+  lines = [" " * label + "".join(f"{p.capitalize():>{group}}" for p in PROTOCOLS),
+           f"{'setting':<{label}}" + "".join(f"{t:>{cell}}" for _ in PROTOCOLS for t in titles)]
+  for setting, values in settings.items():
+    row = f"{setting or '-':<{label}}"
+    for protocol in PROTOCOLS:
+      for column in columns:
+        value = values.get(f"{protocol}/{column}", math.nan)
+        row += f"{100 * value:>{cell}.{digits}f}"
+    lines.append(row)
+  return "\n".join(lines)
