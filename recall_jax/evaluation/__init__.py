@@ -4,6 +4,7 @@ Similarity is the inner product in float32 (cosine for the L2-normalised embeddi
 `extract_embeddings` returns); ties rank the lower database index first everywhere.
 """
 
+from recall_jax.evaluation.embedding_cache import cached_embeddings
 from recall_jax.evaluation.evaluator import Evaluator
 from recall_jax.evaluation.extraction import extract_embeddings, l2_normalize
 from recall_jax.evaluation.knn import knn
@@ -16,6 +17,7 @@ from recall_jax.evaluation.sharding import data_mesh
 
 __all__ = [
     "Evaluator",
+    "cached_embeddings",
     "data_mesh",
     "extract_embeddings",
     "format_revisited_table",
