@@ -211,18 +211,50 @@ def _check_kappas(kappas: Sequence[int]) -> tuple[int, ...]:
   return tuple(int(k) for k in kappas)
 
 
-def _open_database(database) -> Any:
-  """An (N, D) floating array-like, a `.npy` path opened memory-mapped; nothing is read yet."""
+class _RowConcatenation:
+  """Several (n_i, D) arrays read as one (sum n_i, D) array, one row slice at a time."""
+
+  def __init__(self, parts: Sequence[Any]):
+    self.parts = list(parts)
+    self.offsets = np.cumsum([0] + [p.shape[0] for p in self.parts])
+    self.shape = (int(self.offsets[-1]), self.parts[0].shape[1])
+    self.dtype = np.result_type(*(p.dtype for p in self.parts))
+
+  def __getitem__(self, rows: slice) -> np.ndarray:
+    start, stop, _ = rows.indices(self.shape[0])
+    pieces = []
+    for part, offset in zip(self.parts, self.offsets):
+      lo, hi = max(start - offset, 0), min(stop - offset, part.shape[0])
+      if lo < hi:
+        pieces.append(np.asarray(part[lo:hi], dtype=np.float32))
+    return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+
+def _open_part(database, name: str) -> Any:
   if isinstance(database, (str, os.PathLike)):
     database = np.load(database, mmap_mode="r")
   if not hasattr(database, "shape") or not hasattr(database, "dtype"):
     database = np.asarray(database)
   if len(database.shape) != 2 or database.shape[0] == 0 or database.shape[1] == 0:
-    raise ValueError(f"database_embeddings must be a non-empty 2-D (num, dim) array, got shape "
+    raise ValueError(f"{name} must be a non-empty 2-D (num, dim) array, got shape "
                      f"{tuple(database.shape)}")
   if not np.issubdtype(database.dtype, np.floating):
-    raise ValueError(f"database_embeddings must be floating point, got dtype {database.dtype}")
+    raise ValueError(f"{name} must be floating point, got dtype {database.dtype}")
   return database
+
+
+def _open_database(database) -> Any:
+  """An (N, D) floating array-like; `.npy` paths opened memory-mapped; a list or tuple of them
+  concatenated by rows. Nothing is read yet."""
+  if not isinstance(database, (list, tuple)):
+    return _open_part(database, "database_embeddings")
+  if not database:
+    raise ValueError("database_embeddings must not be an empty list")
+  parts = [_open_part(d, f"database_embeddings[{i}]") for i, d in enumerate(database)]
+  dims = {p.shape[1] for p in parts}
+  if len(dims) != 1:
+    raise ValueError(f"database_embeddings parts have different dimensions {sorted(dims)}")
+  return _RowConcatenation(parts)
 
 
 def _listed_items(gnd: Sequence[Mapping[str, Any]], num_queries: int,
@@ -266,8 +298,9 @@ def revisited_metrics(query_embeddings, database_embeddings, gnd: Sequence[Mappi
   Args:
     query_embeddings: (Q, D) float queries (not part of the database).
     database_embeddings: (N, D) float database: an array, a `np.memmap` / `np.load(...,
-      mmap_mode='r')` array, or the path of a `.npy` file (opened memory-mapped). Read in blocks of
-      rows, never whole.
+      mmap_mode='r')` array, the path of a `.npy` file (opened memory-mapped), or a list of these
+      concatenated by rows (e.g. the benchmark's images, then the R1M distractors). Read in blocks
+      of rows, never whole.
     gnd: Q mappings with 0-based database index lists 'easy', 'hard' and 'junk' (as the official
       ground-truth files hold them; other keys such as 'bbx' are ignored). The lists of a query must
       be disjoint.

@@ -195,11 +195,15 @@ def test_memory_mapped_database(tmp_path):
   assert_metrics_equal(revisited_metrics(queries, np.load(path, mmap_mode="r"), gnd, block=50),
                        expected)
   assert_metrics_equal(revisited_metrics(queries, path, gnd, block=50), expected)
+  # The benchmark's images then the distractors, as separate parts (blocks straddle them).
+  np.save(tmp_path / "distractors.npy", database[70:])
+  assert_metrics_equal(revisited_metrics(queries, [database[:70], tmp_path / "distractors.npy"],
+                                         gnd, block=50), expected)
   raw = np.memmap(tmp_path / "database.f32", np.float32, "w+", shape=database.shape)
   raw[:] = database
   raw.flush()
   reopened = np.memmap(tmp_path / "database.f32", np.float32, "r", shape=database.shape)
-  assert_metrics_equal(revisited_metrics(queries, reopened, gnd, block=64), expected)
+  assert_metrics_equal(revisited_metrics(queries, reopened, gnd, block=50), expected)
 
 
 def test_custom_kappas():
@@ -221,6 +225,7 @@ def test_custom_kappas():
     (lambda q, d, g: (q[:, :4], d, g), "dimension"),
     (lambda q, d, g: (q, np.where(np.arange(40)[:, None] == 39, np.nan, d), g), "NaN"),
     (lambda q, d, g: (q, d.astype(np.int32), g), "floating"),
+    (lambda q, d, g: (q, [d, d[:, :4]], g), "different dimensions"),
 ])
 def test_bad_input(change, match):
   rng = np.random.default_rng(8)
