@@ -127,23 +127,31 @@ def _rank_positions(sims, sorted_thresholds, sorted_items, columns, *, tie_rule:
   row_start = (lax.iota(jnp.int32, rows) * width)[:, None]
 
   def search(ranks_above):
-    low = jnp.zeros((rows, num_columns), jnp.int32)
-    high = jnp.full((rows, num_columns), width, jnp.int32)
-    for _ in range(width.bit_length()):
+    def step(_, bounds):
+      low, high = bounds
       middle = jnp.minimum((low + high) // 2, width - 1)
       above = ranks_above(row_start + middle)
       searching = low < high
-      low = jnp.where(searching & above, middle + 1, low)
-      high = jnp.where(searching & ~above, middle, high)
-    return low
+      return (jnp.where(searching & above, middle + 1, low),
+              jnp.where(searching & ~above, middle, high))
+
+    # Derived from `sims` so that, inside shard_map, the loop carry varies over the mesh as it does.
+    bounds = (jnp.zeros_like(sims, jnp.int32), jnp.full_like(sims, width, jnp.int32))
+    return lax.fori_loop(0, width.bit_length(), step, bounds)[0]
 
   if tie_rule:
     positions = search(lambda at: (flat_thresholds[at] > sims)
                        | ((flat_thresholds[at] == sims) & (flat_items[at] < columns[None, :])))
     return positions, jnp.zeros((1,), bool)
   positions = search(lambda at: flat_thresholds[at] > sims)
-  following = flat_thresholds[row_start + jnp.minimum(positions, width - 1)]
-  tied = (positions < width) & (following == sims) & (sims > -jnp.inf)
+  # The first listed item not above the column ties with it unless it is the column itself (a
+  # listed item's own column always "ties") and the next one does not tie as well.
+  first = row_start + jnp.minimum(positions, width - 1)
+  second = row_start + jnp.minimum(positions + 1, width - 1)
+  itself = (flat_items[first] == columns[None, :]) & ~(
+      (positions + 1 < width) & (flat_thresholds[second] == sims))
+  tied = ((positions < width) & (flat_thresholds[first] == sims) & (sims > -jnp.inf)
+          & ~itself)
   return positions, jnp.any(tied)[None]
 
 
