@@ -69,7 +69,7 @@ _ROLES = {
     "hard": ((_HARD,), (_JUNK, _EASY)),
 }
 # Query rows are padded to a multiple of this times the device count.
-_ROWS_PER_STEP = 8
+_ROW_MULTIPLE = 8
 # Database index of an empty slot in a query's list: after every real index.
 _EMPTY = np.iinfo(np.int32).max
 # Default database block: about this many bytes of float32 rows.
@@ -364,7 +364,7 @@ def _listed_ranks(queries: np.ndarray, database, items: list[np.ndarray], *, blo
   if longest == 0:
     return [np.zeros(0, np.int64) for _ in items]
   width = symmetric_ranks.bucket_width(longest)
-  padded = sharding.round_up(num_queries, mesh.size * _ROWS_PER_STEP)
+  padded = sharding.round_up(num_queries, mesh.size * _ROW_MULTIPLE)
   valid = np.zeros((padded, width), bool)
   listed = np.zeros((padded, width), np.int32)
   for q, query_items in enumerate(items):
@@ -382,8 +382,7 @@ def _listed_ranks(queries: np.ndarray, database, items: list[np.ndarray], *, blo
                                jnp.int32(num_valid), mesh=mesh)
 
   # Pass 1: the similarity of each listed item, from the block computation that pass 2 repeats.
-  # Slots without an item keep +inf, so nothing ever counts above them.
-  thresholds = np.full((padded, width), np.inf, np.float32)
+  thresholds = np.full((padded, width), -np.inf, np.float32)
   finite_flags = []
   for start in np.unique(listed[valid] // block * block):
     start = int(start)
