@@ -259,3 +259,40 @@ def test_table_has_one_row_per_setting():
   assert lines[3].split() == ["roxford5k+revisitop1m"] + ["25.00"] * 9
   with pytest.raises(ValueError, match="protocol"):
     format_revisited_table({"recall@1": 0.5})
+
+
+MULTI_DEVICE_SCRIPT = """
+import json, os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+import jax
+import numpy as np
+from recall_jax.evaluation import revisited_metrics
+assert jax.device_count() == 4, jax.devices()
+data = np.load(sys.argv[1], allow_pickle=False)
+gnd = [{"easy": data[f"easy{i}"], "hard": data[f"hard{i}"], "junk": data[f"junk{i}"]}
+       for i in range(len(data["queries"]))]
+print(json.dumps(revisited_metrics(data["queries"], data["database"], gnd, block=40)))
+"""
+
+
+def test_queries_split_over_four_devices(tmp_path):
+  import json
+  import os
+  import subprocess
+  import sys
+
+  rng = np.random.default_rng(9)
+  queries = rng.normal(size=(13, 8)).astype(np.float32)
+  database = rng.normal(size=(150, 8)).astype(np.float32)
+  database[100:110] = database[:10]  # exact ties, so both search paths run on the mesh
+  gnd = random_gnd(rng, 13, 150)
+  arrays = {"queries": queries, "database": database}
+  for i, entry in enumerate(gnd):
+    arrays.update({f"{k}{i}": np.asarray(entry[k], np.int64) for k in ("easy", "hard", "junk")})
+  np.savez(tmp_path / "data.npz", **arrays)
+  result = subprocess.run([sys.executable, "-c", MULTI_DEVICE_SCRIPT, str(tmp_path / "data.npz")],
+                          capture_output=True, text=True, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert_metrics_equal(json.loads(result.stdout.strip().splitlines()[-1]),
+                       reference_metrics(queries, database, gnd))
