@@ -1,4 +1,4 @@
-"""The plain-data unpickler: real ground-truth layouts load, anything importing a global is refused."""
+"""The plain-data unpickler: ground-truth layouts load, anything importing a global is refused."""
 
 import io
 import pickle
@@ -22,7 +22,8 @@ class _RunsShell:
 
 
 def test_plain_data_round_trips(tmp_path):
-  data = {"imlist": ["all_souls_000013", "radcliffe_camera_000519"], "qimlist": ["all_souls_000013"],
+  data = {"imlist": ["all_souls_000013", "radcliffe_camera_000519"],
+          "qimlist": ["all_souls_000013"],
           "gnd": [{"easy": [1, 2], "hard": [], "junk": [0], "bbx": [136.5, 34.1, 648.5, 955.2]}],
           "misc": (None, True, 3.5, -7, 2**70, "é")}
   for protocol in range(0, pickle.HIGHEST_PROTOCOL + 1):
