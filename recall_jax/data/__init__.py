@@ -7,12 +7,14 @@
 - `InMemorySource`: a small split's encoded records held in memory.
 - `RotatedClasses`: quarter-turns of the training classes as new classes (Omniglot).
 - `decode_image`: any image PIL opens as uint8 (H, W, 1 or 3).
+- `landmarks`: R-Oxford / R-Paris (+R1M distractors) and the landmark training sets' files.
 """
 
 from recall_jax.data.datasets import CHANNELS, DEFAULT_FOLDERS, SPLITS, RetrievalSource, check_image, load_split
 from recall_jax.data.download import OMNIGLOT_URL_BASE, download_file, ensure_omniglot
 from recall_jax.data.paths import DATA_ENV_VAR, data_root, default_cache_dir, prepared_root
 from recall_jax.data.in_memory import InMemorySource
+from recall_jax.data import landmarks, safe_pickle
 from recall_jax.data.pipeline import make_eval_loader, make_train_loader
 from recall_jax.data.rotated_classes import RotatedClasses
 from recall_jax.data.sampler import MPerClassSampler

@@ -1,0 +1,543 @@
+"""Landmark retrieval data in the official layouts: the revisited benchmarks and the training sets.
+
+Evaluation (`load_revisited`, `RevisitedSource`, `read_distractors`):
+  <root>/roxford5k/gnd_roxford5k.pkl (or .mat) + jpg/<name>.jpg     4,993 images, 70 queries
+  <root>/rparis6k/gnd_rparis6k.pkl (or .mat)   + jpg/<name>.jpg     6,322 images, 70 queries
+  <root>/revisitop1m/revisitop1m.txt           + jpg/<listed path>  1,001,001 distractors
+The ground truth holds `imlist` (database names), `qimlist` (query names) and `gnd`, one entry per
+query with 0-based database indices `easy`, `hard`, `junk` and the query's box `bbx` = (x1, y1,
+x2, y2) in pixels. Queries are not part of the database, and a query image is cropped to its box at
+full resolution before any resizing (the protocol's rule); database images are used whole. Pickles
+are read with `safe_pickle` (no code can run); the `.mat` files with scipy (1-based indices there).
+
+Training (`read_gldv2_clean`, `read_gldv1`, `read_sfm120k`): the class of an image is its landmark
+(Google Landmarks v1 / v2-clean) or 3D model (`cluster`, SfM-120k):
+  <root>/gldv2/train_clean.csv       `landmark_id,images` (space-separated ids);
+                                     images train/<id[0]>/<id[1]>/<id[2]>/<id>.jpg
+  <root>/gldv1/train.csv             `id,url,landmark_id`; images train/<id>.jpg, missing skipped
+  <root>/retrieval-SfM-120k/retrieval-SfM-120k.pkl   {'train'|'val': {'cids', 'cluster', ...}};
+                                     images ims/<cid[-2:]>/<cid[-4:-2]>/<cid[-6:-4]>/<cid>
+Each reader returns per split a list of `LandmarkImage`s; nothing here decodes an image.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import io
+import os
+import pathlib
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import PIL.Image
+
+from recall_jax.data import paths
+from recall_jax.data import safe_pickle
+from recall_jax.errors import ConfigError, DataError, MissingFileError
+
+# Folder under the data root holding each dataset.
+LANDMARK_FOLDERS = {
+    "roxford5k": "roxford5k",
+    "rparis6k": "rparis6k",
+    "revisitop1m": "revisitop1m",
+    "gldv2_clean": "gldv2",
+    "gldv1": "gldv1",
+    "sfm120k": "retrieval-SfM-120k",
+}
+# (database images, queries) of the official revisited benchmarks.
+REVISITED_SIZES = {"roxford5k": (4993, 70), "rparis6k": (6322, 70)}
+REVISITOP1M_SIZE = 1_001_001
+# SHA-256 of the official annotation files, by file name. A file listed here is checked at load
+# and a mismatch warned about; a file not listed is not checked. Values go here only once they are
+# taken from the official files themselves (see docs/landmarks.md).
+KNOWN_SHA256: dict[str, str] = {}
+
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+@dataclasses.dataclass(frozen=True)
+class LandmarkImage:
+  """One training image.
+
+  Attributes:
+    file: the image file.
+    class_name: the landmark id (int) or SfM-120k cluster (int).
+    image_id: the dataset's identifier of the image.
+    origin: where it was listed (`train_clean.csv:17`), for error messages.
+  """
+  file: pathlib.Path
+  class_name: int
+  image_id: str
+  origin: str
+
+
+@dataclasses.dataclass(frozen=True)
+class RevisitedDataset:
+  """A revisited benchmark: database images, cropped queries and the ground truth.
+
+  Attributes:
+    name: `roxford5k` or `rparis6k`.
+    database_files: (N,) image paths in ground-truth order (database index i is file i).
+    query_files: (Q,) image paths of the queries (whole images; crop with `bbx`).
+    query_boxes: (Q, 4) float64 boxes (x1, y1, x2, y2) in pixels.
+    gnd: Q dicts with int64 arrays 'easy', 'hard', 'junk' (0-based database indices) and the
+      float64 (4,) 'bbx': what `revisited_metrics` takes.
+  """
+  name: str
+  database_files: list[pathlib.Path]
+  query_files: list[pathlib.Path]
+  query_boxes: np.ndarray
+  gnd: list[dict[str, np.ndarray]]
+
+
+def sha256_of(path: str | os.PathLike[str]) -> str:
+  """Hex SHA-256 of a file, read in 1 MiB chunks."""
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def check_sha256(path: str | os.PathLike[str],
+                 known: Mapping[str, str] | None = None) -> bool | None:
+  """Compares a file's SHA-256 with the recorded value for its name; warns on a mismatch.
+
+  Args:
+    path: the file.
+    known: file name -> expected hex digest (default `KNOWN_SHA256`).
+
+  Returns:
+    True (matches), False (mismatch, warned) or None (no value recorded for this name).
+  """
+  known = KNOWN_SHA256 if known is None else known
+  path = pathlib.Path(path)
+  expected = known.get(path.name)
+  if expected is None:
+    return None
+  actual = sha256_of(path)
+  if actual != expected.lower():
+    warnings.warn(f"{path}: SHA-256 {actual} differs from the official file's {expected}; "
+                  "results may not be comparable with published ones", stacklevel=2)
+    return False
+  return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Revisited Oxford and Paris.
+
+
+def _index_array(value: Any, what: str, offset: int) -> np.ndarray:
+  array = np.asarray([] if value is None else value).ravel()
+  if array.size == 0:
+    return np.zeros(0, np.int64)
+  # MATLAB stores indices as doubles.
+  integral = array.dtype.kind in "iu" or (array.dtype.kind == "f"
+                                           and bool(np.all(array == np.round(array))))
+  if not integral:
+    raise DataError(f"{what} must hold integer indices, got {array.dtype}")
+  return array.astype(np.int64) - offset
+
+
+def _names(value: Any, what: str) -> list[str]:
+  if isinstance(value, np.ndarray):
+    value = value.ravel().tolist()
+  if not isinstance(value, (list, tuple)) or not all(
+      isinstance(v, str) or (isinstance(v, np.ndarray) and v.dtype.kind == "U") for v in value):
+    raise DataError(f"{what} must be a list of image names")
+  return [str(v if isinstance(v, str) else "".join(v.ravel().tolist())) for v in value]
+
+
+def _from_mat(path: pathlib.Path) -> dict[str, Any]:
+  """The `.mat` ground truth as the pickle holds it (1-based indices made 0-based)."""
+  import scipy.io  # Only the .mat variant needs scipy.
+
+  try:
+    mat = scipy.io.loadmat(path, squeeze_me=True, struct_as_record=True)
+  except Exception as e:
+    raise DataError(f"{path}: not a readable MATLAB file: {e}") from e
+  missing = [k for k in ("imlist", "qimlist", "gnd") if k not in mat]
+  if missing:
+    raise DataError(f"{path}: no variable(s) {missing}")
+  gnd = []
+  for entry in np.atleast_1d(mat["gnd"]):
+    fields = entry.dtype.names or ()
+    gnd.append({key: (entry[key] if key in fields else None)
+                for key in ("easy", "hard", "junk", "bbx")})
+  return {"imlist": mat["imlist"], "qimlist": mat["qimlist"], "gnd": gnd}
+
+
+def read_ground_truth(path: str | os.PathLike[str]) -> tuple[list[str], list[str], list[dict]]:
+  """Reads `gnd_<name>.pkl` (plain-data unpickler) or `gnd_<name>.mat` (scipy).
+
+  Args:
+    path: the ground-truth file.
+
+  Returns:
+    (imlist, qimlist, gnd): database names, query names, and per query a dict of int64 0-based
+    'easy', 'hard', 'junk' arrays and the float64 (4,) 'bbx'.
+
+  Raises:
+    MissingFileError: no such file.
+    UnsafePickleError: the pickle imports anything.
+    DataError: missing keys, malformed lists, indices outside the database.
+  """
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise MissingFileError(f"{path} not found")
+  check_sha256(path)
+  offset = 1 if path.suffix == ".mat" else 0
+  if path.suffix == ".mat":
+    raw = _from_mat(path)
+  else:
+    raw = safe_pickle.load(path)
+    if not isinstance(raw, dict):
+      raise DataError(f"{path}: expected a dict with 'imlist', 'qimlist', 'gnd', got "
+                      f"{type(raw).__name__}")
+    missing = [k for k in ("imlist", "qimlist", "gnd") if k not in raw]
+    if missing:
+      raise DataError(f"{path}: no key(s) {missing} (keys: {sorted(map(str, raw))})")
+  imlist = _names(raw["imlist"], f"{path}: imlist")
+  qimlist = _names(raw["qimlist"], f"{path}: qimlist")
+  entries = list(raw["gnd"]) if not isinstance(raw["gnd"], dict) else None
+  if entries is None or len(entries) != len(qimlist):
+    raise DataError(f"{path}: gnd must be a list with one entry per query ({len(qimlist)})")
+  gnd = []
+  for q, entry in enumerate(entries):
+    what = f"{path}: gnd[{q}]"
+    if not isinstance(entry, dict):
+      raise DataError(f"{what} must be a dict, got {type(entry).__name__}")
+    missing = [k for k in ("easy", "hard", "junk", "bbx") if k not in entry]
+    if missing:
+      raise DataError(f"{what} has no {missing}")
+    lists = {k: _index_array(entry[k], f"{what}['{k}']", offset) for k in ("easy", "hard", "junk")}
+    for key, values in lists.items():
+      if values.size and (values.min() < 0 or values.max() >= len(imlist)):
+        raise DataError(f"{what}['{key}'] holds an index outside the {len(imlist)} database images")
+    box = np.asarray(entry["bbx"], np.float64).ravel()
+    if box.shape != (4,) or not np.all(np.isfinite(box)) or box[2] <= box[0] or box[3] <= box[1]:
+      raise DataError(f"{what}['bbx'] must be (x1, y1, x2, y2) with x1 < x2, y1 < y2, got "
+                      f"{entry['bbx']!r}")
+    gnd.append({**lists, "bbx": box})
+  return imlist, qimlist, gnd
+
+
+def _image_file(folder: pathlib.Path, name: str) -> pathlib.Path:
+  """`<folder>/<name>`, with `.jpg` added to a name without an image suffix."""
+  return folder / (name if name.lower().endswith(_IMAGE_SUFFIXES) else name + ".jpg")
+
+
+def _require_images(files: Sequence[pathlib.Path], what: str) -> None:
+  missing = [f for f in files if not f.is_file()]
+  if missing:
+    raise MissingFileError(f"{what}: {len(missing)} of {len(files)} images are missing, first "
+                           f"{missing[0]}")
+
+
+def _check_size(what: str, actual: tuple[int, ...], expected: tuple[int, ...] | None,
+                names: str) -> None:
+  if expected is not None and tuple(actual) != tuple(expected):
+    raise DataError(f"{what}: found {names} {actual}, the official files have {tuple(expected)} "
+                    "(incomplete or different files; pass expected_sizes to override)")
+
+
+def load_revisited(name: str, *, data_root: str | os.PathLike[str] | None = None,
+                   path: str | os.PathLike[str] | None = None,
+                   expected_sizes: tuple[int, int] | None | bool = True) -> RevisitedDataset:
+  """Opens R-Oxford or R-Paris: the ground truth, and the paths of every image (all must exist).
+
+  Args:
+    name: `roxford5k` or `rparis6k`.
+    data_root: the data root (see `paths.data_root`).
+    path: the dataset folder; default `<data root>/<name>`.
+    expected_sizes: (database images, queries) to check; True (default) checks the official sizes
+      (4,993 / 6,322 images and 70 queries), None or False checks nothing.
+
+  Returns:
+    The `RevisitedDataset`.
+
+  Raises:
+    ConfigError: unknown name.
+    MissingFileError: no ground-truth file (`gnd_<name>.pkl` or `.mat`) or missing images.
+    DataError: malformed ground truth, or sizes other than expected.
+  """
+  if name not in REVISITED_SIZES:
+    raise ConfigError(f"unknown revisited dataset {name!r}; expected one of "
+                      f"{sorted(REVISITED_SIZES)}")
+  folder = (pathlib.Path(path).expanduser() if path
+            else paths.data_root(data_root) / LANDMARK_FOLDERS[name])
+  candidates = [folder / f"gnd_{name}.pkl", folder / f"gnd_{name}.mat"]
+  gnd_file = next((c for c in candidates if c.is_file()), None)
+  if gnd_file is None:
+    raise MissingFileError(f"{name}: neither {candidates[0]} nor {candidates[1]} exists (download "
+                           "the revisited annotation and the images into that folder)")
+  imlist, qimlist, gnd = read_ground_truth(gnd_file)
+  if expected_sizes is True:
+    expected_sizes = REVISITED_SIZES[name]
+  _check_size(f"{name} ({gnd_file})", (len(imlist), len(qimlist)), expected_sizes or None,
+              "(database images, queries) =")
+  images = folder / "jpg"
+  database_files = [_image_file(images, n) for n in imlist]
+  query_files = [_image_file(images, n) for n in qimlist]
+  _require_images(database_files + query_files, f"{name} ({images})")
+  boxes = np.stack([g["bbx"] for g in gnd]) if gnd else np.zeros((0, 4))
+  return RevisitedDataset(name, database_files, query_files, boxes, gnd)
+
+
+def crop_box(image: PIL.Image.Image, box: Sequence[float]) -> PIL.Image.Image:
+  """Crops to (x1, y1, x2, y2), rounded as `PIL.Image.crop` rounds, clipped to the image.
+
+  Raises:
+    DataError: the box holds no pixel of the image.
+  """
+  x1, y1, x2, y2 = (int(round(float(v))) for v in box)
+  x1, y1 = max(x1, 0), max(y1, 0)
+  x2, y2 = min(x2, image.width), min(y2, image.height)
+  if x2 <= x1 or y2 <= y1:
+    raise DataError(f"box {tuple(box)} lies outside the {image.width}x{image.height} image")
+  return image.crop((x1, y1, x2, y2))
+
+
+class RevisitedSource:
+  """The queries or the database of a revisited benchmark as a loader `Source`.
+
+  Records are `{'image': encoded bytes, 'label': index, 'id': image name}`. Database records are
+  the files' bytes; a query record is its image cropped to the box at full resolution, encoded as
+  PNG (lossless), so the loader's resizing only ever sees the crop.
+  """
+
+  def __init__(self, dataset: RevisitedDataset, part: str):
+    if part not in ("queries", "database"):
+      raise ValueError(f"part must be 'queries' or 'database', got {part!r}")
+    self.name, self.split = dataset.name, part
+    self._files = dataset.query_files if part == "queries" else dataset.database_files
+    self._boxes = dataset.query_boxes if part == "queries" else None
+    self.labels = np.arange(len(self._files), dtype=np.int64)
+
+  def __len__(self) -> int:
+    return len(self._files)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    index = int(index)
+    if not 0 <= index < len(self):
+      raise IndexError(f"{self.name}/{self.split}: index {index} out of range for {len(self)}")
+    file = self._files[index]
+    data = file.read_bytes()
+    if self._boxes is not None:
+      try:
+        with PIL.Image.open(io.BytesIO(data)) as image:
+          crop = crop_box(image.convert("RGB"), self._boxes[index])
+      except DataError as e:
+        raise DataError(f"{file}: {e}") from None
+      except Exception as e:  # PIL raises many types for broken files.
+        raise DataError(f"{file}: unreadable image ({type(e).__name__}: {e})") from e
+      out = io.BytesIO()
+      crop.save(out, format="PNG")
+      data = out.getvalue()
+    return {"image": data, "label": index, "id": file.stem}
+
+
+def read_distractors(*, data_root: str | os.PathLike[str] | None = None,
+                     path: str | os.PathLike[str] | None = None,
+                     expected_size: int | None = REVISITOP1M_SIZE,
+                     check_images: bool = True) -> list[pathlib.Path]:
+  """The R1M distractor images listed in `revisitop1m.txt`, in list order.
+
+  Args:
+    data_root: the data root.
+    path: the folder holding `revisitop1m.txt` and `jpg/`; default `<data root>/revisitop1m`.
+    expected_size: the number of listed images to check (None: no check).
+    check_images: check that every listed image exists (a million file lookups).
+
+  Returns:
+    The image paths: `jpg/<line>`, `.jpg` added to a line without an image suffix.
+
+  Raises:
+    MissingFileError: no list, or listed images missing.
+    DataError: a count other than expected.
+  """
+  folder = (pathlib.Path(path).expanduser() if path
+            else paths.data_root(data_root) / LANDMARK_FOLDERS["revisitop1m"])
+  listing = folder / "revisitop1m.txt"
+  if not listing.is_file():
+    raise MissingFileError(f"{listing} not found (download the revisitop1m image list and images)")
+  with open(listing, encoding="utf-8") as f:
+    names = [line.strip() for line in f if line.strip()]
+  _check_size(str(listing), (len(names),), None if expected_size is None else (expected_size,),
+              "images")
+  files = [_image_file(folder / "jpg", n) for n in names]
+  if check_images:
+    _require_images(files, f"revisitop1m ({folder / 'jpg'})")
+  return files
+
+
+class DistractorSource:
+  """R1M distractors as a loader `Source`: `{'image': file bytes, 'label': index, 'id': name}`."""
+
+  def __init__(self, files: Sequence[pathlib.Path]):
+    self.name, self.split = "revisitop1m", "database"
+    self._files = list(files)
+    self.labels = np.arange(len(self._files), dtype=np.int64)
+
+  def __len__(self) -> int:
+    return len(self._files)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    index = int(index)
+    if not 0 <= index < len(self):
+      raise IndexError(f"revisitop1m: index {index} out of range for {len(self)}")
+    return {"image": self._files[index].read_bytes(), "label": index,
+            "id": self._files[index].stem}
+
+
+# ---------------------------------------------------------------------------------------------
+# Training sets.
+
+
+def _folder(name: str, data_root, path) -> pathlib.Path:
+  return (pathlib.Path(path).expanduser() if path
+          else paths.data_root(data_root) / LANDMARK_FOLDERS[name])
+
+
+def _landmark_id(value: str, where: str) -> int:
+  try:
+    return int(value)
+  except ValueError:
+    raise DataError(f"{where}: landmark_id {value!r} is not an integer") from None
+
+
+def _csv_rows(listing: pathlib.Path, header: Sequence[str]) -> list[tuple[int, list[str]]]:
+  if not listing.is_file():
+    raise MissingFileError(f"{listing} not found")
+  with open(listing, encoding="utf-8", newline="") as f:
+    rows = [(n, row) for n, row in enumerate(csv.reader(f), 1) if row and "".join(row).strip()]
+  if not rows or [c.strip() for c in rows[0][1]] != list(header):
+    raise DataError(f"{listing}:1: expected the header `{','.join(header)}`")
+  return rows[1:]
+
+
+def read_gldv2_clean(*, data_root: str | os.PathLike[str] | None = None,
+                     path: str | os.PathLike[str] | None = None,
+                     check_images: bool = True) -> dict[str, list[LandmarkImage]]:
+  """Google Landmarks v2-clean: `train_clean.csv` rows `landmark_id,<id> <id> ...`.
+
+  Returns:
+    {'train': images}, image `<id>` at `train/<id[0]>/<id[1]>/<id[2]>/<id>.jpg`.
+
+  Raises:
+    MissingFileError: no `train_clean.csv`, or (with `check_images`) listed images missing.
+    DataError: malformed rows.
+  """
+  folder = _folder("gldv2_clean", data_root, path)
+  listing = folder / "train_clean.csv"
+  images = []
+  for lineno, row in _csv_rows(listing, ("landmark_id", "images")):
+    where = f"{listing.name}:{lineno}"
+    if len(row) != 2 or not row[1].split():
+      raise DataError(f"{listing}:{lineno}: malformed row, expected `landmark_id,<id> <id> ...`")
+    landmark = _landmark_id(row[0].strip(), where)
+    for image_id in row[1].split():
+      if len(image_id) < 3:
+        raise DataError(f"{listing}:{lineno}: image id {image_id!r} is shorter than 3 characters")
+      file = folder / "train" / image_id[0] / image_id[1] / image_id[2] / f"{image_id}.jpg"
+      images.append(LandmarkImage(file, landmark, image_id, where))
+  if not images:
+    raise DataError(f"{listing}: lists no images")
+  if check_images:
+    _require_images([i.file for i in images], f"gldv2_clean ({folder / 'train'})")
+  return {"train": images}
+
+
+def read_gldv1(*, data_root: str | os.PathLike[str] | None = None,
+               path: str | os.PathLike[str] | None = None) -> dict[str, list[LandmarkImage]]:
+  """Google Landmarks v1: `train.csv` rows `id,url,landmark_id`, images `train/<id>.jpg`.
+
+  Many of the listed URLs no longer resolve, so images missing on disk are skipped and counted
+  (one warning); rows whose landmark_id is `None` (unlabelled) are skipped likewise.
+
+  Returns:
+    {'train': the images present}.
+
+  Raises:
+    MissingFileError: no `train.csv`.
+    DataError: malformed rows, or no listed image present.
+  """
+  folder = _folder("gldv1", data_root, path)
+  listing = folder / "train.csv"
+  images, missing, unlabelled = [], 0, 0
+  for lineno, row in _csv_rows(listing, ("id", "url", "landmark_id")):
+    where = f"{listing.name}:{lineno}"
+    if len(row) != 3 or not row[0].strip():
+      raise DataError(f"{listing}:{lineno}: malformed row, expected `id,url,landmark_id`")
+    image_id, landmark = row[0].strip(), row[2].strip()
+    if landmark in ("", "None"):
+      unlabelled += 1
+      continue
+    landmark = _landmark_id(landmark, where)
+    file = folder / "train" / f"{image_id}.jpg"
+    if not file.is_file():
+      missing += 1
+      continue
+    images.append(LandmarkImage(file, landmark, image_id, where))
+  if missing or unlabelled:
+    warnings.warn(f"gldv1: skipped {missing} listed image(s) missing under {folder / 'train'} and "
+                  f"{unlabelled} row(s) without a landmark_id; {len(images)} kept", stacklevel=2)
+  if not images:
+    raise DataError(f"gldv1: none of the images listed in {listing} is present")
+  return {"train": images}
+
+
+def sfm120k_image_file(images: pathlib.Path, cid: str) -> pathlib.Path:
+  """`<images>/<cid[-2:]>/<cid[-4:-2]>/<cid[-6:-4]>/<cid>`: where SfM-120k stores an image."""
+  return images / cid[-2:] / cid[-4:-2] / cid[-6:-4] / cid
+
+
+def read_sfm120k(*, data_root: str | os.PathLike[str] | None = None,
+                 path: str | os.PathLike[str] | None = None,
+                 check_images: bool = True) -> dict[str, list[LandmarkImage]]:
+  """retrieval-SfM-120k: `retrieval-SfM-120k.pkl` {'train'|'val': {'cids': [...], 'cluster':
+  [...], ...}}, read with the plain-data unpickler; class = cluster (3D model).
+
+  Returns:
+    {'train': images, 'val': images} (the splits the file holds).
+
+  Raises:
+    MissingFileError: no pickle, or (with `check_images`) listed images missing.
+    UnsafePickleError: the pickle imports anything.
+    DataError: missing keys, lists of different lengths, non-integer clusters.
+  """
+  folder = _folder("sfm120k", data_root, path)
+  listing = folder / "retrieval-SfM-120k.pkl"
+  data = safe_pickle.load(listing)
+  if not isinstance(data, dict) or not any(s in data for s in ("train", "val")):
+    raise DataError(f"{listing}: expected a dict with 'train' and 'val' entries")
+  out = {}
+  for split in ("train", "val"):
+    if split not in data:
+      continue
+    db = data[split]
+    if not isinstance(db, dict) or "cids" not in db or "cluster" not in db:
+      raise DataError(f"{listing}: ['{split}'] must hold 'cids' and 'cluster'")
+    cids, clusters = list(db["cids"]), list(db["cluster"])
+    if len(cids) != len(clusters):
+      raise DataError(f"{listing}: ['{split}'] has {len(cids)} cids but {len(clusters)} clusters")
+    images = []
+    for n, (cid, cluster) in enumerate(zip(cids, clusters)):
+      where = f"{listing.name}:{split}[{n}]"
+      if not isinstance(cid, str) or len(cid) < 6:
+        raise DataError(f"{where}: cid {cid!r} is not an image name of at least 6 characters")
+      if isinstance(cluster, bool) or not isinstance(cluster, (int, np.integer)):
+        raise DataError(f"{where}: cluster {cluster!r} is not an integer")
+      images.append(LandmarkImage(sfm120k_image_file(folder / "ims", cid), int(cluster), cid,
+                                  where))
+    if check_images:
+      _require_images([i.file for i in images], f"sfm120k/{split} ({folder / 'ims'})")
+    out[split] = images
+  return out
+
+
+TRAINING_READERS = {"gldv2_clean": read_gldv2_clean, "gldv1": read_gldv1, "sfm120k": read_sfm120k}
