@@ -25,10 +25,12 @@ Every model maps images to embeddings:
 """
 
 from recall_jax.models.checkpoints import load_pretrained
+from recall_jax.models.checkpoints import load_whitening
 from recall_jax.models.checkpoints import read_checkpoint
 from recall_jax.models.checkpoints import resample_position_embedding
 from recall_jax.models.common import gem_pool
 from recall_jax.models.common import l2_normalize
+from recall_jax.models.common import masked_gem_pool
 from recall_jax.models.common import preprocess_images
 from recall_jax.models.registry import available_models
 from recall_jax.models.registry import get_model
@@ -40,6 +42,6 @@ from recall_jax.models.vit import ViT
 
 __all__ = [
     "ResNet", "SmallCNN", "ViT", "available_models", "gem_pool", "get_model", "init_variables",
-    "l2_normalize", "load_pretrained", "model_family", "preprocess_images", "read_checkpoint",
-    "resample_position_embedding",
+    "l2_normalize", "load_pretrained", "load_whitening", "masked_gem_pool", "model_family",
+    "preprocess_images", "read_checkpoint", "resample_position_embedding",
 ]
