@@ -6,8 +6,9 @@ torchvision / timm state dict (`conv1`, `bn1`, `layer{1-4}_{j}/conv{1-3}`, `bn{1
 
 Padded images (aspect buckets, `recall_jax.data.aspect_buckets`) come with a (B, H, W) validity
 mask: the trunk zeroes the padding before every convolution or pooling wider than 1x1, so the
-padding acts as the zero border of an unpadded image, and GeM pools the real cells only. For real
-sizes that are multiples of 32 the padded descriptor equals the unpadded one (up to rounding).
+padding acts as the zero border of an unpadded image, and GeM pools the real cells only. At
+stride s the mask keeps ceil(h / s) rows, as many as the unpadded network computes, so the padded
+descriptor equals the unpadded one up to rounding, for any real size.
 
 BatchNorm is frozen, as in the paper: every forward pass (train or not) normalises with the
 running statistics stored in the `batch_stats` collection, which is read and never written, so
