@@ -13,6 +13,10 @@ Every model maps images to embeddings:
   [GeM for ResNets] -> LayerNorm -> Linear -> L2-normalise). With `with_head=False`: pooled float32
   backbone features (ViT: class token after the encoder norm; ResNet / small CNN: global average
   pool). `model.apply(variables, images, method="features")` gives the unpooled tokens / map.
+* Landmark retrieval: `get_model("resnet101_landmark")` (any ResNet with `head="landmark"`) ends
+  in GeM -> L2 -> whitening FC -> L2 (`whiten=False`: no FC); `load_whitening(variables, path)`
+  writes a whitening `.npz` into the FC. ResNets take padded images with a (B, H, W) validity
+  mask, `model.apply(variables, images, mask=mask)`, and describe the real pixels only.
 * Variable collections: `params` holds everything trainable (including BatchNorm scale/bias and
   GeM `p`); ResNets also have `batch_stats` (BatchNorm running mean/var), which are frozen:
   always used, never updated, never requested as mutable. A trainer optimises

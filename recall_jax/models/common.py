@@ -1,4 +1,4 @@
-"""Layers shared by the backbones: input normalisation, GeM pooling, the embedding head.
+"""Layers shared by the backbones: input normalisation, (masked) GeM pooling, the heads.
 
 All functions here are pure; the modules hold only parameters.
 """
