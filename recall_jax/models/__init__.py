@@ -13,6 +13,10 @@ Every model maps images to embeddings:
   [GeM for ResNets] -> LayerNorm -> Linear -> L2-normalise). With `with_head=False`: pooled float32
   backbone features (ViT: class token after the encoder norm; ResNet / small CNN: global average
   pool). `model.apply(variables, images, method="features")` gives the unpooled tokens / map.
+* Landmark retrieval: `get_model("resnet101_landmark")` (any ResNet with `head="landmark"`) ends
+  in GeM -> L2 -> whitening FC -> L2 (`whiten=False`: no FC); `load_whitening(variables, path)`
+  writes a whitening `.npz` into the FC. ResNets take padded images with a (B, H, W) validity
+  mask, `model.apply(variables, images, mask=mask)`, and describe the real pixels only.
 * Variable collections: `params` holds everything trainable (including BatchNorm scale/bias and
   GeM `p`); ResNets also have `batch_stats` (BatchNorm running mean/var), which are frozen:
   always used, never updated, never requested as mutable. A trainer optimises
@@ -25,10 +29,12 @@ Every model maps images to embeddings:
 """
 
 from recall_jax.models.checkpoints import load_pretrained
+from recall_jax.models.checkpoints import load_whitening
 from recall_jax.models.checkpoints import read_checkpoint
 from recall_jax.models.checkpoints import resample_position_embedding
 from recall_jax.models.common import gem_pool
 from recall_jax.models.common import l2_normalize
+from recall_jax.models.common import masked_gem_pool
 from recall_jax.models.common import preprocess_images
 from recall_jax.models.registry import available_models
 from recall_jax.models.registry import get_model
@@ -40,6 +46,6 @@ from recall_jax.models.vit import ViT
 
 __all__ = [
     "ResNet", "SmallCNN", "ViT", "available_models", "gem_pool", "get_model", "init_variables",
-    "l2_normalize", "load_pretrained", "model_family", "preprocess_images", "read_checkpoint",
-    "resample_position_embedding",
+    "l2_normalize", "load_pretrained", "load_whitening", "masked_gem_pool", "model_family",
+    "preprocess_images", "read_checkpoint", "resample_position_embedding",
 ]

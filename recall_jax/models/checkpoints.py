@@ -37,7 +37,8 @@ Converted = tuple[Path, np.ndarray, str]
 
 _PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".pkl", ".pickle", ".tar")
 # Model variables that a backbone checkpoint never provides: they keep their fresh values.
-_FRESH_PREFIXES: tuple[Path, ...] = (("params", "embedding_head"), ("params", "gem"))
+_FRESH_PREFIXES: tuple[Path, ...] = (("params", "embedding_head"), ("params", "gem"),
+                                     ("params", "landmark_head"))
 _POS_EMBEDDING: Path = ("params", "backbone", "Transformer", "posembed_input", "pos_embedding")
 
 _CONVERT_HINT = (
@@ -335,3 +336,44 @@ def load_pretrained(name: str, variables: Any, path: str | pathlib.Path) -> dict
 
   merged = {k: loaded.get(k, v) for k, v in fresh.items()}
   return flax.traverse_util.unflatten_dict(merged)
+
+
+def load_whitening(variables: Any, path: str | pathlib.Path) -> dict[str, Any]:
+  """Initialises the landmark head's whitening FC from a whitening `.npz`.
+
+  The file holds `mean` m (D,) and `projection` P (D_out, D) (as written by
+  `recall_jax.evaluation.whitening.save_whitening`); the FC computes x W + b, so W = P[:k]^T and
+  b = -P[:k] m, with k the FC's output size (the leading k rows are a dimension reduction).
+
+  Args:
+    variables: variables of a ResNet with `head='landmark'` and `whiten=True`.
+    path: the whitening `.npz`.
+
+  Returns:
+    `variables` with `params/landmark_head/whitening/{kernel,bias}` replaced.
+
+  Raises:
+    ValueError: the model has no whitening FC, the file is unreadable or lacks `mean` /
+      `projection`, or the shapes do not fit the FC.
+    FileNotFoundError: the file does not exist.
+  """
+  variables = flax.core.unfreeze(variables)
+  try:
+    fc = variables["params"]["landmark_head"]["whitening"]
+  except KeyError:
+    raise ValueError("the model has no whitening FC: use a ResNet with head='landmark' and "
+                     "whiten=True") from None
+  data = read_checkpoint(path)
+  if "mean" not in data or "projection" not in data:
+    raise ValueError(f"whitening file {path} must hold arrays 'mean' and 'projection', got "
+                     f"{sorted(data)}")
+  mean, projection = data["mean"].astype(np.float64), data["projection"].astype(np.float64)
+  width, out = fc["kernel"].shape
+  if mean.shape != (width,) or projection.ndim != 2 or projection.shape[1] != width or (
+      len(projection) < out):
+    raise ValueError(f"whitening {path} (mean {mean.shape}, projection {projection.shape}) does "
+                     f"not fit the {width} -> {out} whitening FC")
+  projection = projection[:out]
+  fc["kernel"] = jnp.asarray(projection.T, fc["kernel"].dtype)
+  fc["bias"] = jnp.asarray(-projection @ mean, fc["bias"].dtype)
+  return variables

@@ -1,4 +1,4 @@
-"""Layers shared by the backbones: input normalisation, GeM pooling, the embedding head.
+"""Layers shared by the backbones: input normalisation, (masked) GeM pooling, the heads.
 
 All functions here are pure; the modules hold only parameters.
 """
@@ -78,6 +78,32 @@ def gem_pool(features: jax.Array, p: jax.Array, eps: float = 1e-6) -> jax.Array:
   return jnp.mean(x**p, axis=(1, 2)) ** (1.0 / p)
 
 
+def masked_gem_pool(features: jax.Array, mask: jax.Array, p: jax.Array,
+                    eps: float = 1e-6) -> jax.Array:
+  """GeM pooling over the valid cells of a padded feature map only, in float32.
+
+  Args:
+    features: (B, H, W, C) feature map of padded images.
+    mask: (B, H, W) bool or {0, 1}: True where the cell belongs to the real image. Each image
+      needs at least one valid cell (an all-padding image pools to eps).
+    p: scalar or shape (1,) exponent.
+    eps: features are clamped to >= eps before the power.
+
+  Returns:
+    float32 (B, C): (sum_{valid h,w} clamp(x, eps)^p / #valid)^(1/p); equals `gem_pool` of the
+    unpadded map when the valid cells are its cells.
+  """
+  chex.assert_rank(features, 4)
+  chex.assert_shape(mask, features.shape[:3])
+  p = jnp.reshape(p, ()).astype(jnp.float32)
+  weights = mask.astype(jnp.float32)[..., None]
+  x = jnp.maximum(features.astype(jnp.float32), eps) ** p
+  count = jnp.sum(weights, axis=(1, 2))
+  mean = jnp.sum(x * weights, axis=(1, 2)) / jnp.maximum(count, 1.0)
+  # An all-padding image pools to eps rather than 0, whose 1/p-th power has no gradient.
+  return jnp.where(count > 0, mean, eps**p) ** (1.0 / p)
+
+
 class GeM(nn.Module):
   """GeM pooling with a learnable exponent `p` (a (1,) parameter in `params`)."""
 
@@ -85,10 +111,12 @@ class GeM(nn.Module):
   eps: float = 1e-6
 
   @nn.compact
-  def __call__(self, features: jax.Array) -> jax.Array:
-    """(B, H, W, C) -> float32 (B, C)."""
+  def __call__(self, features: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """(B, H, W, C) [with a (B, H, W) validity mask] -> float32 (B, C)."""
     p = self.param("p", nn.initializers.constant(self.p_init), (1,), jnp.float32)
-    return gem_pool(features, p, self.eps)
+    if mask is None:
+      return gem_pool(features, p, self.eps)
+    return masked_gem_pool(features, mask, p, self.eps)
 
 
 class EmbeddingHead(nn.Module):
@@ -109,4 +137,42 @@ class EmbeddingHead(nn.Module):
                      name="norm")(x)
     x = nn.Dense(self.embedding_dim, dtype=jnp.float32, param_dtype=self.param_dtype,
                  name="proj")(x)
+    return l2_normalize(x)
+
+
+class LandmarkHead(nn.Module):
+  """The landmark-retrieval head: GeM -> L2 -> [whitening FC (D -> embedding_dim, bias) -> L2].
+
+  (Radenovic et al., "Fine-tuning CNN image retrieval with no human annotation", TPAMI 2018.)
+  The FC is initialised as the identity when `embedding_dim` equals the feature width, so an
+  untrained head returns the L2-normalised GeM descriptor; `recall_jax.models.load_whitening`
+  writes a learned whitening into it (`kernel = P^T`, `bias = -P m`).
+
+  Attributes:
+    embedding_dim: output size of the whitening FC (the feature width D for a D x D whitening;
+      smaller for a dimension reduction).
+    whiten: if False there is no FC: the head returns the L2-normalised GeM descriptor (width D).
+    gem_p_init, gem_eps: GeM exponent initialisation and clamp.
+    param_dtype: dtype of the parameters.
+  """
+
+  embedding_dim: int = 2048
+  whiten: bool = True
+  gem_p_init: float = 3.0
+  gem_eps: float = 1e-6
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, features: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """(B, H, W, D) [+ (B, H, W) validity mask] -> float32 (B, embedding_dim or D), unit norm."""
+    x = l2_normalize(GeM(self.gem_p_init, self.gem_eps, name="gem")(features, mask))
+    if not self.whiten:
+      return x
+
+    def identity_kernel(key, shape, dtype):
+      del key
+      return jnp.eye(*shape, dtype=dtype)
+
+    x = nn.Dense(self.embedding_dim, dtype=jnp.float32, param_dtype=self.param_dtype,
+                 kernel_init=identity_kernel, name="whitening")(x)
     return l2_normalize(x)

@@ -23,9 +23,16 @@ _MODELS: dict[str, tuple[Callable[..., nn.Module], dict[str, Any]]] = {
     "vit_tiny_test": (vit.ViT, dict(patch_size=8, width=32, depth=2, num_heads=2, mlp_dim=64,
                                     image_size=32, embedding_dim=16)),
     "resnet50": (resnet.ResNet, dict(stage_sizes=(3, 4, 6, 3), base_width=64)),
+    "resnet101": (resnet.ResNet, dict(stage_sizes=(3, 4, 23, 3), base_width=64)),
+    # Landmark retrieval (Radenovic et al.): GeM -> L2 -> 2048 x 2048 whitening FC -> L2.
+    "resnet101_landmark": (resnet.ResNet, dict(stage_sizes=(3, 4, 23, 3), base_width=64,
+                                               head="landmark", embedding_dim=2048)),
     # One bottleneck per stage and 8 stem channels: 256 output channels.
     "resnet_tiny_test": (resnet.ResNet, dict(stage_sizes=(1, 1, 1, 1), base_width=8,
                                              image_size=32, embedding_dim=16)),
+    "resnet_tiny_landmark_test": (resnet.ResNet, dict(stage_sizes=(1, 1, 1, 1), base_width=8,
+                                                      image_size=32, head="landmark",
+                                                      embedding_dim=256)),
     "small_cnn": (small_cnn.SmallCNN, dict(channels=(32, 64, 128, 128), convs_per_block=1)),
     # The demo's: the final 2 x 2 map (at 28 px) flattened, so the layout of the strokes
     # survives pooling.
@@ -56,11 +63,12 @@ def get_model(name: str, **kwargs: Any) -> nn.Module:
 
   Args:
     name: one of `available_models()`: 'vit_ti16', 'vit_s16', 'vit_b16', 'vit_b32', 'vit_l16',
-      'resnet50', 'small_cnn' and the test sizes 'vit_tiny_test', 'resnet_tiny_test'.
+      'resnet50', 'resnet101', 'resnet101_landmark' (landmark head), 'small_cnn' and the test
+      sizes 'vit_tiny_test', 'resnet_tiny_test', 'resnet_tiny_landmark_test'.
     **kwargs: module attributes overriding the defaults, e.g. `embedding_dim=512`,
       `with_head=True`, `dtype=jnp.bfloat16` (compute), `param_dtype=jnp.float32`,
-      `image_size=224`, and for ViTs `dropout_rate`, `attention_implementation`,
-      `attention_pad_to`.
+      `image_size=224`, for ResNets `head='landmark'` and `whiten`, and for ViTs `dropout_rate`,
+      `attention_implementation`, `attention_pad_to`.
 
   Returns:
     A linen Module; `model.apply(variables, images, train=False, rngs=...)` maps uint8 or [0, 1]

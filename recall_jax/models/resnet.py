@@ -4,6 +4,12 @@ torchvision's v1.5 bottleneck puts the stride in the 3x3 convolution. Module nam
 torchvision / timm state dict (`conv1`, `bn1`, `layer{1-4}_{j}/conv{1-3}`, `bn{1-3}`,
 `downsample_conv`, `downsample_bn`), so `recall_jax.models.checkpoints` maps them one to one.
 
+Padded images (aspect buckets, `recall_jax.data.aspect_buckets`) come with a (B, H, W) validity
+mask: the trunk zeroes the padding before every convolution or pooling wider than 1x1, so the
+padding acts as the zero border of an unpadded image, and GeM pools the real cells only. At
+stride s the mask keeps ceil(h / s) rows, as many as the unpadded network computes, so the padded
+descriptor equals the unpadded one up to rounding, for any real size.
+
 BatchNorm is frozen, as in the paper: every forward pass (train or not) normalises with the
 running statistics stored in the `batch_stats` collection, which is read and never written, so
 `apply` never needs `mutable=...` and an image's output does not depend on the rest of the batch.
@@ -64,13 +70,15 @@ class Bottleneck(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """(B, H, W, C) -> (B, H / strides, W / strides, 4 planes)."""
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """(B, H, W, C) [+ (B, H, W, 1) validity mask] -> (B, H / strides, W / strides, 4 planes)."""
     conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
                              param_dtype=self.param_dtype, kernel_init=_conv_init)
     norm = functools.partial(FrozenBatchNorm, dtype=self.dtype, param_dtype=self.param_dtype)
     s = self.strides
     y = nn.relu(norm(name="bn1")(conv(self.planes, (1, 1), name="conv1")(x)))
+    if mask is not None:
+      y = y * mask.astype(y.dtype)
     y = conv(self.planes, (3, 3), strides=(s, s), padding=((1, 1), (1, 1)), name="conv2")(y)
     y = nn.relu(norm(name="bn2")(y))
     y = norm(name="bn3")(conv(self.planes * 4, (1, 1), name="conv3")(y))
@@ -90,24 +98,40 @@ class ResNetTrunk(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """float32 (B, H, W, 3) standardised images -> (B, H/32, W/32, 32 base_width) in `dtype`."""
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """float32 (B, H, W, 3) standardised images -> (B, H/32, W/32, 32 base_width) in `dtype`.
+
+    `mask` (B, H, W, 1), if given, is 1 on real pixels and 0 on padding.
+    """
+    # The mask at stride s keeps the cells whose top-left input pixel is real.
+    def masked(y, stride):
+      return y if mask is None else y * mask[:, ::stride, ::stride].astype(y.dtype)
+
+    x = masked(x, 1)
     x = nn.Conv(self.base_width, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)),
                 use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
                 kernel_init=_conv_init, name="conv1")(x.astype(self.dtype))
     x = nn.relu(FrozenBatchNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="bn1")(x))
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    # After the ReLU a zeroed cell never wins the max, as the pool's -inf padding would not.
+    x = nn.max_pool(masked(x, 2), (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    stride = 4
     for stage, num_blocks in enumerate(self.stage_sizes):
       for block in range(num_blocks):
         strides = 2 if stage > 0 and block == 0 else 1
+        block_mask = None if mask is None else mask[:, ::stride, ::stride]
         x = Bottleneck(self.base_width * 2**stage, strides, downsample=block == 0,
                        dtype=self.dtype, param_dtype=self.param_dtype,
-                       name=f"layer{stage + 1}_{block}")(x)
+                       name=f"layer{stage + 1}_{block}")(x, block_mask)
+        stride *= strides
     return x
 
 
 class ResNet(nn.Module):
-  """ResNet embedding model: images -> feature map -> [GeM -> LayerNorm -> Linear -> L2-normalise].
+  """ResNet embedding model: images -> feature map -> head.
+
+  Heads: `head='embedding'` (the paper's GeM -> LayerNorm -> Linear -> L2-normalise) or
+  `head='landmark'` (`common.LandmarkHead`: GeM -> L2 -> [whitening FC -> L2], for landmark
+  retrieval; its output has `embedding_dim` entries with `whiten=True`, 32 base_width without).
 
   Attributes:
     stage_sizes: bottlenecks per stage ((3, 4, 6, 3) for ResNet-50).
@@ -116,6 +140,8 @@ class ResNet(nn.Module):
     embedding_dim: output size of the head.
     with_head: if False, `__call__` returns global-average-pooled features (B, 32 base_width), the
       torchvision pooled features; the GeM `p` then does not exist.
+    head: 'embedding' or 'landmark' (used when `with_head`).
+    whiten: landmark head only: whether it ends with the whitening FC.
     gem_p_init, gem_eps: GeM exponent initialisation (3) and clamp (1e-6).
     dtype: compute dtype of the trunk (e.g. jnp.bfloat16 on GPU); pooling, head and outputs are
       float32.
@@ -127,6 +153,8 @@ class ResNet(nn.Module):
   image_size: int = 224
   embedding_dim: int = 512
   with_head: bool = True
+  head: str = "embedding"
+  whiten: bool = True
   gem_p_init: float = 3.0
   gem_eps: float = 1e-6
   dtype: Dtype = jnp.float32
@@ -135,22 +163,39 @@ class ResNet(nn.Module):
   def setup(self):
     self.backbone = ResNetTrunk(tuple(self.stage_sizes), self.base_width, self.dtype,
                                 self.param_dtype)
-    if self.with_head:
+    if self.head not in ("embedding", "landmark"):
+      raise ValueError(f"head must be 'embedding' or 'landmark', got {self.head!r}")
+    if self.with_head and self.head == "embedding":
       self.gem = common.GeM(self.gem_p_init, self.gem_eps)
       self.embedding_head = common.EmbeddingHead(self.embedding_dim, self.param_dtype)
+    elif self.with_head:
+      self.landmark_head = common.LandmarkHead(self.embedding_dim, self.whiten, self.gem_p_init,
+                                               self.gem_eps, self.param_dtype)
 
-  def features(self, images: jax.Array, train: bool = False) -> jax.Array:
+  def features(self, images: jax.Array, train: bool = False,
+               mask: jax.Array | None = None) -> jax.Array:
     """(B, H, W, C) uint8 or [0, 1] float -> float32 (B, H/32, W/32, 32 base_width) feature map.
 
     `train` has no effect (BatchNorm is frozen; there is no dropout); it is accepted so every
-    model has the same call signature.
+    model has the same call signature. `mask` (B, H, W) marks the real pixels of padded images.
     """
     del train
-    return self.backbone(common.preprocess_images(images)).astype(jnp.float32)
+    pixel_mask = None if mask is None else mask[..., None]
+    return self.backbone(common.preprocess_images(images), pixel_mask).astype(jnp.float32)
 
-  def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
-    """Images -> float32 (B, embedding_dim) unit-norm embeddings, or (B, 32 base_width)."""
-    fmap = self.features(images, train)
+  def __call__(self, images: jax.Array, train: bool = False,
+               mask: jax.Array | None = None) -> jax.Array:
+    """Images [+ (B, H, W) bool validity mask] -> float32 unit-norm (B, embedding_dim) embeddings.
+
+    Without a head: (B, 32 base_width) average-pooled features (of the real cells with a mask).
+    """
+    fmap = self.features(images, train, mask)
+    cell_mask = None if mask is None else mask[:, ::32, ::32]
     if not self.with_head:
-      return jnp.mean(fmap, axis=(1, 2))
-    return self.embedding_head(self.gem(fmap))
+      if cell_mask is None:
+        return jnp.mean(fmap, axis=(1, 2))
+      weights = cell_mask.astype(jnp.float32)[..., None]
+      return jnp.sum(fmap * weights, axis=(1, 2)) / jnp.maximum(jnp.sum(weights, axis=(1, 2)), 1)
+    if self.head == "landmark":
+      return self.landmark_head(fmap, cell_mask)
+    return self.embedding_head(self.gem(fmap, cell_mask))

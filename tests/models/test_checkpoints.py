@@ -153,6 +153,23 @@ def test_resnet_torchvision_safetensors_round_trip(resnet, tmp_path):
   assert_tree_equal(loaded["params"]["embedding_head"], fresh["params"]["embedding_head"])
 
 
+def test_resnet101_landmark_loads_torchvision_keys_and_keeps_its_head(tmp_path):
+  # ResNet-101's real key layout (layer3.0 ... layer3.22) at 1/16 of its width.
+  model = models.get_model("resnet101_landmark", base_width=4, embedding_dim=128)
+  source, fresh = random_variables(model, 32, 0), random_variables(model, 32, 1)
+  state = export_torchvision_resnet(source)
+  assert "layer3.22.bn3.running_var" in state and "layer3.23.conv1.weight" not in state
+  safetensors.numpy.save_file(state, tmp_path / "resnet101.safetensors")
+  loaded = models.load_pretrained("resnet101_landmark", fresh, tmp_path / "resnet101.safetensors")
+  assert_tree_equal(loaded["params"]["backbone"], source["params"]["backbone"])
+  assert_tree_equal(loaded["batch_stats"], source["batch_stats"])
+  assert_tree_equal(loaded["params"]["landmark_head"], fresh["params"]["landmark_head"])
+  del state["layer3.22.conv2.weight"]
+  safetensors.numpy.save_file(state, tmp_path / "short.safetensors")
+  with pytest.raises(ValueError, match="layer3_22/conv2/kernel"):
+    models.load_pretrained("resnet101_landmark", fresh, tmp_path / "short.safetensors")
+
+
 def test_position_embedding_resampled_to_new_image_size(vit, tmp_path):
   _, source, _ = vit
   np.savez(tmp_path / "vit.npz", **export_augreg(source))

@@ -81,3 +81,31 @@ def test_embedding_head_is_float32_unit_norm():
   assert out.shape == (3, 6) and out.dtype == jnp.float32
   np.testing.assert_allclose(np.linalg.norm(np.asarray(out), axis=1), 1.0, atol=1e-6)
   assert variables["params"]["norm"]["scale"].shape == (10,)
+
+
+def test_masked_gem_pool_matches_numpy_on_valid_cells():
+  rng = np.random.default_rng(8)
+  features = rng.normal(size=(3, 4, 5, 6))
+  mask = np.zeros((3, 4, 5), bool)
+  mask[0] = True
+  mask[1, :2, :3] = True
+  mask[2, 1, 4] = True
+  got = np.asarray(common.masked_gem_pool(jnp.asarray(features), jnp.asarray(mask), 3.0))
+  for b in range(3):
+    cells = np.maximum(features[b][mask[b]], 1e-6)
+    np.testing.assert_allclose(got[b], np.mean(cells**3, axis=0)**(1 / 3), rtol=1e-6)  # float32
+  np.testing.assert_allclose(got[0], np.asarray(common.gem_pool(jnp.asarray(features[:1]), 3.0))[0],
+                             rtol=1e-6)
+
+
+def test_masked_gem_pool_empty_mask_is_finite_and_bad_shapes_raise():
+  features = jnp.ones((2, 2, 2, 3))
+  mask = jnp.array([[[True, False], [False, False]], [[False, False], [False, False]]])
+  p = jnp.array([3.0])
+  value, grad = jax.value_and_grad(
+      lambda q: common.masked_gem_pool(features, mask, q).sum())(p)
+  assert np.isfinite(float(value)) and np.isfinite(np.asarray(grad)).all()
+  np.testing.assert_allclose(np.asarray(common.masked_gem_pool(features, mask, p))[1], 1e-6,
+                             rtol=1e-4)
+  with pytest.raises(AssertionError):
+    common.masked_gem_pool(features, mask[:, :1], p)

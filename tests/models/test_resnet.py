@@ -124,3 +124,76 @@ def test_without_head_is_global_average_pool(tiny):
   np.testing.assert_allclose(pooled, fmap.mean(axis=(1, 2)), atol=1e-6)
   assert "gem" not in jax.eval_shape(
       lambda: models.init_variables(trunk, jax.random.key(0), 32))["params"]
+
+
+def test_resnet101_layout_matches_torchvision_shapes():
+  model = models.get_model("resnet101")
+  variables = jax.eval_shape(lambda: models.init_variables(model, jax.random.key(0), 64))
+  params = variables["params"]["backbone"]
+  assert sum(k.startswith("layer3_") for k in params) == 23
+  assert params["layer3_22"]["conv3"]["kernel"].shape == (1, 1, 256, 1024)
+  n_backbone = sum(np.prod(x.shape) for x in jax.tree.leaves(variables["params"]["backbone"]))
+  assert n_backbone == 42_500_160  # torchvision resnet101 without fc: 44,549,160 - 2,049,000.
+
+
+def test_landmark_head_is_l2_gem_then_whitening_fc(tiny):
+  _, variables, images, _ = tiny
+  model = models.get_model("resnet_tiny_landmark_test", embedding_dim=8)
+  fresh = jax.eval_shape(lambda: models.init_variables(model, jax.random.key(0), 32))
+  assert fresh["params"]["landmark_head"]["whitening"]["kernel"].shape == (256, 8)
+  assert fresh["params"]["landmark_head"]["gem"]["p"].shape == (1,)
+  rng = np.random.default_rng(3)
+  kernel, bias = rng.normal(size=(256, 8)), rng.normal(size=8)
+  head = {"gem": {"p": np.array([2.5], np.float32)},
+          "whitening": {"kernel": kernel.astype(np.float32), "bias": bias.astype(np.float32)}}
+  land_vars = {"params": {"backbone": variables["params"]["backbone"], "landmark_head": head},
+               "batch_stats": variables["batch_stats"]}
+  images = np.random.default_rng(4).integers(0, 256, size=(3, 64, 64, 3), dtype=np.uint8)
+  out, fmap = jax.jit(lambda v, x: (model.apply(v, x), model.apply(v, x, method="features")))(
+      land_vars, images)
+  fmap = np.asarray(fmap, np.float64)
+  gem = np.mean(np.maximum(fmap, 1e-6)**2.5, axis=(1, 2))**(1 / 2.5)
+  gem /= np.linalg.norm(gem, axis=1, keepdims=True)
+  want = gem @ kernel + bias
+  want /= np.linalg.norm(want, axis=1, keepdims=True)
+  np.testing.assert_allclose(np.asarray(out), want, atol=1e-5)
+
+
+def test_landmark_head_without_whitening_and_identity_init():
+  model = models.get_model("resnet_tiny_landmark_test")
+  plain = models.get_model("resnet_tiny_landmark_test", whiten=False)
+  variables = random_variables(model, 32)
+  # The FC starts as the identity, so an untrained head is the L2-normalised GeM descriptor.
+  variables["params"]["landmark_head"]["whitening"] = models.init_variables(
+      model, jax.random.key(0), 32)["params"]["landmark_head"]["whitening"]
+  plain_vars = {"params": {"backbone": variables["params"]["backbone"],
+                           "landmark_head": {"gem": variables["params"]["landmark_head"]["gem"]}},
+                "batch_stats": variables["batch_stats"]}
+  images = np.random.default_rng(5).integers(0, 256, size=(2, 64, 64, 3), dtype=np.uint8)
+  out = np.asarray(jax.jit(model.apply)(variables, images))
+  np.testing.assert_allclose(out, np.asarray(jax.jit(plain.apply)(plain_vars, images)), atol=1e-6)
+  assert out.shape == (2, 256)
+  with pytest.raises(ValueError, match="head must be"):
+    models.init_variables(models.get_model("resnet_tiny_test", head="arcface"),
+                          jax.random.key(0), 32)
+
+
+@pytest.mark.parametrize("name,kwargs", [("resnet_tiny_landmark_test", {}),
+                                         ("resnet_tiny_test", {}),
+                                         ("resnet_tiny_test", {"with_head": False})])
+def test_padded_descriptor_equals_unpadded(name, kwargs):
+  model = models.get_model(name, **kwargs)
+  variables = random_variables(model, 32, seed=6)
+  rng = np.random.default_rng(7)
+  sizes = [(64, 96), (128, 64), (45, 77)]  # The mask makes any size exact, not only 32 k.
+  apply = jax.jit(model.apply)
+  canvas = rng.integers(0, 256, size=(len(sizes), 128, 128, 3), dtype=np.uint8)  # Padding: noise.
+  mask = np.zeros((len(sizes), 128, 128), bool)
+  want = []
+  for i, (h, w) in enumerate(sizes):
+    mask[i, :h, :w] = True
+    want.append(np.asarray(apply(variables, canvas[i:i + 1, :h, :w]))[0])
+  got = np.asarray(apply(variables, canvas, mask=mask))
+  np.testing.assert_allclose(got, np.stack(want), atol=1e-4)
+  # Without the mask the padding changes the descriptor (the test can fail).
+  assert np.abs(np.asarray(apply(variables, canvas))[0] - want[0]).max() > 1e-3

@@ -1,0 +1,48 @@
+"""gldv1 / resnet101: the landmark-retrieval recipe (RS@k on Google Landmarks v1).
+
+ResNet-101 (ImageNet weights, frozen BatchNorm) -> GeM (p = 3, learnable) -> L2 -> 2048 x 2048
+whitening FC (initialised from a whitening learned on the pretrained descriptors) -> L2. Images
+at 1024 px (longer side, aspect ratio kept, padded into aspect buckets); mega-batches of 4,096 =
+1,024 landmarks x 4 images (landmarks with fewer than 4 images are skipped), Adam lr 1e-4,
+500 steps. Evaluated on ROxford5k and RParis6k (Medium and Hard), multi-scale (1, 1/sqrt(2),
+sqrt(2)). Published for comparison (average-precision training with the same backbone, AP-GeM
+ResNet-101, single-scale): ROxford M/H 67.1 / 42.3, RParis M/H 80.3 / 60.9 mAP; not reproduced
+here. See docs/landmarks_model.md.
+
+  python -m recall_jax.main --config configs/gldv1_resnet101.py --workdir runs/gldv1_resnet101 \
+      --config.model.pretrained=resnet101.safetensors --config.model.whitening_init=whiten.npz
+  python -m recall_jax.main --config configs/gldv1_resnet101.py:smoke --workdir /tmp/gldv1
+"""
+
+import ml_collections
+
+from recall_jax import config as config_lib
+
+
+def get_config(arg=None):
+  c = config_lib.paper_config(
+      "gldv1", "resnet101_landmark", batch_size=4096, chunk_size=16, optimizer="adam",
+      learning_rate=1e-4, epochs=1000, milestones=())
+  c.max_steps = 500  # The recipe counts steps, not epochs.
+  c.model.embedding_dim = 2048  # D x D whitening FC.
+  # .npz from recall_jax.evaluation.whitening (learned or PCA) written into the FC before training.
+  c.model.whitening_init = ml_collections.FieldReference(None, field_type=str)
+  c.data.image_size = 1024  # longer side; no crop
+  c.data.resize_size = 1024
+  c.data.aspect_buckets = 4  # short-side steps per orientation (data.aspect_buckets.bucket_shapes)
+  c.data.test_splits = ()
+  c.data.distractors = ml_collections.FieldReference(None, field_type=str)  # "revisitop1m"
+  c.eval = ml_collections.ConfigDict()
+  c.eval.datasets = ("roxford5k", "rparis6k")
+  c.eval.protocols = ("medium", "hard")
+  c.eval.scales = (1.0, 2**-0.5, 2**0.5)
+  c.eval.whitening = ml_collections.FieldReference(None, field_type=str)  # test-time .npz
+  c.eval.qe_k, c.eval.qe_alpha = 0, 3.0  # alpha query expansion (0: off)
+  c.eval.dba_k, c.eval.dba_alpha = 0, 3.0  # database-side augmentation (0: off)
+  c.eval_every_epochs = 1000  # evaluate at the end
+  c.best_metric = "roxford5k/medium/map"
+  if "smoke" in config_lib.parse_arg(arg):
+    c = config_lib.smoke(c)
+    c.model.name = "resnet_tiny_landmark_test"
+    c.data.image_size = c.data.resize_size = 64
+  return c

@@ -1,0 +1,82 @@
+"""Tests for recall_jax.data.aspect_buckets: resizing, bucket choice, padding, chunking."""
+
+import io
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from recall_jax import errors
+from recall_jax.data import aspect_buckets as ab
+
+
+def test_bucket_shapes_are_multiples_and_hold_every_resized_image():
+  shapes = ab.bucket_shapes(1024, num_buckets=4)
+  assert shapes == ((256, 1024), (1024, 256), (512, 1024), (1024, 512), (768, 1024), (1024, 768),
+                    (1024, 1024))
+  rng = np.random.default_rng(0)
+  for _ in range(200):
+    h, w = rng.integers(1, 5000, size=2)
+    size = ab.resized_shape(h, w, 1024)
+    bucket = shapes[ab.assign_bucket(*size, shapes)]
+    assert size[0] <= bucket[0] and size[1] <= bucket[1]
+    # No smaller bucket would do.
+    assert all(s[0] * s[1] >= bucket[0] * bucket[1] for s in shapes
+               if size[0] <= s[0] and size[1] <= s[1])
+  assert ab.bucket_shapes(100, num_buckets=2) == ((64, 128), (128, 64), (128, 128))
+  with pytest.raises(errors.ConfigError):
+    ab.bucket_shapes(0)
+
+
+@pytest.mark.parametrize("hw,want", [((3000, 4000), (768, 1024)), ((4000, 3000), (1024, 768)),
+                                     ((100, 50), (1024, 512)), ((1024, 1), (1024, 1))])
+def test_resized_shape_keeps_aspect_ratio_and_longer_side(hw, want):
+  assert ab.resized_shape(*hw, 1024) == want
+
+
+def test_bucket_image_from_array_and_bytes():
+  rng = np.random.default_rng(1)
+  image = rng.integers(0, 256, size=(90, 60, 3), dtype=np.uint8)
+  shapes = ab.bucket_shapes(64, num_buckets=2)
+  out = ab.bucket_image(image, 64, shapes)
+  assert out.size == (64, 43) and shapes[out.bucket] == (64, 64)
+  assert out.image.shape == (64, 64, 3) and out.mask.shape == (64, 64)
+  assert out.mask[:64, :43].all() and out.mask.sum() == 64 * 43
+  np.testing.assert_array_equal(out.image[:, 43:], 0)
+  want = np.asarray(PIL.Image.fromarray(image).resize((43, 64), PIL.Image.BILINEAR))
+  np.testing.assert_array_equal(out.image[:, :43], want)
+  buffer = io.BytesIO()
+  PIL.Image.fromarray(image).save(buffer, format="PNG")
+  from_bytes = ab.bucket_image(buffer.getvalue(), 64, shapes)
+  np.testing.assert_array_equal(from_bytes.image, out.image)
+  grey = ab.bucket_image(buffer.getvalue(), 64, shapes, channels=1)
+  assert grey.image.shape == (64, 64, 1)
+
+
+def test_bad_images_raise_data_errors():
+  shapes = ab.bucket_shapes(64)
+  with pytest.raises(errors.DataError, match="cannot decode"):
+    ab.bucket_image(b"not an image", 64, shapes)
+  with pytest.raises(errors.DataError, match="uint8"):
+    ab.resize_longer_side(np.zeros((4, 4, 3), np.float32), 64)
+  with pytest.raises(errors.DataError, match="fits none"):
+    ab.assign_bucket(65, 10, shapes)
+  with pytest.raises(errors.DataError, match="does not fit"):
+    ab.pad_to_bucket(np.zeros((65, 10, 3), np.uint8), (64, 64))
+  with pytest.raises(errors.ConfigError):
+    ab.resize_longer_side(np.zeros((4, 4, 3), np.uint8), 64, channels=2)
+
+
+def test_chunks_share_a_bucket_and_cover_every_position_once():
+  buckets = np.array([2, 0, 2, 1, 0, 2, 2, 2, 0])
+  chunks = ab.chunk_by_bucket(buckets, 2)
+  assert [c.bucket for c in chunks] == [0, 0, 1, 2, 2, 2]
+  assert all(len(c.indices) == 2 for c in chunks)
+  np.testing.assert_array_equal(chunks[0].indices, [1, 4])
+  np.testing.assert_array_equal(chunks[1].indices, [8, -1])
+  positions = np.concatenate([c.indices for c in chunks])
+  np.testing.assert_array_equal(np.sort(positions[positions >= 0]), np.arange(len(buckets)))
+  for chunk in chunks:
+    assert np.all(buckets[chunk.indices[chunk.indices >= 0]] == chunk.bucket)
+  with pytest.raises(errors.ConfigError):
+    ab.chunk_by_bucket(buckets, 0)
