@@ -1,0 +1,1 @@
+"""Using a trained embedder: search an image folder, export a portable embedder."""
