@@ -69,7 +69,10 @@ def export_embedder(embed_fn_of_params: Callable[[Any, jax.Array], jax.Array], p
     raise ValueError(f"fallback_batch_size must be >= 1, got {fallback_batch_size}")
   platforms = (jax.default_backend(),) if platforms is None else tuple(platforms)
   params = jax.tree.map(jnp.asarray, params)
-  fn = lambda images: embed_fn_of_params(params, images)  # pylint: disable=unnecessary-lambda-assignment
+
+  def fn(images):
+    return embed_fn_of_params(params, images)
+
   (batch,) = jax.export.symbolic_shape("b")
   try:
     exported = _export(fn, batch, image_shape, dtype, platforms)
