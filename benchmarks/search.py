@@ -93,7 +93,7 @@ def main():
                                      batch_size=args.batch_size, progress=False)
 
   gallery, cold = timed(lambda: embed("first"))
-  assert not gallery.from_cache and len(gallery.paths) == args.num
+  assert not gallery.from_cache and len(gallery.relative_paths) == args.num
   print(f"embed gallery, first call (compile included): {cold:.1f} s = {args.num / cold:.0f} img/s")
   gallery, warm = timed(lambda: embed("second"))
   assert not gallery.from_cache
@@ -118,8 +118,8 @@ def main():
   assert results[str(query)][0]["path"] == str(query)
   latencies = [timed(search)[1] for _ in range(args.repeat)]
   print(f"one query, first (compiles the batch-1 embedder and the k-NN): {first * 1e3:.0f} ms")
-  print(f"one query, median of {args.repeat} later ones: {statistics.median(latencies) * 1e3:.1f} ms"
-        f" (min {min(latencies) * 1e3:.1f} ms)")
+  print(f"one query, median of {args.repeat} later ones: "
+        f"{statistics.median(latencies) * 1e3:.1f} ms (min {min(latencies) * 1e3:.1f} ms)")
   print(f"command-line search with a cached gallery (open cache + first query): "
         f"{(opened + first) * 1e3:.0f} ms, plus the process start and model restore")
   print(f"load average at the end: {os.getloadavg()[0]:.2f}")

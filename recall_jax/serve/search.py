@@ -81,8 +81,8 @@ def search_gallery(embed_fn: gallery_lib.EmbedFn, gallery: gallery_lib.Gallery,
   if skipped:
     _log.warning("skipped %d of %d query files that are not decodable images (%s)", len(skipped),
                  len(files), ", ".join(str(files[i]) for i in skipped[:5]))
-  scores, indices = knn(embeddings, gallery.embeddings, min(top_k, len(gallery.paths)))
-  return {str(files[q]): [{"path": str(gallery.paths[j]), "score": float(s)}
+  scores, indices = knn(embeddings, gallery.embeddings, min(top_k, len(gallery.relative_paths)))
+  return {str(files[q]): [{"path": gallery.path(j), "score": float(s)}
                           for s, j in zip(scores[row], indices[row])]
           for row, q in enumerate(kept)}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pathlib
 
 import chex
 import jax
@@ -32,12 +33,16 @@ def test_embeds_every_image_and_skips_undecodable_files(tmp_path, embedder, make
   gallery = gallery_lib.embed_gallery(embedder, tmp_path / "gallery", model_id="m0",
                                       transform=TRANSFORM, cache_dir=tmp_path / "cache",
                                       batch_size=5, progress=False)
-  assert set(gallery.paths) == set(images)
-  assert list(gallery.paths) == sorted(gallery.paths, key=lambda p: p.relative_to(
-      tmp_path / "gallery").as_posix())
-  assert set(gallery.skipped) == set(bad)
+
+  def relative(paths):
+    return [p.relative_to(tmp_path / "gallery").as_posix() for p in paths]
+
+  assert list(gallery.relative_paths) == sorted(relative(images))
+  assert sorted(gallery.skipped) == sorted(relative(bad))
   assert not gallery.from_cache
-  chex.assert_trees_all_close(gallery.embeddings, _reference_embeddings(embedder, gallery.paths),
+  paths = [pathlib.Path(gallery.path(i)) for i in range(len(gallery.relative_paths))]
+  assert set(paths) == set(images)
+  chex.assert_trees_all_close(gallery.embeddings, _reference_embeddings(embedder, paths),
                               atol=1e-5, rtol=0)
 
 
@@ -54,18 +59,19 @@ def test_cache_is_reused_while_folder_and_model_are_unchanged(tmp_path, embedder
   second = embed("m0")
   assert second.from_cache and second.cache_path == first.cache_path
   assert embedder.images_seen == seen  # nothing embedded
-  assert second.paths == first.paths
+  assert second.relative_paths == first.relative_paths
   np.testing.assert_array_equal(second.embeddings, first.embeddings)
 
   assert not embed("another checkpoint").from_cache
   # A touched file (new modification time) or a new file invalidates the cache.
-  stat = first.paths[0].stat()
-  os.utime(first.paths[0], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+  image = pathlib.Path(first.path(0))
+  stat = image.stat()
+  os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
   touched = embed("m0")
   assert not touched.from_cache and touched.cache_path != first.cache_path
-  (root / "new.png").write_bytes(first.paths[1].read_bytes())
+  (root / "new.png").write_bytes(image.read_bytes())
   grown = embed("m0")
-  assert not grown.from_cache and len(grown.paths) == 7
+  assert not grown.from_cache and len(grown.relative_paths) == 7
 
 
 def test_cache_folder_inside_the_gallery_is_not_part_of_it(tmp_path, embedder, make_gallery):
@@ -74,7 +80,7 @@ def test_cache_folder_inside_the_gallery_is_not_part_of_it(tmp_path, embedder, m
   for _ in range(2):
     gallery = gallery_lib.embed_gallery(embedder, root, model_id="m0", transform=TRANSFORM,
                                         cache_dir=root / ".cache", progress=False)
-  assert gallery.from_cache and len(gallery.paths) == 3 and not gallery.skipped
+  assert gallery.from_cache and len(gallery.relative_paths) == 3 and not gallery.skipped
 
 
 def test_unusable_galleries(tmp_path, embedder, make_bad_files):
