@@ -22,7 +22,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from recall_jax.errors import MissingFileError
@@ -68,7 +67,8 @@ def export_embedder(embed_fn_of_params: Callable[[Any, jax.Array], jax.Array], p
   if fallback_batch_size < 1:
     raise ValueError(f"fallback_batch_size must be >= 1, got {fallback_batch_size}")
   platforms = (jax.default_backend(),) if platforms is None else tuple(platforms)
-  params = jax.tree.map(jnp.asarray, params)
+  # Host copies: the constants must not carry the training mesh's sharding into the module.
+  params = jax.device_get(params)
 
   def fn(images):
     return embed_fn_of_params(params, images)
