@@ -14,6 +14,7 @@ naming the remedies. Both are pure; showing the message once is the caller's bus
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,9 +25,26 @@ import jax.numpy as jnp
 from recall_jax.losses import recall_at_k as rsk
 
 
-@jax.jit
-def positive_ranks(embeddings: jax.Array, labels: jax.Array) -> jax.Array:
-  """Rank of every positive among the non-query rows of its query's row.
+@functools.partial(jax.jit, static_argnames="max_positives")
+def _positive_ranks(embeddings: jax.Array, labels: jax.Array, max_positives: int) -> jax.Array:
+  embeddings = embeddings.astype(jnp.float32)
+  sims = jnp.matmul(embeddings, embeddings.T, precision=jax.lax.Precision.HIGHEST)
+  rows = jnp.arange(sims.shape[0])
+  positives, valid = rsk.positive_indices(labels, max_positives)  # (B, P)
+  positive_sims = jnp.take_along_axis(sims, positives, axis=1)
+  # Row j ranks before positive p when more similar, or equally similar with a lower index;
+  # the query itself is not ranked. O(B * P * B) comparisons, no sort of the (B, B) matrix.
+  above = sims[:, None, :] > positive_sims[:, :, None]
+  tied_before = ((sims[:, None, :] == positive_sims[:, :, None])
+                 & (rows[None, None, :] < positives[:, :, None]))
+  others = rows[None, None, :] != rows[:, None, None]
+  ranks = 1 + jnp.sum((above | tied_before) & others, axis=-1)
+  return jnp.where(valid, ranks.astype(jnp.float32), jnp.nan)
+
+
+def positive_ranks(embeddings: jax.Array, labels: jax.Array, *,
+                   max_positives: int | None = None) -> jax.Array:
+  """Rank of every positive among the rows other than its query.
 
   Similarities are float32 inner products at HIGHEST precision. Among equal similarities the lower
   index ranks first, as in `recall_jax.evaluation.knn`.
@@ -34,39 +52,41 @@ def positive_ranks(embeddings: jax.Array, labels: jax.Array) -> jax.Array:
   Args:
     embeddings: (B, D) float embeddings.
     labels: (B,) integer labels.
+    max_positives: P, static slots per query, at least the largest class size minus one;
+      inferred from concrete labels, required under `jit` (where a query with more positives
+      keeps its first P).
 
   Returns:
-    (B, B) float32: `ranks[q, p]` is the 1-based rank of row p among the B - 1 rows other than q
-    when p is a positive of q (same label, p != q), NaN elsewhere.
+    (B, P) float32: `ranks[q, i]` is the 1-based rank, among the B - 1 rows other than q, of q's
+    i-th positive (same label, other row, in row order); NaN on slots beyond q's positives.
+
+  Raises:
+    ValueError: on a shape mismatch, non-float embeddings, non-integer labels, or concrete labels
+      with more positives than `max_positives`.
   """
+  rsk.check_embeddings(embeddings, labels)
+  max_positives = rsk.resolve_max_positives(labels, max_positives)
   chex.assert_rank(embeddings, 2)
-  chex.assert_shape(labels, (embeddings.shape[0],))
-  embeddings = embeddings.astype(jnp.float32)
-  sims = jnp.matmul(embeddings, embeddings.T, precision=jax.lax.Precision.HIGHEST)
-  self_pair = jnp.eye(sims.shape[0], dtype=bool)
-  # The query itself sorts last, so positions 1 .. B - 1 rank exactly the other rows.
-  order = jnp.argsort(jnp.where(self_pair, jnp.inf, -sims), axis=1, stable=True)
-  ranks = jnp.argsort(order, axis=1).astype(jnp.float32) + 1.0
-  positive = (labels[:, None] == labels[None, :]) & ~self_pair
-  return jnp.where(positive, ranks, jnp.nan)
+  return _positive_ranks(embeddings, labels, max_positives)
 
 
-def median_positive_rank(embeddings: jax.Array, labels: jax.Array) -> jax.Array:
+def median_positive_rank(embeddings: jax.Array, labels: jax.Array, *,
+                         max_positives: int | None = None) -> jax.Array:
   """Median over all (query, positive) pairs of the positive's rank (see `positive_ranks`).
 
   Args:
     embeddings: (B, D) float embeddings (a training batch, say).
     labels: (B,) integer labels.
+    max_positives: see `positive_ranks`.
 
   Returns:
     float32 scalar, 1-based: 1 when every positive is its query's nearest neighbour, about B / 2
     for random embeddings; NaN when no row has a positive.
 
   Raises:
-    ValueError: on a shape mismatch, non-float embeddings or non-integer labels.
+    ValueError: as `positive_ranks`.
   """
-  rsk.check_embeddings(embeddings, labels)
-  return jnp.nanmedian(positive_ranks(embeddings, labels))
+  return jnp.nanmedian(positive_ranks(embeddings, labels, max_positives=max_positives))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +148,8 @@ def diagnose_cold_start(embeddings: jax.Array, labels: jax.Array, *,
                                   loss_kwargs.get("tau2", 0.01))
   if not rank_factor >= 1:
     raise ValueError(f"rank_factor must be >= 1, got {rank_factor}")
-  median = float(median_positive_rank(embeddings, labels))
+  median = float(median_positive_rank(embeddings, labels,
+                                      max_positives=loss_kwargs.get("max_positives")))
   gradient = jax.grad(lambda e: rsk.recall_at_k_surrogate(e, labels, k_values=k_values,
                                                           **loss_kwargs))(embeddings)
   gradient_norm = float(jnp.linalg.norm(gradient.astype(jnp.float32)))
