@@ -160,9 +160,9 @@ def diagnose_cold_start(embeddings: jax.Array, labels: jax.Array, *,
   message = None
   if cannot_learn:
     message = (
-        f"RS@k cannot learn from this start: the median positive ranks {median:.0f} among "
-        f"{embeddings.shape[0] - 1} rows, beyond max(k) = {max_k}, where RS@k's sigmoid on "
-        f"k - rank is flat (gradient norm {gradient_norm:.1e} with respect to the embeddings), "
-        f"so the loss stays near 1 and recall does not move. Remedies: {REMEDIES}.")
+        f"RS@k gets almost no signal from this start: the median positive ranks {median:.0f} "
+        f"among {embeddings.shape[0] - 1} rows, beyond max(k) = {max_k}, where RS@k's sigmoid "
+        f"on k - rank is flat (gradient norm {gradient_norm:.1e} with respect to the "
+        f"embeddings), so the loss stays near 1 and recall barely moves. Remedies: {REMEDIES}.")
   return ColdStartDiagnosis(median_positive_rank=median, gradient_norm=gradient_norm,
                             max_k=max_k, cannot_learn=cannot_learn, message=message)
