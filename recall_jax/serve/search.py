@@ -83,7 +83,7 @@ def search_gallery(embed_fn: gallery_lib.EmbedFn, gallery: gallery_lib.Gallery,
                  len(files), ", ".join(str(files[i]) for i in skipped[:5]))
   scores, indices = knn(embeddings, gallery.embeddings, min(top_k, len(gallery.relative_paths)))
   return {str(files[q]): [{"path": gallery.path(j), "score": float(s)}
-                          for s, j in zip(scores[row], indices[row])]
+                          for s, j in zip(scores[row], indices[row], strict=True)]
           for row, q in enumerate(kept)}
 
 

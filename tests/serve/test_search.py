@@ -42,7 +42,7 @@ def test_results_match_brute_force_cosine_similarities(tmp_path, embedder, make_
                                       transform=TRANSFORM, top_k=4)
   assert set(results) == {str(q) for q in queries}
   reference = gallery_lib.embed_files(embedder, paths, TRANSFORM, progress=False)[0]
-  by_path = {str(p): e for p, e in zip(paths, reference.astype(np.float64))}
+  by_path = {str(p): e for p, e in zip(paths, reference.astype(np.float64), strict=True)}
   for query in queries:
     q = gallery_lib.embed_files(embedder, [query], TRANSFORM, progress=False)[0][0]
     sims = {p: float(e @ q) for p, e in by_path.items()}
