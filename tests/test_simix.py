@@ -160,7 +160,8 @@ class SameMeaningInsideAndOutsideJitTest(chex.TestCase):
 def test_samples_per_class_after_simix():
   assert [samples_per_class_after_simix(m) for m in (2, 3, 4)] == [3, 6, 10]
   labels = np.repeat(np.arange(5), 4)
-  _, mixed_labels = simix(np.zeros((20, 2), np.float32), labels, jax.random.key(0), samples_per_class=4)
+  _, mixed_labels = simix(np.zeros((20, 2), np.float32), labels, jax.random.key(0),
+                          samples_per_class=4)
   assert np.bincount(np.asarray(mixed_labels)).max() == samples_per_class_after_simix(4)
 
 
