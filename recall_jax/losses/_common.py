@@ -123,6 +123,8 @@ def check_k_values(k_values: Sequence[int] | None, num_rows: int,
   """
   if k_values is None:
     k_values = default
+  if isinstance(k_values, np.ndarray) and k_values.ndim == 1:
+    k_values = k_values.tolist()
   if isinstance(k_values, (str, bytes)) or not isinstance(k_values, Sequence):
     raise ValueError(f"k_values must be a sequence of positive integers, got {k_values!r}")
   if not k_values:
@@ -212,8 +214,8 @@ def query_block_for(num_rows: int, slots: int, itemsize: int, memory_budget_byte
   """The query block: the caller's, or the largest whose temporaries fit the budget.
 
   A block of Q queries ranks P slots against N rows, so the backward pass holds about
-  Q * N * (3 P + 2) elements. Blocks are balanced (B split into equal blocks, the last padded
-  by at most one row per block). None means one block of all queries.
+  Q * N * (3 P + 2) elements. Blocks are balanced: B is split into the fewest blocks that fit,
+  of equal size, so padding stays below one row per block. None means one block of all queries.
   """
   query_block = check_query_block(query_block)
   if query_block is not None:

@@ -322,6 +322,8 @@ def test_k_values_none_means_the_default():
                              dtype=np.float32)
   np.testing.assert_allclose(recall_at_k_loss(emb, labels, k_values=None),
                              recall_at_k_loss(emb, labels, k_values=(1, 2, 4, 8, 16)))
+  np.testing.assert_allclose(recall_at_k_loss(emb, labels, k_values=np.array([1, 4])),
+                             recall_at_k_loss(emb, labels, k_values=[1, 4]))
 
 
 @pytest.mark.parametrize(
