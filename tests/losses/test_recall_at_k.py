@@ -347,6 +347,7 @@ def test_k_values_none_means_the_default():
         ({"memory_budget_bytes": 0}, "memory_budget_bytes must be a positive integer"),
     ],
 )
+@pytest.mark.filterwarnings("ignore:labels are traced and no batch layout")
 def test_bad_hyper_parameters(kwargs, message):
   emb = np.random.default_rng(0).normal(size=(12, 3)).astype(np.float32)
   labels = np.repeat(np.arange(4), 3)
