@@ -15,17 +15,14 @@ import tqdm
 from jax.sharding import Mesh
 
 from recall_jax.evaluation import sharding
+from recall_jax.numerics import l2_normalize
 
 EmbedFn = Callable[[jax.Array], jax.Array]
 Batch = Mapping[str, Any]
 
 
-@jax.jit
-def l2_normalize(x: jax.Array) -> jax.Array:
-  """(b, D) -> (b, D) float32 rows of unit L2 norm; all-zero rows stay zero."""
-  x = x.astype(jnp.float32)
-  norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
-  return x / jnp.maximum(norm, jnp.finfo(jnp.float32).tiny)
+# Compiled once: called on every sharded batch of device outputs.
+_l2_normalize = jax.jit(l2_normalize)
 
 
 def _host_batch(batch: Batch, position: int) -> tuple[np.ndarray, ...]:
@@ -97,7 +94,7 @@ def extract_embeddings(embed_fn: EmbedFn, batches: Iterable[Batch], *,
       images, lab, mask, idx = _host_batch(batch, position)
       size = images.shape[0]
       padded = sharding.pad_rows(images, sharding.round_up(size, mesh.size))
-      device_out = l2_normalize(embed_fn(jax.device_put(padded, rows)))
+      device_out = _l2_normalize(embed_fn(jax.device_put(padded, rows)))
       # Fetch the previous batch only after dispatching this one, so the device stays busy.
       if previous is not None:
         collect(*previous)

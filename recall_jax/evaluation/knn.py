@@ -19,6 +19,7 @@ from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 
 from recall_jax.evaluation import sharding
+from recall_jax.numerics import similarity as similarities
 
 
 def as_embeddings(x, name: str) -> np.ndarray:
@@ -35,12 +36,6 @@ def as_embeddings(x, name: str) -> np.ndarray:
     bad = int(np.count_nonzero(~np.all(np.isfinite(x), axis=1)))
     raise ValueError(f"{name} contains NaN or infinite values ({bad} rows)")
   return x
-
-
-def similarities(queries: jax.Array, database: jax.Array) -> jax.Array:
-  """(B, D) x (N, D) -> (B, N) float32 inner products at highest precision."""
-  return jnp.dot(queries, database.T, precision=lax.Precision.HIGHEST,
-                 preferred_element_type=jnp.float32)
 
 
 def mask_self(sims: jax.Array, self_index: jax.Array) -> jax.Array:

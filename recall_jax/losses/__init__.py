@@ -1,5 +1,11 @@
-"""Retrieval losses. Every loss is called as `loss(embeddings, labels, **kwargs) -> scalar`."""
+"""Retrieval losses. Every loss is called as `loss(embeddings, labels, **kwargs) -> scalar`.
 
+RS@k and Smooth-AP take the batch layout (`samples_per_class`, or `max_positives`) that fixes
+their static sizes; contrastive and multi-similarity need none.
+"""
+
+from recall_jax.losses.recall_at_k import recall_at_k_loss
+from recall_jax.losses.recall_at_k import recall_at_k_loss_from_similarity
 from recall_jax.losses.recall_at_k import recall_at_k_surrogate
 from recall_jax.losses.recall_at_k import recall_at_k_surrogate_from_similarity
 from recall_jax.losses.contrastive import contrastive_loss
@@ -12,7 +18,7 @@ from collections.abc import Callable as _Callable
 
 # name -> (module, function); modules are imported on first use.
 _LOSSES = {
-    "recall_at_k": ("recall_jax.losses.recall_at_k", "recall_at_k_surrogate"),
+    "recall_at_k": ("recall_jax.losses.recall_at_k", "recall_at_k_loss"),
     "smooth_ap": ("recall_jax.losses.smooth_ap", "smooth_ap_loss"),
     "contrastive": ("recall_jax.losses.contrastive", "contrastive_loss"),
     "multi_similarity": ("recall_jax.losses.multi_similarity", "multi_similarity_loss"),

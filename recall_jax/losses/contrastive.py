@@ -22,15 +22,13 @@ most one negative ordered pair is not special-cased to zero.
 
 from __future__ import annotations
 
-import math
-
 import chex
 import jax
 import jax.numpy as jnp
 
-from recall_jax.losses.recall_at_k import check_embeddings
-from recall_jax.losses.recall_at_k import compute_dtype
-from recall_jax.losses.recall_at_k import similarity
+from recall_jax.losses import _common
+from recall_jax.numerics import compute_dtype
+from recall_jax.numerics import similarity
 
 DEFAULT_POS_MARGIN = 0.0
 DEFAULT_NEG_MARGIN = 0.5
@@ -56,7 +54,7 @@ def contrastive_loss(
     embeddings: (B, D) float embeddings, used as given: similarity is the plain dot product
       (the cosine when the model L2-normalises). float64 inputs (with x64 enabled) compute in
       float64, anything else in float32 at HIGHEST matmul precision.
-    labels: (B,) integer class labels in any order.
+    labels: (B,) integer class labels (array or array-like) in any order.
     pos_margin: cosine-distance margin below which a positive pair has no loss (>= 0).
     neg_margin: cosine-distance margin above which a negative pair has no loss
       (>= pos_margin).
@@ -67,19 +65,29 @@ def contrastive_loss(
   Raises:
     ValueError: on a shape mismatch, non-floating embeddings, non-integer labels, an empty
       batch, or non-finite / negative / inverted margins.
+
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> from recall_jax.losses import contrastive_loss
+    >>> labels = jnp.array([0, 0, 1, 1])
+    >>> embeddings = jnp.array([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0], [0.8, 0.6]])
+    >>> print(f"{contrastive_loss(embeddings, labels):.4f}")
+    0.7533
+    >>> value, grad = jax.jit(jax.value_and_grad(contrastive_loss))(embeddings, labels)
+    >>> print(f"{value:.4f}", grad.shape)
+    0.7533 (4, 2)
   """
-  embeddings, labels = jnp.asarray(embeddings), jnp.asarray(labels)
-  check_embeddings(embeddings, labels)
-  for name, value in (("pos_margin", pos_margin), ("neg_margin", neg_margin)):
-    if not (isinstance(value, (int, float)) and math.isfinite(value)):
-      raise ValueError(f"{name} must be a finite number, got {value!r}")
+  embeddings, labels = _common.check_batch(embeddings, labels)
+  pos_margin = _common.finite_number("pos_margin", pos_margin)
+  neg_margin = _common.finite_number("neg_margin", neg_margin)
   if pos_margin < 0:
     raise ValueError(f"pos_margin must be >= 0 (a distance), got {pos_margin}")
   if neg_margin < pos_margin:
     raise ValueError(
         f"neg_margin ({neg_margin}) must be >= pos_margin ({pos_margin})")
   dtype = compute_dtype(embeddings)
-  embeddings = embeddings.astype(dtype)
+  embeddings, labels = jnp.asarray(embeddings, dtype), jnp.asarray(labels)
   num_rows = labels.shape[0]
 
   sim = similarity(embeddings, embeddings)  # (B, B)

@@ -30,15 +30,13 @@ not special-cased to zero.
 
 from __future__ import annotations
 
-import math
-
 import chex
 import jax
 import jax.numpy as jnp
 
-from recall_jax.losses.recall_at_k import check_embeddings
-from recall_jax.losses.recall_at_k import compute_dtype
-from recall_jax.losses.recall_at_k import similarity
+from recall_jax.losses import _common
+from recall_jax.numerics import compute_dtype
+from recall_jax.numerics import similarity
 
 DEFAULT_ALPHA = 2.0
 DEFAULT_BETA = 50.0
@@ -96,7 +94,7 @@ def multi_similarity_loss(
     embeddings: (B, D) float embeddings, used as given: similarity is the plain dot product.
       float64 inputs (with x64 enabled) compute in float64, anything else in float32 at
       HIGHEST matmul precision.
-    labels: (B,) integer class labels in any order.
+    labels: (B,) integer class labels (array or array-like) in any order.
     alpha: positive-pair scale (> 0).
     beta: negative-pair scale (> 0).
     base: similarity offset (finite).
@@ -108,18 +106,28 @@ def multi_similarity_loss(
   Raises:
     ValueError: on a shape mismatch, non-floating embeddings, non-integer labels, an empty
       batch, or bad hyper-parameters.
+
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> from recall_jax.losses import multi_similarity_loss
+    >>> labels = jnp.array([0, 0, 1, 1])
+    >>> embeddings = jnp.array([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0], [0.8, 0.6]])
+    >>> print(f"{multi_similarity_loss(embeddings, labels):.4f}")
+    0.6791
+    >>> value, grad = jax.jit(jax.value_and_grad(multi_similarity_loss))(embeddings, labels)
+    >>> grad.shape
+    (4, 2)
   """
-  embeddings, labels = jnp.asarray(embeddings), jnp.asarray(labels)
-  check_embeddings(embeddings, labels)
-  for name, value in (("alpha", alpha), ("beta", beta), ("base", base), ("epsilon", epsilon)):
-    if not (isinstance(value, (int, float)) and math.isfinite(value)):
-      raise ValueError(f"{name} must be a finite number, got {value!r}")
-  if alpha <= 0 or beta <= 0:
-    raise ValueError(f"alpha and beta must be > 0, got alpha={alpha}, beta={beta}")
+  embeddings, labels = _common.check_batch(embeddings, labels)
+  alpha = _common.positive_number("alpha", alpha)
+  beta = _common.positive_number("beta", beta)
+  base = _common.finite_number("base", base)
+  epsilon = _common.finite_number("epsilon", epsilon)
   if epsilon < 0:
     raise ValueError(f"epsilon must be >= 0, got {epsilon}")
   dtype = compute_dtype(embeddings)
-  embeddings = embeddings.astype(dtype)
+  embeddings, labels = jnp.asarray(embeddings, dtype), jnp.asarray(labels)
   num_rows = labels.shape[0]
 
   sim = similarity(embeddings, embeddings)  # (B, B)

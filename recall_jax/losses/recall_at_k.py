@@ -21,10 +21,17 @@ Rank convention (`count_query_in_rank`):
 
 Both sigmoid arguments are clipped to [-50, 50] before the sigmoid, as in the official code.
 
-Cost: O(B * P * N) time, where P is the largest number of positives of any query and N the
-number of rows, never O(N^3): each query gathers its positives into `max_positives` static
-slots, and queries are processed in blocks of `query_block` rows whose intermediates are
-rematerialised in the backward pass, so memory is O(query_block * P * N).
+Cost: O(B * P * B) time, where P is the number of positive slots per query, never O(B^3) when
+the caller gives the batch layout: each query gathers its positives into P static slots
+(`samples_per_class - 1`, or `max_positives`). Queries are processed in blocks of `query_block`
+rows whose intermediates are rematerialised in the backward pass, so memory is
+O(query_block * P * B); without a `query_block` the loss picks the largest block whose
+temporaries fit `memory_budget_bytes`.
+
+The same call means the same inside and outside `jit`: static sizes come from shapes and
+arguments, never from label values. Checks that need label values (a query with more positives
+than slots, a batch without any positive pair) raise ValueError where labels are concrete; with
+traced labels the loss is NaN instead, so a training loop's non-finite check stops.
 """
 
 from __future__ import annotations
@@ -35,140 +42,13 @@ import functools
 import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from recall_jax.losses import _common
+from recall_jax.numerics import compute_dtype
+from recall_jax.numerics import similarity
 
 DEFAULT_K_VALUES = (1, 2, 4, 8, 16)
-_CLIP = 50.0
-
-
-def clipped_sigmoid(x: jax.Array) -> jax.Array:
-  """`sigmoid(clip(x, -50, 50))`, the official code's sigmoid."""
-  return jax.nn.sigmoid(jnp.clip(x, -_CLIP, _CLIP))
-
-
-def _is_concrete(x) -> bool:
-  return not isinstance(x, jax.core.Tracer)
-
-
-def compute_dtype(x: jax.Array) -> jnp.dtype:
-  """float64 for float64 inputs, float32 otherwise (bf16/fp16 embeddings are upcast)."""
-  return jnp.promote_types(x.dtype, jnp.float32)
-
-
-def similarity(a: jax.Array, b: jax.Array) -> jax.Array:
-  """Dot-product similarities `a @ b.T` at full precision, shape (len(a), len(b)).
-
-  With tau2 = 0.01 a similarity error is amplified 100x inside the sigmoid, so float32 inputs
-  use `precision=HIGHEST` (TPU/GPU default matmul precision would truncate to bf16/tf32).
-  """
-  dtype = jnp.promote_types(compute_dtype(a), compute_dtype(b))
-  return jnp.matmul(a.astype(dtype), b.astype(dtype).T, precision=jax.lax.Precision.HIGHEST)
-
-
-def check_labels(labels, num_rows: int | None = None) -> None:
-  """Raises ValueError unless `labels` is a non-empty 1-D integer array of `num_rows` entries."""
-  if labels.ndim != 1:
-    raise ValueError(f"labels must have shape (B,), got shape {labels.shape}")
-  if not jnp.issubdtype(labels.dtype, jnp.integer):
-    raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
-  if labels.shape[0] == 0:
-    raise ValueError("empty batch: labels has no entries")
-  if num_rows is not None and labels.shape[0] != num_rows:
-    raise ValueError(
-        f"shape mismatch: {num_rows} embedding rows but {labels.shape[0]} labels")
-
-
-def check_embeddings(embeddings, labels) -> None:
-  """Raises ValueError unless embeddings is a (B, D) float array and labels (B,) integers."""
-  if embeddings.ndim != 2:
-    raise ValueError(f"embeddings must have shape (B, D), got shape {embeddings.shape}")
-  if not jnp.issubdtype(embeddings.dtype, jnp.floating):
-    raise ValueError(f"embeddings must be floating point, got dtype {embeddings.dtype}")
-  check_labels(labels, embeddings.shape[0])
-
-
-def check_k_and_taus(k_values: Sequence[int], tau1: float, tau2: float) -> tuple[int, ...]:
-  k_values = tuple(k_values)
-  if not k_values:
-    raise ValueError("k_values must not be empty")
-  for k in k_values:
-    if int(k) != k or k <= 0:
-      raise ValueError(f"every k must be a positive integer, got k_values={k_values}")
-  if not tau1 > 0:
-    raise ValueError(f"tau1 must be > 0, got {tau1}")
-  if not tau2 > 0:
-    raise ValueError(f"tau2 must be > 0, got {tau2}")
-  return tuple(int(k) for k in k_values)
-
-
-def max_positives_of(labels) -> int:
-  """The largest number of positives (same label, not itself) of any row; needs concrete labels."""
-  _, counts = np.unique(np.asarray(labels), return_counts=True)
-  return int(counts.max()) - 1
-
-
-def resolve_max_positives(labels, max_positives: int | None) -> int:
-  """Validates or infers the static number of positive slots per query.
-
-  Raises ValueError when labels are concrete and some query has more positives than
-  `max_positives`, or when labels are traced and `max_positives` is not given.
-  """
-  if _is_concrete(labels):
-    needed = max_positives_of(labels)
-    if max_positives is None:
-      return max(needed, 1)
-    if needed > max_positives:
-      raise ValueError(
-          f"a query has {needed} positives but max_positives={max_positives}; raise "
-          "max_positives (e.g. samples per class - 1, or more with SiMix)")
-  elif max_positives is None:
-    raise ValueError(
-        "labels are traced (inside jit/grad), so the number of positives per query cannot be "
-        "inferred: pass max_positives (e.g. samples per class - 1)")
-  if int(max_positives) != max_positives or max_positives < 1:
-    raise ValueError(f"max_positives must be a positive integer, got {max_positives}")
-  return int(max_positives)
-
-
-def class_groups(labels: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-  """Groups rows by label without a (B, B) matrix.
-
-  Args:
-    labels: (B,) integers, any order.
-
-  Returns:
-    order: (B,) row indices sorted by label, stable (rows of a class keep their order).
-    start: (B,) for each row, the position in `order` where its class begins.
-    count: (B,) for each row, the number of rows of its class (itself included).
-    position: (B,) for each row, its position within its class (0-based, by row index).
-  """
-  order = jnp.argsort(labels, stable=True)
-  sorted_labels = labels[order]
-  start = jnp.searchsorted(sorted_labels, labels, side="left")
-  end = jnp.searchsorted(sorted_labels, labels, side="right")
-  inverse = jnp.zeros_like(order).at[order].set(jnp.arange(labels.shape[0], dtype=order.dtype))
-  return order, start, end - start, inverse - start
-
-
-def positive_indices(labels: jax.Array, max_positives: int) -> tuple[jax.Array, jax.Array]:
-  """Each row's positives (same label, other row), in row order, padded to static slots.
-
-  Args:
-    labels: (B,) integers.
-    max_positives: P, the static number of slots.
-
-  Returns:
-    indices: (B, P) int32 row indices of the positives; padding slots point at row 0.
-    valid: (B, P) bool, False on padding slots.
-    A row with more than P positives keeps its first P; callers check counts separately.
-  """
-  order, start, count, position = class_groups(labels)
-  slot = jnp.arange(max_positives)[None, :]
-  # Skip the row itself: slots before its own position map to the same position, after it +1.
-  within = slot + (slot >= position[:, None])
-  valid = within < count[:, None]
-  flat = jnp.where(valid, start[:, None] + within, 0)
-  return order[flat].astype(jnp.int32), valid
+DEFAULT_MEMORY_BUDGET_BYTES = _common.DEFAULT_MEMORY_BUDGET_BYTES
 
 
 def _per_query_loss(
@@ -194,9 +74,9 @@ def _per_query_loss(
     (Q,) per-query loss (meaningless where num_positives == 0; the caller masks it).
   """
   q, n = sim_rows.shape
-  chex.assert_shape(pos_idx, (q, None))
+  chex.assert_shape([pos_idx, pos_valid], (q, None))
   s_pos = jnp.take_along_axis(sim_rows, pos_idx, axis=1)  # (Q, P)
-  terms = clipped_sigmoid((sim_rows[:, None, :] - s_pos[:, :, None]) / tau2)  # (Q, P, N)
+  terms = _common.clipped_sigmoid((sim_rows[:, None, :] - s_pos[:, :, None]) / tau2)  # (Q, P, N)
   column = jnp.arange(n)[None, None, :]
   keep = column != pos_idx[:, :, None]
   if not count_query_in_rank:
@@ -205,47 +85,17 @@ def _per_query_loss(
 
   recalls = []
   for k in k_values:
-    hits = jnp.sum(jnp.where(pos_valid, clipped_sigmoid((k - rank) / tau1), 0.0), axis=-1)
+    hits = jnp.sum(jnp.where(pos_valid, _common.clipped_sigmoid((k - rank) / tau1), 0.0), axis=-1)
     denom = jnp.maximum(jnp.minimum(k, num_positives), 1).astype(rank.dtype)
     recalls.append(jnp.minimum(hits, k) / denom)
   return 1.0 - jnp.mean(jnp.stack(recalls, axis=0), axis=0)
 
 
-def _validate(
-    labels, k_values, tau1, tau2, max_positives, query_block
-) -> tuple[tuple[int, ...], int]:
-  """Checks hyper-parameters (and concrete labels) before anything is traced."""
-  k_values = check_k_and_taus(k_values, tau1, tau2)
-  max_positives = resolve_max_positives(labels, max_positives)
-  if query_block is not None and (int(query_block) != query_block or query_block < 1):
-    raise ValueError(f"query_block must be a positive integer or None, got {query_block}")
-  if _is_concrete(labels) and max_positives_of(labels) == 0:
-    raise ValueError("no query has a positive: every label occurs once in the batch")
-  return k_values, max_positives
-
-
-def map_query_blocks(block_fn, num_rows: int, query_block: int | None) -> jax.Array:
-  """`block_fn(query_indices (Q,)) -> (Q,)` over all rows, `query_block` queries at a time.
-
-  Each block is rematerialised in the backward pass (`jax.checkpoint`), so memory holds one
-  block's intermediates; the last block is padded with row 0 and the padding dropped.
-
-  Returns:
-    (num_rows,) per-query values in row order.
-  """
-  if query_block is None or query_block >= num_rows:
-    return block_fn(jnp.arange(num_rows))
-  num_blocks = -(-num_rows // query_block)
-  padded = jnp.arange(num_blocks * query_block) % num_rows
-  per_query = jax.lax.map(jax.checkpoint(block_fn), padded.reshape(num_blocks, query_block))
-  return per_query.reshape(-1)[:num_rows]
-
-
 @functools.partial(
     jax.jit,
     static_argnames=("from_similarity", "k_values", "tau1", "tau2", "count_query_in_rank",
-                     "max_positives", "query_block"))
-def _surrogate(
+                     "slots", "query_block"))
+def _loss(
     x: jax.Array,
     labels: jax.Array,
     *,
@@ -254,7 +104,7 @@ def _surrogate(
     tau1: float,
     tau2: float,
     count_query_in_rank: bool,
-    max_positives: int,
+    slots: int,
     query_block: int | None,
 ) -> jax.Array:
   """RS@k of embeddings x (B, D), or of a similarity matrix x (B, B) when from_similarity."""
@@ -264,13 +114,7 @@ def _surrogate(
     row_fn = lambda idx: x[idx]
   else:
     row_fn = lambda idx: similarity(x[idx], x)
-
-  pos_idx, pos_valid = positive_indices(labels, max_positives)
-  _, _, count, _ = class_groups(labels)
-  num_positives = count - 1
-  # Under jit a query with more positives than slots cannot raise; poison the loss instead
-  # of returning a silently wrong value (concrete labels were checked before tracing).
-  overflow = jnp.any(num_positives > max_positives)
+  pos_idx, pos_valid, num_positives = _common.positive_indices(labels, slots)
 
   def block_loss(query_idx):
     loss = _per_query_loss(
@@ -278,87 +122,136 @@ def _surrogate(
         num_positives[query_idx], k_values, tau1, tau2, count_query_in_rank)
     return loss.astype(dtype)
 
-  per_query = map_query_blocks(block_loss, num_rows, query_block)
-
-  has_positive = num_positives > 0
-  num_queries = jnp.sum(has_positive)
-  loss = jnp.sum(jnp.where(has_positive, per_query, 0.0)) / jnp.maximum(num_queries, 1)
-  # No positive pair at all (possible only with traced labels) or slot overflow: NaN, so the
-  # trainer's non-finite check stops the run rather than training on a wrong value.
-  return jnp.where((num_queries > 0) & ~overflow, loss, jnp.nan).astype(dtype)
+  per_query = _common.map_query_blocks(block_loss, num_rows, query_block)
+  return _common.mean_over_queries(per_query, num_positives, slots)
 
 
-def recall_at_k_surrogate(
+def _prepare(x, labels, *, k_values, tau1, tau2, samples_per_class, max_positives, query_block,
+             memory_budget_bytes) -> dict:
+  """Validated static arguments of `_loss` (x and labels already shape-checked)."""
+  num_rows = labels.shape[0]
+  k_values = _common.check_k_values(k_values, num_rows, DEFAULT_K_VALUES)
+  tau1 = _common.positive_number("tau1", tau1)
+  tau2 = _common.positive_number("tau2", tau2)
+  query_block = _common.check_query_block(query_block)
+  slots = _common.positive_slots(labels, samples_per_class=samples_per_class,
+                                 max_positives=max_positives)
+  query_block = _common.query_block_for(num_rows, slots, jnp.dtype(compute_dtype(x)).itemsize,
+                                        memory_budget_bytes, query_block)
+  return dict(k_values=k_values, tau1=tau1, tau2=tau2, slots=slots, query_block=query_block)
+
+
+def recall_at_k_loss(
     embeddings: jax.Array,
     labels: jax.Array,
     *,
-    k_values: Sequence[int] = DEFAULT_K_VALUES,
+    k_values: Sequence[int] | None = DEFAULT_K_VALUES,
     tau1: float = 1.0,
     tau2: float = 0.01,
     count_query_in_rank: bool = True,
+    samples_per_class: int | None = None,
     max_positives: int | None = None,
     query_block: int | None = None,
+    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
 ) -> jax.Array:
-  """The RS@k loss of a batch of embeddings (see the module docstring for the formula).
+  """The RS@k loss of a batch of embeddings (formula in the module docstring).
 
   Args:
     embeddings: (B, D) float embeddings, used as given: similarity is the plain dot product
       (the model L2-normalises; SiMix rows are deliberately not renormalised). float64 inputs
       (with x64 enabled) compute in float64, anything else in float32 at HIGHEST precision.
-    labels: (B,) integer class labels in any order; classes need not be contiguous or of equal
-      size.
-    k_values: the k of Recall@k to average over; positive integers.
-    tau1: temperature (> 0) of the sigmoid on `k - rank`.
-    tau2: temperature (> 0) of the sigmoid on similarity differences.
+    labels: (B,) integer class labels (array or array-like) in any order; classes need not be
+      contiguous or of equal size.
+    k_values: the k of Recall@k to average over, positive integers below B - 1 (Recall@k of a
+      query is 1 for any ranking once k reaches its B - 1 database rows). None: the default
+      (1, 2, 4, 8, 16).
+    tau1: temperature (finite, > 0) of the sigmoid on `k - rank`.
+    tau2: temperature (finite, > 0) of the sigmoid on similarity differences.
     count_query_in_rank: whether the query's own row counts in the rank of its positives
       (True: official code and published numbers; False: the paper's text).
-    max_positives: static number of positive slots per query, at least the largest class size
-      minus one. Inferred when `labels` is concrete; required under `jit`. Under `jit`, a query
-      with more positives makes the loss NaN (concrete labels raise ValueError).
+    samples_per_class: the batch layout, m: no class has more than m rows (for a SiMix batch,
+      count the virtual rows: `simix.samples_per_class_after_simix(m)`). Gives each query
+      m - 1 positive slots.
+    max_positives: the static number of positive slots per query, instead of
+      `samples_per_class`. With neither, labels that are concrete give the largest class minus
+      one and traced labels B - 1 slots (the same value at far more work, with a warning).
     query_block: process queries in blocks of this many rows, rematerialising each block in the
-      backward pass: memory O(query_block * P * B) instead of O(B * P * B). None: one block.
+      backward pass: memory O(query_block * P * B). None: the largest block whose temporaries
+      fit `memory_budget_bytes` (one block for small batches).
+    memory_budget_bytes: budget for the loss's temporaries when `query_block` is None.
 
   Returns:
     Scalar loss in [0, 1], dtype float32 (float64 for float64 inputs). Queries with no positive
-    in the batch are left out of the mean.
+    in the batch are left out of the mean. NaN when the labels are traced and some query has
+    more positives than its slots, or no query has a positive.
 
   Raises:
-    ValueError: on a shape mismatch, non-integer labels, an empty batch, k <= 0, tau <= 0, or a
-      query with more positives than `max_positives`.
+    ValueError: on a shape mismatch, non-floating embeddings, non-integer labels, an empty
+      batch, a k that is not a positive integer below B - 1, a non-finite or non-positive tau,
+      a bad layout or block argument, or, for concrete labels, a query with more positives than
+      its slots or a batch without any positive pair.
+
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> from recall_jax.losses import recall_at_k_loss
+    >>> labels = jnp.array([0, 0, 1, 1, 2, 2])
+    >>> embeddings = jnp.eye(3)[labels] + 0.1 * jnp.eye(3)[jnp.array([1, 2, 0, 2, 0, 1])]
+    >>> loss = recall_at_k_loss(embeddings, labels, k_values=(1, 2), samples_per_class=2)
+    >>> print(f"{loss:.4f}")
+    0.5541
+    >>> # Inside jit the labels are traced; the layout fixes the static sizes.
+    >>> step = jax.jit(jax.value_and_grad(
+    ...     lambda e, y: recall_at_k_loss(e, y, k_values=(1, 2), samples_per_class=2)))
+    >>> value, grad = step(embeddings, labels)
+    >>> print(f"{value:.4f}", grad.shape)
+    0.5541 (6, 3)
   """
-  check_embeddings(embeddings, labels)
-  k_values, max_positives = _validate(labels, k_values, tau1, tau2, max_positives, query_block)
-  return _surrogate(
-      embeddings.astype(compute_dtype(embeddings)), jnp.asarray(labels), from_similarity=False,
-      k_values=k_values, tau1=float(tau1), tau2=float(tau2),
-      count_query_in_rank=bool(count_query_in_rank), max_positives=max_positives,
-      query_block=query_block)
+  embeddings, labels = _common.check_batch(embeddings, labels)
+  static = _prepare(embeddings, labels, k_values=k_values, tau1=tau1, tau2=tau2,
+                    samples_per_class=samples_per_class, max_positives=max_positives,
+                    query_block=query_block, memory_budget_bytes=memory_budget_bytes)
+  return _loss(jnp.asarray(embeddings, compute_dtype(embeddings)), jnp.asarray(labels),
+               from_similarity=False, count_query_in_rank=bool(count_query_in_rank), **static)
 
 
-def recall_at_k_surrogate_from_similarity(
+def recall_at_k_loss_from_similarity(
     similarities: jax.Array,
     labels: jax.Array,
     *,
-    k_values: Sequence[int] = DEFAULT_K_VALUES,
+    k_values: Sequence[int] | None = DEFAULT_K_VALUES,
     tau1: float = 1.0,
     tau2: float = 0.01,
     count_query_in_rank: bool = True,
+    samples_per_class: int | None = None,
     max_positives: int | None = None,
     query_block: int | None = None,
+    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
 ) -> jax.Array:
   """RS@k from a precomputed (B, B) similarity matrix (e.g. SiMix in similarity form).
 
-  Same arguments and result as `recall_at_k_surrogate`, with `similarities[i, j]` in place of
-  `e_i . e_j`. The matrix must be symmetric for the two to agree; it is used row-wise as given.
+  Same arguments, result and errors as `recall_at_k_loss`, with `similarities[i, j]` in place
+  of `e_i . e_j`. The matrix must be symmetric for the two to agree; it is used row-wise as
+  given.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from recall_jax.losses import recall_at_k_loss_from_similarity
+    >>> labels = jnp.array([0, 0, 1, 1, 2, 2])
+    >>> embeddings = jnp.eye(3)[labels] + 0.1 * jnp.eye(3)[jnp.array([1, 2, 0, 2, 0, 1])]
+    >>> loss = recall_at_k_loss_from_similarity(
+    ...     embeddings @ embeddings.T, labels, k_values=(1, 2), samples_per_class=2)
+    >>> print(f"{loss:.4f}")
+    0.5541
   """
-  if similarities.ndim != 2 or similarities.shape[0] != similarities.shape[1]:
-    raise ValueError(f"similarities must have shape (B, B), got shape {similarities.shape}")
-  if not jnp.issubdtype(similarities.dtype, jnp.floating):
-    raise ValueError(f"similarities must be floating point, got dtype {similarities.dtype}")
-  check_labels(labels, similarities.shape[0])
-  k_values, max_positives = _validate(labels, k_values, tau1, tau2, max_positives, query_block)
-  return _surrogate(
-      similarities.astype(compute_dtype(similarities)), jnp.asarray(labels), from_similarity=True,
-      k_values=k_values, tau1=float(tau1), tau2=float(tau2),
-      count_query_in_rank=bool(count_query_in_rank), max_positives=max_positives,
-      query_block=query_block)
+  similarities, labels = _common.check_similarity_batch(similarities, labels)
+  static = _prepare(similarities, labels, k_values=k_values, tau1=tau1, tau2=tau2,
+                    samples_per_class=samples_per_class, max_positives=max_positives,
+                    query_block=query_block, memory_budget_bytes=memory_budget_bytes)
+  return _loss(jnp.asarray(similarities, compute_dtype(similarities)), jnp.asarray(labels),
+               from_similarity=True, count_query_in_rank=bool(count_query_in_rank), **static)
+
+
+# The name the project has always exported; the same function.
+recall_at_k_surrogate = recall_at_k_loss
+recall_at_k_surrogate_from_similarity = recall_at_k_loss_from_similarity

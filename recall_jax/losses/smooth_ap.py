@@ -22,30 +22,28 @@ Which terms are included (`include_query`):
     by about one.
   In both modes the j = p term is excluded (it would add the constant G(0) = 1/2).
 
-Cost: O(B * P * B) time, never O(B^3): each query gathers its positives into `max_positives`
-static slots, and queries are processed in blocks of `query_block` rows rematerialised in the
-backward pass (`jax.checkpoint`), so memory is O(query_block * P * B).
+Cost: O(B * P * B) time, never O(B^3) when the caller gives the batch layout: each query gathers
+its positives into P static slots, and queries are processed in blocks of `query_block` rows
+rematerialised in the backward pass (`jax.checkpoint`), so memory is O(query_block * P * B);
+without a `query_block` the loss picks the largest block whose temporaries fit
+`memory_budget_bytes`. Static sizes, validation and the traced behaviour are those of
+`recall_at_k_loss`: concrete labels are checked (ValueError), traced ones give NaN instead.
 """
 
 from __future__ import annotations
 
-import math
+import functools
 
 import chex
 import jax
 import jax.numpy as jnp
 
-from recall_jax.losses.recall_at_k import check_embeddings
-from recall_jax.losses.recall_at_k import class_groups
-from recall_jax.losses.recall_at_k import clipped_sigmoid
-from recall_jax.losses.recall_at_k import compute_dtype
-from recall_jax.losses.recall_at_k import map_query_blocks
-from recall_jax.losses.recall_at_k import max_positives_of
-from recall_jax.losses.recall_at_k import positive_indices
-from recall_jax.losses.recall_at_k import resolve_max_positives
-from recall_jax.losses.recall_at_k import similarity
+from recall_jax.losses import _common
+from recall_jax.numerics import compute_dtype
+from recall_jax.numerics import similarity
 
 DEFAULT_TEMPERATURE = 0.01
+DEFAULT_MEMORY_BUDGET_BYTES = _common.DEFAULT_MEMORY_BUDGET_BYTES
 
 
 def _per_query_ap(
@@ -75,7 +73,8 @@ def _per_query_ap(
   chex.assert_shape([query_idx, query_labels], (q,))
   chex.assert_equal_shape([pos_idx, pos_valid])
   s_pos = jnp.take_along_axis(sim_rows, pos_idx, axis=1)  # (Q, P)
-  terms = clipped_sigmoid((sim_rows[:, None, :] - s_pos[:, :, None]) / temperature)  # (Q, P, B)
+  terms = _common.clipped_sigmoid(
+      (sim_rows[:, None, :] - s_pos[:, :, None]) / temperature)  # (Q, P, B)
   column = jnp.arange(b)[None, None, :]
   keep = column != pos_idx[:, :, None]
   if not include_query:
@@ -88,14 +87,39 @@ def _per_query_ap(
   return jnp.sum(jnp.where(pos_valid, rank_pos / rank_all, 0.0), axis=-1) / num_pos
 
 
+@functools.partial(jax.jit,
+                   static_argnames=("temperature", "include_query", "slots", "query_block"))
+def _loss(embeddings: jax.Array, labels: jax.Array, *, temperature: float, include_query: bool,
+          slots: int, query_block: int | None) -> jax.Array:
+  dtype = embeddings.dtype
+  num_rows = labels.shape[0]
+  pos_idx, pos_valid, num_positives = _common.positive_indices(labels, slots)
+
+  def block_loss(query_idx: jax.Array) -> jax.Array:
+    slot_idx, valid = pos_idx[query_idx], pos_valid[query_idx]
+    if include_query:
+      slot_idx = jnp.concatenate([query_idx[:, None].astype(slot_idx.dtype), slot_idx], axis=1)
+      valid = jnp.concatenate([jnp.ones_like(valid[:, :1]), valid], axis=1)
+    ap = _per_query_ap(
+        similarity(embeddings[query_idx], embeddings), query_idx, labels[query_idx], labels,
+        slot_idx, valid, temperature, include_query)
+    return (1.0 - ap).astype(dtype)
+
+  per_query = _common.map_query_blocks(block_loss, num_rows, query_block)
+  chex.assert_shape(per_query, (num_rows,))
+  return _common.mean_over_queries(per_query, num_positives, slots)
+
+
 def smooth_ap_loss(
     embeddings: jax.Array,
     labels: jax.Array,
     *,
     temperature: float = DEFAULT_TEMPERATURE,
     include_query: bool = False,
+    samples_per_class: int | None = None,
     max_positives: int | None = None,
     query_block: int | None = None,
+    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
 ) -> jax.Array:
   """The Smooth-AP loss, mean over queries of 1 - AP_q (formula in the module docstring).
 
@@ -103,65 +127,57 @@ def smooth_ap_loss(
     embeddings: (B, D) float embeddings, used as given: similarity is the plain dot product.
       float64 inputs (with x64 enabled) compute in float64, anything else in float32 at
       HIGHEST matmul precision.
-    labels: (B,) integer class labels in any order; classes need not be contiguous or of
-      equal size.
-    temperature: sigmoid temperature (> 0) on similarity differences; the paper uses 0.01.
+    labels: (B,) integer class labels (array or array-like) in any order; classes need not be
+      contiguous or of equal size.
+    temperature: sigmoid temperature (finite, > 0) on similarity differences; the paper uses
+      0.01.
     include_query: False: the paper's equations (the query is not in its own retrieval set).
       True: the official code / pytorch-metric-learning (the query is one of its own
       positives and counts in every rank).
-    max_positives: static number of positive slots per query, at least the largest class size
-      minus one (not counting the query). Inferred when `labels` is concrete; required under
-      `jit`. Under `jit`, a query with more positives makes the loss NaN (concrete labels raise).
+    samples_per_class: the batch layout, m: no class has more than m rows. Gives each query
+      m - 1 positive slots (not counting the query).
+    max_positives: the static number of positive slots per query, instead of
+      `samples_per_class`. With neither, concrete labels give the largest class minus one and
+      traced labels B - 1 slots (the same value at far more work, with a warning).
     query_block: process queries in blocks of this many rows, rematerialising each block in the
-      backward pass: memory O(query_block * P * B). None: all queries in one block.
+      backward pass: memory O(query_block * P * B). None: the largest block whose temporaries
+      fit `memory_budget_bytes`.
+    memory_budget_bytes: budget for the loss's temporaries when `query_block` is None.
 
   Returns:
     Scalar loss in [0, 1], dtype float32 (float64 for float64 inputs). Queries without a
-    positive are left out of the mean; if no query has one the loss is NaN under `jit`.
+    positive are left out of the mean. NaN when the labels are traced and some query has more
+    positives than its slots, or no query has a positive.
 
   Raises:
     ValueError: on a shape mismatch, non-floating embeddings, non-integer labels, an empty
-      batch, temperature <= 0, a bad `query_block`, a query with more positives than
-      `max_positives`, concrete labels with no positive pair, or traced labels without
-      `max_positives`.
+      batch, a non-finite or non-positive temperature, a bad layout or block argument, or,
+      for concrete labels, a query with more positives than its slots or a batch without any
+      positive pair.
+
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> from recall_jax.losses import smooth_ap_loss
+    >>> labels = jnp.array([0, 0, 1, 1, 2, 2])
+    >>> embeddings = jnp.eye(3)[labels] + 0.1 * jnp.eye(3)[jnp.array([1, 2, 0, 2, 0, 1])]
+    >>> print(f"{smooth_ap_loss(embeddings, labels, temperature=0.1, samples_per_class=2):.4f}")
+    0.0006
+    >>> step = jax.jit(jax.value_and_grad(
+    ...     lambda e, y: smooth_ap_loss(e, y, temperature=0.1, samples_per_class=2)))
+    >>> value, grad = step(embeddings, labels)
+    >>> print(f"{value:.4f}", grad.shape)
+    0.0006 (6, 3)
   """
-  # Kept as given: numpy labels stay concrete under jit, where jnp.asarray would trace them.
-  given_labels = labels
-  embeddings, labels = jnp.asarray(embeddings), jnp.asarray(labels)
-  check_embeddings(embeddings, labels)
-  if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
-          and temperature > 0):
-    raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-  if query_block is not None and (int(query_block) != query_block or query_block < 1):
-    raise ValueError(f"query_block must be a positive integer or None, got {query_block!r}")
+  embeddings, labels = _common.check_batch(embeddings, labels)
+  temperature = _common.positive_number("temperature", temperature)
+  query_block = _common.check_query_block(query_block)
+  slots = _common.positive_slots(labels, samples_per_class=samples_per_class,
+                                 max_positives=max_positives)
   dtype = compute_dtype(embeddings)
-  embeddings = embeddings.astype(dtype)
-  num_rows = labels.shape[0]
-
-  concrete = not isinstance(given_labels, jax.core.Tracer)
-  if concrete and max_positives_of(given_labels) == 0:
-    raise ValueError("no query has a positive: every label occurs once in the batch")
-  max_positives = resolve_max_positives(given_labels if concrete else labels, max_positives)
-  pos_idx, pos_valid = positive_indices(labels, max_positives)
-  _, _, count, _ = class_groups(labels)
-  num_positives = count - 1
-  # Under jit an overflow cannot raise; poison the loss rather than return a wrong value.
-  overflow = jnp.any(num_positives > max_positives)
-  has_positive = num_positives > 0
-  num_queries = jnp.sum(has_positive)
-
-  def block_ap(query_idx: jax.Array) -> jax.Array:
-    slots, valid = pos_idx[query_idx], pos_valid[query_idx]
-    if include_query:
-      slots = jnp.concatenate([query_idx[:, None].astype(slots.dtype), slots], axis=1)
-      valid = jnp.concatenate([jnp.ones_like(valid[:, :1]), valid], axis=1)
-    ap = _per_query_ap(
-        similarity(embeddings[query_idx], embeddings), query_idx, labels[query_idx], labels,
-        slots, valid, temperature, include_query)
-    return ap.astype(dtype)
-
-  per_query = map_query_blocks(block_ap, num_rows, query_block)
-  chex.assert_shape(per_query, (num_rows,))
-
-  loss = jnp.sum(jnp.where(has_positive, 1.0 - per_query, 0.0)) / jnp.maximum(num_queries, 1)
-  return jnp.where((num_queries > 0) & ~overflow, loss, jnp.nan).astype(dtype)
+  # The query's own slot (include_query) is one more (query, slot, row) term per query.
+  query_block = _common.query_block_for(labels.shape[0], slots + int(bool(include_query)),
+                                        jnp.dtype(dtype).itemsize, memory_budget_bytes,
+                                        query_block)
+  return _loss(jnp.asarray(embeddings, dtype), jnp.asarray(labels), temperature=temperature,
+               include_query=bool(include_query), slots=slots, query_block=query_block)

@@ -10,6 +10,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from recall_jax.numerics import l2_normalize
+
 # ImageNet statistics of RGB pixels in [0, 1]. The official Recall@k code normalises the ViTs with
 # these as well (not with AugReg's mean = std = 0.5), so every backbone here uses them.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -52,13 +54,6 @@ def preprocess_images(
   mean_arr = jnp.asarray(mean, jnp.float32)
   std_arr = jnp.asarray(std, jnp.float32)
   return (x - mean_arr) / std_arr
-
-
-def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-  """x / max(||x||_2, eps) along the last axis, in float32 (as torch.nn.functional.normalize)."""
-  x = x.astype(jnp.float32)
-  sq_norm = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
-  return x * jax.lax.rsqrt(jnp.maximum(sq_norm, eps * eps))
 
 
 def gem_pool(features: jax.Array, p: jax.Array, eps: float = 1e-6) -> jax.Array:

@@ -1,9 +1,16 @@
 """knn against a brute-force NumPy float64 reference (full similarity matrix, stable argsort)."""
 
+import importlib
+
+import chex
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from recall_jax.evaluation import knn
+
+# The module (the package exports its `knn` function under the same name).
+knn_lib = importlib.import_module("recall_jax.evaluation.knn")
 
 
 def exact_data(num, dim, seed, duplicates=0):
@@ -91,3 +98,25 @@ def test_continuous_data_matches_reference():
 def test_bad_input(queries, database, k, exclude_self, message):
   with pytest.raises(ValueError, match=message):
     knn(queries, database, k, exclude_self=exclude_self)
+
+
+class BlockFunctionsInsideAndOutsideJitTest(chex.TestCase):
+  """The per-block maths (similarities, self masking) means the same with and without jit."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_similarities_and_self_mask_match_numpy(self):
+    rng = np.random.default_rng(3)
+    queries = rng.normal(size=(6, 16)).astype(np.float32)
+    database = rng.normal(size=(9, 16)).astype(np.float32)
+    self_index = np.array([0, 3, -1, 8, 2, -1], np.int32)
+    sims = self.variant(knn_lib.similarities)(jnp.asarray(queries), jnp.asarray(database))
+    expected = queries.astype(np.float64) @ database.astype(np.float64).T
+    chex.assert_shape(sims, (6, 9))
+    chex.assert_trees_all_close(sims, expected.astype(np.float32), rtol=1e-6, atol=1e-5)
+    masked = np.asarray(self.variant(knn_lib.mask_self)(sims, jnp.asarray(self_index)))
+    for row, column in enumerate(self_index):
+      keep = np.ones(9, bool)
+      if column >= 0:
+        keep[column] = False
+        assert masked[row, column] == -np.inf
+      np.testing.assert_array_equal(masked[row, keep], np.asarray(sims)[row, keep])

@@ -4,6 +4,7 @@ Both rank paths are covered: query blocks against the whole database, and the sy
 leave-one-out tiles (`symmetric_ranks`), forced with `symmetric=` and compared with each other.
 """
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -306,3 +307,23 @@ def test_symmetric_needs_leave_one_out():
   with pytest.raises(ValueError, match="symmetric=True needs leave-one-out"):
     retrieval_metrics(x, labels, k_values=(1,), query_embeddings=x[:5], query_labels=labels[:5],
                       symmetric=True)
+
+
+class TileCountsInsideAndOutsideJitTest(chex.TestCase):
+  """The symmetric path's tile counts mean the same with and without jit."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_counts_match_brute_force(self):
+    rng = np.random.default_rng(10)
+    sims = rng.integers(-3, 4, (16, 24)).astype(np.float32)  # many exact ties
+    thresholds = rng.integers(-3, 4, (24, 5)).astype(np.float32)
+    positives = rng.integers(0, 40, (24, 5)).astype(np.int32)
+    rows_index = rng.permutation(40)[:16].astype(np.int32)
+    above = (sims.T[:, None, :] > thresholds[:, :, None]) | (
+        (sims.T[:, None, :] == thresholds[:, :, None]) & (rows_index < positives[:, :, None]))
+    by_row = self.variant(symmetric_ranks.count_above_by_row, static_argnums=4)
+    by_column = self.variant(symmetric_ranks.count_above_by_column, static_argnums=4)
+    chex.assert_trees_all_equal(by_row(sims.T, thresholds, positives, rows_index, 8),
+                                above.sum(-1))
+    chex.assert_trees_all_equal(by_column(sims, thresholds, positives, rows_index, 8),
+                                above.sum(-1))

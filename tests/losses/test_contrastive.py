@@ -1,5 +1,8 @@
 """Contrastive loss against a float64 NumPy reference written with plain loops."""
 
+import functools
+
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -106,6 +109,37 @@ def test_eager_call_with_numpy_labels():
   e, labels = _batch(5)
   eager = contrastive_loss(jnp.asarray(e, jnp.float32), labels)
   np.testing.assert_allclose(float(eager), reference_contrastive(e, labels)[0], atol=1e-5)
+
+
+class SameMeaningInsideAndOutsideJitTest(chex.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    self._x64 = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+
+  def tearDown(self):
+    jax.config.update("jax_enable_x64", self._x64)
+    super().tearDown()
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_value_and_gradient_match_reference(self):
+    hyper = dict(pos_margin=0.2, neg_margin=0.9)
+    grad_fn = self.variant(jax.value_and_grad(functools.partial(contrastive_loss, **hyper)))
+    for seed in range(2):
+      e, labels = _batch(seed)
+      value, grad = grad_fn(jnp.asarray(e), jnp.asarray(labels))
+      want_value, want_grad = reference_contrastive(e, labels, **hyper)
+      np.testing.assert_allclose(float(value), want_value, rtol=0, atol=1e-9)
+      chex.assert_trees_all_close(grad, jnp.asarray(want_grad), rtol=0, atol=1e-9)
+
+
+def test_labels_may_be_array_likes():
+  e, labels = _batch(6)
+  e = jnp.asarray(e, jnp.float32)
+  expected = float(contrastive_loss(e, jnp.asarray(labels)))
+  for given in (labels.tolist(), tuple(labels.tolist()), labels.astype(np.int64)):
+    assert float(contrastive_loss(e, given)) == pytest.approx(expected, rel=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,9 @@
 """Multi-similarity loss and miner against a float64 NumPy reference written with plain loops."""
 
+import functools
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -133,6 +135,37 @@ def test_eager_call_with_numpy_labels():
   np.testing.assert_allclose(float(eager), reference_multi_similarity(e, labels)[0], atol=1e-5)
 
 
+class SameMeaningInsideAndOutsideJitTest(chex.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    self._x64 = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+
+  def tearDown(self):
+    jax.config.update("jax_enable_x64", self._x64)
+    super().tearDown()
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_value_and_gradient_match_reference(self):
+    hyper = dict(alpha=1.0, beta=10.0, base=0.2, epsilon=0.3)
+    grad_fn = self.variant(jax.value_and_grad(functools.partial(multi_similarity_loss, **hyper)))
+    for seed in range(2):
+      e, labels = _batch(seed)
+      value, grad = grad_fn(jnp.asarray(e), jnp.asarray(labels))
+      want_value, want_grad = reference_multi_similarity(e, labels, **hyper)
+      np.testing.assert_allclose(float(value), want_value, rtol=0, atol=1e-9)
+      chex.assert_trees_all_close(grad, jnp.asarray(want_grad), rtol=0, atol=1e-9)
+
+
+def test_labels_may_be_array_likes():
+  e, labels = _batch(6)
+  e = jnp.asarray(e, jnp.float32)
+  expected = float(multi_similarity_loss(e, jnp.asarray(labels)))
+  for given in (labels.tolist(), tuple(labels.tolist()), labels.astype(np.int64)):
+    assert float(multi_similarity_loss(e, given)) == pytest.approx(expected, rel=1e-6)
+
+
 @pytest.mark.parametrize(
     "embeddings, labels, kwargs, match",
     [
@@ -144,6 +177,7 @@ def test_eager_call_with_numpy_labels():
         (np.zeros((4, 2)), np.zeros(4, int), {"alpha": 0.0}, "alpha"),
         (np.zeros((4, 2)), np.zeros(4, int), {"beta": -1.0}, "beta"),
         (np.zeros((4, 2)), np.zeros(4, int), {"base": float("nan")}, "base"),
+        (np.zeros((4, 2)), np.zeros(4, int), {"alpha": float("inf")}, "alpha"),
         (np.zeros((4, 2)), np.zeros(4, int), {"epsilon": -0.1}, "epsilon"),
     ],
 )

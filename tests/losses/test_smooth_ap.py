@@ -2,6 +2,7 @@
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 from recall_jax.losses import smooth_ap_loss
 
 # Tests call one compiled function per configuration: eager dispatch of the loss's many small
-# ops is slow on a 2-core CPU. Under jit the labels are traced, so max_positives is passed.
+# ops is slow on a 2-core CPU. Under jit the labels are traced, so the layout is passed.
 _loss = jax.jit(smooth_ap_loss, static_argnames=(
     "temperature", "include_query", "max_positives", "query_block"))
 
@@ -134,21 +135,85 @@ def test_float32_and_bfloat16_inputs():
   assert got.dtype == jnp.float32
 
 
-def test_jit_and_max_positives():
+def test_jit_and_layout():
   e, labels = _batch(8)
   e, labels = jnp.asarray(e, jnp.float32), jnp.asarray(labels)
-  # Concrete (closed-over) labels: max_positives is inferred.
+  # Concrete (closed-over) labels: the slots are inferred.
   inferred = jax.jit(lambda x: smooth_ap_loss(x, np.asarray(labels)))(e)
   np.testing.assert_allclose(float(inferred), reference_smooth_ap(e, labels), atol=1e-5)
   np.testing.assert_allclose(float(_loss(e, labels, max_positives=4)), float(inferred),
                              atol=1e-6)
-  with pytest.raises(ValueError, match="max_positives"):
-    jax.jit(smooth_ap_loss)(e, labels)
+  # Traced labels without a layout: B - 1 slots, the same value, and a warning about the cost.
+  with pytest.warns(UserWarning, match="B - 1 = 15 positive slots"):
+    no_layout = jax.jit(smooth_ap_loss)(e, labels)
+  np.testing.assert_allclose(float(no_layout), float(inferred), atol=1e-6)
   # Too few slots: concrete labels raise, traced labels poison the loss.
-  with pytest.raises(ValueError, match="max_positives"):
+  with pytest.raises(ValueError, match="a query has 4 positives .*max_positives=3"):
     smooth_ap_loss(e, labels, max_positives=3)
   too_few = jax.jit(functools.partial(smooth_ap_loss, max_positives=3))(e, labels)
   assert np.isnan(float(too_few))
+
+
+class SameMeaningInsideAndOutsideJitTest(chex.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    self._x64 = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+
+  def tearDown(self):
+    jax.config.update("jax_enable_x64", self._x64)
+    super().tearDown()
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_layout_gives_reference_value_and_gradient(self):
+    e, labels = _batch(9, sizes=(3, 3, 3, 3, 3))
+    for include_query in (False, True):
+      loss = functools.partial(smooth_ap_loss, include_query=include_query, temperature=0.05)
+      value, grad = self.variant(jax.value_and_grad(
+          functools.partial(loss, samples_per_class=3)))(jnp.asarray(e), jnp.asarray(labels))
+      np.testing.assert_allclose(
+          float(value), reference_smooth_ap(e, labels, 0.05, include_query), atol=1e-12)
+      expected = jax.grad(loss)(jnp.asarray(e), labels)  # eager, slots from concrete labels
+      chex.assert_trees_all_close(grad, expected, rtol=1e-9, atol=1e-13)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_overflow_raises_on_concrete_labels_and_is_nan_on_traced(self):
+    e, labels = _batch(10, sizes=(4, 2, 2))
+    loss = self.variant(functools.partial(smooth_ap_loss, samples_per_class=2))
+    if self.variant.type == chex.ChexVariantType.WITH_JIT:
+      self.assertTrue(np.isnan(float(loss(e, labels))))
+    else:
+      with self.assertRaisesRegex(ValueError, "a query has 3 positives .*samples_per_class=2"):
+        loss(e, labels)
+
+
+def test_automatic_query_block_gives_the_same_value_and_gradient(x64):
+  e, labels = _batch(11, sizes=(4, 4, 4, 4, 4, 4))
+  e, labels = jnp.asarray(e), jnp.asarray(labels)
+  grad_fn = lambda **kw: jax.value_and_grad(
+      functools.partial(smooth_ap_loss, samples_per_class=4, include_query=True, **kw))(e, labels)
+  auto = grad_fn(memory_budget_bytes=8 * 1024)
+  chex.assert_trees_all_close(auto, grad_fn(query_block=len(labels)), rtol=1e-12, atol=1e-15)
+  chex.assert_trees_all_close(auto, grad_fn(query_block=5), rtol=1e-12, atol=1e-15)
+
+
+def test_automatic_query_block_plans_within_the_budget():
+  b, d, budget = 2048, 32, 8 * 2**20
+  emb = jax.ShapeDtypeStruct((b, d), jnp.float32)
+  labels = jax.ShapeDtypeStruct((b,), jnp.int32)
+  plan = lambda **kw: jax.jit(jax.value_and_grad(functools.partial(
+      smooth_ap_loss, samples_per_class=4, **kw))).lower(emb, labels).compile().memory_analysis()
+  assert plan(query_block=b).temp_size_in_bytes > 8 * budget
+  assert plan(memory_budget_bytes=budget).temp_size_in_bytes <= budget + 4 * b * d * 4 + 64 * b
+
+
+def test_labels_may_be_array_likes():
+  e, labels = _batch(12)
+  e = jnp.asarray(e, jnp.float32)
+  expected = float(smooth_ap_loss(e, jnp.asarray(labels)))
+  for given in (labels.tolist(), tuple(labels.tolist()), labels):
+    assert float(smooth_ap_loss(e, given)) == pytest.approx(expected, rel=1e-6)
 
 
 def test_no_cubic_intermediate():
@@ -189,6 +254,10 @@ def test_no_cubic_intermediate():
         (np.zeros((4, 2)), np.zeros(4, int), {"temperature": float("nan")}, "temperature"),
         (np.zeros((4, 2)), np.zeros(4, int), {"query_block": 0}, "query_block"),
         (np.zeros((4, 2)), np.zeros(4, int), {"max_positives": 0}, "max_positives"),
+        (np.zeros((4, 2)), np.zeros(4, int), {"temperature": float("inf")}, "temperature"),
+        (np.zeros((4, 2)), np.zeros(4, int), {"samples_per_class": 1}, "samples_per_class"),
+        (np.zeros((4, 2)), np.zeros(4, int), {"samples_per_class": 2, "max_positives": 1},
+         "not both"),
     ],
 )
 def test_bad_input(embeddings, labels, kwargs, match):

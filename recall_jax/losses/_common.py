@@ -1,0 +1,304 @@
+"""Batch helpers shared by the losses: validation, positives in static slots, query blocks.
+
+Static sizes (the number of positive slots per query, the query block) are decided from shapes
+and the caller's arguments alone, never from label values, so a loss means the same inside and
+outside `jit`. Label values are checked only where they are concrete; the documented traced
+behaviour (a NaN loss) is what a caller relies on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+import math
+import numbers
+import operator
+import warnings
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from recall_jax.numerics import is_concrete
+
+# Fixed budget for the temporaries of the losses that rank positives against the batch
+# (RS@k, Smooth-AP) when the caller gives no `query_block`.
+DEFAULT_MEMORY_BUDGET_BYTES = 1 << 30
+# Elements the backward pass of one block holds per (query, slot, row) term and per (query, row)
+# similarity; XLA's CPU plan for RS@k needs about 2 and 1, the margin covers other backends.
+_ARRAYS_PER_TERM = 3
+_ARRAYS_PER_SIMILARITY = 2
+_CLIP = 50.0
+
+OVERFLOW_MESSAGE = (
+    "a query has {needed} positives but the batch layout gives {slots} slots ({source}); "
+    "pass the real layout (samples_per_class = rows per class, counting SiMix's virtual rows) "
+    "or a larger max_positives")
+NO_POSITIVE_MESSAGE = "no query has a positive: every label occurs once in the batch"
+
+
+def clipped_sigmoid(x: jax.Array) -> jax.Array:
+  """`sigmoid(clip(x, -50, 50))`, the sigmoid of the official RS@k and Smooth-AP code."""
+  return jax.nn.sigmoid(jnp.clip(x, -_CLIP, _CLIP))
+
+
+def as_array(x):
+  """jax arrays (and tracers) as they are; array-likes (lists, tuples, NumPy) as NumPy arrays.
+
+  NumPy keeps label values concrete even inside `jit`, where `jnp.asarray` would not matter but
+  a list would not have `.ndim`.
+  """
+  return x if isinstance(x, (jax.Array, np.ndarray)) else np.asarray(x)
+
+
+def check_labels(labels, num_rows: int | None = None):
+  """`labels` as an array; ValueError unless a non-empty 1-D integer array of `num_rows` entries."""
+  labels = as_array(labels)
+  if labels.ndim != 1:
+    raise ValueError(f"labels must have shape (B,), got shape {labels.shape}")
+  if not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
+  if labels.shape[0] == 0:
+    raise ValueError("empty batch: labels has no entries")
+  if num_rows is not None and labels.shape[0] != num_rows:
+    raise ValueError(f"shape mismatch: {num_rows} embedding rows but {labels.shape[0]} labels")
+  return labels
+
+
+def check_batch(embeddings, labels):
+  """`(embeddings, labels)` as arrays; ValueError unless (B, D) floats and (B,) integers."""
+  embeddings = as_array(embeddings)
+  if embeddings.ndim != 2:
+    raise ValueError(f"embeddings must have shape (B, D), got shape {embeddings.shape}")
+  if not jnp.issubdtype(embeddings.dtype, jnp.floating):
+    raise ValueError(f"embeddings must be floating point, got dtype {embeddings.dtype}")
+  return embeddings, check_labels(labels, embeddings.shape[0])
+
+
+def check_similarity_batch(similarities, labels):
+  """`(similarities, labels)` as arrays; ValueError unless (B, B) floats and (B,) integers."""
+  similarities = as_array(similarities)
+  if similarities.ndim != 2 or similarities.shape[0] != similarities.shape[1]:
+    raise ValueError(f"similarities must have shape (B, B), got shape {similarities.shape}")
+  if not jnp.issubdtype(similarities.dtype, jnp.floating):
+    raise ValueError(f"similarities must be floating point, got dtype {similarities.dtype}")
+  return similarities, check_labels(labels, similarities.shape[0])
+
+
+def finite_number(name: str, value) -> float:
+  """`value` as a float; ValueError unless a finite real number (not a bool or an array)."""
+  if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+    raise ValueError(f"{name} must be a finite number, got {value!r}")
+  return float(value)
+
+
+def positive_number(name: str, value) -> float:
+  """`value` as a float; ValueError unless finite and > 0."""
+  value = finite_number(name, value)
+  if value <= 0:
+    raise ValueError(f"{name} must be > 0, got {value}")
+  return value
+
+
+def positive_int(name: str, value) -> int:
+  """`value` as an int; ValueError unless an integer (not a bool or a float) >= 1."""
+  try:
+    if isinstance(value, bool):
+      raise TypeError
+    value = operator.index(value)
+  except TypeError:
+    raise ValueError(f"{name} must be a positive integer, got {value!r}") from None
+  if value < 1:
+    raise ValueError(f"{name} must be a positive integer, got {value}")
+  return value
+
+
+def check_k_values(k_values: Sequence[int] | None, num_rows: int,
+                   default: tuple[int, ...]) -> tuple[int, ...]:
+  """The cut-offs as a tuple of ints; None means `default`.
+
+  Raises:
+    ValueError: unless every k is a positive integer below `num_rows - 1`, the number of
+      database rows of a query: Recall@k is 1 for any ranking once k reaches it.
+  """
+  if k_values is None:
+    k_values = default
+  if isinstance(k_values, np.ndarray) and k_values.ndim == 1:
+    k_values = k_values.tolist()
+  if isinstance(k_values, (str, bytes)) or not isinstance(k_values, Sequence):
+    raise ValueError(f"k_values must be a sequence of positive integers, got {k_values!r}")
+  if not k_values:
+    raise ValueError("k_values must not be empty")
+  checked = []
+  for k in k_values:
+    try:
+      checked.append(positive_int("k", k))
+    except ValueError:
+      raise ValueError(
+          f"every k must be a positive integer, got k_values={tuple(k_values)}") from None
+  too_big = [k for k in checked if k >= num_rows - 1]
+  if too_big:
+    raise ValueError(
+        f"k = {too_big[0]} is not below B - 1 = {num_rows - 1} (B = {num_rows} rows): every "
+        "query's positives are within its top k whatever the embeddings; use k < B - 1 or a "
+        "larger batch")
+  return tuple(checked)
+
+
+def check_query_block(query_block) -> int | None:
+  """None or a positive int."""
+  return None if query_block is None else positive_int("query_block", query_block)
+
+
+def largest_class(labels) -> int:
+  """Rows of the largest class in concrete `labels`."""
+  _, counts = np.unique(np.asarray(labels), return_counts=True)
+  return int(counts.max())
+
+
+def positive_slots(labels, *, samples_per_class: int | None, max_positives: int | None) -> int:
+  """The static number P of positive slots per query, from the batch layout.
+
+  `samples_per_class = m` gives P = m - 1; `max_positives` gives P directly. With neither, P is
+  the largest class minus one when `labels` are concrete and B - 1 (enough for any labels, at
+  O(B^2) slots' cost, with a warning) when traced: the value of the loss is the same either way.
+
+  Where `labels` are concrete, a query with more positives than P, or a batch without any
+  positive pair, raises ValueError; traced labels cannot be checked, and the loss is NaN.
+
+  Args:
+    labels: (B,) integer labels, concrete or traced.
+    samples_per_class: the most rows any class has in the batch (SiMix's virtual rows
+      included), >= 2.
+    max_positives: the most positives (same label, other rows) of any query, >= 1.
+
+  Returns:
+    P, between 1 and B - 1.
+  """
+  num_rows = labels.shape[0]
+  if samples_per_class is not None and max_positives is not None:
+    raise ValueError(
+        f"give samples_per_class ({samples_per_class}) or max_positives ({max_positives}), "
+        "not both")
+  if samples_per_class is not None:
+    m = positive_int("samples_per_class", samples_per_class)
+    if m < 2:
+      raise ValueError(
+          "samples_per_class must be >= 2: with one row per class no query has a positive")
+    slots, source = m - 1, f"samples_per_class={m}"
+  elif max_positives is not None:
+    slots = positive_int("max_positives", max_positives)
+    source = f"max_positives={slots}"
+  else:
+    slots, source = None, None
+
+  if is_concrete(labels):
+    needed = largest_class(labels) - 1
+    if needed == 0:
+      raise ValueError(NO_POSITIVE_MESSAGE)
+    if slots is None:
+      slots = needed
+    elif needed > slots:
+      raise ValueError(OVERFLOW_MESSAGE.format(needed=needed, slots=slots, source=source))
+  elif slots is None:
+    slots = num_rows - 1
+    warnings.warn(
+        f"labels are traced and no batch layout was given, so every query gets B - 1 = {slots} "
+        "positive slots (right for any labels, but O(B^3) work); pass samples_per_class "
+        "(rows per class) or max_positives", stacklevel=3)
+  return max(1, min(slots, num_rows - 1))
+
+
+def query_block_for(num_rows: int, slots: int, itemsize: int, memory_budget_bytes,
+                    query_block) -> int | None:
+  """The query block: the caller's, or the largest whose temporaries fit the budget.
+
+  A block of Q queries ranks P slots against N rows, so the backward pass holds about
+  Q * N * (3 P + 2) elements. Blocks are balanced: B is split into the fewest blocks that fit,
+  of equal size, so padding stays below one row per block. None means one block of all queries.
+  """
+  query_block = check_query_block(query_block)
+  if query_block is not None:
+    return None if query_block >= num_rows else query_block
+  budget = positive_int("memory_budget_bytes", memory_budget_bytes)
+  per_query = num_rows * (_ARRAYS_PER_TERM * slots + _ARRAYS_PER_SIMILARITY) * itemsize
+  largest = max(1, budget // per_query)
+  if largest >= num_rows:
+    return None
+  num_blocks = -(-num_rows // largest)
+  return -(-num_rows // num_blocks)
+
+
+def class_groups(labels: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """Groups rows by label without a (B, B) matrix.
+
+  Args:
+    labels: (B,) integers, any order.
+
+  Returns:
+    order: (B,) row indices sorted by label, stable (rows of a class keep their order).
+    start: (B,) for each row, the position in `order` where its class begins.
+    count: (B,) for each row, the number of rows of its class (itself included).
+    position: (B,) for each row, its position within its class (0-based, by row index).
+  """
+  labels = jnp.asarray(labels)
+  order = jnp.argsort(labels, stable=True)
+  sorted_labels = labels[order]
+  start = jnp.searchsorted(sorted_labels, labels, side="left")
+  end = jnp.searchsorted(sorted_labels, labels, side="right")
+  inverse = jnp.zeros_like(order).at[order].set(jnp.arange(labels.shape[0], dtype=order.dtype))
+  return order, start, end - start, inverse - start
+
+
+def positive_indices(labels: jax.Array, slots: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Each row's positives (same label, other row), in row order, in `slots` static slots.
+
+  Args:
+    labels: (B,) integers.
+    slots: P, the static number of slots.
+
+  Returns:
+    indices: (B, P) int32 row indices of the positives; padding slots point at row 0.
+    valid: (B, P) bool, False on padding slots. A row with more than P positives keeps its
+      first P; `overflow` says so.
+    num_positives: (B,) int, each row's true number of positives.
+  """
+  order, start, count, position = class_groups(labels)
+  slot = jnp.arange(slots)[None, :]
+  # Skip the row itself: slots before its own position map to the same position, after it +1.
+  within = slot + (slot >= position[:, None])
+  valid = within < count[:, None]
+  flat = jnp.where(valid, start[:, None] + within, 0)
+  return order[flat].astype(jnp.int32), valid, count - 1
+
+
+def map_query_blocks(block_fn: Callable[[jax.Array], jax.Array], num_rows: int,
+                     query_block: int | None) -> jax.Array:
+  """`block_fn(query_indices (Q,)) -> (Q,)` over all rows, `query_block` queries at a time.
+
+  Each block is rematerialised in the backward pass (`jax.checkpoint`), so memory holds one
+  block's intermediates; the last block is padded with rows from the start and the padding
+  dropped.
+
+  Returns:
+    (num_rows,) per-query values in row order.
+  """
+  if query_block is None or query_block >= num_rows:
+    return block_fn(jnp.arange(num_rows))
+  num_blocks = -(-num_rows // query_block)
+  padded = jnp.arange(num_blocks * query_block) % num_rows
+  per_query = jax.lax.map(jax.checkpoint(block_fn), padded.reshape(num_blocks, query_block))
+  return per_query.reshape(-1)[:num_rows]
+
+
+def mean_over_queries(per_query_loss: jax.Array, num_positives: jax.Array,
+                      slots: int) -> jax.Array:
+  """Mean of `per_query_loss` over queries with a positive; NaN when there is none or some query
+  has more positives than `slots` (the traced form of the ValueErrors of `positive_slots`)."""
+  chex.assert_equal_shape([per_query_loss, num_positives])
+  has_positive = num_positives > 0
+  num_queries = jnp.sum(has_positive)
+  loss = (jnp.sum(jnp.where(has_positive, per_query_loss, 0.0))
+          / jnp.maximum(num_queries, 1).astype(per_query_loss.dtype))
+  usable = (num_queries > 0) & ~jnp.any(num_positives > slots)
+  return jnp.where(usable, loss, jnp.nan).astype(per_query_loss.dtype)
