@@ -10,7 +10,7 @@ from recall_jax.evaluation.knn import knn
 from recall_jax.evaluation.metrics import metrics_from_ranks, retrieval_metrics
 from recall_jax.evaluation.protocols import protocol_for
 from recall_jax.evaluation.reid import vehicleid_reid_metrics
-from recall_jax.evaluation.sharding import data_mesh
+from recall_jax.parallel import data_mesh
 
 __all__ = [
     "Evaluator",

@@ -150,7 +150,7 @@ def _case(batch_size: int, chunk_per_device: int, use_simix: bool, shuffle: bool
   vg = jax.jit(sharding.sharded_value_and_grad(embed_fn, loss_fn, mesh,
                                                chunk_size_per_device=chunk_per_device,
                                                loss_uses_rng=uses_rng))
-  state = sharding.create_sharded_state(params, optimizer(), mesh)
+  state = sharding.make_sharded_state(params, optimizer(), mesh)
   loss, grads = vg(state.params, batch["image"], batch["label"], key)
   assert abs(float(loss) - float(want_loss)) <= 1e-5 * abs(float(want_loss)), \
       (name, float(loss), float(want_loss))
@@ -198,7 +198,7 @@ def _check_errors() -> None:
   from recall_jax.train import sharding
   mesh = sharding.data_mesh()
   loss_fn, _ = loss_fn_for(64, M, False)
-  state = sharding.create_sharded_state(init_params(), optimizer(), mesh)
+  state = sharding.make_sharded_state(init_params(), optimizer(), mesh)
   step = sharding.make_sharded_train_step(embed_fn, loss_fn, optimizer(), mesh,
                                           chunk_size_per_device=3)
   labels = np.repeat(np.arange(12), M).astype(np.int32)
@@ -259,7 +259,7 @@ def main_process(out_dir: str) -> None:
   loss_fn, uses_rng = loss_fn_for(GLOBAL_BATCH, M, True)
   step_fn = sharding.make_sharded_train_step(embed_fn, loss_fn, optimizer(), mesh,
                                              chunk_size_per_device=1, loss_uses_rng=uses_rng)
-  state = sharding.create_sharded_state(init_params(), optimizer(), mesh)
+  state = sharding.make_sharded_state(init_params(), optimizer(), mesh)
   losses = []
   for step in range(STEPS):
     local = sampler.local_slice(sampler.batch_indices(step), process_index, process_count)

@@ -170,7 +170,7 @@ def test_single_device_mesh_step_and_batch_errors():
   assert mesh.axis_types == (jax.sharding.AxisType.Auto,)
   loss_fn, _ = worker.loss_fn_for(8, 4, False)
   opt = worker.optimizer()
-  state = sharding.create_sharded_state(worker.init_params(), opt, mesh)
+  state = sharding.make_sharded_state(worker.init_params(), opt, mesh)
   assert all(leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(state))
   images, labels = worker.dataset()
   images, labels = images[:8], np.repeat(np.arange(2), 4).astype(np.int32)
