@@ -4,22 +4,27 @@ Similarity is the inner product in float32 (cosine for the L2-normalised embeddi
 `extract_embeddings` returns); ties rank the lower database index first everywhere.
 """
 
-from recall_jax.evaluation.evaluator import Evaluator
+from recall_jax.evaluation.evaluator import EvaluationResult, Evaluator, QueryGallery, SetEmbeddings
 from recall_jax.evaluation.extraction import extract_embeddings, l2_normalize
 from recall_jax.evaluation.knn import knn
 from recall_jax.evaluation.metrics import metrics_from_ranks, retrieval_metrics
 from recall_jax.evaluation.protocols import protocol_for
 from recall_jax.evaluation.reid import vehicleid_reid_metrics
+from recall_jax.evaluation.retrieval_grid import retrieval_grid
 from recall_jax.parallel import data_mesh
 
 __all__ = [
+    "EvaluationResult",
     "Evaluator",
+    "QueryGallery",
+    "SetEmbeddings",
     "data_mesh",
     "extract_embeddings",
     "knn",
     "l2_normalize",
     "metrics_from_ranks",
     "protocol_for",
+    "retrieval_grid",
     "retrieval_metrics",
     "vehicleid_reid_metrics",
 ]
