@@ -18,6 +18,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from recall_jax import errors
+from recall_jax import parallel
 from recall_jax.train import train_step as train_step_lib
 
 PyTree = Any
@@ -36,16 +37,18 @@ class Checkpoints:
   best: ocp.CheckpointManager
 
 
-def make_checkpoints(workdir: str | pathlib.Path, *, keep: int = 2) -> Checkpoints:
-  """The checkpoint managers of `workdir` (folders are created on the first save).
+def make_checkpoints(workdir: str | pathlib.Path, *, keep: int = 2,
+                     create: bool = True) -> Checkpoints:
+  """The checkpoint managers of `workdir`.
 
   Args:
     workdir: the run folder.
     keep: latest checkpoints kept.
+    create: create the folders now (for writing); False for read-only use.
   """
   # Synchronous saves: the train step donates the state's buffers, so a save must have read
   # them before the next step runs.
-  options = dict(create=True, enable_async_checkpointing=False)
+  options = dict(create=create, enable_async_checkpointing=False)
   workdir = pathlib.Path(workdir).expanduser().absolute()  # Orbax refuses relative paths
   latest = ocp.CheckpointManager(
       workdir / "checkpoints", options=ocp.CheckpointManagerOptions(max_to_keep=keep, **options))
@@ -71,6 +74,13 @@ def restore(manager: ocp.CheckpointManager, step: int, template: train_step_lib.
   return restored["state"], dict(restored["meta"] or {})
 
 
+def check_name(which: str) -> None:
+  """Raises ConfigError unless `which` is 'latest', 'best' or a step number."""
+  if which not in ("latest", "best") and not which.isdigit():
+    raise errors.ConfigError(
+        f"--checkpoint must be 'latest', 'best' or a step number, got {which!r}")
+
+
 def resolve(checkpoints: Checkpoints, which: str) -> tuple[ocp.CheckpointManager, int]:
   """The manager and step that `latest`, `best` or a step number names.
 
@@ -78,15 +88,13 @@ def resolve(checkpoints: Checkpoints, which: str) -> tuple[ocp.CheckpointManager
     ConfigError: `which` is none of these.
     MissingFileError: no such checkpoint exists.
   """
+  check_name(which)
   if which in ("latest", "best"):
     manager = checkpoints.best if which == "best" else checkpoints.latest
     step = manager.latest_step()
     if step is None:
       raise errors.MissingFileError(f"no {which} checkpoint in {manager.directory}")
     return manager, step
-  if not which.isdigit():
-    raise errors.ConfigError(
-        f"--checkpoint must be 'latest', 'best' or a step number, got {which!r}")
   step, manager = int(which), checkpoints.latest
   if step not in manager.all_steps():
     raise errors.MissingFileError(f"no checkpoint at step {step} in {manager.directory}; "
@@ -104,13 +112,16 @@ def restore_params(workdir: str | pathlib.Path, which: str,
     params_template: parameters (or `jax.ShapeDtypeStruct`s) with the saved shapes and dtypes.
 
   Returns:
-    (params, step).
+    (params, step): params replicated on every device, whatever the topology that saved them.
 
   Raises:
     ConfigError / MissingFileError: as `resolve`.
   """
-  manager, step = resolve(make_checkpoints(workdir), which)
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"params": params_template})
+  check_name(which)
+  manager, step = resolve(make_checkpoints(workdir, create=False), which)
+  everywhere = parallel.replicated(parallel.data_mesh())
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=everywhere),
+                          {"params": params_template})
   restored = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.PyTreeRestore(abstract, partial_restore=True),
       meta=ocp.args.JsonRestore()))

@@ -47,6 +47,7 @@ def evaluate_checkpoint(c: ml_collections.ConfigDict, workdir: str | pathlib.Pat
     The metrics, {'<set>/<metric>': value}.
   """
   config_lib.validate(c)
+  checkpointing.check_name(which)
   eval_sets = experiment_lib.make_eval_sets(c)
   embed_fn, step = restore_embed_fn(c, workdir, which)
   evaluator = experiment_lib.make_evaluator(c, None, eval_sets, log_fn=None)
@@ -70,6 +71,7 @@ def embed_split(c: ml_collections.ConfigDict, workdir: str | pathlib.Path, which
     The path written; its keys: embeddings (N, D) float32, labels (N,), ids (N,) str.
   """
   config_lib.validate(c)
+  checkpointing.check_name(which)
   workdir = pathlib.Path(workdir)
   split = split or c.data.gallery_split or c.data.test_splits[0]
   source = experiment_lib.make_source(c, split)
