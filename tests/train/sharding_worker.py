@@ -1,8 +1,8 @@
 """Worker for tests/train/test_sharding.py: runs in its own process with forced host devices.
 
-Usage (the test sets XLA_FLAGS / JAX_* before starting it):
+Usage (the test sets JAX_* before starting it; the worker asks chex for its CPU devices):
   python sharding_worker.py eight                 # 8 devices vs the single-device step
-  python sharding_worker.py process OUT_DIR       # one of 2 processes (JAX_* env vars set)
+  python sharding_worker.py process OUT_DIR       # one of 2 processes x 4 devices (JAX_* set)
 
 The test also imports this file (for the shared toy problem and the single-device reference), so
 nothing here touches JAX at import time.
@@ -279,9 +279,12 @@ def main_process(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
+  import chex
   if sys.argv[1] == "eight":
+    chex.set_n_cpu_devices(8)  # before JAX starts its backend
     main_eight()
   elif sys.argv[1] == "process":
+    chex.set_n_cpu_devices(4)
     main_process(sys.argv[2])
   else:
     raise SystemExit(f"unknown mode {sys.argv[1]!r}")
