@@ -122,7 +122,8 @@ def restore_params(workdir: str | pathlib.Path, which: str,
   everywhere = parallel.replicated(parallel.data_mesh())
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=everywhere),
                           {"params": params_template})
+  restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
   restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.PyTreeRestore(abstract, partial_restore=True),
+      state=ocp.args.PyTreeRestore(abstract, restore_args=restore_args, partial_restore=True),
       meta=ocp.args.JsonRestore()))
   return restored["state"]["params"], step

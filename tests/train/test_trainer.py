@@ -151,3 +151,39 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(omniglot_root, tmp_path):
   saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
   assert saved and 1 <= saved[-1] < 200, saved
   assert saved[-1] == max(r["step"] for r in train_rows(tmp_path))
+
+
+def write_folder_dataset(folder, counts, seed=0):
+  """<folder>/<split>/<class>/<i>.png: 4 classes of 28 x 28 grey images, each a noisy prototype."""
+  from PIL import Image
+  rng = np.random.default_rng(seed)
+  prototypes = rng.integers(0, 256, (4, 28, 28))
+  for split, per_class in counts.items():
+    for label, prototype in enumerate(prototypes):
+      class_dir = folder / split / f"class_{label}"
+      class_dir.mkdir(parents=True)
+      for i in range(per_class):
+        noisy = np.clip(prototype + rng.normal(0, 40, prototype.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(noisy).save(class_dir / f"{i}.png")
+
+
+def test_folder_dataset_with_query_and_gallery_splits(tmp_path):
+  write_folder_dataset(tmp_path / "photos", {"train": 8, "query": 2, "gallery": 4})
+  c = load_config("default", arg=None)
+  c.data.name, c.data.root, c.data.path = "folder", str(tmp_path), str(tmp_path / "photos")
+  c.data.query_split, c.data.gallery_split = "query", "gallery"
+  c.data.image_size = c.data.resize_size = 28
+  c.data.channels, c.data.crop_scale, c.data.flip = 1, (1.0, 1.0), False
+  c.data.eval_batch_size = 8
+  c.model.name, c.model.embedding_dim, c.model.center_head_init = "small_cnn", 16, True
+  c.batch_size, c.samples_per_class, c.chunk_size = 16, 4, 8
+  c.optimizer.name, c.optimizer.learning_rate = "adam", 1e-3
+  c.epochs, c.max_steps, c.eval_every_epochs = 1, 2, 1
+  c.best_metric, c.num_grid_queries, c.log_every_steps = "query/recall@1", 2, 1
+  c.eval.k_values = (1, 2)
+  workdir = tmp_path / "run"
+  results = trainer.train_and_evaluate(c, workdir)
+  assert results["query/num_queries"] == 8  # every query, searched in the 16 gallery images
+  assert set(k for k in results if "recall@" in k) == {"query/recall@1", "query/recall@2"}
+  assert (workdir / "retrieval_query.png").stat().st_size > 1000
+  assert modes.evaluate_checkpoint(c, workdir, "best") == results
