@@ -1,5 +1,5 @@
-"""The defaults, unchanged: every key with its one-line comment is in `recall_jax.config.base_config`
-(the paper's shared hyper-parameters, SOP with ViT-B/16).
+"""The defaults, unchanged: every key, with a one-line comment, is listed in
+`recall_jax.config.base_config` (the paper's shared hyper-parameters, SOP with ViT-B/16).
 
 The paper rows (`sop_vit.py`, `cars_resnet.py`, ...) and the demo (`omniglot.py`) start from the
 same defaults and change a few keys. Any key can be overridden on the command line, e.g.

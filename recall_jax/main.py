@@ -33,8 +33,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: checkpoints, metric
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "embed"], "What to do.")
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", "latest", "eval/embed: 'latest', 'best' or a step number.")
-_SPLIT = flags.DEFINE_string("split", None, "embed: the split to embed (default: first test split).")
-_OUTPUT = flags.DEFINE_string("output", None, "embed: output .npz (default: <workdir>/<split>.npz).")
+_SPLIT = flags.DEFINE_string("split", None, "embed: the split to embed (default: first test one).")
+_OUTPUT = flags.DEFINE_string("output", None,
+                              "embed: output .npz (default: <workdir>/<split>_embeddings.npz).")
 
 flags.mark_flags_as_required(["config", "workdir"])
 

@@ -19,8 +19,8 @@ DATA_AXIS = "data"
 def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A 1-D mesh over `devices` (default: all devices) with the single axis `DATA_AXIS`.
 
-  The axis type is `Auto` on purpose: `jax.make_mesh` defaults to `Explicit` axes, which would change
-  how sharded arrays type-check inside user `embed_fn`s.
+  The axis type is `Auto` on purpose: `jax.make_mesh` defaults to `Explicit` axes, which would
+  change how sharded arrays type-check inside user `embed_fn`s.
   """
   devices = jax.devices() if devices is None else list(devices)
   if not devices:

@@ -58,7 +58,7 @@ def test_evaluation_keys_are_checked():
     assert fragment in message
   c = load_config()
   c.data.query_split, c.data.gallery_split = "query", "gallery"
-  with pytest.raises(errors.ConfigError, match="best_metric 'test/recall@1' names no evaluated set"):
+  with pytest.raises(errors.ConfigError, match="best_metric 'test/recall@1' names no evaluated"):
     config_lib.validate(c)
   c.best_metric = "query/recall@1"
   config_lib.validate(c)

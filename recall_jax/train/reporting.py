@@ -1,4 +1,4 @@
-"""What the user sees of a run: JSONL metrics, TensorBoard events, PNG curves and a metrics table."""
+"""What the user sees of a run: JSONL metrics, TensorBoard events, PNG curves, a metrics table."""
 
 from __future__ import annotations
 
@@ -97,8 +97,9 @@ def _pyplot():
   return plt
 
 
-def plot_curves(rows: Sequence[Mapping[str, Any]], out_dir: str | pathlib.Path) -> list[pathlib.Path]:
-  """Writes `training_curve.png` (loss and learning rate) and `recall.png` (Recall@k per evaluation).
+def plot_curves(rows: Sequence[Mapping[str, Any]],
+                out_dir: str | pathlib.Path) -> list[pathlib.Path]:
+  """Writes `training_curve.png` (loss and learning rate) and `recall.png` (Recall@k over steps).
 
   Args:
     rows: metrics.jsonl rows (`MetricWriter.rows`, `read_metrics`).

@@ -66,7 +66,8 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str | pathlib.Path
       tick = time.perf_counter()
       state, metrics = _step(exp, state, next(batches), step, checkpoints)
       done = step + 1
-      log.step(done, metrics, float(exp.schedule(step)), c.batch_size / (time.perf_counter() - tick))
+      images_per_s = c.batch_size / (time.perf_counter() - tick)
+      log.step(done, metrics, float(exp.schedule(step)), images_per_s)
       if _evaluates_after(c, done, exp):
         results = _evaluate(exp, state.params, done, log.writer, workdir)
         if results.get(c.best_metric, -math.inf) > best_value:

@@ -26,7 +26,7 @@ def test_save_resolve_and_restore(tmp_path):
   assert checkpointing.resolve(checkpoints, "latest") == (checkpoints.latest, 3)
   assert checkpointing.resolve(checkpoints, "best") == (checkpoints.best, 2)
   assert checkpointing.resolve(checkpoints, "2") == (checkpoints.latest, 2)
-  with pytest.raises(errors.MissingFileError, match=r"no checkpoint at step 1 .*available: \[2, 3\]"):
+  with pytest.raises(errors.MissingFileError, match=r"no checkpoint at step 1 .*: \[2, 3\]"):
     checkpointing.resolve(checkpoints, "1")  # only the latest 2 are kept
 
   state, meta = checkpointing.restore(checkpoints.latest, 3, state_at(0))
