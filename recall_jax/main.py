@@ -65,7 +65,6 @@ def main(argv: list[str]) -> int:
                         output=_OUTPUT.value)
   except errors.UserInputError as e:
     # Configuration and data problems: one clear message, no traceback.
-    logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)
     return 2
   return 0
