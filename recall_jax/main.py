@@ -33,7 +33,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: checkpoints, metric
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "embed"], "What to do.")
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", "latest", "eval/embed: 'latest', 'best' or a step number.")
-_SPLIT = flags.DEFINE_string("split", None, "embed: the split to embed (default: first test one).")
+_SPLIT = flags.DEFINE_string(
+    "split", None, "embed: the split to embed (default: the gallery split, else the first test).")
 _OUTPUT = flags.DEFINE_string("output", None,
                               "embed: output .npz (default: <workdir>/<split>_embeddings.npz).")
 

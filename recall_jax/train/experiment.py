@@ -63,7 +63,8 @@ class Experiment:
     eval_sets: evaluated set name -> its sources (`EvalSet`).
     model: the backbone + head.
     frozen: the model's non-trainable variable collections (frozen BatchNorm statistics).
-    initial_params: step 0's parameters (fresh or pretrained, before head centring).
+    initial_params: step 0's parameters (fresh or pretrained, before head centring), held on the
+      host so that no device keeps a copy while training.
     loss_fn: `loss_fn(embeddings, labels[, rng]) -> scalar` on a global batch.
     loss_uses_rng: whether `loss_fn` takes the step's key (SiMix).
     optimizer: the optax transformation.
@@ -226,9 +227,9 @@ def make_experiment(c: ml_collections.ConfigDict, *, log_fn: Callable[[str], Any
       loss_uses_rng=loss_uses_rng, keep_activations=jax.default_backend() == "cpu")
   evaluator = make_evaluator(c, make_embed_fn(model, variables), eval_sets, log_fn=log_fn,
                              progress=progress)
-  return Experiment(c, train_source, sampler, eval_sets, model, variables, params, loss_fn,
-                    loss_uses_rng, optimizer, schedule, mesh, train_step, evaluator,
-                    sampler.steps_per_epoch, total_steps)
+  return Experiment(c, train_source, sampler, eval_sets, model, variables,
+                    jax.device_get(params), loss_fn, loss_uses_rng, optimizer, schedule, mesh,
+                    train_step, evaluator, sampler.steps_per_epoch, total_steps)
 
 
 def first_batch_images(experiment: Experiment) -> jax.Array:
