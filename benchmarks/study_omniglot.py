@@ -213,11 +213,11 @@ def raw_pixel_baseline(max_eval_images: int | None) -> dict[str, float]:
   """Recall@k of the L2-normalised raw pixels on the same evaluation images (no training)."""
   import jax.numpy as jnp
   from recall_jax import data, evaluation
-  from recall_jax.train import trainer
+  from recall_jax.train import experiment
 
   c = load_demo_config()
   c.data.max_eval_images = max_eval_images
-  source = trainer.load_source(c, "test", evaluation_split=True)
+  source = experiment.make_source(c, "test", max_images=c.data.max_eval_images)
   batches = data.make_eval_loader(source, image_size=c.data.image_size,
                                   resize_size=c.data.resize_size,
                                   batch_size=c.data.eval_batch_size, channels=c.data.channels)

@@ -1,11 +1,13 @@
 """cars196 / vit_b32: the paper's row (official hyper-parameters).
 
-B = 392 (m = 4), chunk 98 (the official code's; on a modern GPU pick the fastest that fits),
-AdamW (decoupled weight decay), lr 3e-05, weight decay 4e-4 on all parameters, 50 epochs, lr x0.3 at epochs
-20, 30, 40. Paper: CARS196, ViT-B/32.
+B = 392 (m = 4), chunk 98 (the official code's; on a modern GPU pick the fastest that fits), AdamW
+(decoupled weight decay), lr 3e-05, weight decay 4e-4 on all parameters, 50 epochs, lr x0.3 at
+epochs 20, 30, 40. Paper: CARS196, ViT-B/32.
 
   python -m recall_jax.main --config configs/cars_vit32.py --workdir runs/cars_vit32
-  python -m recall_jax.main --config configs/cars_vit32.py:smoke --workdir /tmp/cars_vit32  # seconds
+  python -m recall_jax.main --config configs/cars_vit32.py:smoke --workdir /tmp/cars_vit32
+
+The `:smoke` variant runs the same code paths in seconds.
 """
 
 from recall_jax import config as config_lib

@@ -1,8 +1,9 @@
-"""Every config key with its default: the paper's shared hyper-parameters (SOP, ViT-B/16).
+"""The defaults, unchanged: every key, with a one-line comment, is listed in
+`recall_jax.config.base_config` (the paper's shared hyper-parameters, SOP with ViT-B/16).
 
-The paper rows (`sop_vit.py`, `cars_resnet.py`, ...) and the demo (`omniglot.py`) start from these
-defaults (`recall_jax.config.base_config`) and change a few keys. Any key can be overridden on the
-command line, e.g. `--config.batch_size=2000 --config.chunk_size=250`.
+The paper rows (`sop_vit.py`, `cars_resnet.py`, ...) and the demo (`omniglot.py`) start from the
+same defaults and change a few keys. Any key can be overridden on the command line, e.g.
+`--config.batch_size=2000 --config.loss.smooth_ap.temperature=0.05`.
 
   python -m recall_jax.main --config configs/default.py --workdir runs/default
 """

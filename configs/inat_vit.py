@@ -1,11 +1,13 @@
 """inat2018 / vit_b16: the paper's row (official hyper-parameters).
 
-B = 4000 (m = 4), chunk 100 (the official code's; on a modern GPU pick the fastest that fits),
-AdamW (decoupled weight decay), lr 5e-05, weight decay 4e-4 on all parameters, 90 epochs, lr x0.3 at epochs
-10, 40, 70. Paper: iNaturalist-2018 R@1/4/16/32 83.0 / 92.1 / 95.9 / 97.2 (ViT-B/16).
+B = 4000 (m = 4), chunk 100 (the official code's; on a modern GPU pick the fastest that fits), AdamW
+(decoupled weight decay), lr 5e-05, weight decay 4e-4 on all parameters, 90 epochs, lr x0.3 at
+epochs 10, 40, 70. Paper: iNaturalist-2018 R@1/4/16/32 83.0 / 92.1 / 95.9 / 97.2 (ViT-B/16).
 
   python -m recall_jax.main --config configs/inat_vit.py --workdir runs/inat_vit
-  python -m recall_jax.main --config configs/inat_vit.py:smoke --workdir /tmp/inat_vit  # seconds
+  python -m recall_jax.main --config configs/inat_vit.py:smoke --workdir /tmp/inat_vit
+
+The `:smoke` variant runs the same code paths in seconds.
 """
 
 from recall_jax import config as config_lib
@@ -13,8 +15,8 @@ from recall_jax import config as config_lib
 
 def get_config(arg=None):
   c = config_lib.paper_config(
-      "inat2018", "vit_b16", batch_size=4000, chunk_size=100, optimizer="adamw", learning_rate=5e-05,
-      epochs=90, milestones=(10, 40, 70))
+      "inat2018", "vit_b16", batch_size=4000, chunk_size=100, optimizer="adamw",
+      learning_rate=5e-05, epochs=90, milestones=(10, 40, 70))
   if "smoke" in config_lib.parse_arg(arg):
     c = config_lib.smoke(c)
   return c

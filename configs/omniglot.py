@@ -37,7 +37,7 @@ def get_config(arg=None):
   c.model.embedding_dim = 512
   c.model.dtype = "float32"
   # From scratch every image starts near one direction and RS@k's gradient is zero; centring
-  # the head on the first batch fixes that (trainer.center_embedding_head).
+  # the head on the first batch fixes that (models.center_embedding_head).
   c.model.center_head_init = True
 
   c.batch_size = 1000
@@ -60,7 +60,4 @@ def get_config(arg=None):
 
   if "smoke" in config_lib.parse_arg(arg):
     c = config_lib.smoke(c)
-    c.model.name = "small_cnn_flat"
-    c.data.image_size = 28
-    c.data.resize_size = 28
   return c

@@ -1,11 +1,13 @@
 """sop / resnet50: the paper's row (official hyper-parameters).
 
-B = 4000 (m = 4), chunk 200 (the official code's; on a modern GPU pick the fastest that fits),
-Adam (L2 added to the gradient before Adam), lr 0.0002, weight decay 4e-4 on all parameters, 55 epochs, lr x0.3 at epochs
-25, 50. Paper: SOP R@1 82.7 (ResNet-50).
+B = 4000 (m = 4), chunk 200 (the official code's; on a modern GPU pick the fastest that fits), Adam
+(L2 added to the gradient before Adam), lr 0.0002, weight decay 4e-4 on all parameters, 55 epochs,
+lr x0.3 at epochs 25, 50. Paper: SOP R@1 82.7 (ResNet-50).
 
   python -m recall_jax.main --config configs/sop_resnet.py --workdir runs/sop_resnet
-  python -m recall_jax.main --config configs/sop_resnet.py:smoke --workdir /tmp/sop_resnet  # seconds
+  python -m recall_jax.main --config configs/sop_resnet.py:smoke --workdir /tmp/sop_resnet
+
+The `:smoke` variant runs the same code paths in seconds.
 """
 
 from recall_jax import config as config_lib

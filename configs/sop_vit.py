@@ -1,11 +1,13 @@
 """sop / vit_b16: the paper's row (official hyper-parameters).
 
-B = 4000 (m = 4), chunk 100 (the official code's; on a modern GPU pick the fastest that fits),
-AdamW (decoupled weight decay), lr 5e-05, weight decay 4e-4 on all parameters, 55 epochs, lr x0.3 at epochs
-25, 50. Paper: SOP R@1 88.0 (ViT-B/16).
+B = 4000 (m = 4), chunk 100 (the official code's; on a modern GPU pick the fastest that fits), AdamW
+(decoupled weight decay), lr 5e-05, weight decay 4e-4 on all parameters, 55 epochs, lr x0.3 at
+epochs 25, 50. Paper: SOP R@1 88.0 (ViT-B/16).
 
   python -m recall_jax.main --config configs/sop_vit.py --workdir runs/sop_vit
-  python -m recall_jax.main --config configs/sop_vit.py:smoke --workdir /tmp/sop_vit  # seconds
+  python -m recall_jax.main --config configs/sop_vit.py:smoke --workdir /tmp/sop_vit
+
+The `:smoke` variant runs the same code paths in seconds.
 """
 
 from recall_jax import config as config_lib

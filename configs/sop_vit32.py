@@ -1,11 +1,13 @@
 """sop / vit_b32: the paper's row (official hyper-parameters).
 
-B = 4000 (m = 4), chunk 200 (the official code's; on a modern GPU pick the fastest that fits),
-AdamW (decoupled weight decay), lr 5e-05, weight decay 4e-4 on all parameters, 55 epochs, lr x0.3 at epochs
-25, 50. Paper: SOP R@1 85.1 (ViT-B/32).
+B = 4000 (m = 4), chunk 200 (the official code's; on a modern GPU pick the fastest that fits), AdamW
+(decoupled weight decay), lr 5e-05, weight decay 4e-4 on all parameters, 55 epochs, lr x0.3 at
+epochs 25, 50. Paper: SOP R@1 85.1 (ViT-B/32).
 
   python -m recall_jax.main --config configs/sop_vit32.py --workdir runs/sop_vit32
-  python -m recall_jax.main --config configs/sop_vit32.py:smoke --workdir /tmp/sop_vit32  # seconds
+  python -m recall_jax.main --config configs/sop_vit32.py:smoke --workdir /tmp/sop_vit32
+
+The `:smoke` variant runs the same code paths in seconds.
 """
 
 from recall_jax import config as config_lib

@@ -1,11 +1,13 @@
 """vehicleid / vit_b16: the paper's row (official hyper-parameters).
 
-B = 4000 (m = 4), chunk 100 (the official code's; on a modern GPU pick the fastest that fits),
-AdamW (decoupled weight decay), lr 5e-05, weight decay 4e-4 on all parameters, 90 epochs, lr x0.3 at epochs
-40, 70. Paper: VehicleID, ViT-B/16.
+B = 4000 (m = 4), chunk 100 (the official code's; on a modern GPU pick the fastest that fits), AdamW
+(decoupled weight decay), lr 5e-05, weight decay 4e-4 on all parameters, 90 epochs, lr x0.3 at
+epochs 40, 70. Paper: VehicleID, ViT-B/16.
 
   python -m recall_jax.main --config configs/vehicleid_vit.py --workdir runs/vehicleid_vit
-  python -m recall_jax.main --config configs/vehicleid_vit.py:smoke --workdir /tmp/vehicleid_vit  # seconds
+  python -m recall_jax.main --config configs/vehicleid_vit.py:smoke --workdir /tmp/vehicleid_vit
+
+The `:smoke` variant runs the same code paths in seconds.
 """
 
 from recall_jax import config as config_lib
@@ -13,8 +15,8 @@ from recall_jax import config as config_lib
 
 def get_config(arg=None):
   c = config_lib.paper_config(
-      "vehicleid", "vit_b16", batch_size=4000, chunk_size=100, optimizer="adamw", learning_rate=5e-05,
-      epochs=90, milestones=(40, 70))
+      "vehicleid", "vit_b16", batch_size=4000, chunk_size=100, optimizer="adamw",
+      learning_rate=5e-05, epochs=90, milestones=(40, 70))
   if "smoke" in config_lib.parse_arg(arg):
     c = config_lib.smoke(c)
   return c

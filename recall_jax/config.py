@@ -1,8 +1,10 @@
-"""Experiment configurations: the shared base, the paper's rows, and validation.
+"""Experiment configurations: every key with its default, the paper's rows, smoke runs, validation.
 
-Config files in `configs/` call `base_config()` or `paper_config(...)` and return the result from
-`get_config(arg)`; `arg == "smoke"` shrinks everything to a seconds-long run (`smoke(config)`).
-`validate(config)` checks a config before anything is built or compiled.
+`base_config()` is the one place the defaults live (each key with a one-line comment). Config files
+in `configs/` start from it (or from `paper_config(...)`, one row of the paper's table), change a
+few keys and return the result from `get_config(arg)`; `arg == "smoke"` shrinks any of them to a
+seconds-long run (`smoke(config)`). `validate(config)` reports every problem of a config as one
+`ConfigError`, before any data is prepared or anything compiles.
 """
 
 from __future__ import annotations
@@ -11,74 +13,97 @@ import os
 
 import ml_collections
 
+from recall_jax import errors
+from recall_jax.evaluation import protocols
 from recall_jax.losses import LOSS_NAMES
+from recall_jax.train import sharding
 
 _OPTIMIZERS = ("adam", "adamw", "sgd")
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
+def _optional(field_type: type) -> ml_collections.FieldReference:
+  """A key that defaults to None but takes a value of `field_type` from the command line."""
+  return ml_collections.FieldReference(None, field_type=field_type)
+
+
 def base_config() -> ml_collections.ConfigDict:
-  """Defaults shared by every experiment (the official RS@k hyper-parameters)."""
+  """Every key with its default: the paper's shared hyper-parameters (SOP, ViT-B/16)."""
   c = ml_collections.ConfigDict()
-  c.seed = 0
+  c.seed = 0  # parameters, batches, augmentations and dropout all follow from it
 
   c.data = ml_collections.ConfigDict()
-  c.data.name = "sop"
-  c.data.root = ml_collections.FieldReference(None, field_type=str)  # else $RECALL_JAX_DATA
-  c.data.path = ml_collections.FieldReference(None, field_type=str)  # dataset folder override
-  c.data.train_split = "train"
-  c.data.test_splits = ("test",)
-  c.data.image_size = 224
-  c.data.resize_size = 256
-  c.data.channels = 3
-  c.data.crop_scale = (0.08, 1.0)
-  c.data.flip = True
-  # Training classes at 1-4 quarter-turns, each turn a new class (data.RotatedClasses): 1 = off.
-  c.data.rotated_classes = 1
+  c.data.name = "sop"  # dataset: sop, inat2018, cars196, cub200, vehicleid, omniglot, folder
+  c.data.root = _optional(str)  # folder holding the datasets; None: $RECALL_JAX_DATA
+  c.data.path = _optional(str)  # this dataset's folder, overriding <root>/<default folder>
+  c.data.train_split = "train"  # split to train on
+  c.data.test_splits = ("test",)  # splits evaluated leave-one-out (each image queries the rest)
+  c.data.query_split = _optional(str)  # with gallery_split: queries searched in a separate gallery
+  c.data.gallery_split = _optional(str)  # with query_split (replacing test_splits for evaluation)
+  c.data.image_size = 224  # side of the square images the model sees, pixels
+  c.data.resize_size = 256  # evaluation: shorter side before the centre crop, pixels
+  c.data.channels = 3  # 3 (RGB) or 1 (grey)
+  c.data.crop_scale = (0.08, 1.0)  # training random-resized-crop area range
+  c.data.flip = True  # training horizontal flips
+  c.data.rotated_classes = 1  # quarter-turns of each training class as new classes; 1: off
   c.data.worker_count = 0  # grain worker processes for training batches
   c.data.in_memory = False  # hold the training split's encoded images in memory (small datasets)
-  c.data.eval_batch_size = 256
+  c.data.eval_batch_size = 256  # images per evaluation batch
   c.data.download = True  # Omniglot only: fetch missing archives from the official repository
-  # Evaluate on the first N images of each test split only (smoke runs); None: all.
-  c.data.max_eval_images = ml_collections.FieldReference(None, field_type=int)
+  c.data.max_eval_images = _optional(int)  # evaluate on the first N images of each split only
 
   c.model = ml_collections.ConfigDict()
-  c.model.name = "vit_b16"
-  c.model.embedding_dim = 512
-  c.model.dtype = "float32"  # compute dtype; "bfloat16" on GPUs
-  c.model.pretrained = ml_collections.FieldReference(None, field_type=str)  # .npz / .safetensors
-  # Centre the head on the first batch before training (needed from scratch: see
-  # recall_jax.train.trainer.center_embedding_head). The paper starts from pretrained weights.
-  c.model.center_head_init = False
+  c.model.name = "vit_b16"  # backbone (recall_jax.models.available_models())
+  c.model.embedding_dim = 512  # output dimension of the embedding head
+  c.model.dtype = "float32"  # compute dtype of the backbone; "bfloat16" on GPUs
+  c.model.pretrained = _optional(str)  # .npz / .safetensors weights for the backbone
+  c.model.center_head_init = False  # centre the head on the first batch (training from scratch)
 
-  c.batch_size = 4000  # global mega-batch B (images per step)
-  c.samples_per_class = 4  # m
+  c.batch_size = 4000  # global mega-batch B, images per step
+  c.samples_per_class = 4  # m, images of each class in a batch
   c.chunk_size = 100  # images embedded / back-propagated at once per device
-  c.simix = False
+  c.simix = False  # SiMix virtual samples (recall_at_k only)
 
   c.loss = ml_collections.ConfigDict()
-  c.loss.name = "recall_at_k"
-  c.loss.k_values = (1, 2, 4, 8, 16)
-  c.loss.tau1 = 1.0
-  c.loss.tau2 = 0.01
-  c.loss.count_query_in_rank = True
-  c.loss.query_block = ml_collections.FieldReference(None, field_type=int)
+  c.loss.name = "recall_at_k"  # recall_at_k, smooth_ap, contrastive or multi_similarity
+  c.loss.recall_at_k = ml_collections.ConfigDict()  # RS@k (losses.recall_at_k_surrogate)
+  c.loss.recall_at_k.k_values = (1, 2, 4, 8, 16)  # the k of the recall@k terms averaged
+  c.loss.recall_at_k.tau1 = 1.0  # temperature of the sigmoid on k - rank
+  c.loss.recall_at_k.tau2 = 0.01  # temperature of the sigmoid on similarity differences
+  c.loss.recall_at_k.count_query_in_rank = True  # the official code's rank, counting the query
+  c.loss.recall_at_k.query_block = _optional(int)  # queries per block (memory); None: all at once
+  c.loss.smooth_ap = ml_collections.ConfigDict()  # Smooth-AP (losses.smooth_ap_loss)
+  c.loss.smooth_ap.temperature = 0.01  # temperature of the sigmoid on similarity differences
+  c.loss.smooth_ap.include_query = False  # count the query in the ranking as the official code
+  c.loss.smooth_ap.query_block = _optional(int)  # queries per block (memory); None: all at once
+  c.loss.contrastive = ml_collections.ConfigDict()  # contrastive (losses.contrastive_loss)
+  c.loss.contrastive.pos_margin = 0.0  # positive pairs are pulled above 1 - pos_margin
+  c.loss.contrastive.neg_margin = 0.5  # negative pairs are pushed below this similarity
+  c.loss.multi_similarity = ml_collections.ConfigDict()  # (losses.multi_similarity_loss)
+  c.loss.multi_similarity.alpha = 2.0  # scale of the positive term
+  c.loss.multi_similarity.beta = 50.0  # scale of the negative term
+  c.loss.multi_similarity.base = 0.5  # similarity offset lambda
+  c.loss.multi_similarity.epsilon = 0.1  # margin of the pair mining
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.k_values = _optional(tuple)  # recall@k cut-offs; None: the dataset's, else (1, 2, 4, 8)
+  c.eval.reid = False  # also the re-identification protocol (VehicleID only): keys 'reid_*'
 
   c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.name = "adamw"
-  c.optimizer.learning_rate = 5e-5
-  c.optimizer.weight_decay = 4e-4
+  c.optimizer.name = "adamw"  # adam (L2 added to the gradient), adamw or sgd (momentum 0.9)
+  c.optimizer.learning_rate = 5e-5  # peak learning rate
+  c.optimizer.weight_decay = 4e-4  # on every parameter
   c.optimizer.milestones = (25, 50)  # epochs at which the learning rate is multiplied by decay
-  c.optimizer.decay = 0.3
+  c.optimizer.decay = 0.3  # learning-rate factor at each milestone
   c.optimizer.warmup_steps = 0  # linear warm-up (not in the paper; helps from scratch)
 
-  c.epochs = 55
-  c.max_steps = ml_collections.FieldReference(None, field_type=int)  # stop early (smoke runs)
-  c.eval_every_epochs = 5
-  c.best_metric = "test/recall@1"
-  c.checkpoint_every_steps = 500
-  c.keep_checkpoints = 2
-  c.log_every_steps = 10
+  c.epochs = 55  # training length
+  c.max_steps = _optional(int)  # stop after this many steps (smoke runs); None: epochs
+  c.eval_every_epochs = 5  # evaluate every this many epochs, and at the end
+  c.best_metric = "test/recall@1"  # evaluation key whose best value is kept in <workdir>/best
+  c.checkpoint_every_steps = 500  # save <workdir>/checkpoints every this many steps, and at the end
+  c.keep_checkpoints = 2  # latest checkpoints kept
+  c.log_every_steps = 10  # write a metrics.jsonl train row every this many steps
   c.num_grid_queries = 8  # retrieval-grid PNG rows (0 disables it)
   return c
 
@@ -104,15 +129,24 @@ def paper_config(dataset: str, backbone: str, *, batch_size: int, chunk_size: in
   return c
 
 
+_SMOKE_MODELS = {"vit": "vit_tiny_test", "res": "resnet_tiny_test"}
+_SMOKE_IMAGE_SIZE, _SMOKE_RESIZE_SIZE = 32, 36
+
+
 def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Shrinks a config to a run of a few seconds on a CPU (same code paths)."""
-  c.model.name = {"vit": "vit_tiny_test", "res": "resnet_tiny_test"}.get(c.model.name[:3],
-                                                                          c.model.name)
+  """Shrinks a config to a run of a few seconds on a CPU (same code paths).
+
+  Only what is large shrinks: ViTs and ResNets become their tiny test variants (small models such
+  as `small_cnn*` stay), images larger than 32 pixels become 32 (smaller ones stay), and the run
+  takes 3 steps with batches of 32 and evaluates on 400 images.
+  """
+  c.model.name = _SMOKE_MODELS.get(c.model.name[:3], c.model.name)
   c.model.dtype = "float32"
   c.model.embedding_dim = 16
   c.model.pretrained = None
-  c.data.image_size = 32
-  c.data.resize_size = 36
+  if c.data.image_size > _SMOKE_IMAGE_SIZE:
+    c.data.image_size = _SMOKE_IMAGE_SIZE
+    c.data.resize_size = _SMOKE_RESIZE_SIZE
   c.batch_size = 32
   c.chunk_size = 16
   c.epochs = 1
@@ -127,31 +161,49 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def parse_arg(arg: str | None) -> set[str]:
-  """Comma-separated config-file arguments, e.g. `configs/sop_vit.py:smoke`."""
+  """Comma-separated config-file arguments, e.g. `configs/sop_vit.py:smoke`.
+
+  Raises:
+    ConfigError: an argument other than `smoke`.
+  """
   parts = {p.strip() for p in (arg or "").split(",") if p.strip()}
   unknown = parts - {"smoke"}
   if unknown:
-    raise ValueError(f"unknown config argument(s) {sorted(unknown)}; known: smoke")
+    raise errors.ConfigError(f"unknown config argument(s) {sorted(unknown)}; known: smoke")
   return parts
 
 
-def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
-  """Raises ValueError naming every problem of a config, before anything compiles.
+def evaluated_sets(c: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """Names of the evaluated sets, the prefixes of the evaluation keys ('test' in 'test/recall@1').
+
+  Each test split evaluated leave-one-out, or the query split when queries are searched in a
+  separate gallery (`data.query_split` and `data.gallery_split`).
+  """
+  if c.data.query_split and c.data.gallery_split:
+    return (c.data.query_split,)
+  return tuple(c.data.test_splits)
+
+
+def eval_k_values(c: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """The recall@k cut-offs: `eval.k_values`, else the dataset's protocol (else (1, 2, 4, 8))."""
+  if c.eval.k_values:
+    return tuple(int(k) for k in c.eval.k_values)
+  return tuple(protocols.protocol_for(c.data.name)["k_values"])
+
+
+def validate(c: ml_collections.ConfigDict, num_devices: int = 1, num_processes: int = 1) -> None:
+  """Reports every problem of a config at once, before anything is prepared or compiled.
 
   Args:
     c: the experiment config.
     num_devices: devices the global batch is split over (each needs whole chunks).
+    num_processes: processes feeding the batch (each needs whole classes).
+
+  Raises:
+    ConfigError: naming every problem, one per line.
   """
-  problems = []
-  if c.batch_size <= 0 or c.samples_per_class <= 0 or c.chunk_size <= 0:
-    problems.append("batch_size, samples_per_class and chunk_size must be positive")
-  else:
-    if c.batch_size % c.samples_per_class:
-      problems.append(f"batch_size {c.batch_size} is not divisible by samples_per_class "
-                      f"(m) {c.samples_per_class}")
-    if c.batch_size % (c.chunk_size * num_devices):
-      problems.append(f"batch_size {c.batch_size} is not divisible by chunk_size "
-                      f"{c.chunk_size} x {num_devices} device(s)")
+  problems = sharding.batch_layout_problems(c.batch_size, c.chunk_size, num_devices,
+                                            num_processes, c.samples_per_class)
   if c.loss.name not in LOSS_NAMES:
     problems.append(f"loss.name {c.loss.name!r} is not one of {LOSS_NAMES}")
   if c.simix and c.loss.name != "recall_at_k":
@@ -174,5 +226,26 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
                     f"{c.data.resize_size}")
   if c.model.pretrained and not os.path.isfile(os.path.expanduser(c.model.pretrained)):
     problems.append(f"model.pretrained weights file {c.model.pretrained} does not exist")
+  problems += _evaluation_problems(c)
   if problems:
-    raise ValueError("invalid config:\n  - " + "\n  - ".join(problems))
+    raise errors.ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def _evaluation_problems(c: ml_collections.ConfigDict) -> list[str]:
+  problems = []
+  if bool(c.data.query_split) != bool(c.data.gallery_split):
+    problems.append("data.query_split and data.gallery_split must be set together (or neither: "
+                    "leave-one-out on data.test_splits)")
+  elif not evaluated_sets(c):
+    problems.append("data.test_splits names no split to evaluate")
+  if c.eval.k_values is not None and (
+      not c.eval.k_values or any(int(k) != k or k < 1 for k in c.eval.k_values)):
+    problems.append(f"eval.k_values must be positive integers, got {c.eval.k_values}")
+  if c.eval.reid and protocols.protocol_for(c.data.name)["reid_k_values"] is None:
+    problems.append(f"eval.reid: dataset {c.data.name!r} has no re-identification protocol "
+                    "(VehicleID has)")
+  prefix = c.best_metric.split("/", 1)[0]
+  if evaluated_sets(c) and prefix not in evaluated_sets(c):
+    problems.append(f"best_metric {c.best_metric!r} names no evaluated set; evaluated: "
+                    f"{list(evaluated_sets(c))} (e.g. '{evaluated_sets(c)[0]}/recall@1')")
+  return problems

@@ -9,8 +9,10 @@ r"""Command line: train, evaluate or embed with a config file.
       --split test --output runs/omniglot/test_embeddings.npz
 
 `train` resumes from the newest checkpoint in `--workdir`. Unknown config keys and values of the
-wrong type are rejected by `config_flags`; everything else is checked by
-`recall_jax.config.validate` before anything compiles.
+wrong type are rejected while the flags are parsed; everything else is checked by
+`recall_jax.config.validate` before any data is prepared. Problems the user can fix
+(`recall_jax.errors.UserInputError`) are printed as one line with exit status 2; anything else is
+a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from recall_jax import errors
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/omniglot.py or configs/sop_vit.py:smoke.",
     lock_config=True)
@@ -29,8 +33,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: checkpoints, metric
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "embed"], "What to do.")
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", "latest", "eval/embed: 'latest', 'best' or a step number.")
-_SPLIT = flags.DEFINE_string("split", None, "embed: the split to embed (default: first test split).")
-_OUTPUT = flags.DEFINE_string("output", None, "embed: output .npz (default: <workdir>/<split>.npz).")
+_SPLIT = flags.DEFINE_string(
+    "split", None, "embed: the split to embed (default: the gallery split, else the first test).")
+_OUTPUT = flags.DEFINE_string("output", None,
+                              "embed: output .npz (default: <workdir>/<split>_embeddings.npz).")
 
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -39,34 +45,54 @@ def main(argv: list[str]) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   # Imported here so that `--help` and flag errors do not pay for importing JAX.
+  from recall_jax.train import modes  # pylint: disable=import-outside-toplevel
   from recall_jax.train import sharding  # pylint: disable=import-outside-toplevel
   from recall_jax.train import trainer  # pylint: disable=import-outside-toplevel
 
-  # Multi-host runs (SLURM, MPI) must connect before any other JAX call; no-op otherwise.
-  sharding.initialize_distributed()
   # Orbax and grain log every file operation at INFO; keep the console for progress and results
   # unless the user asks for more with --verbosity.
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
   try:
+    # Multi-host runs (SLURM, MPI) must connect before any other JAX call; no-op otherwise.
+    sharding.initialize_distributed()
     if _MODE.value == "train":
       trainer.train_and_evaluate(config, _WORKDIR.value)
     elif _MODE.value == "eval":
-      trainer.evaluate_checkpoint(config, _WORKDIR.value, _CHECKPOINT.value)
+      modes.evaluate_checkpoint(config, _WORKDIR.value, _CHECKPOINT.value)
     else:
-      trainer.embed_split(config, _WORKDIR.value, _CHECKPOINT.value, split=_SPLIT.value,
-                          output=_OUTPUT.value)
-  except (ValueError, FileNotFoundError) as e:
+      modes.embed_split(config, _WORKDIR.value, _CHECKPOINT.value, split=_SPLIT.value,
+                        output=_OUTPUT.value)
+  except errors.UserInputError as e:
     # Configuration and data problems: one clear message, no traceback.
-    logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)
     return 2
   return 0
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a config override that names no key shown as one line.
+
+  `config_flags` raises a chained KeyError/AttributeError for `--config.no_such_key=1`: a user's
+  typo, not a bug, so it ends the program with one line and exit status 2, as do flag errors and
+  a config file's own `UserInputError` (e.g. an unknown `:argument`).
+  """
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, errors.UserInputError) as e:
+    print(f"error: {e}\nPass --help to see the flags.", file=sys.stderr)
+    sys.exit(2)
+  except (KeyError, AttributeError) as e:
+    key = next((a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")
+                and str(e).strip("\"'") in a.split("=", 1)[0]), None)
+    print(f"error: unknown config key {key or e}", file=sys.stderr)
+    sys.exit(2)
+
+
 def run() -> None:
-  app.run(main)
+  """The `recall-jax` console script: `python -m recall_jax.main` under another name."""
+  app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@
 from recall_jax.data.datasets import CHANNELS, DEFAULT_FOLDERS, SPLITS, RetrievalSource, check_image, load_split
 from recall_jax.data.download import OMNIGLOT_URL_BASE, download_file, ensure_omniglot
 from recall_jax.data.paths import DATA_ENV_VAR, data_root, default_cache_dir, prepared_root
+from recall_jax.data.first_n import FirstN
 from recall_jax.data.in_memory import InMemorySource
 from recall_jax.data import landmarks, safe_pickle
 from recall_jax.data.pipeline import make_eval_loader, make_train_loader

@@ -14,7 +14,7 @@ import numpy as np
 import tqdm
 from jax.sharding import Mesh
 
-from recall_jax.evaluation import sharding
+from recall_jax import parallel
 from recall_jax.numerics import l2_normalize
 
 EmbedFn = Callable[[jax.Array], jax.Array]
@@ -65,8 +65,8 @@ def extract_embeddings(embed_fn: EmbedFn, batches: Iterable[Batch], *,
     embeddings: (N, D) float32, L2-normalised; labels: (N,) int64; indices: (N,) int64, in the
     order the valid examples arrived.
   """
-  mesh = sharding.data_mesh() if mesh is None else mesh
-  rows = sharding.row_sharding(mesh)
+  mesh = parallel.data_mesh() if mesh is None else mesh
+  rows = parallel.row_sharding(mesh)
   embeddings, labels, indices = [], [], []
   dim = None
 
@@ -93,7 +93,7 @@ def extract_embeddings(embed_fn: EmbedFn, batches: Iterable[Batch], *,
     for position, batch in enumerate(batches):
       images, lab, mask, idx = _host_batch(batch, position)
       size = images.shape[0]
-      padded = sharding.pad_rows(images, sharding.round_up(size, mesh.size))
+      padded = parallel.pad_rows(images, parallel.round_up(size, mesh.size))
       device_out = _l2_normalize(embed_fn(jax.device_put(padded, rows)))
       # Fetch the previous batch only after dispatching this one, so the device stays busy.
       if previous is not None:

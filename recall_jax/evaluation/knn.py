@@ -18,7 +18,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 
-from recall_jax.evaluation import sharding
+from recall_jax import parallel
 from recall_jax.numerics import similarity as similarities
 
 
@@ -52,7 +52,7 @@ def _knn_local(queries, database, self_index, *, k):
 
 @partial(jax.jit, static_argnames=("k", "mesh"))
 def _knn_block(queries, database, self_index, *, k: int, mesh: Mesh):
-  rows = PartitionSpec(sharding.DATA_AXIS)
+  rows = PartitionSpec(parallel.DATA_AXIS)
   return jax.shard_map(
       partial(_knn_local, k=k), mesh=mesh, in_specs=(rows, PartitionSpec(), rows),
       out_specs=(rows, rows))(queries, database, self_index)
@@ -62,7 +62,7 @@ def block_size(block: int, num_rows: int, num_devices: int) -> int:
   """A query block no larger than needed, divisible by the device count."""
   if block < 1:
     raise ValueError(f"block must be >= 1, got {block}")
-  return sharding.round_up(min(block, num_rows), num_devices)
+  return parallel.round_up(min(block, num_rows), num_devices)
 
 
 def knn(queries, database, k: int, *, exclude_self: bool = False, block: int = 1024,
@@ -94,16 +94,16 @@ def knn(queries, database, k: int, *, exclude_self: bool = False, block: int = 1
   if not isinstance(k, (int, np.integer)) or not 1 <= k <= available:
     raise ValueError(f"k must be an integer in [1, {available}] (database size"
                      f"{' minus the excluded query' if exclude_self else ''}), got {k}")
-  mesh = sharding.data_mesh() if mesh is None else mesh
+  mesh = parallel.data_mesh() if mesh is None else mesh
   num_queries = queries.shape[0]
   block = block_size(block, num_queries, mesh.size)
-  padded = sharding.round_up(num_queries, block)
-  queries = sharding.pad_rows(queries, padded)
+  padded = parallel.round_up(num_queries, block)
+  queries = parallel.pad_rows(queries, padded)
   self_index = np.full((padded,), -1, np.int32)
   if exclude_self:
     self_index[:num_queries] = np.arange(num_queries, dtype=np.int32)
-  database = jax.device_put(database, sharding.replicated(mesh))
-  rows = sharding.row_sharding(mesh)
+  database = jax.device_put(database, parallel.replicated(mesh))
+  rows = parallel.row_sharding(mesh)
   # All blocks are dispatched before any result is fetched so host and device overlap.
   results = [
       _knn_block(jax.device_put(queries[s:s + block], rows),

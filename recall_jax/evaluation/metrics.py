@@ -38,7 +38,7 @@ from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 
 from recall_jax.evaluation import knn as knn_lib
-from recall_jax.evaluation import sharding
+from recall_jax import parallel
 from recall_jax.evaluation import symmetric_ranks
 
 # Rows compared per step when counting on CPU: small enough that a step's rows stay in cache. On
@@ -58,7 +58,7 @@ def _ranks_local(queries, database, self_index, positives, valid, *, rows_per_st
 @partial(jax.jit, static_argnames=("mesh", "rows_per_step"))
 def _positive_ranks_block(queries, database, self_index, positives, valid, *, mesh: Mesh,
                           rows_per_step: int):
-  rows = PartitionSpec(sharding.DATA_AXIS)
+  rows = PartitionSpec(parallel.DATA_AXIS)
   return jax.shard_map(
       partial(_ranks_local, rows_per_step=rows_per_step), mesh=mesh,
       in_specs=(rows, PartitionSpec(), rows, rows, rows), out_specs=rows)(
@@ -126,9 +126,9 @@ def _query_block_ranks(queries, database, used, order, start, count, *, leave_on
   """
   num_items = database.shape[0]
   block = knn_lib.block_size(block, used.size, mesh.size * _ROWS_PER_STEP)
-  block = sharding.round_up(block, mesh.size * _ROWS_PER_STEP)
-  rows = sharding.row_sharding(mesh)
-  database_device = jax.device_put(database, sharding.replicated(mesh))
+  block = parallel.round_up(block, mesh.size * _ROWS_PER_STEP)
+  rows = parallel.row_sharding(mesh)
+  database_device = jax.device_put(database, parallel.replicated(mesh))
   on_cpu = mesh.devices.flat[0].platform == "cpu"
   rows_per_step = _ROWS_PER_STEP if on_cpu else block // mesh.size
   pending = []
@@ -141,8 +141,8 @@ def _query_block_ranks(queries, database, used, order, start, count, *, leave_on
     if leave_one_out:
       valid &= positives != ids[:, None]
     self_index = ids.astype(np.int32) if leave_one_out else np.full(ids.shape, -1, np.int32)
-    args = (sharding.pad_rows(queries[ids], block), sharding.pad_rows(self_index, block, -1),
-            sharding.pad_rows(positives, block), sharding.pad_rows(valid, block, False))
+    args = (parallel.pad_rows(queries[ids], block), parallel.pad_rows(self_index, block, -1),
+            parallel.pad_rows(positives, block), parallel.pad_rows(valid, block, False))
     ranks = _positive_ranks_block(
         jax.device_put(args[0], rows), database_device, *(jax.device_put(a, rows) for a in args[1:]),
         mesh=mesh, rows_per_step=rows_per_step)
@@ -156,8 +156,8 @@ def _symmetric_tile(block: int, num_items: int, largest_class: int) -> tuple[int
   A tile holds whole classes, so it grows to the largest class; that is only worth it while
   tile^2 <= block x N (the query-block path's similarity buffer).
   """
-  base = sharding.round_up(min(block, num_items), 8)
-  tile = max(base, sharding.round_up(largest_class, 8))
+  base = parallel.round_up(min(block, num_items), 8)
+  tile = max(base, parallel.round_up(largest_class, 8))
   return tile, tile == base or tile * tile <= base * num_items
 
 
@@ -222,7 +222,7 @@ def retrieval_metrics(embeddings, labels, *, k_values: Sequence[int], query_embe
   # Grouping queries by class size makes each block only as wide as its own largest class.
   used = used[np.argsort(count[used], kind="stable")]
 
-  mesh = sharding.data_mesh() if mesh is None else mesh
+  mesh = parallel.data_mesh() if mesh is None else mesh
   tile, tile_fits = _symmetric_tile(block, num_items, int(count.max()))
   if symmetric is None:
     symmetric = leave_one_out and mesh.size == 1 and tile_fits

@@ -1,6 +1,11 @@
-"""Evaluation protocol (Recall@k cut-offs) of each benchmark, as in the paper and Smooth-AP."""
+"""Evaluation protocol (Recall@k cut-offs) of each benchmark, as in the paper and Smooth-AP.
+
+Datasets without a published protocol (a user's own `folder` or CSV data) get `DEFAULT_K_VALUES`.
+"""
 
 from typing import Any
+
+DEFAULT_K_VALUES = (1, 2, 4, 8)
 
 # Canonical name -> protocol. All are leave-one-out over the test split ("all-vs-all"); VehicleID's
 # three test lists are evaluated separately, and it also supports the re-identification protocol
@@ -25,17 +30,16 @@ _ALIASES = {
 def canonical_name(dataset_name: str) -> str:
   """Lower-cases and strips '-', '_' and spaces, then resolves aliases ('SOP', 'cub-200-2011')."""
   key = "".join(c for c in dataset_name.lower() if c not in "-_ ")
-  key = _ALIASES.get(key, key)
-  if key not in _PROTOCOLS:
-    raise ValueError(f"no evaluation protocol for dataset {dataset_name!r}; known: "
-                     f"{sorted(_PROTOCOLS)}")
-  return key
+  return _ALIASES.get(key, key)
 
 
 def protocol_for(dataset_name: str) -> dict[str, Any]:
   """{'name': canonical name, 'k_values': recall@k cut-offs, 'reid_k_values': cut-offs of the
-  optional re-identification protocol or None}. A fresh dict each call."""
+  optional re-identification protocol or None}. A fresh dict each call.
+
+  A dataset without a published protocol gets `DEFAULT_K_VALUES` and no re-identification.
+  """
   name = canonical_name(dataset_name)
-  protocol = _PROTOCOLS[name]
+  protocol = _PROTOCOLS.get(name, {"k_values": DEFAULT_K_VALUES})
   return {"name": name, "k_values": protocol["k_values"],
           "reid_k_values": protocol.get("reid_k_values")}

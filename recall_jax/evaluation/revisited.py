@@ -55,7 +55,7 @@ from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 
 from recall_jax.evaluation import extraction
-from recall_jax.evaluation import sharding
+from recall_jax import parallel as sharding
 from recall_jax.evaluation import symmetric_ranks
 # Imported by name: the package rebinds `recall_jax.evaluation.knn` to the function of that name.
 from recall_jax.evaluation.knn import as_embeddings, similarities

@@ -32,7 +32,7 @@ import numpy as np
 from jax import lax
 
 from recall_jax.evaluation import knn as knn_lib
-from recall_jax.evaluation import sharding
+from recall_jax import parallel
 
 # Original index of a padding row: larger than any real index, so even a tie never ranks it first.
 PADDING = np.iinfo(np.int32).max
@@ -47,7 +47,7 @@ _CPU_COLUMN_CHUNK = 8
 def bucket_width(width: int) -> int:
   """Rounds a positive-list width up to one of ~4 sizes per octave to bound recompilation."""
   step = max(4, 1 << max(0, width.bit_length() - 3))
-  return sharding.round_up(width, step)
+  return parallel.round_up(width, step)
 
 
 def count_above_by_row(sims: jax.Array, thresholds: jax.Array, positives: jax.Array,

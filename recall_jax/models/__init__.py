@@ -28,11 +28,12 @@ Every model maps images to embeddings:
   197 tokens, so `attention_implementation='cudnn'` needs `attention_pad_to` (e.g. 200).
 """
 
-from recall_jax.models.checkpoints import load_pretrained
-from recall_jax.models.checkpoints import load_whitening
-from recall_jax.models.checkpoints import read_checkpoint
-from recall_jax.models.checkpoints import resample_position_embedding
+from recall_jax.models.pretrained import load_pretrained
+from recall_jax.models.pretrained import load_whitening
+from recall_jax.models.pretrained import read_checkpoint
+from recall_jax.models.pretrained import resample_position_embedding
 from recall_jax.models.common import gem_pool
+from recall_jax.models.head_init import center_embedding_head
 from recall_jax.models.common import l2_normalize
 from recall_jax.models.common import masked_gem_pool
 from recall_jax.models.common import preprocess_images

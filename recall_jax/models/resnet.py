@@ -2,7 +2,7 @@
 
 torchvision's v1.5 bottleneck puts the stride in the 3x3 convolution. Module names mirror the
 torchvision / timm state dict (`conv1`, `bn1`, `layer{1-4}_{j}/conv{1-3}`, `bn{1-3}`,
-`downsample_conv`, `downsample_bn`), so `recall_jax.models.checkpoints` maps them one to one.
+`downsample_conv`, `downsample_bn`), so `recall_jax.models.pretrained` maps them one to one.
 
 Padded images (aspect buckets, `recall_jax.data.aspect_buckets`) come with a (B, H, W) validity
 mask: the trunk zeroes the padding before every convolution or pooling wider than 1x1, so the

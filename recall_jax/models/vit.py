@@ -3,7 +3,7 @@
 Pre-LN encoder blocks (LayerNorm eps 1e-6, exact-erf GELU MLP as in timm), a class token and a
 learned position embedding. The parameter tree of `ViT.backbone` mirrors the AugReg / vit_jax
 `.npz` checkpoints (`embedding`, `cls`, `Transformer/encoderblock_{i}/MultiHeadDotProductAttention_1
-/query`, ...), so those load by name; see `recall_jax.models.checkpoints`.
+/query`, ...), so those load by name; see `recall_jax.models.pretrained`.
 
 Attention goes through `jax.nn.dot_product_attention`. `attention_implementation=None` or `'xla'`
 works everywhere. cuDNN flash attention (`'cudnn'`, GPU only, bf16/fp16) rejects the 197 tokens of

@@ -1,4 +1,4 @@
-"""What the user sees of a run: JSONL metrics, TensorBoard events, PNG curves and retrieval grids."""
+"""What the user sees of a run: JSONL metrics, TensorBoard events, PNG curves, a metrics table."""
 
 from __future__ import annotations
 
@@ -6,12 +6,20 @@ import json
 import logging
 import math
 import pathlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
+import tqdm
 
 _log = logging.getLogger(__name__)
+
+
+def say(message: str) -> None:
+  """Shows a progress message to the user (process 0 only), kept clear of the progress bar."""
+  if jax.process_index() == 0:
+    tqdm.tqdm.write(message)
 
 
 def _tensorboard_writer(logdir: pathlib.Path):
@@ -33,12 +41,17 @@ class MetricWriter:
 
   Only the writing process (process 0 of a multi-host run) should create one with
   `enabled=True`; a disabled writer accepts and drops everything.
+
+  Attributes:
+    rows: every row of the run in order: those a resumed run wrote before (read once, here) and
+      those written since; what the plots are drawn from.
   """
 
   def __init__(self, workdir: str | pathlib.Path, *, enabled: bool = True):
     self.workdir = pathlib.Path(workdir)
     self.path = self.workdir / "metrics.jsonl"
     self.enabled = enabled
+    self.rows: list[dict[str, Any]] = read_metrics(self.path) if enabled else []
     self._tb = None
     if enabled:
       self.workdir.mkdir(parents=True, exist_ok=True)
@@ -56,6 +69,7 @@ class MetricWriter:
                 for k, v in metrics.items()})
     with self.path.open("a") as f:
       f.write(json.dumps(row) + "\n")
+    self.rows.append(row)
     if self._tb is not None:
       # tensorboardX names it add_scalar, flax's writer scalar.
       add = getattr(self._tb, "add_scalar", None) or self._tb.scalar
@@ -83,11 +97,12 @@ def _pyplot():
   return plt
 
 
-def plot_curves(rows: Sequence[Mapping[str, Any]], out_dir: str | pathlib.Path) -> list[pathlib.Path]:
-  """Writes `training_curve.png` (loss and learning rate) and `recall.png` (Recall@k per evaluation).
+def plot_curves(rows: Sequence[Mapping[str, Any]],
+                out_dir: str | pathlib.Path) -> list[pathlib.Path]:
+  """Writes `training_curve.png` (loss and learning rate) and `recall.png` (Recall@k over steps).
 
   Args:
-    rows: metrics.jsonl rows (`read_metrics`).
+    rows: metrics.jsonl rows (`MetricWriter.rows`, `read_metrics`).
     out_dir: folder for the PNGs.
 
   Returns:
@@ -130,58 +145,6 @@ def plot_curves(rows: Sequence[Mapping[str, Any]], out_dir: str | pathlib.Path) 
     fig.savefig(written[-1], dpi=100)
     plt.close(fig)
   return written
-
-
-def top_neighbours(embeddings: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
-  """(len(queries), k) database indices of each query's nearest rows, the query itself excluded.
-
-  Ties rank the lower index first, as `recall_jax.evaluation.knn` does.
-  """
-  sims = embeddings[queries].astype(np.float64) @ embeddings.T.astype(np.float64)
-  sims[np.arange(len(queries)), queries] = -np.inf
-  return np.argsort(-sims, axis=1, kind="stable")[:, :k]
-
-
-def retrieval_grid(embeddings: np.ndarray, labels: np.ndarray,
-                   load_image: Callable[[int], np.ndarray], out_path: str | pathlib.Path, *,
-                   num_queries: int = 8, k: int = 8, seed: int = 0) -> pathlib.Path:
-  """A PNG of some queries (left column) and their top k, framed green if same class, else red.
-
-  Args:
-    embeddings: (N, D) L2-normalised embeddings of a split.
-    labels: (N,) labels.
-    load_image: index -> uint8 (H, W, C) image of that split.
-    out_path: the PNG to write.
-    num_queries: rows of the grid (random queries, seeded).
-    k: neighbours per row.
-    seed: which queries.
-  """
-  plt = _pyplot()
-  rng = np.random.default_rng(seed)
-  queries = np.sort(rng.choice(len(labels), size=min(num_queries, len(labels)), replace=False))
-  neighbours = top_neighbours(embeddings, queries, min(k, len(labels) - 1))
-  rows, cols = len(queries), neighbours.shape[1] + 1
-  fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.3 * rows), squeeze=False)
-  for r, q in enumerate(queries):
-    for c, index in enumerate([q, *neighbours[r]]):
-      ax = axes[r, c]
-      image = load_image(int(index))
-      ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray")
-      ax.set_xticks([])
-      ax.set_yticks([])
-      colour = "black" if c == 0 else ("green" if labels[index] == labels[q] else "red")
-      for spine in ax.spines.values():
-        spine.set_edgecolor(colour)
-        spine.set_linewidth(1.5 if c == 0 else 4)
-    axes[r, 0].set_ylabel(f"q {q}", fontsize=7)
-  axes[0, 0].set_title("query", fontsize=8)
-  for c in range(1, cols):
-    axes[0, c].set_title(f"#{c}", fontsize=8)
-  fig.tight_layout()
-  out_path = pathlib.Path(out_path)
-  fig.savefig(out_path, dpi=80)
-  plt.close(fig)
-  return out_path
 
 
 def format_table(metrics: Mapping[str, Any]) -> str:

@@ -3,8 +3,9 @@
 The RS@k loss is a function of the whole (global) mega-batch, so N devices must give the same
 gradient as one device holding the whole batch. The recipe, in JAX's global-array view:
 
-* one mesh axis, `data`, over all devices of all processes (`data_mesh`, shared with evaluation);
-* parameters and optimiser state replicated, and born that way (`create_sharded_state` runs
+* one mesh axis, `data`, over all devices of all processes (`recall_jax.parallel.data_mesh`,
+  shared with evaluation);
+* parameters and optimiser state replicated, and born that way (`make_sharded_state` runs
   `init_train_state` under `jit(out_shardings=replicated)`, so no host ever holds a full copy
   outside the devices);
 * the global batch sharded along its leading axis; each process feeds only its contiguous slice
@@ -44,16 +45,18 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, PartitionSpec
 
-from recall_jax.evaluation.sharding import DATA_AXIS
-from recall_jax.evaluation.sharding import data_mesh
-from recall_jax.evaluation.sharding import replicated
-from recall_jax.evaluation.sharding import row_sharding
+from recall_jax import errors
+from recall_jax.parallel import DATA_AXIS
+from recall_jax.parallel import data_mesh
+from recall_jax.parallel import replicated
+from recall_jax.parallel import row_sharding
 from recall_jax.train import megabatch
 from recall_jax.train import train_step as train_step_lib
 
 __all__ = [
     "DATA_AXIS", "data_mesh", "replicated", "batch_sharding", "initialize_distributed",
-    "distributed_environment", "check_batch_layout", "create_sharded_state", "global_batch",
+    "distributed_environment", "batch_layout_problems", "check_batch_layout",
+    "make_sharded_state", "global_batch",
     "sharded_value_and_grad", "make_sharded_train_step",
 ]
 
@@ -75,7 +78,7 @@ def _int_env(env: Mapping[str, str], name: str) -> int | None:
   try:
     return int(value)
   except ValueError:
-    raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+    raise errors.ConfigError(f"environment variable {name}={value!r} is not an integer") from None
 
 
 def distributed_environment(env: Mapping[str, str] | None = None) -> dict[str, Any] | None:
@@ -91,7 +94,7 @@ def distributed_environment(env: Mapping[str, str] | None = None) -> dict[str, A
     detection reads the scheduler's variables, so only `launcher` is set.
 
   Raises:
-    ValueError: explicit variables given only in part, or not integers.
+    ConfigError: explicit variables given only in part, or not integers.
   """
   env = os.environ if env is None else env
   explicit = {k: env.get(k) for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES",
@@ -99,13 +102,13 @@ def distributed_environment(env: Mapping[str, str] | None = None) -> dict[str, A
   if any(explicit.values()):
     missing = [k for k, v in explicit.items() if not v]
     if missing:
-      raise ValueError(
+      raise errors.ConfigError(
           f"multi-process launch needs JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and "
           f"JAX_PROCESS_ID together; missing {', '.join(missing)}")
     num_processes = _int_env(env, "JAX_NUM_PROCESSES")
     process_id = _int_env(env, "JAX_PROCESS_ID")
     if not 0 <= process_id < num_processes:
-      raise ValueError(f"JAX_PROCESS_ID={process_id} not in [0, JAX_NUM_PROCESSES={num_processes})")
+      raise errors.ConfigError(f"JAX_PROCESS_ID={process_id} not in [0, JAX_NUM_PROCESSES={num_processes})")
     if num_processes == 1:
       return None
     return {"launcher": "explicit", "coordinator_address": explicit["JAX_COORDINATOR_ADDRESS"],
@@ -142,47 +145,76 @@ def initialize_distributed(env: Mapping[str, str] | None = None) -> tuple[int, i
 # ----------------------------------------------------------------------------------------------
 
 
-def check_batch_layout(global_batch_size: int, chunk_size_per_device: int, num_devices: int,
-                       num_processes: int = 1, samples_per_class: int | None = None) -> int:
-  """Validates a global batch for the sharded step; returns the number of chunks.
+def batch_layout_problems(global_batch_size: int, chunk_size_per_device: int, num_devices: int,
+                          num_processes: int = 1,
+                          samples_per_class: int | None = None) -> list[str]:
+  """Every way a global batch does not fit the sharded step (the one home of this rule).
+
+  The batch must split into chunks of `chunk_size_per_device` on every device, and (with
+  `samples_per_class`) into whole classes: of m images, for the batch and for each process's slice.
 
   Args:
     global_batch_size: B, images per step over all devices.
     chunk_size_per_device: images one device embeds at once.
     num_devices: devices in the mesh.
     num_processes: processes feeding the batch (each gets B / num_processes rows).
-    samples_per_class: m, if each process's slice must hold whole classes (the sampler's rule).
+    samples_per_class: m, if the batch (and each process's slice) must hold whole classes.
 
   Returns:
-    n = B / (chunk_size_per_device * num_devices), the number of chunks per step.
-
-  Raises:
-    ValueError: naming the sizes that do not divide, with a valid alternative.
+    One message per problem, each naming the sizes and a valid alternative; empty if none.
   """
+  problems = []
   for name, value in (("global batch size", global_batch_size),
                       ("chunk_size_per_device", chunk_size_per_device),
-                      ("number of devices", num_devices), ("number of processes", num_processes)):
+                      ("number of devices", num_devices), ("number of processes", num_processes),
+                      ("samples_per_class", 1 if samples_per_class is None else samples_per_class)):
     if int(value) != value or value < 1:
-      raise ValueError(f"{name} must be a positive integer, got {value}")
+      problems.append(f"{name} must be a positive integer, got {value}")
+  if problems:
+    return problems
   if num_devices % num_processes:
-    raise ValueError(f"{num_devices} devices do not split evenly over {num_processes} processes")
+    problems.append(f"{num_devices} devices do not split evenly over {num_processes} processes")
+  if samples_per_class is not None and global_batch_size % samples_per_class:
+    problems.append(f"global batch {global_batch_size} is not divisible by samples_per_class "
+                    f"(m) {samples_per_class}")
   global_chunk = chunk_size_per_device * num_devices
   if global_batch_size % global_chunk:
     per_device = global_batch_size / num_devices
     hint = (f"per-device batch {global_batch_size // num_devices}; pick chunk_size_per_device "
             f"dividing it" if per_device == int(per_device) else
             f"use a global batch that is a multiple of {global_chunk}")
-    raise ValueError(
+    problems.append(
         f"global batch {global_batch_size} is not divisible by chunk_size_per_device "
         f"{chunk_size_per_device} x {num_devices} devices = {global_chunk} ({hint})")
-  if samples_per_class is not None and (global_batch_size // num_processes) % samples_per_class:
-    raise ValueError(
+  if (samples_per_class is not None and num_processes > 1 and not num_devices % num_processes
+      and (global_batch_size // num_processes) % samples_per_class):
+    problems.append(
         f"each of {num_processes} processes gets {global_batch_size // num_processes} images, not "
         f"a multiple of samples_per_class {samples_per_class}")
-  return global_batch_size // global_chunk
+  return problems
 
 
-def create_sharded_state(params: PyTree, optimizer: optax.GradientTransformation,
+def check_batch_layout(global_batch_size: int, chunk_size_per_device: int, num_devices: int,
+                       num_processes: int = 1, samples_per_class: int | None = None) -> int:
+  """Validates a global batch for the sharded step; returns the number of chunks.
+
+  Args:
+    As `batch_layout_problems`.
+
+  Returns:
+    n = B / (chunk_size_per_device * num_devices), the number of chunks per step.
+
+  Raises:
+    ConfigError: naming every problem `batch_layout_problems` finds.
+  """
+  problems = batch_layout_problems(global_batch_size, chunk_size_per_device, num_devices,
+                                   num_processes, samples_per_class)
+  if problems:
+    raise errors.ConfigError("; ".join(problems))
+  return global_batch_size // (chunk_size_per_device * num_devices)
+
+
+def make_sharded_state(params: PyTree, optimizer: optax.GradientTransformation,
                          mesh: Mesh) -> train_step_lib.TrainState:
   """A step-0 `TrainState` whose parameters and optimiser state are replicated over `mesh`.
 
@@ -281,7 +313,7 @@ def sharded_value_and_grad(
   Returns:
     `step_fn(params, images, labels, rng=None) -> (loss, grads)` to call under `jax.jit` on the
     global batch (B, ...) sharded along `data`, `params` replicated; loss and grads replicated.
-    ValueError (trace time) when B is not divisible by `chunk_size_per_device` x devices.
+    ConfigError (trace time) when B is not divisible by `chunk_size_per_device` x devices.
   """
   num_devices = mesh.devices.size
   check_batch_layout(chunk_size_per_device * num_devices, chunk_size_per_device, num_devices)
@@ -340,7 +372,7 @@ def make_sharded_train_step(
   """Builds the data-parallel `train_step(state, images, labels, rng) -> (state, metrics)`.
 
   The contract of `train_step.make_train_step` (jitted, `state` donated, the same metrics) on a
-  mesh: `state` replicated (`create_sharded_state`), `images` and `labels` global arrays sharded
+  mesh: `state` replicated (`make_sharded_state`), `images` and `labels` global arrays sharded
   along their leading axis (`global_batch`), `rng` a key identical on every process. The new
   state and the metrics come back replicated. Loss, gradients and update equal the
   single-device step on the whole batch, up to float rounding (see `sharded_value_and_grad`).
@@ -352,7 +384,7 @@ def make_sharded_train_step(
       memory); the global batch must be divisible by it x the number of devices.
 
   Raises:
-    ValueError: at trace time, before compiling, for a batch that does not fit the layout.
+    ConfigError: at trace time, before compiling, for a batch that does not fit the layout.
   """
   value_and_grad = sharded_value_and_grad(embed_fn, loss_fn, mesh,
                                           chunk_size_per_device=chunk_size_per_device,

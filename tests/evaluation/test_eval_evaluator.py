@@ -1,11 +1,12 @@
-"""Evaluator: embeds each split with the factory's embed_fn and reports the protocol's metrics."""
+"""Evaluator: embeds each set with the factory's embed_fn, reports the protocol's metrics and
+returns the embeddings it scored."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from recall_jax.evaluation import Evaluator, extract_embeddings, retrieval_metrics
+from recall_jax.evaluation import Evaluator, QueryGallery, extract_embeddings, retrieval_metrics
 from recall_jax.evaluation import vehicleid_reid_metrics
 
 
@@ -32,11 +33,15 @@ def test_metrics_per_split_match_direct_computation():
   splits = {"test": make_split(30, 1), "val": make_split(20, 2)}
   lines = []
   evaluator = Evaluator(factory, splits, "omniglot", log_fn=lines.append, progress=False)
-  out = evaluator(params, step=7)
+  result = evaluator(params, step=7)
+  out = result.metrics
   for split, make in splits.items():
     emb, labels, _ = extract_embeddings(factory(params), make(), progress=False)
     expected = retrieval_metrics(emb, labels, k_values=(1, 2, 4, 8))
     assert {f"{split}/{k}": v for k, v in expected.items()}.items() <= out.items()
+    np.testing.assert_array_equal(result.embeddings[split].embeddings, emb)
+    np.testing.assert_array_equal(result.embeddings[split].labels, labels)
+    assert result.embeddings[split].query_embeddings is None
   assert "test/recall@8" in out and "val/map@r" in out
   assert len(lines) == 1 and lines[0].startswith("[eval] step 7:") and "test/recall@1=" in lines[0]
 
@@ -46,7 +51,7 @@ def test_embed_fn_directly_and_reid_keys():
   split = make_split(40, 4)
   evaluator = Evaluator(None, {"small": split}, "vehicleid", reid_protocol=True, log_fn=None,
                         progress=False)
-  out = evaluator(factory(params), step=0)
+  out = evaluator(factory(params), step=0).metrics
   emb, labels, _ = extract_embeddings(factory(params), split(), progress=False)
   assert out["small/reid_recall@1"] == vehicleid_reid_metrics(emb, labels)["recall@1"]
   assert set(k for k in out if not k.startswith("small/reid_")) == {
@@ -54,10 +59,26 @@ def test_embed_fn_directly_and_reid_keys():
       "small/map", "small/num_queries", "small/num_queries_without_positives"}
 
 
+def test_query_gallery_set_and_dataset_without_protocol():
+  params = jnp.asarray(np.random.default_rng(5).standard_normal((16, 5)), jnp.float32)
+  queries, gallery = make_split(12, 6), make_split(30, 7)
+  evaluator = Evaluator(factory, {"query": QueryGallery(queries=queries, gallery=gallery)},
+                        "folder", log_fn=None, progress=False)
+  assert evaluator.k_values == (1, 2, 4, 8)
+  result = evaluator(params, step=0)
+  q_emb, q_labels, _ = extract_embeddings(factory(params), queries(), progress=False)
+  g_emb, g_labels, _ = extract_embeddings(factory(params), gallery(), progress=False)
+  expected = retrieval_metrics(g_emb, g_labels, query_embeddings=q_emb, query_labels=q_labels,
+                               k_values=(1, 2, 4, 8))
+  assert result.metrics == {f"query/{k}": v for k, v in expected.items()}
+  embedded = result.embeddings["query"]
+  np.testing.assert_array_equal(embedded.embeddings, g_emb)
+  np.testing.assert_array_equal(embedded.query_embeddings, q_emb)
+  np.testing.assert_array_equal(embedded.query_labels, q_labels)
+
+
 def test_bad_configuration():
   with pytest.raises(ValueError, match="re-identification"):
     Evaluator(None, {"test": make_split(8, 0)}, "sop", reid_protocol=True)
   with pytest.raises(ValueError, match="at least one split"):
     Evaluator(None, {}, "sop")
-  with pytest.raises(ValueError, match="no evaluation protocol"):
-    Evaluator(None, {"test": make_split(8, 0)}, "mnist")

@@ -15,11 +15,11 @@ def test_protocol_k_values(name, k_values):
   assert protocol_for(name)["k_values"] == k_values
 
 
-def test_protocol_reid_only_for_vehicleid_and_unknown_raises():
+def test_protocol_reid_only_for_vehicleid_and_unknown_gets_the_default():
   assert protocol_for("vehicleid")["reid_k_values"] == (1, 5)
   assert protocol_for("sop")["reid_k_values"] is None
-  with pytest.raises(ValueError, match="no evaluation protocol"):
-    protocol_for("imagenet")
+  assert protocol_for("folder") == {"name": "folder", "k_values": (1, 2, 4, 8),
+                                    "reid_k_values": None}
 
 
 def test_reid_on_separable_identities_is_perfect():

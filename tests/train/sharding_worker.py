@@ -1,8 +1,8 @@
 """Worker for tests/train/test_sharding.py: runs in its own process with forced host devices.
 
-Usage (the test sets XLA_FLAGS / JAX_* before starting it):
+Usage (the test sets JAX_* before starting it; the worker asks chex for its CPU devices):
   python sharding_worker.py eight                 # 8 devices vs the single-device step
-  python sharding_worker.py process OUT_DIR       # one of 2 processes (JAX_* env vars set)
+  python sharding_worker.py process OUT_DIR       # one of 2 processes x 4 devices (JAX_* set)
 
 The test also imports this file (for the shared toy problem and the single-device reference), so
 nothing here touches JAX at import time.
@@ -150,7 +150,7 @@ def _case(batch_size: int, chunk_per_device: int, use_simix: bool, shuffle: bool
   vg = jax.jit(sharding.sharded_value_and_grad(embed_fn, loss_fn, mesh,
                                                chunk_size_per_device=chunk_per_device,
                                                loss_uses_rng=uses_rng))
-  state = sharding.create_sharded_state(params, optimizer(), mesh)
+  state = sharding.make_sharded_state(params, optimizer(), mesh)
   loss, grads = vg(state.params, batch["image"], batch["label"], key)
   assert abs(float(loss) - float(want_loss)) <= 1e-5 * abs(float(want_loss)), \
       (name, float(loss), float(want_loss))
@@ -198,7 +198,7 @@ def _check_errors() -> None:
   from recall_jax.train import sharding
   mesh = sharding.data_mesh()
   loss_fn, _ = loss_fn_for(64, M, False)
-  state = sharding.create_sharded_state(init_params(), optimizer(), mesh)
+  state = sharding.make_sharded_state(init_params(), optimizer(), mesh)
   step = sharding.make_sharded_train_step(embed_fn, loss_fn, optimizer(), mesh,
                                           chunk_size_per_device=3)
   labels = np.repeat(np.arange(12), M).astype(np.int32)
@@ -259,7 +259,7 @@ def main_process(out_dir: str) -> None:
   loss_fn, uses_rng = loss_fn_for(GLOBAL_BATCH, M, True)
   step_fn = sharding.make_sharded_train_step(embed_fn, loss_fn, optimizer(), mesh,
                                              chunk_size_per_device=1, loss_uses_rng=uses_rng)
-  state = sharding.create_sharded_state(init_params(), optimizer(), mesh)
+  state = sharding.make_sharded_state(init_params(), optimizer(), mesh)
   losses = []
   for step in range(STEPS):
     local = sampler.local_slice(sampler.batch_indices(step), process_index, process_count)
@@ -279,9 +279,12 @@ def main_process(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
+  import chex
   if sys.argv[1] == "eight":
+    chex.set_n_cpu_devices(8)  # before JAX starts its backend
     main_eight()
   elif sys.argv[1] == "process":
+    chex.set_n_cpu_devices(4)
     main_process(sys.argv[2])
   else:
     raise SystemExit(f"unknown mode {sys.argv[1]!r}")

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import functools
 
+from absl.testing import parameterized
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -337,25 +339,44 @@ def test_refuses_batchnorm_in_training_mode():
     jax.eval_shape(step, variables["params"], images, jnp.zeros((16,), jnp.int32))
 
 
-@pytest.mark.parametrize("chunk_size", [3, 4, 12])
-def test_kept_activations_give_the_same_gradient(x64, chunk_size):
-  """`keep_activations=True` (the trainer's CPU setting) changes scheduling, not the maths."""
-  rng = np.random.default_rng(0)
-  params = {"w": jnp.asarray(rng.normal(size=(6, 4))), "b": jnp.asarray(rng.normal(size=(4,)))}
-  images = jnp.asarray(rng.normal(size=(12, 6)))
-  labels = jnp.repeat(jnp.arange(3), 4)
+class KeptActivationsTest(chex.TestCase):
+  """`keep_activations=True` (the trainer's CPU setting) changes scheduling, not the maths, and
+  both modes mean the same inside and outside `jit`."""
 
-  def embed(p, x, r):  # Dropout-like noise: each chunk must see the same key in both modes.
-    keep = jax.random.bernoulli(r, 0.8, (x.shape[0], 4))
-    return jnp.tanh(x @ p["w"] + p["b"]) * keep
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(3, 12)
+  def test_kept_activations_give_the_same_gradient(self, chunk_size):
+    with jax.enable_x64(True):
+      rng = np.random.default_rng(0)
+      params = {"w": jnp.asarray(rng.normal(size=(6, 4))),
+                "b": jnp.asarray(rng.normal(size=(4,)))}
+      images = jnp.asarray(rng.normal(size=(12, 6)))
+      labels = jnp.repeat(jnp.arange(3), 4)
 
-  loss = lambda e, l: recall_at_k_surrogate(e, l, max_positives=3, tau2=0.1)
-  key = jax.random.key(3)
-  two_pass = jax.jit(megabatch_value_and_grad(embed, loss, chunk_size=chunk_size))(
-      params, images, labels, key)
-  kept = jax.jit(megabatch_value_and_grad(embed, loss, chunk_size=chunk_size,
-                                          keep_activations=True))(params, images, labels, key)
-  np.testing.assert_allclose(kept[0], two_pass[0], rtol=1e-12)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14),
-               kept[1], two_pass[1])
-  assert float(jnp.abs(kept[1]["w"]).sum()) > 0
+      def embed(p, x, r):  # Dropout-like noise: each chunk must see the same key in both modes.
+        keep = jax.random.bernoulli(r, 0.8, (x.shape[0], 4))
+        return jnp.tanh(x @ p["w"] + p["b"]) * keep
+
+      loss = lambda e, l: recall_at_k_surrogate(e, l, max_positives=3, tau2=0.1)
+      key = jax.random.key(3)
+      two_pass = self.variant(megabatch_value_and_grad(embed, loss, chunk_size=chunk_size))(
+          params, images, labels, key)
+      kept = self.variant(megabatch_value_and_grad(embed, loss, chunk_size=chunk_size,
+                                                   keep_activations=True))(
+                                                       params, images, labels, key)
+      # Both against the full batch embedded at once (what the chunks must add up to).
+      full = jax.jit(jax.value_and_grad(lambda p: loss(_chunked_embed(embed, p, images, key,
+                                                                      chunk_size), labels)))(params)
+      chex.assert_trees_all_close(kept, two_pass, rtol=1e-10, atol=1e-14)
+      chex.assert_trees_all_close(kept, full, rtol=1e-10, atol=1e-14)
+      assert float(jnp.abs(kept[1]["w"]).sum()) > 0
+
+
+def _chunked_embed(embed, params, images, key, chunk_size):
+  """The embeddings the chunked step computes: chunk c (rows c::n) with its own key."""
+  n = images.shape[0] // chunk_size
+  keys = [jax.random.fold_in(jax.random.split(key)[0], c) for c in range(n)]
+  out = jnp.zeros((images.shape[0], 4), images.dtype)
+  for c in range(n):
+    out = out.at[c::n].set(embed(params, images[c::n], keys[c]))
+  return out

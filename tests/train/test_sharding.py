@@ -1,7 +1,8 @@
 """Data-parallel training (recall_jax.train.sharding) on forced CPU devices and two processes.
 
-Multi-device checks run in subprocesses (tests/train/sharding_worker.py): the device count is
-fixed when JAX starts, and this pytest process has one CPU device.
+Multi-device checks run in subprocesses (tests/train/sharding_worker.py, which gets its CPU
+devices from `chex.set_n_cpu_devices`): the device count is fixed when JAX starts, and this pytest
+process has one CPU device.
 """
 
 import importlib.util
@@ -31,17 +32,16 @@ def _worker_module():
   return module
 
 
-def _env(devices: int, **extra: str) -> dict[str, str]:
+def _env(**extra: str) -> dict[str, str]:
   env = {k: v for k, v in os.environ.items()
          if not k.startswith(("SLURM_", "OMPI_", "JAX_COORDINATOR", "JAX_NUM_PROC", "JAX_PROCESS"))}
-  env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-             PYTHONPATH=str(REPO), **extra)
+  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), **extra)
   return env
 
 
 def test_eight_devices_equal_one_device():
   """Loss, gradients and the updated parameters match the one-device full batch (1e-5)."""
-  result = subprocess.run([sys.executable, str(WORKER), "eight"], env=_env(8), cwd=REPO,
+  result = subprocess.run([sys.executable, str(WORKER), "eight"], env=_env(), cwd=REPO,
                           capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-6000:]
   assert "EIGHT_OK" in result.stdout
@@ -60,7 +60,7 @@ def test_two_processes_match_one_and_checkpoint_restores_in_one(tmp_path):
   procs = [subprocess.Popen(
       [sys.executable, str(WORKER), "process", str(tmp_path)], cwd=REPO, text=True,
       stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-      env=_env(4, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+      env=_env(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
                JAX_PROCESS_ID=str(i))) for i in range(2)]
   try:
     outputs = [p.communicate(timeout=600) for p in procs]
@@ -170,7 +170,7 @@ def test_single_device_mesh_step_and_batch_errors():
   assert mesh.axis_types == (jax.sharding.AxisType.Auto,)
   loss_fn, _ = worker.loss_fn_for(8, 4, False)
   opt = worker.optimizer()
-  state = sharding.create_sharded_state(worker.init_params(), opt, mesh)
+  state = sharding.make_sharded_state(worker.init_params(), opt, mesh)
   assert all(leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(state))
   images, labels = worker.dataset()
   images, labels = images[:8], np.repeat(np.arange(2), 4).astype(np.int32)

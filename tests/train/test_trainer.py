@@ -1,4 +1,4 @@
-"""End-to-end tests of the training program on a tiny Omniglot run (real data from ../shared)."""
+"""End-to-end tests of the training program and the checkpoint modes on a tiny Omniglot run."""
 
 import importlib.util
 import json
@@ -13,8 +13,13 @@ import jax
 import numpy as np
 import pytest
 
-from recall_jax import config as config_lib
+from recall_jax import errors
+from recall_jax.train import checkpointing
+from recall_jax.train import experiment
+from recall_jax.train import modes
+from recall_jax.train import optimizer as optimizer_lib
 from recall_jax.train import reporting
+from recall_jax.train import train_step as train_step_lib
 from recall_jax.train import trainer
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -54,13 +59,13 @@ def test_train_evaluate_embed(smoke_config, tmp_path, capsys, monkeypatch):
     assert (tmp_path / png).stat().st_size > 1000, png
   assert json.loads((tmp_path / "config.json").read_text())["batch_size"] == smoke_config.batch_size
 
-  evaluated = trainer.evaluate_checkpoint(smoke_config, tmp_path.name, "latest")
+  evaluated = modes.evaluate_checkpoint(smoke_config, tmp_path.name, "latest")
   assert evaluated["test/recall@1"] == pytest.approx(results["test/recall@1"])
   assert "test/recall@1" in capsys.readouterr().out
-  best = trainer.evaluate_checkpoint(smoke_config, tmp_path, "best")
+  best = modes.evaluate_checkpoint(smoke_config, tmp_path, "best")
   assert best["test/recall@1"] == pytest.approx(results["test/recall@1"])
 
-  out = trainer.embed_split(smoke_config, tmp_path.name, "3", output=str(tmp_path / "emb.npz"))
+  out = modes.embed_split(smoke_config, tmp_path.name, "3", output=str(tmp_path / "emb.npz"))
   with np.load(out, allow_pickle=False) as f:
     emb, labels, ids = f["embeddings"], f["labels"], f["ids"]
   # embed covers the whole split, not the evaluation slice.
@@ -69,8 +74,20 @@ def test_train_evaluate_embed(smoke_config, tmp_path, capsys, monkeypatch):
   assert labels.shape == ids.shape == (13_180,)
   assert len(set(ids.tolist())) == 13_180
 
-  with pytest.raises(ValueError, match="no checkpoint at step 7"):
-    trainer.evaluate_checkpoint(smoke_config, tmp_path, "7")
+  with pytest.raises(errors.MissingFileError, match="no checkpoint at step 7"):
+    modes.evaluate_checkpoint(smoke_config, tmp_path, "7")
+  with pytest.raises(errors.ConfigError, match="'latest', 'best' or a step number"):
+    modes.evaluate_checkpoint(smoke_config, tmp_path, "newest")
+
+
+def restored_state(c, workdir):
+  """The full state of the latest checkpoint (template: a fresh state of the config's shapes)."""
+  model = experiment.make_model(c)
+  params = experiment.make_variables(c, model)["params"]
+  template = train_step_lib.init_train_state(params, optimizer_lib.make_optimizer(c, 1)[0])
+  latest = checkpointing.make_checkpoints(workdir).latest
+  state, _ = checkpointing.restore(latest, latest.latest_step(), template)
+  return state
 
 
 def test_resume_is_bit_identical_and_nan_keeps_last_good_checkpoint(smoke_config, tmp_path,
@@ -90,24 +107,28 @@ def test_resume_is_bit_identical_and_nan_keeps_last_good_checkpoint(smoke_config
   got = {r["step"]: r["loss"] for r in train_rows(interrupted)}
   assert sorted(got) == [1, 2, 3, 4]
   assert got == expected  # bit for bit, floats compared exactly
-  _, state_a = trainer._restored_params(smoke_config, straight, "latest")
-  _, state_b = trainer._restored_params(smoke_config, interrupted, "latest")
+  state_a = restored_state(smoke_config, straight)
+  state_b = restored_state(smoke_config, interrupted)
   assert int(state_a.step) == int(state_b.step) == 4
   jax.tree.map(np.testing.assert_array_equal, state_a.params, state_b.params)
   jax.tree.map(np.testing.assert_array_equal, state_a.opt_state, state_b.opt_state)
+  # Evaluation and embedding read the parameters alone, unchanged.
+  params, step = checkpointing.restore_params(straight, "latest", state_a.params)
+  assert step == 4
+  jax.tree.map(np.testing.assert_array_equal, state_a.params, params)
 
   # A NaN loss in the continuation stops the run and leaves checkpoint 4 as it was.
-  real_build = trainer.build_loss_fn
+  real_make = experiment.make_loss_fn
 
   def poisoned(c):
-    loss_fn, uses_rng = real_build(c)
+    loss_fn, uses_rng = real_make(c)
     return (lambda *args: loss_fn(*args) * np.nan), uses_rng
 
-  monkeypatch.setattr(trainer, "build_loss_fn", poisoned)
+  monkeypatch.setattr(experiment, "make_loss_fn", poisoned)
   smoke_config.max_steps = 6
   with pytest.raises(trainer.NonFiniteLossError, match="loss is nan at step 5.*step 4"):
     trainer.train_and_evaluate(smoke_config, straight)
-  _, after = trainer._restored_params(smoke_config, straight, "latest")
+  after = restored_state(smoke_config, straight)
   assert int(after.step) == 4
   jax.tree.map(np.testing.assert_array_equal, state_a.params, after.params)
 
@@ -132,37 +153,37 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(omniglot_root, tmp_path):
   assert saved[-1] == max(r["step"] for r in train_rows(tmp_path))
 
 
-def test_config_validation_names_every_problem():
-  c = load_config()
-  c.batch_size = 30
-  c.chunk_size = 7
-  c.loss.name = "triplet"
-  c.model.pretrained = "/nonexistent/weights.npz"
-  c.data.rotated_classes = 5
-  with pytest.raises(ValueError) as info:
-    config_lib.validate(c)
-  message = str(info.value)
-  for fragment in ("not divisible by samples_per_class", "not divisible by chunk_size",
-                   "loss.name 'triplet'", "weights file /nonexistent/weights.npz does not exist",
-                   "data.rotated_classes must be 1 (off), 2, 3 or 4"):
-    assert fragment in message
-  c = load_config()
-  with pytest.raises(ValueError, match=r"batch_size 32 is not divisible by chunk_size 16 x 4 device"):
-    config_lib.validate(c, num_devices=4)
-  with pytest.raises(ValueError, match="unknown config argument"):
-    load_config(arg="smok")
+def write_folder_dataset(folder, counts, seed=0):
+  """<folder>/<split>/<class>/<i>.png: 4 classes of 28 x 28 grey images, each a noisy prototype."""
+  from PIL import Image
+  rng = np.random.default_rng(seed)
+  prototypes = rng.integers(0, 256, (4, 28, 28))
+  for split, per_class in counts.items():
+    for label, prototype in enumerate(prototypes):
+      class_dir = folder / split / f"class_{label}"
+      class_dir.mkdir(parents=True)
+      for i in range(per_class):
+        noisy = np.clip(prototype + rng.normal(0, 40, prototype.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(noisy).save(class_dir / f"{i}.png")
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--config.batch_size=30"], "not divisible by samples_per_class"),
-    (["--config.no_such_key=1"], "no_such_key"),
-    (["--config.batch_size=abc"], "batch_size"),
-])
-def test_main_rejects_bad_config_before_compiling(tmp_path, extra, message):
-  proc = subprocess.run(
-      [sys.executable, "-m", "recall_jax.main", "--config", "configs/omniglot.py:smoke",
-       "--workdir", str(tmp_path), *extra],
-      cwd=REPO, capture_output=True, text=True, timeout=120)
-  assert proc.returncode != 0
-  assert message in proc.stdout + proc.stderr
-  assert not (tmp_path / "checkpoints").exists()
+def test_folder_dataset_with_query_and_gallery_splits(tmp_path):
+  write_folder_dataset(tmp_path / "photos", {"train": 8, "query": 2, "gallery": 4})
+  c = load_config("default", arg=None)
+  c.data.name, c.data.root, c.data.path = "folder", str(tmp_path), str(tmp_path / "photos")
+  c.data.query_split, c.data.gallery_split = "query", "gallery"
+  c.data.image_size = c.data.resize_size = 28
+  c.data.channels, c.data.crop_scale, c.data.flip = 1, (1.0, 1.0), False
+  c.data.eval_batch_size = 8
+  c.model.name, c.model.embedding_dim, c.model.center_head_init = "small_cnn", 16, True
+  c.batch_size, c.samples_per_class, c.chunk_size = 16, 4, 8
+  c.optimizer.name, c.optimizer.learning_rate = "adam", 1e-3
+  c.epochs, c.max_steps, c.eval_every_epochs = 1, 2, 1
+  c.best_metric, c.num_grid_queries, c.log_every_steps = "query/recall@1", 2, 1
+  c.eval.k_values = (1, 2)
+  workdir = tmp_path / "run"
+  results = trainer.train_and_evaluate(c, workdir)
+  assert results["query/num_queries"] == 8  # every query, searched in the 16 gallery images
+  assert set(k for k in results if "recall@" in k) == {"query/recall@1", "query/recall@2"}
+  assert (workdir / "retrieval_query.png").stat().st_size > 1000
+  assert modes.evaluate_checkpoint(c, workdir, "best") == results

@@ -1,8 +1,11 @@
-"""A 1-D device mesh for evaluation: query / example rows are split across devices.
+"""The 1-D device mesh shared by training and evaluation, its shardings and row padding.
 
-Evaluation is data parallel only: the database is replicated and each device handles a slice of the
-rows (queries for k-NN and metrics, examples for embedding extraction).
+Both are data parallel only: training splits the mega-batch's rows over the `data` axis
+(`recall_jax.train.sharding`); evaluation replicates the database and splits the rows it
+processes (queries for k-NN and metrics, examples for embedding extraction).
 """
+
+from __future__ import annotations
 
 from collections.abc import Sequence
 
@@ -16,8 +19,8 @@ DATA_AXIS = "data"
 def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A 1-D mesh over `devices` (default: all devices) with the single axis `DATA_AXIS`.
 
-  The axis type is `Auto` on purpose: `jax.make_mesh` defaults to `Explicit` axes, which would change
-  how sharded arrays type-check inside user `embed_fn`s.
+  The axis type is `Auto` on purpose: `jax.make_mesh` defaults to `Explicit` axes, which would
+  change how sharded arrays type-check inside user `embed_fn`s.
   """
   devices = jax.devices() if devices is None else list(devices)
   if not devices:

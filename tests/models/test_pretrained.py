@@ -1,4 +1,4 @@
-"""Tests for recall_jax.models.checkpoints with tiny checkpoints in the real key layouts.
+"""Tests for recall_jax.models.pretrained with tiny checkpoints in the real key layouts.
 
 The exporters below are written independently of the loader (model layout -> AugReg npz / timm /
 torchvision state dict), so a load after an export checks the conversion rules both ways.

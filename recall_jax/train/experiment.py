@@ -1,0 +1,259 @@
+"""Everything a training run is built from, made from its config: one typed `Experiment`.
+
+`make_experiment(config)` prepares the data (sources, sampler), the model and its frozen
+variables, the loss, the optimizer and schedule, the mesh, the compiled-on-first-call train step
+and the evaluator. It holds no training state: `init_state(experiment)` makes step 0's, a
+checkpoint gives a resumed run's. The smaller `make_*` pieces serve programs that need only some
+of it (evaluating or embedding with a checkpoint).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import Mesh
+
+from recall_jax import config as config_lib
+from recall_jax import data
+from recall_jax import evaluation
+from recall_jax import losses
+from recall_jax import models
+from recall_jax import simix as simix_lib
+from recall_jax.data.source import LabelledSource
+from recall_jax.train import optimizer as optimizer_lib
+from recall_jax.train import sharding
+from recall_jax.train import train_step as train_step_lib
+
+PyTree = Any
+LossFn = Callable[..., jax.Array]
+
+# Losses whose static sizes come from the batch layout: each query has at most m - 1 positives.
+_LOSSES_WITH_MAX_POSITIVES = ("recall_at_k", "smooth_ap")
+
+
+class EvalSet(NamedTuple):
+  """The sources of one evaluated set.
+
+  Attributes:
+    database: the split searched (leave-one-out: also the queries; otherwise the gallery).
+    queries: the query split, or None for leave-one-out.
+  """
+
+  database: LabelledSource
+  queries: LabelledSource | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """A training run's building blocks (no state: see `init_state`).
+
+  Attributes:
+    config: the (validated) config it was built from.
+    train_source: the training records (held in memory, turned, as the config asks).
+    sampler: the m-per-class batch sampler over `train_source`.
+    eval_sets: evaluated set name -> its sources (`EvalSet`).
+    model: the backbone + head.
+    frozen: the model's non-trainable variable collections (frozen BatchNorm statistics).
+    initial_params: step 0's parameters (fresh or pretrained, before head centring), held on the
+      host so that no device keeps a copy while training.
+    loss_fn: `loss_fn(embeddings, labels[, rng]) -> scalar` on a global batch.
+    loss_uses_rng: whether `loss_fn` takes the step's key (SiMix).
+    optimizer: the optax transformation.
+    schedule: step -> learning rate.
+    mesh: the data mesh over every device.
+    train_step: `train_step(state, images, labels, rng) -> (state, metrics)`, data parallel.
+    evaluator: embeds and scores `eval_sets` for given parameters.
+    steps_per_epoch: sampler steps per epoch.
+    total_steps: steps of the whole run (`epochs`, capped by `max_steps`).
+  """
+
+  config: ml_collections.ConfigDict
+  train_source: LabelledSource
+  sampler: data.MPerClassSampler
+  eval_sets: dict[str, EvalSet]
+  model: nn.Module
+  frozen: dict[str, PyTree]
+  initial_params: PyTree
+  loss_fn: LossFn
+  loss_uses_rng: bool
+  optimizer: optax.GradientTransformation
+  schedule: optax.Schedule
+  mesh: Mesh
+  train_step: Callable[..., tuple[train_step_lib.TrainState, dict[str, jax.Array]]]
+  evaluator: evaluation.Evaluator
+  steps_per_epoch: int
+  total_steps: int
+
+
+def make_loss_fn(c: ml_collections.ConfigDict) -> tuple[LossFn, bool]:
+  """The configured loss as `loss_fn(embeddings, labels[, rng]) -> scalar` for the train step.
+
+  The loss gets the keywords of its own config section (`loss.<name>`). Batches hold exactly
+  `samples_per_class` images per class, so static sizes are known: each query has m - 1
+  positives, plus m (m - 1) / 2 virtual ones per class with SiMix.
+
+  Returns:
+    (loss_fn, uses_rng): uses_rng is True when SiMix draws mixing weights from the step's key.
+  """
+  loss = losses.get_loss(c.loss.name)
+  kwargs = {k: (tuple(v) if isinstance(v, (list, tuple)) else v)
+            for k, v in c.loss[c.loss.name].items()}
+  m = c.samples_per_class
+  if not c.simix:
+    if c.loss.name in _LOSSES_WITH_MAX_POSITIVES:
+      kwargs["max_positives"] = max(m - 1, 1)
+    return functools.partial(loss, **kwargs), False
+  pairs_per_class = m * (m - 1) // 2
+  num_pairs = (c.batch_size // m) * pairs_per_class
+  kwargs["max_positives"] = m - 1 + pairs_per_class
+
+  def loss_with_simix(embeddings, labels, rng):
+    mixed, mixed_labels = simix_lib.simix(embeddings, labels, rng, num_pairs=num_pairs)
+    return loss(mixed, mixed_labels, **kwargs)
+
+  return loss_with_simix, True
+
+
+def make_model(c: ml_collections.ConfigDict) -> nn.Module:
+  """The configured backbone + head."""
+  return models.get_model(c.model.name, embedding_dim=c.model.embedding_dim,
+                          dtype=jnp.dtype(c.model.dtype), image_size=c.data.image_size)
+
+
+def make_variables(c: ml_collections.ConfigDict, model: nn.Module) -> dict[str, PyTree]:
+  """Fresh variables, with the pretrained weights loaded when the config names them."""
+  variables = models.init_variables(model, jax.random.key(c.seed), c.data.image_size,
+                                    channels=c.data.channels)
+  if c.model.pretrained:
+    variables = models.load_pretrained(c.model.name, variables, c.model.pretrained)
+  return variables
+
+
+def make_source(c: ml_collections.ConfigDict, split: str, *,
+                max_images: int | None = None) -> LabelledSource:
+  """One split of the configured dataset (its first `max_images` records when given)."""
+  source = data.load_split(c.data.name, split, data_root=c.data.root, path=c.data.path,
+                           download=c.data.download)
+  return data.FirstN(source, max_images) if max_images else source
+
+
+def make_train_source(c: ml_collections.ConfigDict, *, progress: bool = True) -> LabelledSource:
+  """The training split, held in memory and turned as the config asks."""
+  source = make_source(c, c.data.train_split)
+  if c.data.in_memory:
+    source = data.InMemorySource(source, progress=progress)
+  if c.data.rotated_classes > 1:
+    source = data.RotatedClasses(source, c.data.rotated_classes)
+  return source
+
+
+def make_eval_sets(c: ml_collections.ConfigDict) -> dict[str, EvalSet]:
+  """The evaluated sets (`config.evaluated_sets`), each cut to `data.max_eval_images`."""
+  load = functools.partial(make_source, c, max_images=c.data.max_eval_images)
+  if c.data.query_split and c.data.gallery_split:
+    return {c.data.query_split: EvalSet(load(c.data.gallery_split), load(c.data.query_split))}
+  return {split: EvalSet(load(split)) for split in c.data.test_splits}
+
+
+def make_eval_batches(c: ml_collections.ConfigDict, source: LabelledSource) -> Callable[[], Any]:
+  """A zero-argument callable returning a fresh evaluation loader over `source`."""
+  return lambda: data.make_eval_loader(
+      source, image_size=c.data.image_size, resize_size=c.data.resize_size,
+      batch_size=c.data.eval_batch_size, channels=c.data.channels)
+
+
+def make_embed_fn(model: nn.Module, frozen: dict[str, PyTree]
+                  ) -> Callable[[PyTree], Callable[[jax.Array], jax.Array]]:
+  """params -> `embed_fn(images) -> embeddings` in inference mode (one jitted function)."""
+  apply = jax.jit(lambda params, images: model.apply({"params": params, **frozen}, images,
+                                                     train=False))
+  return lambda params: functools.partial(apply, params)
+
+
+def make_evaluator(c: ml_collections.ConfigDict, embed_fn_for: Callable[[PyTree], Any],
+                   eval_sets: dict[str, EvalSet], *, log_fn: Callable[[str], Any] | None,
+                   progress: bool = True) -> evaluation.Evaluator:
+  """The evaluator of `eval_sets` with the configured cut-offs and protocols."""
+  splits = {name: (make_eval_batches(c, s.database) if s.queries is None else
+                   evaluation.QueryGallery(queries=make_eval_batches(c, s.queries),
+                                           gallery=make_eval_batches(c, s.database)))
+            for name, s in eval_sets.items()}
+  return evaluation.Evaluator(embed_fn_for, splits, c.data.name,
+                              k_values=config_lib.eval_k_values(c), reid_protocol=c.eval.reid,
+                              log_fn=log_fn, progress=progress)
+
+
+def make_experiment(c: ml_collections.ConfigDict, *, log_fn: Callable[[str], Any] | None = print,
+                    progress: bool = True) -> Experiment:
+  """Builds every part of a training run from a validated config (prepares the data).
+
+  Args:
+    c: the config (`config.validate` first: problems are reported before data is prepared).
+    log_fn: receives the evaluator's one-line summaries; None: silent.
+    progress: show progress bars (reading into memory, embedding).
+  """
+  train_source = make_train_source(c, progress=progress)
+  eval_sets = make_eval_sets(c)
+  sampler = data.MPerClassSampler(train_source.labels, c.batch_size, c.samples_per_class,
+                                  seed=c.seed)
+  total_steps = c.epochs * sampler.steps_per_epoch
+  if c.max_steps:
+    total_steps = min(total_steps, c.max_steps)
+  model = make_model(c)
+  variables = make_variables(c, model)
+  params = variables.pop("params")
+  optimizer, schedule = optimizer_lib.make_optimizer(c, sampler.steps_per_epoch)
+  mesh = sharding.data_mesh()
+  loss_fn, loss_uses_rng = make_loss_fn(c)
+
+  def embed_fn(params, images, rng):
+    rngs = {} if rng is None else {"dropout": rng}
+    return model.apply({"params": params, **variables}, images, train=True, rngs=rngs)
+
+  # Each device embeds `chunk_size` of its own rows at a time; the loss sees the global batch.
+  # The CPU backend runs the chunks as straight-line code keeping their activations (see
+  # megabatch_value_and_grad); accelerators keep the memory-flat two-pass loop.
+  train_step = sharding.make_sharded_train_step(
+      embed_fn, loss_fn, optimizer, mesh, chunk_size_per_device=c.chunk_size,
+      loss_uses_rng=loss_uses_rng, keep_activations=jax.default_backend() == "cpu")
+  evaluator = make_evaluator(c, make_embed_fn(model, variables), eval_sets, log_fn=log_fn,
+                             progress=progress)
+  return Experiment(c, train_source, sampler, eval_sets, model, variables,
+                    jax.device_get(params), loss_fn, loss_uses_rng, optimizer, schedule, mesh,
+                    train_step, evaluator, sampler.steps_per_epoch, total_steps)
+
+
+def first_batch_images(experiment: Experiment) -> jax.Array:
+  """The images of training batch 0 (as the training loop will see them)."""
+  c = experiment.config
+  with contextlib.closing(data.make_train_loader(
+      experiment.train_source, experiment.sampler, image_size=c.data.image_size, seed=c.seed,
+      num_steps=1, channels=c.data.channels, crop_scale=tuple(c.data.crop_scale),
+      flip=c.data.flip)) as first:
+    return next(first)["image"]
+
+
+def init_state(experiment: Experiment, *, center_head: bool = False) -> train_step_lib.TrainState:
+  """Step 0's state, replicated over the mesh.
+
+  Args:
+    experiment: the run's building blocks.
+    center_head: centre the embedding head on the first training batch
+      (`models.center_embedding_head`); only meaningful for a run that starts at step 0.
+  """
+  params = experiment.initial_params
+  if center_head:
+    variables = {"params": params, **experiment.frozen}
+    variables = models.center_embedding_head(experiment.model, variables,
+                                             first_batch_images(experiment))
+    params = variables["params"]
+  return sharding.make_sharded_state(params, experiment.optimizer, experiment.mesh)

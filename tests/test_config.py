@@ -1,0 +1,99 @@
+"""Config defaults, smoke shrinking and validation (recall_jax.config)."""
+
+import importlib.util
+import inspect
+import pathlib
+
+import pytest
+
+from recall_jax import config as config_lib
+from recall_jax import errors
+from recall_jax import losses
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_config(name="omniglot", arg="smoke"):
+  spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def test_validation_names_every_problem():
+  c = load_config()
+  c.batch_size = 30
+  c.chunk_size = 7
+  c.loss.name = "triplet"
+  c.model.pretrained = "/nonexistent/weights.npz"
+  c.data.rotated_classes = 5
+  with pytest.raises(errors.ConfigError) as info:
+    config_lib.validate(c)
+  message = str(info.value)
+  for fragment in ("not divisible by samples_per_class", "not divisible by chunk_size",
+                   "loss.name 'triplet'", "weights file /nonexistent/weights.npz does not exist",
+                   "data.rotated_classes must be 1 (off), 2, 3 or 4"):
+    assert fragment in message
+  c = load_config()
+  with pytest.raises(errors.ConfigError,
+                     match=r"global batch 32 is not divisible by chunk_size_per_device 16 x 4 dev"):
+    config_lib.validate(c, num_devices=4)
+  with pytest.raises(errors.ConfigError, match="each of 16 processes gets 2 images"):
+    c.chunk_size = 1
+    config_lib.validate(c, num_devices=16, num_processes=16)
+  with pytest.raises(errors.ConfigError, match="unknown config argument"):
+    load_config(arg="smok")
+
+
+def test_evaluation_keys_are_checked():
+  c = load_config()
+  c.data.query_split = "query"
+  c.eval.k_values = (1, 0)
+  c.eval.reid = True
+  with pytest.raises(errors.ConfigError) as info:
+    config_lib.validate(c)
+  message = str(info.value)
+  for fragment in ("data.query_split and data.gallery_split must be set together",
+                   "eval.k_values must be positive integers", "eval.reid: dataset 'omniglot'"):
+    assert fragment in message
+  c = load_config()
+  c.data.query_split, c.data.gallery_split = "query", "gallery"
+  with pytest.raises(errors.ConfigError, match="best_metric 'test/recall@1' names no evaluated"):
+    config_lib.validate(c)
+  c.best_metric = "query/recall@1"
+  config_lib.validate(c)
+  assert config_lib.evaluated_sets(c) == ("query",)
+  vehicleid = load_config("vehicleid_resnet")
+  vehicleid.eval.reid = True
+  config_lib.validate(vehicleid)
+
+
+def test_eval_k_values_default_to_the_protocol_else_1_2_4_8():
+  c = load_config()
+  assert config_lib.eval_k_values(c) == (1, 2, 4, 8)
+  c.data.name = "folder"
+  assert config_lib.eval_k_values(c) == (1, 2, 4, 8)
+  assert config_lib.eval_k_values(load_config("sop_vit")) == (1, 10, 100, 1000)
+  c.eval.k_values = (1, 5)
+  assert config_lib.eval_k_values(c) == (1, 5)
+
+
+@pytest.mark.parametrize("name", losses.LOSS_NAMES)
+def test_each_loss_section_holds_its_keywords_and_defaults(name):
+  # Every keyword the loss takes, with its default, except the sizes the trainer derives from
+  # the batch layout (max_positives).
+  section = config_lib.base_config().loss[name]
+  parameters = {p.name: p.default for p in inspect.signature(losses.get_loss(name)).parameters
+                .values() if p.kind == p.KEYWORD_ONLY and p.name != "max_positives"}
+  assert dict(section) == parameters
+
+
+@pytest.mark.parametrize("name, model, image_size, resize_size", [
+    ("omniglot", "small_cnn_flat", 28, 28), ("sop_vit", "vit_tiny_test", 32, 36),
+    ("cub_resnet", "resnet_tiny_test", 32, 36), ("default", "vit_tiny_test", 32, 36),
+])
+def test_smoke_shrinks_only_what_is_large(name, model, image_size, resize_size):
+  c = load_config(name)
+  assert (c.model.name, c.data.image_size, c.data.resize_size) == (model, image_size, resize_size)
+  assert c.max_steps == 3 and c.batch_size == 32 and c.model.pretrained is None
+  config_lib.validate(c)

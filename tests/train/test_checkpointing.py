@@ -1,0 +1,46 @@
+"""Checkpoints of a run: latest/best managers, `latest|best|N`, full and params-only restores."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from recall_jax import errors
+from recall_jax.train import checkpointing
+from recall_jax.train import train_step
+
+
+def state_at(step):
+  params = {"w": jnp.full((2, 3), float(step)), "b": jnp.arange(3.0) + step}
+  state = train_step.init_train_state(params, optax.adam(1e-3))
+  return state.replace(step=jnp.asarray(step, jnp.int32))
+
+
+def test_save_resolve_and_restore(tmp_path):
+  checkpoints = checkpointing.make_checkpoints(tmp_path, keep=2)
+  for step in (1, 2, 3):
+    checkpointing.save(checkpoints.latest, state_at(step), {"best_value": 0.1 * step})
+  checkpointing.save(checkpoints.best, state_at(2), {"best_value": 0.2})
+
+  assert checkpointing.resolve(checkpoints, "latest") == (checkpoints.latest, 3)
+  assert checkpointing.resolve(checkpoints, "best") == (checkpoints.best, 2)
+  assert checkpointing.resolve(checkpoints, "2") == (checkpoints.latest, 2)
+  with pytest.raises(errors.MissingFileError, match=r"no checkpoint at step 1 .*: \[2, 3\]"):
+    checkpointing.resolve(checkpoints, "1")  # only the latest 2 are kept
+
+  state, meta = checkpointing.restore(checkpoints.latest, 3, state_at(0))
+  assert meta == {"best_value": pytest.approx(0.3)}
+  jax.tree.map(np.testing.assert_array_equal, state, state_at(3))
+
+  params, step = checkpointing.restore_params(tmp_path, "best", state_at(0).params)
+  assert step == 2
+  jax.tree.map(np.testing.assert_array_equal, params, state_at(2).params)
+
+
+def test_missing_and_malformed_checkpoints(tmp_path):
+  with pytest.raises(errors.MissingFileError, match="no latest checkpoint"):
+    checkpointing.restore_params(tmp_path / "run", "latest", state_at(0).params)
+  assert not (tmp_path / "run").exists()  # read-only use creates nothing
+  with pytest.raises(errors.ConfigError, match="'latest', 'best' or a step number, got 'newest'"):
+    checkpointing.restore_params(tmp_path / "run", "newest", state_at(0).params)

@@ -1,0 +1,46 @@
+"""Building a run from a config: each loss gets the keywords of its own config section."""
+
+import jax
+import numpy as np
+import pytest
+
+from recall_jax import config as config_lib
+from recall_jax import losses
+from recall_jax.train import experiment
+
+
+def batch(m=4, classes=4, dim=8):
+  embeddings = jax.random.normal(jax.random.key(0), (m * classes, dim))
+  embeddings = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+  return embeddings, np.repeat(np.arange(classes), m).astype(np.int32)
+
+
+@pytest.mark.parametrize("name, key, value, max_positives", [
+    ("recall_at_k", "tau2", 0.05, True), ("smooth_ap", "temperature", 0.05, True),
+    ("contrastive", "neg_margin", 0.2, False), ("multi_similarity", "beta", 10.0, False),
+])
+def test_loss_fn_passes_its_section(name, key, value, max_positives):
+  c = config_lib.base_config()
+  c.loss.name, c.batch_size, c.samples_per_class = name, 16, 4
+  c.loss[name][key] = value
+  loss_fn, uses_rng = experiment.make_loss_fn(c)
+  assert not uses_rng
+  embeddings, labels = batch()
+  kwargs = {k: (tuple(v) if isinstance(v, tuple) else v) for k, v in c.loss[name].items()}
+  if max_positives:
+    kwargs["max_positives"] = 3
+  expected = losses.get_loss(name)(embeddings, labels, **kwargs)
+  np.testing.assert_allclose(loss_fn(embeddings, labels), expected, rtol=1e-6)
+  default = losses.get_loss(name)(embeddings, labels)
+  assert abs(float(expected) - float(default)) > 1e-6  # the configured value reached the loss
+
+
+def test_simix_loss_takes_the_step_key():
+  c = config_lib.base_config()
+  c.simix, c.batch_size, c.samples_per_class = True, 16, 4
+  loss_fn, uses_rng = experiment.make_loss_fn(c)
+  embeddings, labels = batch()
+  assert uses_rng
+  a = loss_fn(embeddings, labels, jax.random.key(1))
+  b = loss_fn(embeddings, labels, jax.random.key(2))
+  assert np.isfinite(float(a)) and float(a) != float(b)
