@@ -357,7 +357,8 @@ class KeptActivationsTest(chex.TestCase):
         keep = jax.random.bernoulli(r, 0.8, (x.shape[0], 4))
         return jnp.tanh(x @ p["w"] + p["b"]) * keep
 
-      loss = lambda e, l: recall_at_k_surrogate(e, l, max_positives=3, tau2=0.1)
+      loss = lambda e, l: recall_at_k_surrogate(e, l, max_positives=3, tau2=0.1,
+                                                k_values=(1, 2, 4))
       key = jax.random.key(3)
       two_pass = self.variant(megabatch_value_and_grad(embed, loss, chunk_size=chunk_size))(
           params, images, labels, key)
