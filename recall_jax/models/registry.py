@@ -59,8 +59,8 @@ def get_model(name: str, **kwargs: Any) -> nn.Module:
       'resnet50', 'small_cnn' and the test sizes 'vit_tiny_test', 'resnet_tiny_test'.
     **kwargs: module attributes overriding the defaults, e.g. `embedding_dim=512`,
       `with_head=True`, `dtype=jnp.bfloat16` (compute), `param_dtype=jnp.float32`,
-      `image_size=224`, and for ViTs `dropout_rate`, `attention_implementation`,
-      `attention_pad_to`.
+      `image_size=224`, for ViTs `dropout_rate`, `attention_implementation`,
+      `attention_pad_to`, and for the small CNNs `ops` ('auto', 'standard', 'cpu').
 
   Returns:
     A linen Module; `model.apply(variables, images, train=False, rngs=...)` maps uint8 or [0, 1]
