@@ -88,10 +88,14 @@ class ResNetTrunk(nn.Module):
   base_width: int = 64
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  remat: str = "none"  # or 'block': each bottleneck recomputed in the backward pass
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """float32 (B, H, W, 3) standardised images -> (B, H/32, W/32, 32 base_width) in `dtype`."""
+    if self.remat not in ("none", "block"):
+      raise ValueError(f"remat must be 'none' or 'block', got {self.remat!r}")
+    block_cls = nn.remat(Bottleneck) if self.remat == "block" else Bottleneck
     x = nn.Conv(self.base_width, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)),
                 use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
                 kernel_init=_conv_init, name="conv1")(x.astype(self.dtype))
@@ -100,9 +104,9 @@ class ResNetTrunk(nn.Module):
     for stage, num_blocks in enumerate(self.stage_sizes):
       for block in range(num_blocks):
         strides = 2 if stage > 0 and block == 0 else 1
-        x = Bottleneck(self.base_width * 2**stage, strides, downsample=block == 0,
-                       dtype=self.dtype, param_dtype=self.param_dtype,
-                       name=f"layer{stage + 1}_{block}")(x)
+        x = block_cls(self.base_width * 2**stage, strides, downsample=block == 0,
+                      dtype=self.dtype, param_dtype=self.param_dtype,
+                      name=f"layer{stage + 1}_{block}")(x)
     return x
 
 
@@ -120,6 +124,8 @@ class ResNet(nn.Module):
     dtype: compute dtype of the trunk (e.g. jnp.bfloat16 on GPU); pooling, head and outputs are
       float32.
     param_dtype: dtype of the parameters.
+    remat: 'none' (default) or 'block': rematerialise each bottleneck in the backward pass
+      (`nn.remat`): the same outputs and gradients, less activation memory, one more forward.
   """
 
   stage_sizes: Sequence[int] = (3, 4, 6, 3)
@@ -131,10 +137,11 @@ class ResNet(nn.Module):
   gem_eps: float = 1e-6
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  remat: str = "none"
 
   def setup(self):
     self.backbone = ResNetTrunk(tuple(self.stage_sizes), self.base_width, self.dtype,
-                                self.param_dtype)
+                                self.param_dtype, self.remat)
     if self.with_head:
       self.gem = common.GeM(self.gem_p_init, self.gem_eps)
       self.embedding_head = common.EmbeddingHead(self.embedding_dim, self.param_dtype)
