@@ -67,8 +67,9 @@ def get_model(name: str, **kwargs: Any) -> nn.Module:
       sizes 'vit_tiny_test', 'resnet_tiny_test', 'resnet_tiny_landmark_test'.
     **kwargs: module attributes overriding the defaults, e.g. `embedding_dim=512`,
       `with_head=True`, `dtype=jnp.bfloat16` (compute), `param_dtype=jnp.float32`,
-      `image_size=224`, for ResNets `head='landmark'` and `whiten`, and for ViTs `dropout_rate`,
-      `attention_implementation`, `attention_pad_to`.
+      `image_size=224`, for ResNets `head='landmark'` and `whiten`, for ViTs and ResNets `remat`
+      ('none' | 'block'), for ViTs `dropout_rate`, `attention_implementation`, `attention_pad_to`,
+      and for the small CNNs `ops` ('auto', 'standard', 'cpu').
 
   Returns:
     A linen Module; `model.apply(variables, images, train=False, rngs=...)` maps uint8 or [0, 1]

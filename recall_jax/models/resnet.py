@@ -96,6 +96,7 @@ class ResNetTrunk(nn.Module):
   base_width: int = 64
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  remat: str = "none"  # or 'block': each bottleneck recomputed in the backward pass
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -103,6 +104,9 @@ class ResNetTrunk(nn.Module):
 
     `mask` (B, H, W, 1), if given, is 1 on real pixels and 0 on padding.
     """
+    if self.remat not in ("none", "block"):
+      raise ValueError(f"remat must be 'none' or 'block', got {self.remat!r}")
+    block_cls = nn.remat(Bottleneck) if self.remat == "block" else Bottleneck
     # The mask at stride s keeps the cells whose top-left input pixel is real.
     def masked(y, stride):
       return y if mask is None else y * mask[:, ::stride, ::stride].astype(y.dtype)
@@ -119,9 +123,9 @@ class ResNetTrunk(nn.Module):
       for block in range(num_blocks):
         strides = 2 if stage > 0 and block == 0 else 1
         block_mask = None if mask is None else mask[:, ::stride, ::stride]
-        x = Bottleneck(self.base_width * 2**stage, strides, downsample=block == 0,
-                       dtype=self.dtype, param_dtype=self.param_dtype,
-                       name=f"layer{stage + 1}_{block}")(x, block_mask)
+        x = block_cls(self.base_width * 2**stage, strides, downsample=block == 0,
+                      dtype=self.dtype, param_dtype=self.param_dtype,
+                      name=f"layer{stage + 1}_{block}")(x, block_mask)
         stride *= strides
     return x
 
@@ -146,6 +150,8 @@ class ResNet(nn.Module):
     dtype: compute dtype of the trunk (e.g. jnp.bfloat16 on GPU); pooling, head and outputs are
       float32.
     param_dtype: dtype of the parameters.
+    remat: 'none' (default) or 'block': rematerialise each bottleneck in the backward pass
+      (`nn.remat`): the same outputs and gradients, less activation memory, one more forward.
   """
 
   stage_sizes: Sequence[int] = (3, 4, 6, 3)
@@ -159,10 +165,11 @@ class ResNet(nn.Module):
   gem_eps: float = 1e-6
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  remat: str = "none"
 
   def setup(self):
     self.backbone = ResNetTrunk(tuple(self.stage_sizes), self.base_width, self.dtype,
-                                self.param_dtype)
+                                self.param_dtype, self.remat)
     if self.head not in ("embedding", "landmark"):
       raise ValueError(f"head must be 'embedding' or 'landmark', got {self.head!r}")
     if self.with_head and self.head == "embedding":

@@ -9,6 +9,8 @@ GroupNorm (not BatchNorm) keeps every image's embedding independent of the rest 
 which the exact mega-batch training relies on, and leaves no state besides `params`.
 """
 
+from __future__ import annotations
+
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -16,32 +18,72 @@ import jax
 import jax.numpy as jnp
 
 from recall_jax.models import common
+from recall_jax.models import cpu_layers
 
 Dtype = Any
 
 
+OPS = ("auto", "standard", "cpu")
+
+
+def resolve_ops(ops: str) -> str:
+  """'auto' -> 'cpu' on the CPU backend, 'standard' elsewhere; other settings as given."""
+  if ops not in OPS:
+    raise ValueError(f"ops must be one of {OPS}, got {ops!r}")
+  if ops == "auto":
+    return "cpu" if jax.default_backend() == "cpu" else "standard"
+  return ops
+
+
+class FusedGroupNorm(nn.Module):
+  """`nn.GroupNorm(num_groups, epsilon)` computed by `cpu_layers.group_norm`; same parameters."""
+
+  num_groups: int
+  epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
+    return cpu_layers.group_norm(x, scale.astype(jnp.float32), bias.astype(jnp.float32),
+                                 self.num_groups, self.epsilon).astype(self.dtype)
+
+
 class SmallCNNTrunk(nn.Module):
-  """Conv blocks on standardised images -> (B, h, w, channels[-1]) feature map."""
+  """Conv blocks on standardised images -> (B, h, w, channels[-1]) feature map.
+
+  `ops`: 'standard' (flax's GroupNorm and max-pool), 'cpu' (`cpu_layers`' forms of the same
+  functions, faster on XLA:CPU) or 'auto' (by backend).
+  """
 
   channels: Sequence[int] = (32, 64, 128, 128)
   convs_per_block: int = 1
   num_groups: int = 8
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  ops: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
+    cpu_ops = resolve_ops(self.ops) == "cpu"
     x = x.astype(self.dtype)
     for i, c in enumerate(self.channels):
       for j in range(self.convs_per_block):
         x = nn.Conv(c, (3, 3), padding="SAME", use_bias=False, dtype=self.dtype,
                     param_dtype=self.param_dtype, name=f"block{i}_conv{j}")(x)
-        x = nn.GroupNorm(num_groups=min(self.num_groups, c), epsilon=1e-5, dtype=self.dtype,
-                         param_dtype=self.param_dtype, name=f"block{i}_norm{j}")(x)
+        norm = FusedGroupNorm if cpu_ops else nn.GroupNorm
+        x = norm(num_groups=min(self.num_groups, c), epsilon=1e-5, dtype=self.dtype,
+                 param_dtype=self.param_dtype, name=f"block{i}_norm{j}")(x)
         x = nn.relu(x)
       # Ceil-mode pooling keeps at least one pixel, so 28 px inputs survive four blocks.
-      pad_h, pad_w = x.shape[1] % 2, x.shape[2] % 2
-      x = nn.max_pool(x, (2, 2), strides=(2, 2), padding=((0, pad_h), (0, pad_w)))
+      if cpu_ops:
+        x = cpu_layers.max_pool_2x2(x)
+      else:
+        pad_h, pad_w = x.shape[1] % 2, x.shape[2] % 2
+        x = nn.max_pool(x, (2, 2), strides=(2, 2), padding=((0, pad_h), (0, pad_w)))
     return x
 
 
@@ -60,6 +102,10 @@ class SmallCNN(nn.Module):
       (B, h * w * channels[-1]) flattened.
     dtype: compute dtype of the convolutions; the head and outputs are float32.
     param_dtype: dtype of the parameters.
+    ops: 'auto' (the default: 'cpu' on the CPU backend, 'standard' elsewhere), 'standard'
+      (flax's GroupNorm and max-pool) or 'cpu' (`cpu_layers`: the same functions written as
+      operations XLA:CPU runs faster). The parameters and the function are the
+      same either way (up to float rounding), so checkpoints move freely between them.
   """
 
   channels: Sequence[int] = (32, 64, 128, 128)
@@ -71,6 +117,7 @@ class SmallCNN(nn.Module):
   with_head: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  ops: str = "auto"
 
   def setup(self):
     if not self.channels or self.convs_per_block < 1:
@@ -78,8 +125,9 @@ class SmallCNN(nn.Module):
                        f"{self.channels}, convs_per_block={self.convs_per_block}")
     if self.pooling not in ("avg", "flatten"):
       raise ValueError(f"pooling must be 'avg' or 'flatten', got {self.pooling!r}")
+    resolve_ops(self.ops)  # validates
     self.backbone = SmallCNNTrunk(tuple(self.channels), self.convs_per_block, self.num_groups,
-                                  self.dtype, self.param_dtype)
+                                  self.dtype, self.param_dtype, self.ops)
     if self.with_head:
       self.embedding_head = common.EmbeddingHead(self.embedding_dim, self.param_dtype)
 

@@ -27,6 +27,7 @@ from recall_jax.models import common
 
 Dtype = Any
 AttentionImplementation = Literal["xla", "cudnn"] | None
+REMAT = ("none", "block")  # the `remat` settings
 
 # Exact GELU, as timm and PyTorch's nn.GELU; flax's default is the tanh approximation.
 _gelu = functools.partial(nn.gelu, approximate=False)
@@ -136,10 +137,17 @@ class Encoder(nn.Module):
   attention_pad_to: int | None = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  remat: str = "none"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     """(B, T, D) tokens -> (B, T, D) normalised tokens, in float32."""
+    if self.remat not in REMAT:
+      raise ValueError(f"remat must be one of {REMAT}, got {self.remat!r}")
+    # Rematerialised blocks keep only their inputs for the backward pass and recompute the rest:
+    # activation memory of one block instead of all of them, for one more forward. `train` is
+    # argument 3 counting the module.
+    block = nn.remat(EncoderBlock, static_argnums=(3,)) if self.remat == "block" else EncoderBlock
     x = AddPositionEmbedding(self.param_dtype, name="posembed_input")(x)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
     batch, num_tokens, _ = x.shape
@@ -151,9 +159,8 @@ class Encoder(nn.Module):
       x = jnp.pad(x, ((0, 0), (0, self.attention_pad_to - num_tokens), (0, 0)))
       kv_lengths = jnp.full((batch,), num_tokens, jnp.int32)
     for i in range(self.depth):
-      x = EncoderBlock(self.num_heads, self.mlp_dim, self.dropout_rate,
-                       self.attention_implementation, self.dtype, self.param_dtype,
-                       name=f"encoderblock_{i}")(x, kv_lengths, train)
+      x = block(self.num_heads, self.mlp_dim, self.dropout_rate, self.attention_implementation,
+                self.dtype, self.param_dtype, name=f"encoderblock_{i}")(x, kv_lengths, train)
     x = x[:, :num_tokens]
     return nn.LayerNorm(epsilon=1e-6, dtype=jnp.float32, param_dtype=self.param_dtype,
                         name="encoder_norm")(x)
@@ -175,6 +182,7 @@ class VisionTransformer(nn.Module):
   attention_pad_to: int | None = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  remat: str = "none"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -188,7 +196,7 @@ class VisionTransformer(nn.Module):
     x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (batch, 1, c)), x], axis=1)
     return Encoder(self.depth, self.num_heads, self.mlp_dim, self.dropout_rate,
                    self.attention_implementation, self.attention_pad_to, self.dtype,
-                   self.param_dtype, name="Transformer")(x, train)
+                   self.param_dtype, self.remat, name="Transformer")(x, train)
 
 
 class ViT(nn.Module):
@@ -208,6 +216,9 @@ class ViT(nn.Module):
     dtype: compute dtype of the trunk (e.g. jnp.bfloat16 on GPU); norms, head and outputs are
       float32.
     param_dtype: dtype of the parameters.
+    remat: 'none' (default) or 'block': rematerialise each encoder block in the backward pass
+      (`nn.remat`), keeping only the blocks' inputs; the same outputs and gradients for about one
+      more forward pass of compute.
   """
 
   patch_size: int = 16
@@ -223,6 +234,7 @@ class ViT(nn.Module):
   attention_pad_to: int | None = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  remat: str = "none"
 
   def setup(self):
     if self.image_size % self.patch_size:
@@ -231,7 +243,7 @@ class ViT(nn.Module):
     self.backbone = VisionTransformer(
         self.patch_size, self.width, self.depth, self.num_heads, self.mlp_dim,
         self.dropout_rate, self.attention_implementation, self.attention_pad_to, self.dtype,
-        self.param_dtype)
+        self.param_dtype, self.remat)
     if self.with_head:
       self.embedding_head = common.EmbeddingHead(self.embedding_dim, self.param_dtype)
 

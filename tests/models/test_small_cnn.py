@@ -1,5 +1,8 @@
 """Tests for recall_jax.models.small_cnn."""
 
+import functools
+
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -58,3 +61,29 @@ def test_small_cnn_flatten_pooling_keeps_the_layout():
   with pytest.raises(ValueError, match="pooling must be"):
     jax.eval_shape(lambda: models.init_variables(
         models.get_model("small_cnn", pooling="max"), jax.random.key(0), 28))
+
+
+def test_small_cnn_cpu_ops_give_the_standard_function_and_gradient():
+  kwargs = dict(embedding_dim=16, image_size=28)
+  standard = models.get_model("small_cnn_flat", ops="standard", **kwargs)
+  cpu = models.get_model("small_cnn_flat", ops="cpu", **kwargs)
+  variables = models.init_variables(standard, jax.random.key(0), 28, channels=1)
+  # Same parameter tree and initial values, so checkpoints move between the two.
+  chex.assert_trees_all_equal(models.init_variables(cpu, jax.random.key(0), 28, channels=1),
+                              variables)
+  images = np.random.default_rng(0).integers(0, 256, (6, 28, 28, 1), np.uint8)
+  targets = np.random.default_rng(1).standard_normal((6, 16)).astype(np.float32)
+
+  def loss(model, params):
+    return jnp.sum(model.apply({"params": params}, images) * targets)
+
+  for model in (standard, cpu):
+    assert model.apply(variables, images).shape == (6, 16)
+  chex.assert_trees_all_close(cpu.apply(variables, images), standard.apply(variables, images),
+                              atol=1e-5)
+  grads = [jax.jit(jax.value_and_grad(functools.partial(loss, m)))(variables["params"])
+           for m in (standard, cpu)]
+  chex.assert_trees_all_close(grads[1], grads[0], rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match="ops must be one of"):
+    jax.eval_shape(lambda: models.init_variables(
+        models.get_model("small_cnn", ops="gpu"), jax.random.key(0), 28))
