@@ -71,11 +71,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.recall_at_k.tau1 = 1.0  # temperature of the sigmoid on k - rank
   c.loss.recall_at_k.tau2 = 0.01  # temperature of the sigmoid on similarity differences
   c.loss.recall_at_k.count_query_in_rank = True  # the official code's rank, counting the query
-  c.loss.recall_at_k.query_block = _optional(int)  # queries per block (memory); None: all at once
+  c.loss.recall_at_k.query_block = _optional(int)  # queries per block; None: sized to the budget
+  c.loss.recall_at_k.memory_budget_bytes = 1 << 30  # the loss's temporaries when query_block=None
   c.loss.smooth_ap = ml_collections.ConfigDict()  # Smooth-AP (losses.smooth_ap_loss)
   c.loss.smooth_ap.temperature = 0.01  # temperature of the sigmoid on similarity differences
   c.loss.smooth_ap.include_query = False  # count the query in the ranking as the official code
-  c.loss.smooth_ap.query_block = _optional(int)  # queries per block (memory); None: all at once
+  c.loss.smooth_ap.query_block = _optional(int)  # queries per block; None: sized to the budget
+  c.loss.smooth_ap.memory_budget_bytes = 1 << 30  # the loss's temporaries when query_block=None
   c.loss.contrastive = ml_collections.ConfigDict()  # contrastive (losses.contrastive_loss)
   c.loss.contrastive.pos_margin = 0.0  # positive pairs are pulled above 1 - pos_margin
   c.loss.contrastive.neg_margin = 0.5  # negative pairs are pushed below this similarity
@@ -208,6 +210,11 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1, num_processes: 
     problems.append(f"loss.name {c.loss.name!r} is not one of {LOSS_NAMES}")
   if c.simix and c.loss.name != "recall_at_k":
     problems.append("simix is implemented for the recall_at_k loss only")
+  if c.loss.name == "recall_at_k" and c.batch_size > 0:
+    too_large = [k for k in c.loss.recall_at_k.k_values if k >= c.batch_size - 1]
+    if too_large:
+      problems.append(f"loss.recall_at_k.k_values {too_large} are not below batch_size - 1 = "
+                      f"{c.batch_size - 1}: such a k is met whatever the embeddings")
   if c.optimizer.name not in _OPTIMIZERS:
     problems.append(f"optimizer.name {c.optimizer.name!r} is not one of {_OPTIMIZERS}")
   if c.optimizer.learning_rate <= 0:

@@ -81,10 +81,11 @@ def test_eval_k_values_default_to_the_protocol_else_1_2_4_8():
 @pytest.mark.parametrize("name", losses.LOSS_NAMES)
 def test_each_loss_section_holds_its_keywords_and_defaults(name):
   # Every keyword the loss takes, with its default, except the sizes the trainer derives from
-  # the batch layout (max_positives).
+  # the batch layout (samples_per_class, max_positives).
   section = config_lib.base_config().loss[name]
+  derived = ("max_positives", "samples_per_class")
   parameters = {p.name: p.default for p in inspect.signature(losses.get_loss(name)).parameters
-                .values() if p.kind == p.KEYWORD_ONLY and p.name != "max_positives"}
+                .values() if p.kind == p.KEYWORD_ONLY and p.name not in derived}
   assert dict(section) == parameters
 
 
@@ -96,4 +97,13 @@ def test_smoke_shrinks_only_what_is_large(name, model, image_size, resize_size):
   c = load_config(name)
   assert (c.model.name, c.data.image_size, c.data.resize_size) == (model, image_size, resize_size)
   assert c.max_steps == 3 and c.batch_size == 32 and c.model.pretrained is None
+  config_lib.validate(c)
+
+
+def test_recall_at_k_cut_offs_must_stay_below_the_batch():
+  c = load_config()
+  c.batch_size, c.chunk_size = 16, 8
+  with pytest.raises(errors.ConfigError, match=r"k_values \[16\] are not below batch_size - 1"):
+    config_lib.validate(c)
+  c.loss.recall_at_k.k_values = (1, 2, 4, 8)
   config_lib.validate(c)

@@ -37,7 +37,7 @@ PyTree = Any
 LossFn = Callable[..., jax.Array]
 
 # Losses whose static sizes come from the batch layout: each query has at most m - 1 positives.
-_LOSSES_WITH_MAX_POSITIVES = ("recall_at_k", "smooth_ap")
+_LOSSES_WITH_LAYOUT = ("recall_at_k", "smooth_ap")
 
 
 class EvalSet(NamedTuple):
@@ -108,16 +108,16 @@ def make_loss_fn(c: ml_collections.ConfigDict) -> tuple[LossFn, bool]:
   kwargs = {k: (tuple(v) if isinstance(v, (list, tuple)) else v)
             for k, v in c.loss[c.loss.name].items()}
   m = c.samples_per_class
+  # The batch layout fixes the losses' static sizes (positive slots, SiMix pairs).
+  takes_layout = c.loss.name in _LOSSES_WITH_LAYOUT
   if not c.simix:
-    if c.loss.name in _LOSSES_WITH_MAX_POSITIVES:
-      kwargs["max_positives"] = max(m - 1, 1)
+    if takes_layout:
+      kwargs["samples_per_class"] = m
     return functools.partial(loss, **kwargs), False
-  pairs_per_class = m * (m - 1) // 2
-  num_pairs = (c.batch_size // m) * pairs_per_class
-  kwargs["max_positives"] = m - 1 + pairs_per_class
+  kwargs["samples_per_class"] = simix_lib.samples_per_class_after_simix(m)
 
   def loss_with_simix(embeddings, labels, rng):
-    mixed, mixed_labels = simix_lib.simix(embeddings, labels, rng, num_pairs=num_pairs)
+    mixed, mixed_labels = simix_lib.simix(embeddings, labels, rng, samples_per_class=m)
     return loss(mixed, mixed_labels, **kwargs)
 
   return loss_with_simix, True
