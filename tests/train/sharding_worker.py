@@ -54,13 +54,17 @@ def loss_fn_for(batch_size: int, m: int, use_simix: bool):
   """(loss_fn, uses_rng) with the static sizes bound, as the trainer builds it."""
   from recall_jax import simix
   from recall_jax.losses import recall_at_k
+  # RS@k's cut-offs must stay below the batch (k < B - 1).
+  k_values = tuple(k for k in recall_at_k.DEFAULT_K_VALUES if k < batch_size - 1)
   if not use_simix:
-    return functools.partial(recall_at_k.recall_at_k_surrogate, max_positives=m - 1), False
+    return functools.partial(recall_at_k.recall_at_k_surrogate, max_positives=m - 1,
+                             k_values=k_values), False
   pairs = m * (m - 1) // 2
 
   def loss(embeddings, labels, rng):
     mixed, mixed_labels = simix.simix(embeddings, labels, rng, num_pairs=(batch_size // m) * pairs)
-    return recall_at_k.recall_at_k_surrogate(mixed, mixed_labels, max_positives=m - 1 + pairs)
+    return recall_at_k.recall_at_k_surrogate(mixed, mixed_labels, max_positives=m - 1 + pairs,
+                                             k_values=k_values)
 
   return loss, True
 

@@ -21,11 +21,12 @@ def batch(m=4, classes=4, dim=8):
 ])
 def test_loss_fn_passes_its_section(name, key, value, max_positives):
   c = config_lib.base_config()
-  c.loss.name, c.batch_size, c.samples_per_class = name, 16, 4
+  # 8 classes of 4: RS@k's largest default k (16) must stay below B - 1.
+  c.loss.name, c.batch_size, c.samples_per_class = name, 32, 4
   c.loss[name][key] = value
   loss_fn, uses_rng = experiment.make_loss_fn(c)
   assert not uses_rng
-  embeddings, labels = batch()
+  embeddings, labels = batch(classes=8)
   kwargs = {k: (tuple(v) if isinstance(v, tuple) else v) for k, v in c.loss[name].items()}
   if max_positives:
     kwargs["max_positives"] = 3

@@ -91,7 +91,9 @@ def test_two_processes_match_one_and_checkpoint_restores_in_one(tmp_path):
   restored = manager.restore(worker.STEPS, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract)))["state"]
   assert int(restored.step) == worker.STEPS
-  worker.assert_trees_close(restored.opt_state, states[worker.STEPS - 1].opt_state,
+  # Adam's moments accumulate gradients summed over 8 devices in another order than on one;
+  # tau2 = 0.01 amplifies float32 rounding 100x (the mega-batch tests' reason for 1e-4 too).
+  worker.assert_trees_close(restored.opt_state, states[worker.STEPS - 1].opt_state, rtol=1e-4,
                             what="restored opt_state ")
   images, labels = worker.dataset()
   from recall_jax.data import sampler as sampler_lib
