@@ -13,6 +13,7 @@ why; a named step or `best` that does not verify is refused.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import pathlib
 from collections.abc import Callable, Mapping
@@ -20,6 +21,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import logging as absl_logging
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
@@ -58,12 +60,26 @@ def make_checkpoints(workdir: str | pathlib.Path, *, keep: int = 2,
   # them before the next step runs.
   options = dict(create=not read_only, read_only=read_only,
                  cleanup_tmp_directories=not read_only, enable_async_checkpointing=False)
+  if read_only:  # what Orbax would otherwise reset, warning about each
+    options.update(save_interval_steps=0)
   workdir = pathlib.Path(workdir).expanduser().absolute()  # Orbax refuses relative paths
-  latest = ocp.CheckpointManager(
-      workdir / "checkpoints", options=ocp.CheckpointManagerOptions(max_to_keep=keep, **options))
-  best = ocp.CheckpointManager(
-      workdir / "best", options=ocp.CheckpointManagerOptions(max_to_keep=1, **options))
+  with _orbax_warnings_hidden(read_only):  # "Given directory is read only": as asked
+    latest = ocp.CheckpointManager(workdir / "checkpoints", options=ocp.CheckpointManagerOptions(
+        max_to_keep=None if read_only else keep, **options))
+    best = ocp.CheckpointManager(workdir / "best", options=ocp.CheckpointManagerOptions(
+        max_to_keep=None if read_only else 1, **options))
   return Checkpoints(latest, best)
+
+
+@contextlib.contextmanager
+def _orbax_warnings_hidden(hidden: bool):
+  previous = absl_logging.get_verbosity()
+  if hidden:
+    absl_logging.set_verbosity(absl_logging.ERROR)
+  try:
+    yield
+  finally:
+    absl_logging.set_verbosity(previous)
 
 
 def save(manager: ocp.CheckpointManager, state: train_step_lib.TrainState,
@@ -74,6 +90,8 @@ def save(manager: ocp.CheckpointManager, state: train_step_lib.TrainState,
   did not finish saving.
   """
   step = int(state.step)
+  if step in manager.all_steps():  # a resumed run replaying steps saved before (e.g. the best)
+    manager.delete(step)
   manager.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta))), force=True)
   manager.wait_until_finished()

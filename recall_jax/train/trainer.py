@@ -136,6 +136,7 @@ def _train(c: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, Any
       images_per_s = c.batch_size / (time.perf_counter() - tick)
       log.step(done, metrics, float(exp.schedule(step)), images_per_s)
       if _evaluates_after(c, done, exp):
+        _require_finite(checkpoints, state)  # a diverged update is reported, not evaluated
         results = _evaluate(exp, state.params, done, log.writer, workdir)
         if results.get(c.best_metric, -math.inf) > best_value:
           best_value = results[c.best_metric]
@@ -157,10 +158,16 @@ def _is_main() -> bool:
 def _save(checkpoints: checkpointing.Checkpoints, manager, state: train_step_lib.TrainState,
           meta: dict[str, Any]) -> None:
   """Saves `state` to `manager` unless the update made it NaN/inf (then names a good step)."""
+  _require_finite(checkpoints, state)
+  checkpointing.save(manager, state, meta)
+
+
+def _require_finite(checkpoints: checkpointing.Checkpoints,
+                    state: train_step_lib.TrainState) -> None:
+  """Raises NonFiniteStateError, naming the newest intact checkpoint, if `state` is NaN/inf."""
   integrity.raise_if_not_finite(state, step=int(state.step),
                                 checkpoint_dir=checkpoints.latest.directory,
                                 steps=checkpoints.latest.all_steps())
-  checkpointing.save(manager, state, meta)
 
 
 def _step(exp: experiment_lib.Experiment, state: train_step_lib.TrainState, local_batch, step: int,
