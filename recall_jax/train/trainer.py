@@ -180,10 +180,13 @@ def _step(exp: experiment_lib.Experiment, state: train_step_lib.TrainState, loca
   if not math.isfinite(metrics["loss"]):
     good, _ = integrity.newest_intact_step(checkpoints.latest.directory,
                                            checkpoints.latest.all_steps())
+    where = (f"The last good checkpoint (step {good}) in {checkpoints.latest.directory} is "
+             "intact: lower the learning rate or check the data, then rerun to resume from it."
+             if good is not None else f"There is no intact checkpoint in "
+             f"{checkpoints.latest.directory}: lower the learning rate or check the data and "
+             "start again.")
     raise NonFiniteLossError(
-        f"loss is {metrics['loss']} at step {step + 1}; stopping without saving. The last good "
-        f"checkpoint (step {good}) in {checkpoints.latest.directory} is intact: lower the "
-        "learning rate or check the data, then rerun to resume from it.")
+        f"loss is {metrics['loss']} at step {step + 1}; stopping without saving. {where}")
   return state, metrics
 
 

@@ -6,6 +6,7 @@ an interrupted save, an evaluation of a missing or unwritable workdir, an unread
 runs train a small CNN for a few steps on a folder dataset of 28 x 28 grey images written here.
 """
 
+import importlib.util
 import inspect
 import json
 import os
@@ -80,16 +81,18 @@ def dataset(tmp_path_factory):
       for i in range(per_class):
         noisy = np.clip(prototype + rng.normal(0, 40, prototype.shape), 0, 255).astype(np.uint8)
         Image.fromarray(noisy).save(class_dir / f"{i}.png")
-  (root / "photos" / "train" / "class_0" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"x" * 50)
+  broken = root / "photos" / "train" / "class_0" / "broken.png"
+  broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"x" * 50)  # a PNG signature, then garbage
   config_file = root / "tiny.py"
   config_file.write_text(CONFIG_FILE.format(root=str(root), path=str(root / "photos")))
   return config_file
 
 
 def load(config_file):
-  namespace = {}
-  exec(compile(config_file.read_text(), str(config_file), "exec"), namespace)  # pylint: disable=exec-used
-  return namespace["get_config"]()
+  spec = importlib.util.spec_from_file_location(config_file.stem, config_file)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
 
 
 def rows(workdir, kind):
@@ -109,7 +112,7 @@ def cli(config_file, workdir, *extra, code=""):
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   return subprocess.run([sys.executable, "-c", program], cwd=REPO, capture_output=True, text=True,
-                        timeout=300, env=env)
+                        timeout=300, env=env, check=False)
 
 
 def error_lines(proc):
@@ -118,10 +121,12 @@ def error_lines(proc):
 
 def test_second_run_in_the_same_workdir_fails_at_once(dataset, tmp_path):
   workdir = tmp_path / "run"
+  hold_until_stdin_closes = (
+      "import sys\nfrom recall_jax.train import workdir\n"
+      f"lock = workdir.acquire_workdir_lock({str(workdir)!r})\nprint('locked', flush=True)\n"
+      "sys.stdin.read()")
   holder = subprocess.Popen(
-      [sys.executable, "-c", "import sys, time\nfrom recall_jax.train import workdir\n"
-       f"lock = workdir.acquire_workdir_lock({str(workdir)!r})\nprint('locked', flush=True)\n"
-       "sys.stdin.read()"],
+      [sys.executable, "-c", hold_until_stdin_closes],
       cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
   try:
     assert holder.stdout.readline().strip() == "locked"
@@ -269,8 +274,8 @@ def test_unwritable_workdir_is_one_line(dataset, tmp_path):
   proc = cli(dataset, tmp_path / "a_file" / "run")  # a file where a folder should be
   assert proc.returncode == 2, proc.stderr
   assert "Traceback" not in proc.stderr
-  assert error_lines(proc) == [f"error: workdir {tmp_path / 'a_file' / 'run'} is not writable: "
-                               "Not a directory"]
+  expected = f"error: workdir {tmp_path / 'a_file' / 'run'} is not writable: Not a directory"
+  assert error_lines(proc) == [expected]
 
 
 def test_resuming_with_an_incompatible_config_is_refused(dataset, tmp_path):
