@@ -318,11 +318,16 @@ def test_skipped_images_are_said_and_recorded_in_metrics(dataset, tmp_path, caps
   workdir = tmp_path / "run"
   c = load(dataset)
   c.max_steps = 1
+  # The lock file of a run killed by kill -9: its record is left, its flock died with it.
+  workdir.mkdir()
+  (workdir / ".lock").write_text('{"pid": 999999999, "host": "node7", "started": "earlier"}\n')
   trainer.train_and_evaluate(c, workdir)
+  out = capsys.readouterr().out
+  assert "previous run (pid 999999999 on host node7) ended without releasing the lock" in out
+  assert "folder/train: 1 of 33 listed images are unreadable and were skipped" in out
   (row,) = rows(workdir, "data")
   assert row == {"step": 0, "kind": "data", "train/skipped_images": 1, "train/listed_images": 33,
                  "test/skipped_images": 0, "test/listed_images": 16}
-  assert "folder/train: 1 of 33 listed images are unreadable" in capsys.readouterr().out
   # Said again, and recorded again, at every start (here a resume from step 1).
   c.max_steps = 2
   trainer.train_and_evaluate(c, workdir)
