@@ -13,6 +13,7 @@ import os
 
 import ml_collections
 
+from recall_jax import config_checks
 from recall_jax import errors
 from recall_jax.evaluation import protocols
 from recall_jax.losses import LOSS_NAMES
@@ -196,6 +197,9 @@ def eval_k_values(c: ml_collections.ConfigDict) -> tuple[int, ...]:
 def validate(c: ml_collections.ConfigDict, num_devices: int = 1, num_processes: int = 1) -> None:
   """Reports every problem of a config at once, before anything is prepared or compiled.
 
+  Every numeric key is range-checked (`config_checks.config_problems`); relations between keys
+  are checked where the keys involved are in range.
+
   Args:
     c: the experiment config.
     num_devices: devices the global batch is split over (each needs whole chunks).
@@ -204,8 +208,13 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1, num_processes: 
   Raises:
     ConfigError: naming every problem, one per line.
   """
-  problems = sharding.batch_layout_problems(c.batch_size, c.chunk_size, num_devices,
-                                            num_processes, c.samples_per_class)
+  # Ranges first: the relations between keys below assume their values are in range.
+  problems = config_checks.config_problems(c)
+  out_of_range = {p.split(" ", 1)[0] for p in problems}
+  in_range = lambda *keys: not out_of_range.intersection(keys)
+  if in_range("batch_size", "chunk_size", "samples_per_class"):
+    problems += sharding.batch_layout_problems(c.batch_size, c.chunk_size, num_devices,
+                                               num_processes, c.samples_per_class)
   if c.loss.name not in LOSS_NAMES:
     problems.append(f"loss.name {c.loss.name!r} is not one of {LOSS_NAMES}")
   if c.simix and c.loss.name != "recall_at_k":
@@ -217,23 +226,16 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1, num_processes: 
                       f"{c.batch_size - 1}: such a k is met whatever the embeddings")
   if c.optimizer.name not in _OPTIMIZERS:
     problems.append(f"optimizer.name {c.optimizer.name!r} is not one of {_OPTIMIZERS}")
-  if c.optimizer.learning_rate <= 0:
-    problems.append("optimizer.learning_rate must be positive")
   if c.model.dtype not in _DTYPES:
     problems.append(f"model.dtype {c.model.dtype!r} is not one of {_DTYPES}")
-  if c.epochs <= 0 or c.eval_every_epochs <= 0:
-    problems.append("epochs and eval_every_epochs must be positive")
-  if c.data.channels not in (1, 3):
-    problems.append(f"data.channels must be 1 or 3, got {c.data.channels}")
-  if c.data.rotated_classes not in (1, 2, 3, 4):
-    problems.append(f"data.rotated_classes must be 1 (off), 2, 3 or 4 quarter-turns, got "
-                    f"{c.data.rotated_classes}")
-  if c.data.image_size > c.data.resize_size:
+  if in_range("data.image_size", "data.resize_size") and c.data.image_size > c.data.resize_size:
     problems.append(f"data.image_size {c.data.image_size} exceeds data.resize_size "
                     f"{c.data.resize_size}")
   if c.model.pretrained and not os.path.isfile(os.path.expanduser(c.model.pretrained)):
     problems.append(f"model.pretrained weights file {c.model.pretrained} does not exist")
   problems += _evaluation_problems(c)
+  if len(problems) == 1:
+    raise errors.ConfigError(f"invalid config: {problems[0]}")
   if problems:
     raise errors.ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
 
@@ -245,9 +247,6 @@ def _evaluation_problems(c: ml_collections.ConfigDict) -> list[str]:
                     "leave-one-out on data.test_splits)")
   elif not evaluated_sets(c):
     problems.append("data.test_splits names no split to evaluate")
-  if c.eval.k_values is not None and (
-      not c.eval.k_values or any(int(k) != k or k < 1 for k in c.eval.k_values)):
-    problems.append(f"eval.k_values must be positive integers, got {c.eval.k_values}")
   if c.eval.reid and protocols.protocol_for(c.data.name)["reid_k_values"] is None:
     problems.append(f"eval.reid: dataset {c.data.name!r} has no re-identification protocol "
                     "(VehicleID has)")

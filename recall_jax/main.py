@@ -11,8 +11,9 @@ r"""Command line: train, evaluate or embed with a config file.
 `train` resumes from the newest checkpoint in `--workdir`. Unknown config keys and values of the
 wrong type are rejected while the flags are parsed; everything else is checked by
 `recall_jax.config.validate` before any data is prepared. Problems the user can fix
-(`recall_jax.errors.UserInputError`) are printed as one line with exit status 2; anything else is
-a bug and keeps its traceback.
+(`recall_jax.errors.UserInputError`) are printed as one line with exit status 2; a training run
+that diverged (NaN/inf loss or state, nothing bad saved) as one line with exit status 1; anything
+else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ def main(argv: list[str]) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   # Imported here so that `--help` and flag errors do not pay for importing JAX.
+  from recall_jax.train import integrity  # pylint: disable=import-outside-toplevel
   from recall_jax.train import modes  # pylint: disable=import-outside-toplevel
   from recall_jax.train import sharding  # pylint: disable=import-outside-toplevel
   from recall_jax.train import trainer  # pylint: disable=import-outside-toplevel
@@ -68,6 +70,10 @@ def main(argv: list[str]) -> int:
     # Configuration and data problems: one clear message, no traceback.
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except (trainer.NonFiniteLossError, integrity.NonFiniteStateError) as e:
+    # The run diverged; the message names the checkpoint to resume from.
+    print(f"error: {e}", file=sys.stderr)
+    return 1
   return 0
 
 

@@ -32,7 +32,7 @@ def test_validation_names_every_problem():
   message = str(info.value)
   for fragment in ("not divisible by samples_per_class", "not divisible by chunk_size",
                    "loss.name 'triplet'", "weights file /nonexistent/weights.npz does not exist",
-                   "data.rotated_classes must be 1 (off), 2, 3 or 4"):
+                   "data.rotated_classes must be one of 1, 2, 3, 4, got 5"):
     assert fragment in message
   c = load_config()
   with pytest.raises(errors.ConfigError,
@@ -54,7 +54,8 @@ def test_evaluation_keys_are_checked():
     config_lib.validate(c)
   message = str(info.value)
   for fragment in ("data.query_split and data.gallery_split must be set together",
-                   "eval.k_values must be positive integers", "eval.reid: dataset 'omniglot'"):
+                   "eval.k_values must be a non-empty sequence of positive integers",
+                   "eval.reid: dataset 'omniglot'"):
     assert fragment in message
   c = load_config()
   c.data.query_split, c.data.gallery_split = "query", "gallery"

@@ -5,20 +5,29 @@ A checkpoint holds the `TrainState` (parameters, optimizer state, step) and a sm
 `keep_checkpoints` for resuming; `<workdir>/best` keeps the one with the best evaluation.
 `eval`, `embed` and other read-only uses pick one with `latest`, `best` or a step number and restore
 its parameters only.
+
+Every saved step gets a checksum manifest (`integrity.write_manifest`), and every restore checks
+it first: a resumed run (`resume_step`) and `latest` go back to the newest intact step, saying
+why; a named step or `best` that does not verify is refused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import pathlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import numpy as np
+from absl import logging as absl_logging
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from recall_jax import errors
 from recall_jax import parallel
+from recall_jax.train import integrity
 from recall_jax.train import train_step as train_step_lib
 
 PyTree = Any
@@ -38,31 +47,91 @@ class Checkpoints:
 
 
 def make_checkpoints(workdir: str | pathlib.Path, *, keep: int = 2,
-                     create: bool = True) -> Checkpoints:
+                     read_only: bool = False) -> Checkpoints:
   """The checkpoint managers of `workdir`.
 
   Args:
     workdir: the run folder.
     keep: latest checkpoints kept.
-    create: create the folders now (for writing); False for read-only use.
+    read_only: for reading only (eval, embed): nothing is created, cleaned or deleted. Otherwise
+      the folders are created and the temporary folders of interrupted saves are deleted.
   """
   # Synchronous saves: the train step donates the state's buffers, so a save must have read
   # them before the next step runs.
-  options = dict(create=create, enable_async_checkpointing=False)
+  options = dict(create=not read_only, read_only=read_only,
+                 cleanup_tmp_directories=not read_only, enable_async_checkpointing=False)
+  if read_only:  # what Orbax would otherwise reset, warning about each
+    options.update(save_interval_steps=0)
   workdir = pathlib.Path(workdir).expanduser().absolute()  # Orbax refuses relative paths
-  latest = ocp.CheckpointManager(
-      workdir / "checkpoints", options=ocp.CheckpointManagerOptions(max_to_keep=keep, **options))
-  best = ocp.CheckpointManager(
-      workdir / "best", options=ocp.CheckpointManagerOptions(max_to_keep=1, **options))
+  with _orbax_warnings_hidden(read_only):  # "Given directory is read only": as asked
+    latest = ocp.CheckpointManager(workdir / "checkpoints", options=ocp.CheckpointManagerOptions(
+        max_to_keep=None if read_only else keep, **options))
+    best = ocp.CheckpointManager(workdir / "best", options=ocp.CheckpointManagerOptions(
+        max_to_keep=None if read_only else 1, **options))
   return Checkpoints(latest, best)
+
+
+@contextlib.contextmanager
+def _orbax_warnings_hidden(hidden: bool):
+  previous = absl_logging.get_verbosity()
+  if hidden:
+    absl_logging.set_verbosity(absl_logging.ERROR)
+  try:
+    yield
+  finally:
+    absl_logging.set_verbosity(previous)
 
 
 def save(manager: ocp.CheckpointManager, state: train_step_lib.TrainState,
          meta: Mapping[str, Any]) -> None:
-  """Writes `state` and `meta` as the checkpoint of step `state.step` (replacing one there)."""
-  manager.save(int(state.step), args=ocp.args.Composite(
+  """Writes `state` and `meta` as the checkpoint of step `state.step` (replacing one there).
+
+  Once Orbax has finished, process 0 records the step's checksum manifest: a step without one
+  did not finish saving.
+  """
+  step = int(state.step)
+  if step in manager.all_steps():  # a resumed run replaying steps saved before (e.g. the best)
+    manager.delete(step)
+  manager.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta))), force=True)
   manager.wait_until_finished()
+  if jax.process_index() == 0:
+    integrity.write_manifest(integrity.step_path(manager.directory, step))
+
+
+def resume_step(manager: ocp.CheckpointManager, set_aside_to: str | pathlib.Path,
+                log_fn: Callable[[str], Any]) -> int | None:
+  """The step a training run resumes from: the newest intact one (None: start afresh).
+
+  Process 0 verifies the steps against their manifests (`integrity.resume_step`), moves newer
+  damaged steps to `set_aside_to` and says why through `log_fn`; the other processes get its
+  answer and reload their view of the folder.
+
+  Raises:
+    CorruptCheckpointError: every saved step is damaged (on process 0; the other processes
+      raise a DataError pointing at it).
+  """
+  step, failure = None, None
+  if jax.process_index() == 0:
+    try:
+      step, messages = integrity.resume_step(manager, set_aside_to=set_aside_to)
+    except errors.UserInputError as e:
+      failure = e
+    else:
+      for message in messages:
+        log_fn(message + (f"; resuming from step {step}" if step is not None else ""))
+  if jax.process_count() > 1:
+    code = -2 if failure is not None else (-1 if step is None else step)
+    code = int(multihost_utils.broadcast_one_to_all(np.int64(code)))
+    if code == -2 and failure is None:
+      raise errors.DataError("the coordinating process found no usable checkpoint (see its "
+                             "output)")
+    if jax.process_index() != 0:
+      manager.reload()
+      step = None if code == -1 else code
+  if failure is not None:
+    raise failure
+  return step
 
 
 def restore(manager: ocp.CheckpointManager, step: int, template: train_step_lib.TrainState
@@ -81,44 +150,67 @@ def check_name(which: str) -> None:
         f"--checkpoint must be 'latest', 'best' or a step number, got {which!r}")
 
 
-def resolve(checkpoints: Checkpoints, which: str) -> tuple[ocp.CheckpointManager, int]:
-  """The manager and step that `latest`, `best` or a step number names.
+def resolve(checkpoints: Checkpoints, which: str, log_fn: Callable[[str], Any] | None = None
+            ) -> tuple[ocp.CheckpointManager, int]:
+  """The manager and verified step that `latest`, `best` or a step number names.
+
+  `latest` is the newest intact step (`integrity.newest_usable_step`); `best` and a step number
+  must match their manifest (a step saved without one is accepted with a warning). Reads only.
+
+  Args:
+    checkpoints: the run's managers.
+    which: 'latest', 'best' or a step number.
+    log_fn: receives one line per skipped or unverified step (None: print).
 
   Raises:
     ConfigError: `which` is none of these.
     MissingFileError: no such checkpoint exists.
+    CorruptCheckpointError: the named step (or every step, for `latest`) is damaged.
   """
+  log_fn = log_fn or print
   check_name(which)
-  if which in ("latest", "best"):
-    manager = checkpoints.best if which == "best" else checkpoints.latest
+  if which == "latest":
+    manager = checkpoints.latest
+    step, messages = integrity.newest_usable_step(manager.directory, manager.all_steps())
+    if step is None:
+      raise errors.MissingFileError(f"no latest checkpoint in {manager.directory}")
+    for message in messages:
+      log_fn(message + f"; using step {step}")
+    return manager, step
+  if which == "best":
+    manager = checkpoints.best
     step = manager.latest_step()
     if step is None:
-      raise errors.MissingFileError(f"no {which} checkpoint in {manager.directory}")
-    return manager, step
-  step, manager = int(which), checkpoints.latest
-  if step not in manager.all_steps():
-    raise errors.MissingFileError(f"no checkpoint at step {step} in {manager.directory}; "
-                                  f"available: {sorted(manager.all_steps())}")
+      raise errors.MissingFileError(f"no best checkpoint in {manager.directory}")
+  else:
+    step, manager = int(which), checkpoints.latest
+    if step not in manager.all_steps():
+      raise errors.MissingFileError(f"no checkpoint at step {step} in {manager.directory}; "
+                                    f"available: {sorted(manager.all_steps())}")
+  warning = integrity.require_intact(manager.directory, step, allow_unverified=True)
+  if warning:
+    log_fn(warning)
   return manager, step
 
 
-def restore_params(workdir: str | pathlib.Path, which: str,
-                   params_template: PyTree) -> tuple[PyTree, int]:
+def restore_params(workdir: str | pathlib.Path, which: str, params_template: PyTree,
+                   log_fn: Callable[[str], Any] | None = None) -> tuple[PyTree, int]:
   """The parameters of one checkpoint (without its optimizer state), and its step.
 
   Args:
     workdir: the run folder.
     which: 'latest', 'best' or a step number (`resolve`).
     params_template: parameters (or `jax.ShapeDtypeStruct`s) with the saved shapes and dtypes.
+    log_fn: receives one line per skipped or unverified step (None: print).
 
   Returns:
     (params, step): params replicated on every device, whatever the topology that saved them.
 
   Raises:
-    ConfigError / MissingFileError: as `resolve`.
+    ConfigError / MissingFileError / CorruptCheckpointError: as `resolve`.
   """
   check_name(which)
-  manager, step = resolve(make_checkpoints(workdir, create=False), which)
+  manager, step = resolve(make_checkpoints(workdir, read_only=True), which, log_fn)
   everywhere = parallel.replicated(parallel.data_mesh())
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=everywhere),
                           {"params": params_template})

@@ -1,7 +1,8 @@
 """Programs that use a trained checkpoint: evaluate it, or write a split's embeddings.
 
 Both restore only the parameters of the checkpoint named by `latest`, `best` or a step number
-(`checkpointing.restore_params`); nothing of the training split is read.
+(`checkpointing.restore_params`, which checks the checkpoint against its checksums); nothing of
+the training split is read. They only read the workdir: a missing one is reported, not created.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from recall_jax import evaluation
 from recall_jax.train import checkpointing
 from recall_jax.train import experiment as experiment_lib
 from recall_jax.train import reporting
+from recall_jax.train import workdir as workdir_lib
 
 PyTree = Any
 
@@ -35,7 +37,7 @@ def restore_embed_fn(c: ml_collections.ConfigDict, workdir: str | pathlib.Path, 
   model = experiment_lib.make_model(c)
   variables = experiment_lib.make_variables(c, model)
   template = variables.pop("params")
-  params, step = checkpointing.restore_params(workdir, which, template)
+  params, step = checkpointing.restore_params(workdir, which, template, log_fn=reporting.say)
   return experiment_lib.make_embed_fn(model, variables)(params), step
 
 
@@ -48,6 +50,7 @@ def evaluate_checkpoint(c: ml_collections.ConfigDict, workdir: str | pathlib.Pat
   """
   config_lib.validate(c)
   checkpointing.check_name(which)
+  workdir_lib.require_existing_run(workdir)
   eval_sets = experiment_lib.make_eval_sets(c)
   embed_fn, step = restore_embed_fn(c, workdir, which)
   evaluator = experiment_lib.make_evaluator(c, None, eval_sets, log_fn=None)
@@ -72,7 +75,7 @@ def embed_split(c: ml_collections.ConfigDict, workdir: str | pathlib.Path, which
   """
   config_lib.validate(c)
   checkpointing.check_name(which)
-  workdir = pathlib.Path(workdir)
+  workdir = workdir_lib.require_existing_run(workdir)
   split = split or c.data.gallery_split or c.data.test_splits[0]
   source = experiment_lib.make_source(c, split)
   embed_fn, _ = restore_embed_fn(c, workdir, which)

@@ -4,11 +4,16 @@ A run is a pure function of the config: batch t is `sampler.batch_indices(t)`, i
 is seeded by (seed, t, position) and its PRNG key is `fold_in(key(seed), t)`. A checkpoint holds
 the parameters, the optimizer state and the step, so a resumed run continues with exactly the
 batches, keys and updates it would have seen (bit for bit on a CPU).
+
+A run holds an exclusive lock on its workdir, refuses to resume with a config its checkpoints do
+not fit, resumes from the newest checkpoint that matches its checksums, and never saves a state
+that is not finite (docs/reliability.md).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import pathlib
 import time
@@ -16,17 +21,23 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import tqdm
+from jax.experimental import multihost_utils
 
 from recall_jax import config as config_lib
+from recall_jax import config_checks
+from recall_jax import errors
 from recall_jax import data
 from recall_jax import evaluation
 from recall_jax.train import checkpointing
 from recall_jax.train import experiment as experiment_lib
+from recall_jax.train import integrity
 from recall_jax.train import preemption
 from recall_jax.train import reporting
 from recall_jax.train import sharding
 from recall_jax.train import train_step as train_step_lib
+from recall_jax.train import workdir as workdir_lib
 
 
 class NonFiniteLossError(RuntimeError):
@@ -40,21 +51,77 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str | pathlib.Path
     The last evaluation's metrics (empty if the run stopped before evaluating).
 
   Raises:
-    ConfigError / MissingFileError: bad config or missing data/weights, before compiling.
-    NonFiniteLossError: the loss became NaN/inf; the last good checkpoint is left intact.
+    ConfigError / MissingFileError: bad config or missing data/weights, before compiling; a
+      config its checkpoints do not fit.
+    WorkdirInUseError / WorkdirNotWritableError: another run holds `workdir`, or it cannot be
+      written.
+    CorruptCheckpointError: every saved checkpoint is damaged.
+    NonFiniteLossError / NonFiniteStateError: the loss or the updated state became NaN/inf;
+      nothing non-finite was saved and the newest intact checkpoint is left as it was.
   """
   config_lib.validate(c, num_devices=jax.device_count(), num_processes=jax.process_count())
-  workdir = pathlib.Path(workdir)
-  exp = experiment_lib.make_experiment(c, log_fn=reporting.say, progress=_is_main())
+  workdir = pathlib.Path(workdir).expanduser()
+  with _locked(workdir):
+    return _train(c, workdir)
+
+
+@contextlib.contextmanager
+def _locked(workdir: pathlib.Path):
+  """Holds the workdir lock (process 0) for the whole run; every process stops if it fails."""
+  failure, lock = None, None
+  try:
+    lock = workdir_lib.acquire_workdir_lock(workdir, process_index=jax.process_index())
+  except errors.UserInputError as e:
+    failure = e
+  if jax.process_count() > 1:
+    ok = bool(multihost_utils.broadcast_one_to_all(np.bool_(failure is None)))
+    if not ok and failure is None:
+      failure = errors.ConfigError(f"the coordinating process could not lock {workdir} (see its "
+                                   "output)")
+  if failure is not None:
+    raise failure
+  try:
+    if lock.previous_owner:
+      reporting.say(f"previous run (pid {lock.previous_owner.get('pid')} on host "
+                    f"{lock.previous_owner.get('host')}) ended without releasing the lock; "
+                    "taking over")
+    yield lock
+  finally:
+    lock.release()
+
+
+def _check_resumable(c: ml_collections.ConfigDict, workdir: pathlib.Path,
+                     checkpoints: checkpointing.Checkpoints) -> None:
+  """Refuses a config the run's checkpoints do not fit, before config.json is overwritten."""
+  stored_path = workdir / "config.json"
+  if checkpoints.latest.latest_step() is None or not stored_path.is_file():
+    return
+  try:
+    stored = json.loads(stored_path.read_text())
+  except ValueError:
+    stored = None  # torn by a crash: nothing to compare with; it is rewritten below
+  config_checks.check_resume_compatible(stored, c, source=str(stored_path))
+
+
+def _train(c: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, Any]:
   checkpoints = checkpointing.make_checkpoints(workdir, keep=c.keep_checkpoints)
-  resuming = checkpoints.latest.latest_step() is not None
+  _check_resumable(c, workdir, checkpoints)
+  exp = experiment_lib.make_experiment(c, log_fn=reporting.say, progress=_is_main())
+  resume_from = checkpointing.resume_step(checkpoints.latest, workdir / "corrupt_checkpoints",
+                                          reporting.say)
+  resuming = resume_from is not None
   state = experiment_lib.init_state(exp, center_head=c.model.center_head_init and not resuming)
   meta = {}
   if resuming:
-    state, meta = checkpointing.restore(checkpoints.latest, checkpoints.latest.latest_step(), state)
+    state, meta = checkpointing.restore(checkpoints.latest, resume_from, state)
+    if not integrity.is_finite_tree(state):  # only a step saved without a manifest can be
+      raise integrity.NonFiniteStateError(
+          f"checkpoint {resume_from} in {checkpoints.latest.directory} holds NaN/inf values; "
+          "move it away to resume from an older one")
     reporting.say(f"resumed from step {int(state.step)} in {workdir / 'checkpoints'}")
   best_value, start, results = meta.get("best_value", -math.inf), int(state.step), {}
   log = _Log(c, workdir, start, exp.total_steps, exp.steps_per_epoch)
+  _record_skipped_images(exp, log.writer, start)
   batches = data.make_train_loader(
       exp.train_source, exp.sampler, image_size=c.data.image_size, start_step=start, seed=c.seed,
       worker_count=c.data.worker_count, process_index=jax.process_index(),
@@ -69,13 +136,14 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str | pathlib.Path
       images_per_s = c.batch_size / (time.perf_counter() - tick)
       log.step(done, metrics, float(exp.schedule(step)), images_per_s)
       if _evaluates_after(c, done, exp):
+        _require_finite(checkpoints, state)  # a diverged update is reported, not evaluated
         results = _evaluate(exp, state.params, done, log.writer, workdir)
         if results.get(c.best_metric, -math.inf) > best_value:
           best_value = results[c.best_metric]
-          checkpointing.save(checkpoints.best, state, _meta(c, best_value, state, exp))
+          _save(checkpoints, checkpoints.best, state, _meta(c, best_value, state, exp))
       stop = poll_stop()  # once per step: on several hosts a collective
       if done % c.checkpoint_every_steps == 0 or done == exp.total_steps or stop:
-        checkpointing.save(checkpoints.latest, state, _meta(c, best_value, state, exp))
+        _save(checkpoints, checkpoints.latest, state, _meta(c, best_value, state, exp))
       if stop:
         reporting.say(f"stopped by {stop} at step {done}; checkpoint saved in "
                       f"{workdir / 'checkpoints'}: rerun the same command to resume")
@@ -87,6 +155,21 @@ def _is_main() -> bool:
   return jax.process_index() == 0
 
 
+def _save(checkpoints: checkpointing.Checkpoints, manager, state: train_step_lib.TrainState,
+          meta: dict[str, Any]) -> None:
+  """Saves `state` to `manager` unless the update made it NaN/inf (then names a good step)."""
+  _require_finite(checkpoints, state)
+  checkpointing.save(manager, state, meta)
+
+
+def _require_finite(checkpoints: checkpointing.Checkpoints,
+                    state: train_step_lib.TrainState) -> None:
+  """Raises NonFiniteStateError, naming the newest intact checkpoint, if `state` is NaN/inf."""
+  integrity.raise_if_not_finite(state, step=int(state.step),
+                                checkpoint_dir=checkpoints.latest.directory,
+                                steps=checkpoints.latest.all_steps())
+
+
 def _step(exp: experiment_lib.Experiment, state: train_step_lib.TrainState, local_batch, step: int,
           checkpoints: checkpointing.Checkpoints):
   """One update on this process's slice of batch `step`; stops on a non-finite loss."""
@@ -95,11 +178,41 @@ def _step(exp: experiment_lib.Experiment, state: train_step_lib.TrainState, loca
                                   jax.random.fold_in(jax.random.key(exp.config.seed), step))
   metrics = {k: float(v) for k, v in metrics.items()}  # waits for the step
   if not math.isfinite(metrics["loss"]):
+    good, _ = integrity.newest_intact_step(checkpoints.latest.directory,
+                                           checkpoints.latest.all_steps())
+    where = (f"The last good checkpoint (step {good}) in {checkpoints.latest.directory} is "
+             "intact: lower the learning rate or check the data, then rerun to resume from it."
+             if good is not None else f"There is no intact checkpoint in "
+             f"{checkpoints.latest.directory}: lower the learning rate or check the data and "
+             "start again.")
     raise NonFiniteLossError(
-        f"loss is {metrics['loss']} at step {step + 1}; stopping without saving. The last good "
-        f"checkpoint (step {checkpoints.latest.latest_step()}) in {checkpoints.latest.directory} "
-        "is intact: lower the learning rate or check the data, then rerun to resume from it.")
+        f"loss is {metrics['loss']} at step {step + 1}; stopping without saving. {where}")
   return state, metrics
+
+
+def _skipped_and_listed(source) -> tuple[str, int, int] | None:
+  """(split, images skipped as unreadable, images listed) of a prepared split under wrappers."""
+  while not hasattr(source, "skipped") and hasattr(source, "source"):
+    source = source.source  # FirstN, RotatedClasses
+  if not hasattr(source, "skipped"):
+    return None  # not a prepared split: nothing was skipped
+  skipped = len(source.skipped)
+  return (getattr(source, "split", "?"), skipped,
+          getattr(source, "listed", len(source) + skipped))
+
+
+def _record_skipped_images(exp: experiment_lib.Experiment, writer: reporting.MetricWriter,
+                           step: int) -> None:
+  """Says how many images of each split were unreadable, and writes it as a `data` row."""
+  sources = [exp.train_source] + [s for e in exp.eval_sets.values() for s in e if s is not None]
+  row = {}
+  for found in filter(None, map(_skipped_and_listed, sources)):
+    split, skipped, listed = found
+    row[f"{split}/skipped_images"], row[f"{split}/listed_images"] = skipped, listed
+    if skipped:
+      reporting.say(f"{exp.config.data.name}/{split}: {skipped} of {listed} listed images are "
+                    "unreadable and were skipped")
+  writer.write(step, "data", row)
 
 
 def _evaluates_after(c: ml_collections.ConfigDict, done: int,
@@ -141,9 +254,11 @@ class _Log:
   def __init__(self, c: ml_collections.ConfigDict, workdir: pathlib.Path, start: int, total: int,
                steps_per_epoch: int):
     self._c, self._total, self._steps_per_epoch = c, total, steps_per_epoch
-    self.writer = reporting.MetricWriter(workdir, enabled=_is_main())
     if _is_main():
-      (workdir / "config.json").write_text(c.to_json_best_effort(indent=2))
+      # A resumed run replays the steps after its checkpoint: their earlier rows go.
+      workdir_lib.truncate_metrics(workdir / "metrics.jsonl", start)
+      workdir_lib.atomic_write_text(workdir / "config.json", c.to_json_best_effort(indent=2))
+    self.writer = reporting.MetricWriter(workdir, enabled=_is_main())
     self._bar = tqdm.tqdm(total=total, initial=start, desc="train", unit="step",
                           disable=not _is_main(), dynamic_ncols=True)
 

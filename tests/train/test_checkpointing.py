@@ -8,6 +8,7 @@ import pytest
 
 from recall_jax import errors
 from recall_jax.train import checkpointing
+from recall_jax.train import integrity
 from recall_jax.train import train_step
 
 
@@ -44,3 +45,36 @@ def test_missing_and_malformed_checkpoints(tmp_path):
   assert not (tmp_path / "run").exists()  # read-only use creates nothing
   with pytest.raises(errors.ConfigError, match="'latest', 'best' or a step number, got 'newest'"):
     checkpointing.restore_params(tmp_path / "run", "newest", state_at(0).params)
+
+
+def test_saves_are_checksummed_and_damaged_steps_are_not_restored(tmp_path):
+  checkpoints = checkpointing.make_checkpoints(tmp_path, keep=3)
+  for step in (1, 2):
+    checkpointing.save(checkpoints.latest, state_at(step), {})
+  checkpointing.save(checkpoints.best, state_at(2), {})
+  saved = [tmp_path / "checkpoints" / "1", tmp_path / "checkpoints" / "2", tmp_path / "best" / "2"]
+  for folder in saved:
+    assert (folder / integrity.MANIFEST_NAME).is_file()
+    assert integrity.verify_step(folder) is None
+
+  # Truncate a file of the newest latest step and of the best step.
+  for folder in (tmp_path / "checkpoints" / "2", tmp_path / "best" / "2"):
+    damaged = max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    damaged.write_bytes(damaged.read_bytes()[:-1])
+  said = []
+  params, step = checkpointing.restore_params(tmp_path, "latest", state_at(0).params, said.append)
+  assert step == 1 and len(said) == 1 and said[0].startswith("checkpoint 2 is corrupt")
+  jax.tree.map(np.testing.assert_array_equal, params, state_at(1).params)
+  for which in ("best", "2"):
+    with pytest.raises(integrity.CorruptCheckpointError, match="checkpoint 2 in .* is corrupt"):
+      checkpointing.restore_params(tmp_path, which, state_at(0).params)
+  assert (tmp_path / "checkpoints" / "2").is_dir()  # reading moves nothing
+
+  # Resuming sets the damaged step aside and goes back to step 1.
+  step = checkpointing.resume_step(checkpoints.latest, tmp_path / "corrupt", said.append)
+  assert step == 1 and said[-1].endswith("resuming from step 1")
+  assert checkpoints.latest.all_steps() == [1]
+  assert (tmp_path / "corrupt" / "2").is_dir()
+  # A replayed step is saved again, replacing nothing but the missing folder.
+  checkpointing.save(checkpoints.latest, state_at(2), {})
+  assert integrity.verify_step(tmp_path / "checkpoints" / "2") is None

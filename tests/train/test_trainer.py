@@ -181,7 +181,7 @@ def test_folder_dataset_with_query_and_gallery_splits(tmp_path):
   c.optimizer.name, c.optimizer.learning_rate = "adam", 1e-3
   c.epochs, c.max_steps, c.eval_every_epochs = 1, 2, 1
   c.best_metric, c.num_grid_queries, c.log_every_steps = "query/recall@1", 2, 1
-  c.eval.k_values = (1, 2)
+  c.eval.k_values = c.loss.recall_at_k.k_values = (1, 2)  # k below the batch size - 1
   workdir = tmp_path / "run"
   results = trainer.train_and_evaluate(c, workdir)
   assert results["query/num_queries"] == 8  # every query, searched in the 16 gallery images
