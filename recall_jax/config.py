@@ -14,6 +14,7 @@ import os
 import ml_collections
 
 from recall_jax import errors
+from recall_jax import landmark_checks
 from recall_jax.evaluation import protocols
 from recall_jax.losses import LOSS_NAMES
 from recall_jax.train import sharding
@@ -51,6 +52,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.eval_batch_size = 256  # images per evaluation batch
   c.data.download = True  # Omniglot only: fetch missing archives from the official repository
   c.data.max_eval_images = _optional(int)  # evaluate on the first N images of each split only
+  c.data.aspect_buckets = 0  # >0: whole images (longer side image_size, padded + masked, ResNets)
+  c.data.distractors = _optional(str)  # eval.datasets: "revisitop1m" added to each database
+  c.data.check_sizes = True  # eval.datasets: refuse other than the official image counts
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "vit_b16"  # backbone (recall_jax.models.available_models())
@@ -58,6 +62,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"  # compute dtype of the backbone; "bfloat16" on GPUs
   c.model.pretrained = _optional(str)  # .npz / .safetensors weights for the backbone
   c.model.center_head_init = False  # centre the head on the first batch (training from scratch)
+  c.model.head = _optional(str)  # ResNets: "embedding" or "landmark"; None: the model's own
+  c.model.whiten = True  # landmark head: end with the whitening FC (D x D, with bias)
+  c.model.whitening_init = _optional(str)  # landmark head: .npz whitening loaded into the FC
 
   c.batch_size = 4000  # global mega-batch B, images per step
   c.samples_per_class = 4  # m, images of each class in a batch
@@ -88,6 +95,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.k_values = _optional(tuple)  # recall@k cut-offs; None: the dataset's, else (1, 2, 4, 8)
   c.eval.reid = False  # also the re-identification protocol (VehicleID only): keys 'reid_*'
+  c.eval.datasets = ()  # revisited benchmarks (roxford5k, rparis6k), instead of data.test_splits
+  c.eval.protocols = ("easy", "medium", "hard")  # revisited protocols written to metrics.jsonl
+  c.eval.scales = (1.0,)  # revisited: descriptor scales, e.g. (1, 2**-0.5, 2**0.5)
+  c.eval.whitening = _optional(str)  # revisited: .npz whitening applied to test descriptors
+  c.eval.qe_k = 0  # revisited: alpha query expansion over the k nearest (0: off)
+  c.eval.qe_alpha = 3.0  # revisited: query expansion's similarity exponent
+  c.eval.dba_k = 0  # revisited: database-side augmentation over the k nearest (0: off)
+  c.eval.dba_alpha = 3.0  # revisited: database augmentation's similarity exponent
+  c.eval.cache_dir = _optional(str)  # distractor embeddings; None: <prepared root>/embeddings
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "adamw"  # adam (L2 added to the gradient), adamw or sgd (momentum 0.9)
@@ -179,6 +195,8 @@ def evaluated_sets(c: ml_collections.ConfigDict) -> tuple[str, ...]:
   Each test split evaluated leave-one-out, or the query split when queries are searched in a
   separate gallery (`data.query_split` and `data.gallery_split`).
   """
+  if c.eval.get("datasets"):
+    return landmark_checks.revisited_settings(c)
   if c.data.query_split and c.data.gallery_split:
     return (c.data.query_split,)
   return tuple(c.data.test_splits)
@@ -227,6 +245,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1, num_processes: 
   if c.model.pretrained and not os.path.isfile(os.path.expanduser(c.model.pretrained)):
     problems.append(f"model.pretrained weights file {c.model.pretrained} does not exist")
   problems += _evaluation_problems(c)
+  problems += landmark_checks.landmark_problems(c)
   if problems:
     raise errors.ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
 
