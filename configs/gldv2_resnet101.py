@@ -40,6 +40,7 @@ def get_config(arg=None):
     c.model.name = "resnet_tiny_landmark_test"
     c.data.image_size = c.data.resize_size = 64
     c.batch_size, c.chunk_size = 16, 8  # 4 landmarks x 4 images
-    c.max_steps = 2
+    c.loss.recall_at_k.k_values = (1, 2, 4, 8)  # k < B - 1
+    c.epochs = c.max_steps = c.eval_every_epochs = 2  # 2 steps, then the evaluation
     c.num_grid_queries = 0  # the revisited evaluation draws no retrieval grid
   return c

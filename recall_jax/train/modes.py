@@ -16,6 +16,7 @@ from recall_jax import config as config_lib
 from recall_jax import evaluation
 from recall_jax.train import checkpointing
 from recall_jax.train import experiment as experiment_lib
+from recall_jax.train import landmarks
 from recall_jax.train import reporting
 
 PyTree = Any
@@ -46,6 +47,8 @@ def evaluate_checkpoint(c: ml_collections.ConfigDict, workdir: str | pathlib.Pat
   Returns:
     The metrics, {'<set>/<metric>': value}.
   """
+  if c.eval.get("datasets"):  # The revisited benchmarks: their own table, and metrics.jsonl.
+    return landmarks.evaluate_checkpoint(c, workdir, which)
   config_lib.validate(c)
   checkpointing.check_name(which)
   eval_sets = experiment_lib.make_eval_sets(c)
