@@ -101,7 +101,8 @@ class RevisitedEvaluator:
         embeddings are cached under the fingerprint alone).
       sets: benchmark name -> its `RevisitedSet`.
       distractors: appended to every database in a second setting; None: no distractors.
-      whitening: applied to every descriptor at test time (then L2-normalised); None: none.
+      whitening: applied to every (L2-normalised) descriptor at test time, then L2-normalised
+        again; None: none.
       protocols: the protocols whose metrics are returned (the printed table shows all).
       kappas: the k of mP@k.
       qe_k, qe_alpha, dba_k, dba_alpha: query expansion and database-side augmentation
@@ -153,7 +154,8 @@ class RevisitedEvaluator:
                 else self._factory(params_or_embed_fn))
     if self._whitening is not None:
       whitening, describe = self._whitening, embed_fn
-      embed_fn = jax.jit(lambda images: whitening_lib.apply_whitening(describe(images), whitening))
+      embed_fn = jax.jit(lambda images: whitening_lib.apply_whitening(
+          extraction.l2_normalize(describe(images)), whitening))
     distractors = None
     if self._distractors is not None:
       d = self._distractors
