@@ -40,6 +40,11 @@ _OUTPUT = flags.DEFINE_string("output", None,
                               "embed: output .npz (default: <workdir>/<split>_embeddings.npz); "
                               "whiten: the whitening .npz (default: <workdir>/whitening.npz).")
 
+_WHITENING = flags.DEFINE_enum("whitening", "learned", ["learned", "pca"],
+                               "whiten: learned from same-class pairs, or PCA-whitening.")
+_WHITENING_DIM = flags.DEFINE_integer("whitening_dim", None,
+                                      "whiten: keep the leading directions (default: all).")
+
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -65,7 +70,8 @@ def main(argv: list[str]) -> int:
       modes.evaluate_checkpoint(config, _WORKDIR.value, _CHECKPOINT.value)
     elif _MODE.value == "whiten":
       from recall_jax.train import landmarks  # pylint: disable=import-outside-toplevel
-      landmarks.learn_whitening_file(config, _WORKDIR.value, _CHECKPOINT.value, _OUTPUT.value)
+      landmarks.learn_whitening_file(config, _WORKDIR.value, _CHECKPOINT.value, _OUTPUT.value,
+                                     kind=_WHITENING.value, dim=_WHITENING_DIM.value)
     else:
       modes.embed_split(config, _WORKDIR.value, _CHECKPOINT.value, split=_SPLIT.value,
                         output=_OUTPUT.value)

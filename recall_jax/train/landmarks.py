@@ -27,6 +27,7 @@ import numpy as np
 
 from recall_jax import config as config_lib
 from recall_jax import data
+from recall_jax import errors
 from recall_jax import evaluation
 from recall_jax.data import landmarks as landmark_data
 from recall_jax.evaluation import landmark_evaluator
@@ -164,14 +165,20 @@ def evaluate_checkpoint(c: ml_collections.ConfigDict, workdir: str | pathlib.Pat
   return metrics
 
 
+WHITENING_KINDS = ("learned", "pca")
+
+
 def learn_whitening_file(c: ml_collections.ConfigDict, workdir: str | pathlib.Path,
                          which: str = "latest", output: str | None = None, *,
+                         kind: str = "learned", dim: int | None = None, power: float = 0.5,
                          pairs_per_class: int = 10) -> pathlib.Path:
   """`--mode whiten`: learns a whitening from the training split's GeM descriptors.
 
   The descriptors are the model's GeM -> L2 output without the whitening FC (single scale), of
-  the first `data.max_eval_images` training images (all when None); pairs of images of the same
-  class give `learn_whitening` (Radenovic et al.). With no checkpoint in `workdir` (or
+  the first `data.max_eval_images` training images (all when None). `kind='learned'`: pairs of
+  images of the same class give `learn_whitening` (Radenovic et al.; it needs at least D
+  independent pairs); `kind='pca'`: `pca_whitening` with eigenvalue `power`. `dim` keeps the
+  leading directions (e.g. the FC's output size). With no checkpoint in `workdir` (or
   `which='initial'`), the config's initial (pretrained) weights are used: the whitening that
   `model.whitening_init` expects before training.
 
@@ -179,10 +186,14 @@ def learn_whitening_file(c: ml_collections.ConfigDict, workdir: str | pathlib.Pa
     The `.npz` written (`output`, default `<workdir>/whitening.npz`).
 
   Raises:
-    DataError: no class with two images, or too few pairs for the descriptor dimension.
+    ConfigError: an unknown kind.
+    DataError: no class with two images, too few pairs for the descriptor dimension, or
+      descriptors spanning fewer than `dim` dimensions (PCA).
   """
   from recall_jax.train import experiment as experiment_lib  # pylint: disable=import-outside-toplevel
 
+  if kind not in WHITENING_KINDS:
+    raise errors.ConfigError(f"whitening kind must be one of {WHITENING_KINDS}, got {kind!r}")
   config_lib.validate(c)
   model = experiment_lib.make_model(c)
   variables = experiment_lib.make_variables(c, model)
@@ -198,13 +209,18 @@ def learn_whitening_file(c: ml_collections.ConfigDict, workdir: str | pathlib.Pa
   describe = make_describe_fn(single, gem_only, variables)(params)
   descriptors, labels, _ = evaluation.extract_embeddings(
       describe, _eval_batches(c, source)(), desc="describe training images")
-  queries, positives = whitening_lib.pairs_from_labels(labels, pairs_per_class=pairs_per_class,
-                                                       seed=c.seed)
-  whitening = whitening_lib.learn_whitening(np.asarray(descriptors, np.float64), queries,
-                                            positives)
+  descriptors = np.asarray(descriptors, np.float64)
+  if kind == "pca":
+    whitening = whitening_lib.pca_whitening(descriptors, power=power, dim=dim)
+    what = f"a PCA whitening (power {power})"
+  else:
+    queries, positives = whitening_lib.pairs_from_labels(
+        labels, pairs_per_class=pairs_per_class, seed=c.seed)
+    whitening = whitening_lib.learn_whitening(descriptors, queries, positives, dim=dim)
+    what = f"a whitening learned from {len(queries)} pairs"
   path = pathlib.Path(output) if output else pathlib.Path(workdir) / "whitening.npz"
   path.parent.mkdir(parents=True, exist_ok=True)
   whitening_lib.save_whitening(path, whitening)
-  print(f"wrote a learned whitening of {descriptors.shape[1]}-d descriptors ({len(queries)} "
-        f"pairs of {c.data.name}/{c.data.train_split}) to {path}")
+  print(f"wrote {what} of {len(descriptors)} {descriptors.shape[1]}-d descriptors of "
+        f"{c.data.name}/{c.data.train_split} to {path}")
   return path

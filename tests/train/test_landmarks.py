@@ -1,6 +1,7 @@
 """The landmark recipe end to end: the smoke configs train on GLDv1 / GLDv2 fixtures in their
 official layouts and are evaluated on ROxford5k / RParis6k fixtures through `recall_jax.main`."""
 
+import importlib.util
 import json
 import pathlib
 import pickle
@@ -16,6 +17,9 @@ from recall_jax import errors
 from recall_jax import landmark_checks
 from recall_jax.data import landmarks as landmark_data
 from recall_jax.evaluation import revisited
+from recall_jax.evaluation import whitening as whitening_lib
+from recall_jax.train import experiment
+from recall_jax.train import landmarks
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 LANDMARKS, IMAGES_PER_LANDMARK = (11, 205, 3070, 99), 4
@@ -167,3 +171,43 @@ def test_check_constants_match_the_packages():
   assert landmark_checks.REVISITED_DATASETS == tuple(sorted(landmark_data.REVISITED_SIZES))
   assert landmark_checks.PROTOCOLS == revisited.PROTOCOLS
   assert landmark_checks.DISTRACTORS == ("revisitop1m",)
+
+
+def _config(name: str, arg: str | None = "smoke"):
+  spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def test_whiten_mode_writes_the_whitening_that_initialises_the_fc(tmp_path):
+  folder = tmp_path / "data" / "gldv2"
+  rows = ["landmark_id,images"]
+  for landmark in range(24):
+    ids = [f"{landmark:03d}{n}abcdef" for n in range(2)]
+    for n, image_id in enumerate(ids):
+      _jpeg(folder / "train" / image_id[0] / image_id[1] / image_id[2] / f"{image_id}.jpg",
+            2 * landmark + n)
+    rows.append(f"{landmark},{' '.join(ids)}")
+  (folder / "train_clean.csv").write_text("\n".join(rows) + "\n")
+  c = _config("gldv2_resnet101")
+  c.data.root = str(tmp_path / "data")
+  c.data.image_size = c.data.resize_size = 32
+  c.data.eval_batch_size = 16
+  c.data.max_eval_images = None
+  k = c.model.embedding_dim  # the FC keeps the leading k whitened directions
+  # A random tiny ResNet has dead channels: its 256-d descriptors span fewer dimensions, which a
+  # learned whitening refuses clearly; PCA-whitening keeps the k leading ones.
+  with pytest.raises(errors.DataError, match="singular"):
+    landmarks.learn_whitening_file(c, tmp_path / "run", output=str(tmp_path / "w.npz"))
+  path = landmarks.learn_whitening_file(c, tmp_path / "run", output=str(tmp_path / "w.npz"),
+                                        kind="pca", dim=k)
+  whitening = whitening_lib.load_whitening(path)
+  assert whitening.kind == "pca" and whitening.projection.shape == (k, 256)
+
+  c.model.whitening_init = str(path)
+  model = experiment.make_model(c)
+  fc = experiment.make_variables(c, model)["params"]["landmark_head"]["whitening"]
+  np.testing.assert_allclose(fc["kernel"], whitening.projection[:k].T, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(fc["bias"], -whitening.projection[:k] @ whitening.mean, rtol=1e-4,
+                             atol=1e-4)
