@@ -62,6 +62,8 @@ def landmark_problems(c: ml_collections.ConfigDict) -> list[str]:
   if (buckets or datasets) and not c.model.name.startswith(_MASKED_MODEL_PREFIX):
     problems.append(f"data.aspect_buckets and eval.datasets need a model taking a pixel mask (a "
                     f"ResNet), not {c.model.name!r}")
+  if buckets and c.model.get("center_head_init"):
+    problems.append("model.center_head_init is not available with data.aspect_buckets")
   head = c.model.get("head")
   if head is not None and head not in HEADS:
     problems.append(f"model.head must be None or one of {HEADS}, got {head!r}")

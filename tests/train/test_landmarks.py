@@ -162,6 +162,11 @@ def test_landmark_keys_are_validated(tmp_path):
   for expected in ("holidays", "extreme", "eval.scales", "model.head", "missing.npz"):
     assert expected in str(info.value)
   c = _landmark_config()
+  c.data.aspect_buckets = 2
+  c.model.center_head_init = True
+  with pytest.raises(errors.ConfigError, match="center_head_init"):
+    config_lib.validate(c)
+  c = _landmark_config()
   c.model.name = "vit_tiny_test"
   with pytest.raises(errors.ConfigError, match="pixel mask"):
     config_lib.validate(c)
