@@ -207,6 +207,8 @@ RESUME_KEYS: tuple[str, ...] = (
     "model.name",
     "model.embedding_dim",
     "model.dtype",
+    "model.head",
+    "model.whiten",
     "data.image_size",
     "data.channels",
     "optimizer.name",
