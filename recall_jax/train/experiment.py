@@ -90,7 +90,7 @@ class Experiment:
   schedule: optax.Schedule
   mesh: Mesh
   train_step: Callable[..., tuple[train_step_lib.TrainState, dict[str, jax.Array]]]
-  evaluator: evaluation.Evaluator | landmarks.landmark_evaluator.RevisitedEvaluator
+  evaluator: evaluation.Evaluator | evaluation.RevisitedEvaluator
   steps_per_epoch: int
   total_steps: int
 
