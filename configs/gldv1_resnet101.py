@@ -10,6 +10,8 @@ ResNet-101, single-scale): ROxford M/H 67.1 / 42.3, RParis M/H 80.3 / 60.9 mAP; 
 here. See docs/landmarks_model.md.
 
   python -m recall_jax.main --config configs/gldv1_resnet101.py --workdir runs/gldv1_resnet101 \
+      --config.model.pretrained=resnet101.safetensors --mode whiten --output whiten.npz
+  python -m recall_jax.main --config configs/gldv1_resnet101.py --workdir runs/gldv1_resnet101 \
       --config.model.pretrained=resnet101.safetensors --config.model.whitening_init=whiten.npz
   python -m recall_jax.main --config configs/gldv1_resnet101.py:smoke --workdir /tmp/gldv1
 """

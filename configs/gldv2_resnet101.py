@@ -7,6 +7,8 @@ for comparison (AP-GeM ResNet-101, single-scale): ROxford M/H 67.1 / 42.3, RPari
 80.3 / 60.9 mAP; not reproduced here. See docs/landmarks_model.md.
 
   python -m recall_jax.main --config configs/gldv2_resnet101.py --workdir runs/gldv2_resnet101 \
+      --config.model.pretrained=resnet101.safetensors --mode whiten --output whiten.npz
+  python -m recall_jax.main --config configs/gldv2_resnet101.py --workdir runs/gldv2_resnet101 \
       --config.model.pretrained=resnet101.safetensors --config.model.whitening_init=whiten.npz
   python -m recall_jax.main --config configs/gldv2_resnet101.py:smoke --workdir /tmp/gldv2
 """

@@ -266,5 +266,6 @@ def _evaluation_problems(c: ml_collections.ConfigDict) -> list[str]:
   prefix = c.best_metric.split("/", 1)[0]
   if evaluated_sets(c) and prefix not in evaluated_sets(c):
     problems.append(f"best_metric {c.best_metric!r} names no evaluated set; evaluated: "
-                    f"{list(evaluated_sets(c))} (e.g. '{evaluated_sets(c)[0]}/recall@1')")
+                    f"{list(evaluated_sets(c))} (e.g. '{evaluated_sets(c)[0]}/"
+                    f"{'medium/map' if c.eval.get('datasets') else 'recall@1'}')")
   return problems
