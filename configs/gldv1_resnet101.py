@@ -10,11 +10,11 @@ ResNet-101, single-scale): ROxford M/H 67.1 / 42.3, RParis M/H 80.3 / 60.9 mAP; 
 here. See docs/landmarks_model.md.
 
   python -m recall_jax.main --config configs/gldv1_resnet101.py --workdir runs/gldv1_resnet101 \
+      --config.model.pretrained=resnet101.safetensors --mode whiten --output whiten.npz
+  python -m recall_jax.main --config configs/gldv1_resnet101.py --workdir runs/gldv1_resnet101 \
       --config.model.pretrained=resnet101.safetensors --config.model.whitening_init=whiten.npz
   python -m recall_jax.main --config configs/gldv1_resnet101.py:smoke --workdir /tmp/gldv1
 """
-
-import ml_collections
 
 from recall_jax import config as config_lib
 
@@ -25,18 +25,17 @@ def get_config(arg=None):
       learning_rate=1e-4, epochs=1000, milestones=())
   c.max_steps = 500  # The recipe counts steps, not epochs.
   c.model.embedding_dim = 2048  # D x D whitening FC.
-  # .npz from recall_jax.evaluation.whitening (learned or PCA) written into the FC before training.
-  c.model.whitening_init = ml_collections.FieldReference(None, field_type=str)
+  # .npz from `--mode whiten` (learned or PCA) written into the FC before training.
+  c.model.whitening_init = None
   c.data.image_size = 1024  # longer side; no crop
   c.data.resize_size = 1024
   c.data.aspect_buckets = 4  # short-side steps per orientation (data.aspect_buckets.bucket_shapes)
   c.data.test_splits = ()
-  c.data.distractors = ml_collections.FieldReference(None, field_type=str)  # "revisitop1m"
-  c.eval = ml_collections.ConfigDict()
+  c.data.distractors = None  # "revisitop1m": the 1M distractors added to each database
   c.eval.datasets = ("roxford5k", "rparis6k")
   c.eval.protocols = ("medium", "hard")
   c.eval.scales = (1.0, 2**-0.5, 2**0.5)
-  c.eval.whitening = ml_collections.FieldReference(None, field_type=str)  # test-time .npz
+  c.eval.whitening = None  # test-time .npz
   c.eval.qe_k, c.eval.qe_alpha = 0, 3.0  # alpha query expansion (0: off)
   c.eval.dba_k, c.eval.dba_alpha = 0, 3.0  # database-side augmentation (0: off)
   c.eval_every_epochs = 1000  # evaluate at the end
@@ -45,4 +44,8 @@ def get_config(arg=None):
     c = config_lib.smoke(c)
     c.model.name = "resnet_tiny_landmark_test"
     c.data.image_size = c.data.resize_size = 64
+    c.batch_size, c.chunk_size = 16, 8  # 4 landmarks x 4 images
+    c.loss.recall_at_k.k_values = (1, 2, 4, 8)  # k < B - 1
+    c.epochs = c.max_steps = c.eval_every_epochs = 2  # 2 steps, then the evaluation
+    c.num_grid_queries = 0  # the revisited evaluation draws no retrieval grid
   return c

@@ -15,6 +15,7 @@ import ml_collections
 
 from recall_jax import config_checks
 from recall_jax import errors
+from recall_jax import landmark_checks
 from recall_jax.evaluation import protocols
 from recall_jax.losses import LOSS_NAMES
 from recall_jax.train import sharding
@@ -52,6 +53,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.eval_batch_size = 256  # images per evaluation batch
   c.data.download = True  # Omniglot only: fetch missing archives from the official repository
   c.data.max_eval_images = _optional(int)  # evaluate on the first N images of each split only
+  c.data.aspect_buckets = 0  # >0: whole images (longer side image_size, padded + masked, ResNets)
+  c.data.distractors = _optional(str)  # eval.datasets: "revisitop1m" added to each database
+  c.data.check_sizes = True  # eval.datasets: refuse other than the official image counts
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "vit_b16"  # backbone (recall_jax.models.available_models())
@@ -59,6 +63,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"  # compute dtype of the backbone; "bfloat16" on GPUs
   c.model.pretrained = _optional(str)  # .npz / .safetensors weights for the backbone
   c.model.center_head_init = False  # centre the head on the first batch (training from scratch)
+  c.model.head = _optional(str)  # ResNets: "embedding" or "landmark"; None: the model's own
+  c.model.whiten = True  # landmark head: end with the whitening FC (D x D, with bias)
+  c.model.whitening_init = _optional(str)  # landmark head: .npz whitening loaded into the FC
 
   c.batch_size = 4000  # global mega-batch B, images per step
   c.samples_per_class = 4  # m, images of each class in a batch
@@ -91,6 +98,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.k_values = _optional(tuple)  # recall@k cut-offs; None: the dataset's, else (1, 2, 4, 8)
   c.eval.reid = False  # also the re-identification protocol (VehicleID only): keys 'reid_*'
+  c.eval.datasets = ()  # revisited benchmarks (roxford5k, rparis6k), instead of data.test_splits
+  c.eval.protocols = ("easy", "medium", "hard")  # revisited protocols written to metrics.jsonl
+  c.eval.scales = (1.0,)  # revisited: descriptor scales, e.g. (1, 2**-0.5, 2**0.5)
+  c.eval.whitening = _optional(str)  # revisited: .npz whitening applied to test descriptors
+  c.eval.qe_k = 0  # revisited: alpha query expansion over the k nearest (0: off)
+  c.eval.qe_alpha = 3.0  # revisited: query expansion's similarity exponent
+  c.eval.dba_k = 0  # revisited: database-side augmentation over the k nearest (0: off)
+  c.eval.dba_alpha = 3.0  # revisited: database augmentation's similarity exponent
+  c.eval.cache_dir = _optional(str)  # distractor embeddings; None: <prepared root>/embeddings
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "adamw"  # adam (L2 added to the gradient), adamw or sgd (momentum 0.9)
@@ -182,6 +198,8 @@ def evaluated_sets(c: ml_collections.ConfigDict) -> tuple[str, ...]:
   Each test split evaluated leave-one-out, or the query split when queries are searched in a
   separate gallery (`data.query_split` and `data.gallery_split`).
   """
+  if c.eval.get("datasets"):
+    return landmark_checks.revisited_settings(c)
   if c.data.query_split and c.data.gallery_split:
     return (c.data.query_split,)
   return tuple(c.data.test_splits)
@@ -234,6 +252,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1, num_processes: 
   if c.model.pretrained and not os.path.isfile(os.path.expanduser(c.model.pretrained)):
     problems.append(f"model.pretrained weights file {c.model.pretrained} does not exist")
   problems += _evaluation_problems(c)
+  problems += landmark_checks.landmark_problems(c)
   if len(problems) == 1:
     raise errors.ConfigError(f"invalid config: {problems[0]}")
   if problems:
@@ -253,5 +272,6 @@ def _evaluation_problems(c: ml_collections.ConfigDict) -> list[str]:
   prefix = c.best_metric.split("/", 1)[0]
   if evaluated_sets(c) and prefix not in evaluated_sets(c):
     problems.append(f"best_metric {c.best_metric!r} names no evaluated set; evaluated: "
-                    f"{list(evaluated_sets(c))} (e.g. '{evaluated_sets(c)[0]}/recall@1')")
+                    f"{list(evaluated_sets(c))} (e.g. '{evaluated_sets(c)[0]}/"
+                    f"{'medium/map' if c.eval.get('datasets') else 'recall@1'}')")
   return problems

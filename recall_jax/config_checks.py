@@ -138,6 +138,11 @@ _RANGES: tuple[tuple[str, Rule], ...] = (
     ("optimizer.milestones", _increasing_positive_ints(
         "a strictly increasing sequence of positive epochs (may be empty)", allow_empty=True)),
     ("eval.k_values", _optional_positive_ints),
+    ("data.aspect_buckets", _int_at_least(0)),
+    ("eval.qe_k", _int_at_least(0)),
+    ("eval.qe_alpha", _finite(at_least=0)),
+    ("eval.dba_k", _int_at_least(0)),
+    ("eval.dba_alpha", _finite(at_least=0)),
 )
 
 # Loss options by keyword name, wherever they sit under `loss`.
@@ -202,6 +207,8 @@ RESUME_KEYS: tuple[str, ...] = (
     "model.name",
     "model.embedding_dim",
     "model.dtype",
+    "model.head",
+    "model.whiten",
     "data.image_size",
     "data.channels",
     "optimizer.name",

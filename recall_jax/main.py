@@ -31,13 +31,20 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/omniglot.py or configs/sop_vit.py:smoke.",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: checkpoints, metrics, plots.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "embed"], "What to do.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "embed", "whiten"],
+                          "What to do (whiten: learn a whitening .npz, landmark models).")
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", "latest", "eval/embed: 'latest', 'best' or a step number.")
 _SPLIT = flags.DEFINE_string(
     "split", None, "embed: the split to embed (default: the gallery split, else the first test).")
 _OUTPUT = flags.DEFINE_string("output", None,
-                              "embed: output .npz (default: <workdir>/<split>_embeddings.npz).")
+                              "embed: output .npz (default: <workdir>/<split>_embeddings.npz); "
+                              "whiten: the whitening .npz (default: <workdir>/whitening.npz).")
+
+_WHITENING = flags.DEFINE_enum("whitening", "learned", ["learned", "pca"],
+                               "whiten: learned from same-class pairs, or PCA-whitening.")
+_WHITENING_DIM = flags.DEFINE_integer("whitening_dim", None,
+                                      "whiten: keep the leading directions (default: all).")
 
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -63,6 +70,10 @@ def main(argv: list[str]) -> int:
       trainer.train_and_evaluate(config, _WORKDIR.value)
     elif _MODE.value == "eval":
       modes.evaluate_checkpoint(config, _WORKDIR.value, _CHECKPOINT.value)
+    elif _MODE.value == "whiten":
+      from recall_jax.train import landmarks  # pylint: disable=import-outside-toplevel
+      landmarks.learn_whitening_file(config, _WORKDIR.value, _CHECKPOINT.value, _OUTPUT.value,
+                                     kind=_WHITENING.value, dim=_WHITENING_DIM.value)
     else:
       modes.embed_split(config, _WORKDIR.value, _CHECKPOINT.value, split=_SPLIT.value,
                         output=_OUTPUT.value)

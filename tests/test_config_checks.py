@@ -107,6 +107,11 @@ _BAD = [
     ("loss.k_values", (0, 1), "loss.k_values must"),
     ("loss.k_values", (1.5, 2), "loss.k_values must"),
     ("loss.query_block", 0, "loss.query_block must be None (all queries at once)"),
+    ("data.aspect_buckets", -1, "data.aspect_buckets must be an integer >= 0"),
+    ("eval.qe_k", -1, "eval.qe_k must be an integer >= 0"),
+    ("eval.dba_k", 1.5, "eval.dba_k must"),
+    ("eval.qe_alpha", -1.0, "eval.qe_alpha must be a finite number >= 0"),
+    ("eval.dba_alpha", math.nan, "eval.dba_alpha must"),
 ]
 
 

@@ -4,12 +4,16 @@
   `source.skipped` lists the images skipped as unreadable.
 - `MPerClassSampler`: deterministic, index-addressable class-balanced batches.
 - `make_train_loader` / `make_eval_loader`: grain pipelines yielding uint8 NHWC batches.
+- `make_padded_train_loader` / `make_bucketed_eval_loader`: whole images (longer side kept,
+  padded), the validity mask as a last channel (`split_mask_channel`).
 - `InMemorySource`: a small split's encoded records held in memory.
 - `RotatedClasses`: quarter-turns of the training classes as new classes (Omniglot).
 - `decode_image`: any image PIL opens as uint8 (H, W, 1 or 3).
 - `landmarks`: R-Oxford / R-Paris (+R1M distractors) and the landmark training sets' files.
 """
 
+from recall_jax.data.bucketed_pipeline import (make_bucketed_eval_loader, make_padded_train_loader,
+                                               split_mask_channel, with_mask_channel)
 from recall_jax.data.datasets import CHANNELS, DEFAULT_FOLDERS, SPLITS, RetrievalSource, check_image, load_split
 from recall_jax.data.download import OMNIGLOT_URL_BASE, download_file, ensure_omniglot
 from recall_jax.data.paths import DATA_ENV_VAR, data_root, default_cache_dir, prepared_root

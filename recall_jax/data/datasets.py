@@ -44,6 +44,7 @@ import tensorflow_datasets as tfds
 import tqdm
 
 from recall_jax.data import download as download_lib
+from recall_jax.data import landmarks
 from recall_jax.data import parsing
 from recall_jax.data import paths
 from recall_jax.errors import ConfigError, DataError, MissingFileError
@@ -63,6 +64,8 @@ DEFAULT_FOLDERS = {
     "cub200": "CUB_200_2011",
     "omniglot": "omniglot",
     "folder": "folder",
+    # Landmark training sets (classes: landmarks / 3D models); see data/landmarks.py.
+    **{name: landmarks.LANDMARK_FOLDERS[name] for name in landmarks.TRAINING_READERS},
 }
 SPLITS = {
     "sop": ("train", "test"),
@@ -71,7 +74,13 @@ SPLITS = {
     "cars196": ("train", "test"),
     "cub200": ("train", "test"),
     "omniglot": ("train", "test"),
+    "gldv2_clean": ("train",),
+    "gldv1": ("train",),
+    "sfm120k": ("train", "val"),
 }
+# The annotation files a landmark training set is read from (1.5M images are never walked).
+_LANDMARK_ANNOTATIONS = {"gldv2_clean": ("train_clean.csv",), "gldv1": ("train.csv", "train"),
+                         "sfm120k": ("retrieval-SfM-120k.pkl",)}
 # Omniglot characters are 1-bit strokes: store and decode them as single-channel images.
 CHANNELS = {"omniglot": 1}
 
@@ -249,6 +258,9 @@ def _fingerprint(name: str, folder: pathlib.Path, splits: Sequence[str] | None) 
     files = parsing.folder_inputs(folder, splits or ())
   elif name == "omniglot":
     files = [folder / f"{stem}.zip" for stem in parsing.OMNIGLOT_SPLITS.values()]
+  elif name in _LANDMARK_ANNOTATIONS:
+    # GLDv1 skips missing images: the `train` folder's own mtime changes when images are added.
+    files = [folder / f for f in _LANDMARK_ANNOTATIONS[name]]
   else:
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in (".txt", ".mat")
                    and p.parent in (folder, folder / "train_test_split"))
@@ -350,7 +362,8 @@ def load_split(name: str, split: str, *, data_root: str | os.PathLike[str] | Non
   """Prepares (once) and opens one split of a dataset.
 
   Args:
-    name: `sop`, `inat2018`, `vehicleid`, `cars196`, `cub200`, `omniglot` or `folder`.
+    name: `sop`, `inat2018`, `vehicleid`, `cars196`, `cub200`, `omniglot`, `folder`, or a
+      landmark training set: `gldv2_clean`, `gldv1`, `sfm120k` (`val` too).
     split: `train` / `test`; VehicleID has `train`, `test_800`, `test_1600`, `test_2400`; a
       `folder` dataset accepts any name (`<path>/<split>.csv` or `<path>/<split>/`).
     data_root: the data root (see `paths.data_root`).

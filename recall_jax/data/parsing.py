@@ -26,6 +26,7 @@ from collections.abc import Callable, Hashable, Sequence
 
 import numpy as np
 
+from recall_jax.data import landmarks
 from recall_jax.errors import ConfigError, DataError, MissingFileError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -466,3 +467,22 @@ PARSERS: dict[str, Parser] = {
     "cub200": parse_cub200,
     "omniglot": parse_omniglot,
 }
+
+
+# ---------------------------------------------------------------------------------------------
+# Landmark training sets (Google Landmarks v1 / v2-clean, SfM-120k): read by `landmarks`.
+
+
+def _landmark_parser(reader: Callable[..., dict[str, list[landmarks.LandmarkImage]]]) -> Parser:
+  """A parser over one of `landmarks.TRAINING_READERS`: class = landmark id or 3D model."""
+
+  def parse(folder: pathlib.Path) -> dict[str, SplitPlan]:
+    return {split: _plan([(i.file, None, i.class_name, i.image_id, i.origin) for i in images],
+                         f"{folder.name}/{split}")
+            for split, images in reader(path=folder).items()}
+
+  return parse
+
+
+PARSERS.update({name: _landmark_parser(reader)
+                for name, reader in landmarks.TRAINING_READERS.items()})

@@ -97,7 +97,7 @@ class _EvalBatch:
     return out
 
 
-def _ahead(batches: grain.MapDataset, *, worker_count: int, read_threads: int,
+def ahead(batches: grain.MapDataset, *, worker_count: int, read_threads: int,
            prefetch_batches: int) -> grain.IterDataset:
   """Builds `batches` ahead of the consumer (see the module docstring), in order."""
   if worker_count < 0 or read_threads < 0 or prefetch_batches < 0:
@@ -161,7 +161,7 @@ def make_train_loader(source: Source, sampler: sampler_lib.MPerClassSampler, *, 
   step_fn = _TrainStep(source, sampler, image_size=image_size, seed=seed, process_index=process_index,
                        process_count=process_count, channels=channels, crop_scale=crop_scale, flip=flip)
   batches = grain.MapDataset.range(start_step, stop).map(step_fn)
-  return iter(_ahead(batches, worker_count=worker_count, read_threads=read_threads,
+  return iter(ahead(batches, worker_count=worker_count, read_threads=read_threads,
                      prefetch_batches=prefetch_batches))
 
 
@@ -192,5 +192,5 @@ def make_eval_loader(source: Source, *, image_size: int, resize_size: int, batch
   batch_fn = _EvalBatch(source, image_size=image_size, resize_size=resize_size, batch_size=batch_size,
                         channels=channels)
   batches = grain.MapDataset.range(num_batches).map(batch_fn)
-  return _ahead(batches, worker_count=worker_count, read_threads=read_threads,
+  return ahead(batches, worker_count=worker_count, read_threads=read_threads,
                 prefetch_batches=prefetch_batches)

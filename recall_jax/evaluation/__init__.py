@@ -8,6 +8,7 @@ from recall_jax.evaluation.embedding_cache import cached_embeddings
 from recall_jax.evaluation.evaluator import EvaluationResult, Evaluator, QueryGallery, SetEmbeddings
 from recall_jax.evaluation.extraction import extract_embeddings, l2_normalize
 from recall_jax.evaluation.knn import knn
+from recall_jax.evaluation.landmark_evaluator import DistractorSet, RevisitedEvaluator, RevisitedSet
 from recall_jax.evaluation.metrics import metrics_from_ranks, retrieval_metrics
 from recall_jax.evaluation.protocols import protocol_for
 from recall_jax.evaluation.reid import vehicleid_reid_metrics
@@ -18,9 +19,12 @@ from recall_jax.parallel import data_mesh
 
 __all__ = [
     "EvaluationResult",
+    "DistractorSet",
     "Evaluator",
     "cached_embeddings",
     "QueryGallery",
+    "RevisitedEvaluator",
+    "RevisitedSet",
     "SetEmbeddings",
     "data_mesh",
     "extract_embeddings",

@@ -29,6 +29,7 @@ from recall_jax import losses
 from recall_jax import models
 from recall_jax import simix as simix_lib
 from recall_jax.data.source import LabelledSource
+from recall_jax.train import landmarks
 from recall_jax.train import optimizer as optimizer_lib
 from recall_jax.train import sharding
 from recall_jax.train import train_step as train_step_lib
@@ -89,7 +90,7 @@ class Experiment:
   schedule: optax.Schedule
   mesh: Mesh
   train_step: Callable[..., tuple[train_step_lib.TrainState, dict[str, jax.Array]]]
-  evaluator: evaluation.Evaluator
+  evaluator: evaluation.Evaluator | evaluation.RevisitedEvaluator
   steps_per_epoch: int
   total_steps: int
 
@@ -124,9 +125,13 @@ def make_loss_fn(c: ml_collections.ConfigDict) -> tuple[LossFn, bool]:
 
 
 def make_model(c: ml_collections.ConfigDict) -> nn.Module:
-  """The configured backbone + head."""
-  return models.get_model(c.model.name, embedding_dim=c.model.embedding_dim,
-                          dtype=jnp.dtype(c.model.dtype), image_size=c.data.image_size)
+  """The configured backbone + head (`model.head` / `model.whiten` where set, for ResNets)."""
+  heads = {"head": c.model.head} if c.model.get("head") else {}
+  model = models.get_model(c.model.name, embedding_dim=c.model.embedding_dim,
+                           dtype=jnp.dtype(c.model.dtype), image_size=c.data.image_size, **heads)
+  if getattr(model, "head", None) == "landmark" and not c.model.get("whiten", True):
+    model = model.clone(whiten=False)
+  return model
 
 
 def make_variables(c: ml_collections.ConfigDict, model: nn.Module) -> dict[str, PyTree]:
@@ -135,6 +140,8 @@ def make_variables(c: ml_collections.ConfigDict, model: nn.Module) -> dict[str, 
                                     channels=c.data.channels)
   if c.model.pretrained:
     variables = models.load_pretrained(c.model.name, variables, c.model.pretrained)
+  if c.model.get("whitening_init"):
+    variables = models.load_whitening(variables, c.model.whitening_init)
   return variables
 
 
@@ -217,7 +224,9 @@ def make_experiment(c: ml_collections.ConfigDict, *, log_fn: Callable[[str], Any
 
   def embed_fn(params, images, rng):
     rngs = {} if rng is None else {"dropout": rng}
-    return model.apply({"params": params, **variables}, images, train=True, rngs=rngs)
+    # Whole-image batches carry the pixels' validity mask as their last channel.
+    images, mask = landmarks.model_inputs(images, bucketed=bool(c.data.get("aspect_buckets")))
+    return model.apply({"params": params, **variables}, images, train=True, rngs=rngs, **mask)
 
   # Each device embeds `chunk_size` of its own rows at a time; the loss sees the global batch.
   # The CPU backend runs the chunks as straight-line code keeping their activations (see
@@ -225,8 +234,12 @@ def make_experiment(c: ml_collections.ConfigDict, *, log_fn: Callable[[str], Any
   train_step = sharding.make_sharded_train_step(
       embed_fn, loss_fn, optimizer, mesh, chunk_size_per_device=c.chunk_size,
       loss_uses_rng=loss_uses_rng, keep_activations=jax.default_backend() == "cpu")
-  evaluator = make_evaluator(c, make_embed_fn(model, variables), eval_sets, log_fn=log_fn,
-                             progress=progress)
+  if c.eval.get("datasets"):
+    evaluator = landmarks.make_revisited_evaluator(c, model, variables, log_fn=log_fn,
+                                                   progress=progress)
+  else:
+    evaluator = make_evaluator(c, make_embed_fn(model, variables), eval_sets, log_fn=log_fn,
+                               progress=progress)
   return Experiment(c, train_source, sampler, eval_sets, model, variables,
                     jax.device_get(params), loss_fn, loss_uses_rng, optimizer, schedule, mesh,
                     train_step, evaluator, sampler.steps_per_epoch, total_steps)

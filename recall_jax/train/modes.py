@@ -17,6 +17,7 @@ from recall_jax import config as config_lib
 from recall_jax import evaluation
 from recall_jax.train import checkpointing
 from recall_jax.train import experiment as experiment_lib
+from recall_jax.train import landmarks
 from recall_jax.train import reporting
 from recall_jax.train import workdir as workdir_lib
 
@@ -48,6 +49,8 @@ def evaluate_checkpoint(c: ml_collections.ConfigDict, workdir: str | pathlib.Pat
   Returns:
     The metrics, {'<set>/<metric>': value}.
   """
+  if c.eval.get("datasets"):  # The revisited benchmarks: their own table, and metrics.jsonl.
+    return landmarks.evaluate_checkpoint(c, workdir, which)
   config_lib.validate(c)
   checkpointing.check_name(which)
   workdir_lib.require_existing_run(workdir)

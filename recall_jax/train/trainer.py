@@ -122,7 +122,8 @@ def _train(c: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, Any
   best_value, start, results = meta.get("best_value", -math.inf), int(state.step), {}
   log = _Log(c, workdir, start, exp.total_steps, exp.steps_per_epoch)
   _record_skipped_images(exp, log.writer, start)
-  batches = data.make_train_loader(
+  make_loader = data.make_padded_train_loader if c.data.aspect_buckets else data.make_train_loader
+  batches = make_loader(
       exp.train_source, exp.sampler, image_size=c.data.image_size, start_step=start, seed=c.seed,
       worker_count=c.data.worker_count, process_index=jax.process_index(),
       process_count=jax.process_count(), channels=c.data.channels,
@@ -236,7 +237,7 @@ def _evaluate(exp: experiment_lib.Experiment, params, step: int, writer: reporti
   if not writer.enabled:
     return result.metrics
   reporting.plot_curves(writer.rows, workdir)
-  if c.num_grid_queries:
+  if c.num_grid_queries and exp.eval_sets:
     name, sources = next(iter(exp.eval_sets.items()))
     load = lambda source: lambda i: data.eval_transform(
         source[i]["image"], image_size=c.data.image_size, resize_size=c.data.resize_size,

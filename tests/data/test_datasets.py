@@ -5,6 +5,7 @@ import http.server
 import io
 import logging
 import os
+import pickle
 import pathlib
 import subprocess
 import sys
@@ -572,3 +573,60 @@ def test_folder_images_of_any_mode_are_prepared_and_decoded(tmp_path):
   by_class = {source.class_names[label]: image for label, image in zip(batch["label"], batch["image"])}
   np.testing.assert_array_equal(by_class["deep"], np.full((8, 8, 3), 156, np.uint8))
   np.testing.assert_array_equal(by_class["print"], np.broadcast_to(np.uint8([255, 0, 0]), (8, 8, 3)))
+
+
+# --------------------------------------------------------------------------------------------
+# Landmark training sets, each in its official layout.
+
+
+def _write_landmark_jpeg(path: pathlib.Path, seed: int) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  pixels = np.random.default_rng(seed).integers(0, 256, (12, 16, 3), np.uint8)
+  PIL.Image.fromarray(pixels).save(path, format="JPEG")
+
+
+def test_gldv2_clean_loads_as_a_train_split(tmp_path):
+  folder = tmp_path / "gldv2"
+  rows = {7: ["abc001", "abd002", "abe003"], 1234: ["f00aaa", "f00bbb"]}
+  for n, image_id in enumerate(i for ids in rows.values() for i in ids):
+    _write_landmark_jpeg(folder / "train" / image_id[0] / image_id[1] / image_id[2] /
+                         f"{image_id}.jpg", n)
+  (folder / "train_clean.csv").write_text(
+      "landmark_id,images\n" + "".join(f"{k},{' '.join(v)}\n" for k, v in rows.items()))
+  source = _load("gldv2_clean", "train", tmp_path)
+  assert len(source) == 5 and source.class_names == ["7", "1234"]
+  np.testing.assert_array_equal(source.labels, [0, 0, 0, 1, 1])
+  assert [source[i]["id"] for i in range(5)] == rows[7] + rows[1234]
+  with pytest.raises(errors.ConfigError, match="split"):
+    _load("gldv2_clean", "test", tmp_path)
+
+
+def test_gldv1_skips_missing_images_and_reprepares_when_they_arrive(tmp_path):
+  folder = tmp_path / "gldv1"
+  listed = [("aa01", 3), ("aa02", 3), ("bb01", 9), ("bb02", 9), ("cc01", 4)]
+  for n, (image_id, _) in enumerate(listed[:4]):
+    _write_landmark_jpeg(folder / "train" / f"{image_id}.jpg", n)
+  (folder / "train.csv").write_text("id,url,landmark_id\n" + "".join(
+      f"{i},http://example.com/{i}.jpg,{k}\n" for i, k in listed) + "dd01,http://x,None\n")
+  with pytest.warns(UserWarning, match="skipped 1 listed image"):
+    source = _load("gldv1", "train", tmp_path)
+  assert source.class_names == ["3", "9"]
+  np.testing.assert_array_equal(source.labels, [0, 0, 1, 1])
+  _write_landmark_jpeg(folder / "train" / "cc01.jpg", 5)
+  with pytest.warns(UserWarning, match="skipped 0 listed image"):
+    source = _load("gldv1", "train", tmp_path)
+  assert source.class_names == ["3", "4", "9"] and len(source) == 5
+
+
+def test_sfm120k_loads_train_and_val_from_its_pickle(tmp_path):
+  folder = tmp_path / "retrieval-SfM-120k"
+  db = {"train": {"cids": ["0123456789ab", "0123456789cd", "fedcba987654"], "cluster": [5, 5, 2],
+                  "qidxs": [0], "pidxs": [1]},
+        "val": {"cids": ["aaaaaaaaaaaa", "bbbbbbbbbbbb"], "cluster": [8, 8]}}
+  for n, cid in enumerate(db["train"]["cids"] + db["val"]["cids"]):
+    _write_landmark_jpeg(folder / "ims" / cid[-2:] / cid[-4:-2] / cid[-6:-4] / cid, n)
+  (folder / "retrieval-SfM-120k.pkl").write_bytes(pickle.dumps(db))
+  train = _load("sfm120k", "train", tmp_path)
+  assert train.class_names == ["2", "5"]
+  np.testing.assert_array_equal(train.labels, [1, 1, 0])
+  assert len(_load("sfm120k", "val", tmp_path)) == 2

@@ -1,0 +1,175 @@
+"""Input pipelines for full-resolution images that keep their aspect ratio (landmark retrieval).
+
+Images are resized so that their longer side is `image_size` and padded at the bottom and right
+(`aspect_buckets`), never cropped. The validity mask of the real pixels travels with the pixels
+as one more uint8 channel (255 on real pixels, 0 on padding): a batch stays a single uint8 array,
+so the training step, the mega-batch chunking and `extract_embeddings` carry it unchanged, and
+the model's input function splits it off again (`split_mask_channel`) to pass `mask=` to the
+ResNet, whose GeM then pools the real pixels only.
+
+- Training (`make_padded_train_loader`): every image is padded to the square (S, S) bucket, so
+  every chunk of the two-pass mega-batch step has one shape. No crop; random horizontal flips.
+- Evaluation (`make_bucketed_eval_loader`): consecutive images in fixed-size batches; a batch
+  is padded to the smallest bucket of `bucket_shapes(image_size, num_buckets=...)` that holds all
+  of its images, so each bucket shape compiles once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import grain
+import numpy as np
+
+from recall_jax.data import aspect_buckets
+from recall_jax.data import pipeline
+from recall_jax.data import sampler as sampler_lib
+from recall_jax.data.source import Source, read_records
+from recall_jax.errors import ConfigError, DataError
+
+
+def with_mask_channel(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+  """uint8 (H, W, C) pixels and a bool (H, W) mask -> uint8 (H, W, C + 1), mask as 0 / 255."""
+  return np.concatenate([image, np.where(mask, 255, 0).astype(np.uint8)[..., None]], axis=-1)
+
+
+def split_mask_channel(images: Any) -> tuple[Any, Any]:
+  """(..., H, W, C + 1) -> pixels (..., H, W, C) and the bool (..., H, W) mask (NumPy or JAX)."""
+  return images[..., :-1], images[..., -1] > 127
+
+
+def _padded(record: dict[str, Any], what: str, image_size: int, shape: tuple[int, int],
+            channels: int, flip: bool = False) -> np.ndarray:
+  try:
+    resized = aspect_buckets.resize_longer_side(record["image"], image_size, channels=channels)
+  except DataError as e:
+    raise DataError(f"record {what}: {e}") from None
+  if flip:
+    resized = resized[:, ::-1]
+  return with_mask_channel(*aspect_buckets.pad_to_bucket(resized, shape))
+
+
+def _name(source: Source, index: int, record: dict[str, Any]) -> str:
+  where = f"{source.name}/{source.split}" if hasattr(source, "split") else type(source).__name__
+  return f"{index} (id {record.get('id', '?')!r}) of {where}"
+
+
+class _PaddedTrainStep:
+  """Maps a global step to this process's slice of the batch, each image padded to (S, S)."""
+
+  def __init__(self, source: Source, sampler: sampler_lib.MPerClassSampler, *, image_size: int,
+               seed: int, process_index: int, process_count: int, channels: int, flip: bool):
+    self.source, self.sampler, self.image_size = source, sampler, image_size
+    self.seed, self.channels, self.flip = seed, channels, flip
+    self.process_index, self.process_count = process_index, process_count
+
+  def __call__(self, step: int) -> dict[str, np.ndarray]:
+    step = int(step)
+    indices = self.sampler.local_slice(self.sampler.batch_indices(step), self.process_index,
+                                       self.process_count)
+    offset = self.process_index * len(indices)
+    size = self.image_size
+    images = np.empty((len(indices), size, size, self.channels + 1), np.uint8)
+    labels = np.empty(len(indices), np.int32)
+    for k, (index, record) in enumerate(zip(indices, read_records(self.source, indices))):
+      flip = self.flip and np.random.default_rng([self.seed, step, offset + k]).random() < 0.5
+      images[k] = _padded(record, _name(self.source, index, record), size, (size, size),
+                          self.channels, flip)
+      labels[k] = record["label"]
+    return {"image": images, "label": labels}
+
+
+def make_padded_train_loader(source: Source, sampler: sampler_lib.MPerClassSampler, *,
+                             image_size: int, start_step: int = 0, seed: int,
+                             worker_count: int = 0, process_index: int = 0,
+                             process_count: int = 1, channels: int = 3,
+                             crop_scale: tuple[float, float] | None = None, flip: bool = True,
+                             num_steps: int | None = None, read_threads: int = 2,
+                             prefetch_batches: int = 2) -> Iterator[dict[str, np.ndarray]]:
+  """Training batches of whole images (longer side `image_size`), padded to the square bucket.
+
+  Takes the arguments of `pipeline.make_train_loader` (so either serves the training loop);
+  `crop_scale` is ignored, as nothing is cropped. A flip is drawn from
+  `default_rng([seed, step, global position])`, so batches depend only on (seed, step, sampler).
+
+  Returns:
+    An iterator of `{'image': uint8 (b, S, S, channels + 1), 'label': int32 (b,)}`, the last
+    channel being the validity mask (255 on real pixels; `split_mask_channel`), S = image_size.
+  """
+  del crop_scale  # Whole images: nothing is cropped.
+  if seed < 0 or start_step < 0:
+    raise ConfigError(f"seed {seed} and start_step {start_step} must be non-negative")
+  sampler.local_slice(np.zeros(sampler.batch_size, np.int64), process_index, process_count)
+  stop = start_step + (1 << 40 if num_steps is None else int(num_steps))
+  step_fn = _PaddedTrainStep(source, sampler, image_size=image_size, seed=seed,
+                             process_index=process_index, process_count=process_count,
+                             channels=channels, flip=flip)
+  batches = grain.MapDataset.range(start_step, stop).map(step_fn)
+  return iter(pipeline.ahead(batches, worker_count=worker_count, read_threads=read_threads,
+                             prefetch_batches=prefetch_batches))
+
+
+class _BucketedEvalBatch:
+  """Maps a batch number to consecutive whole images padded to one bucket (rows padded too)."""
+
+  def __init__(self, source: Source, *, image_size: int, batch_size: int, num_buckets: int,
+               channels: int):
+    self.source, self.image_size, self.batch_size = source, image_size, batch_size
+    self.shapes = aspect_buckets.bucket_shapes(image_size, num_buckets=num_buckets)
+    self.channels = channels
+
+  def __call__(self, batch: int) -> dict[str, np.ndarray]:
+    start = int(batch) * self.batch_size
+    indices = np.arange(start, min(start + self.batch_size, len(self.source)), dtype=np.int64)
+    records = read_records(self.source, indices)
+    resized, labels = [], []
+    for index, record in zip(indices, records):
+      try:
+        resized.append(aspect_buckets.resize_longer_side(record["image"], self.image_size,
+                                                         channels=self.channels))
+      except DataError as e:
+        raise DataError(f"record {_name(self.source, index, record)}: {e}") from None
+      labels.append(record["label"])
+    height = max(r.shape[0] for r in resized)
+    width = max(r.shape[1] for r in resized)
+    shape = self.shapes[aspect_buckets.assign_bucket(height, width, self.shapes)]
+    b = self.batch_size
+    out = {"image": np.zeros((b, *shape, self.channels + 1), np.uint8),
+           "label": np.full(b, -1, np.int32), "mask": np.zeros(b, bool),
+           "index": np.full(b, -1, np.int64)}
+    for k, image in enumerate(resized):
+      out["image"][k] = with_mask_channel(*aspect_buckets.pad_to_bucket(image, shape))
+    out["label"][:len(labels)] = labels
+    out["mask"][:len(indices)] = True
+    out["index"][:len(indices)] = indices
+    return out
+
+
+def make_bucketed_eval_loader(source: Source, *, image_size: int, batch_size: int,
+                              num_buckets: int = 4, channels: int = 3, worker_count: int = 0,
+                              read_threads: int = 2, prefetch_batches: int = 2
+                              ) -> grain.IterDataset:
+  """Every image of `source` in order, whole (longer side `image_size`), in bucketed batches.
+
+  Args:
+    source: records `{'image': encoded bytes, 'label': int, ...}`.
+    image_size: the longer side of every image, in pixels.
+    batch_size: images per batch (the last batch is padded with empty rows).
+    num_buckets: short-side steps per orientation (`aspect_buckets.bucket_shapes`).
+    channels: 1 or 3.
+    worker_count, read_threads, prefetch_batches: as in `pipeline.make_eval_loader`.
+
+  Returns:
+    Re-iterable batches `{'image': uint8 (batch_size, H_b, W_b, channels + 1), 'label',
+    'mask', 'index'}` as `pipeline.make_eval_loader` gives, (H_b, W_b) the batch's bucket and
+    the last channel the pixels' validity mask (`split_mask_channel`).
+  """
+  if batch_size < 1:
+    raise ConfigError(f"batch_size must be positive, got {batch_size}")
+  num_batches = -(-len(source) // batch_size)
+  batch_fn = _BucketedEvalBatch(source, image_size=image_size, batch_size=batch_size,
+                                num_buckets=num_buckets, channels=channels)
+  batches = grain.MapDataset.range(num_batches).map(batch_fn)
+  return pipeline.ahead(batches, worker_count=worker_count, read_threads=read_threads,
+                        prefetch_batches=prefetch_batches)

@@ -1,0 +1,218 @@
+"""The landmark recipe end to end: the smoke configs train on GLDv1 / GLDv2 fixtures in their
+official layouts and are evaluated on ROxford5k / RParis6k fixtures through `recall_jax.main`."""
+
+import importlib.util
+import json
+import pathlib
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from recall_jax import config as config_lib
+from recall_jax import errors
+from recall_jax import landmark_checks
+from recall_jax.data import landmarks as landmark_data
+from recall_jax.evaluation import revisited
+from recall_jax.evaluation import whitening as whitening_lib
+from recall_jax.train import experiment
+from recall_jax.train import landmarks
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+LANDMARKS, IMAGES_PER_LANDMARK = (11, 205, 3070, 99), 4
+# (width, height) of the fixture images: landscape, portrait and square, as landmark photos are.
+SIZES = ((48, 32), (30, 44), (40, 40), (52, 20))
+
+
+def _jpeg(path: pathlib.Path, seed: int) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  width, height = SIZES[seed % len(SIZES)]
+  pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), np.uint8)
+  PIL.Image.fromarray(pixels).save(path, format="JPEG")
+
+
+def _image_ids() -> list[tuple[str, int]]:
+  return [(f"{landmark:04x}{n:02d}e1f2a3b4c5", landmark)
+          for landmark in LANDMARKS for n in range(IMAGES_PER_LANDMARK)]
+
+
+def write_gldv1(root: pathlib.Path) -> None:
+  folder = root / "gldv1"
+  rows = ["id,url,landmark_id"]
+  for n, (image_id, landmark) in enumerate(_image_ids()):
+    _jpeg(folder / "train" / f"{image_id}.jpg", n)
+    rows.append(f"{image_id},https://lh3.example.com/{image_id}/s1600/,{landmark}")
+  (folder / "train.csv").write_text("\n".join(rows) + "\n")
+
+
+def write_gldv2(root: pathlib.Path) -> None:
+  folder = root / "gldv2"
+  by_landmark: dict[int, list[str]] = {}
+  for n, (image_id, landmark) in enumerate(_image_ids()):
+    _jpeg(folder / "train" / image_id[0] / image_id[1] / image_id[2] / f"{image_id}.jpg", n)
+    by_landmark.setdefault(landmark, []).append(image_id)
+  (folder / "train_clean.csv").write_text("landmark_id,images\n" + "".join(
+      f"{k},{' '.join(v)}\n" for k, v in by_landmark.items()))
+
+
+def write_revisited(root: pathlib.Path, name: str, seed: int = 100) -> None:
+  folder = root / name
+  database = [f"{name}_db_{n:06d}" for n in range(6)]
+  queries = [f"{name}_q_{n:06d}" for n in range(2)]
+  for n, image in enumerate(database + queries):
+    _jpeg(folder / "jpg" / f"{image}.jpg", seed + n)
+  gnd = [{"easy": [0, 1], "hard": [2], "junk": [3], "bbx": [2.0, 3.5, 27.0, 19.0]},
+         {"easy": [4], "hard": [5], "junk": [], "bbx": [0.0, 0.0, 20.0, 28.0]}]
+  (folder / f"gnd_{name}.pkl").write_bytes(
+      pickle.dumps({"imlist": database, "qimlist": queries, "gnd": gnd}))
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+  root = tmp_path_factory.mktemp("landmark_data")
+  write_gldv1(root)
+  write_gldv2(root)
+  write_revisited(root, "roxford5k", seed=100)
+  write_revisited(root, "rparis6k", seed=200)
+  return root
+
+
+def _main(config: str, workdir: pathlib.Path, root: pathlib.Path, *extra: str):
+  return subprocess.run(
+      [sys.executable, "-m", "recall_jax.main", "--config", config, "--workdir", str(workdir),
+       f"--config.data.root={root}", "--config.data.check_sizes=False", *extra],
+      cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def _eval_rows(workdir: pathlib.Path) -> list[dict]:
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  return [row for row in rows if row["kind"] == "eval"]
+
+
+def _check_revisited_metrics(row: dict) -> None:
+  for name in ("roxford5k", "rparis6k"):
+    for protocol in ("medium", "hard"):  # the configs' protocols
+      for metric in ("map", "mp@1", "mp@5", "mp@10"):
+        assert 0.0 <= row[f"{name}/{protocol}/{metric}"] <= 1.0
+    assert f"{name}/easy/map" not in row
+
+
+def _check_table(stdout: str) -> None:
+  lines = stdout.splitlines()
+  header = next(i for i, line in enumerate(lines) if line.split() == ["Easy", "Medium", "Hard"])
+  assert lines[header + 1].split()[:3] == ["setting", "mAP", "mP@1"]
+  assert [line.split()[0] for line in lines[header + 2:header + 4]] == ["roxford5k", "rparis6k"]
+
+
+@pytest.mark.parametrize("recipe", ["gldv1", "gldv2"])
+def test_smoke_config_trains_and_runs_the_revisited_evaluation(data_root, tmp_path, recipe):
+  workdir = tmp_path / recipe
+  proc = _main(f"configs/{recipe}_resnet101.py:smoke", workdir, data_root)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  _check_table(proc.stdout)
+  rows = _eval_rows(workdir)
+  assert [row["step"] for row in rows] == [2]
+  _check_revisited_metrics(rows[0])
+  if recipe == "gldv1":
+    # --mode eval of the checkpoint: the same table, the same metrics appended.
+    proc = _main(f"configs/{recipe}_resnet101.py:smoke", workdir, data_root, "--mode=eval")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _check_table(proc.stdout)
+    rows = _eval_rows(workdir)
+    assert len(rows) == 2
+    assert rows[1]["roxford5k/medium/map"] == pytest.approx(rows[0]["roxford5k/medium/map"],
+                                                            abs=1e-6)
+
+
+def test_official_sizes_are_checked_unless_switched_off(data_root, tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "recall_jax.main", "--config", "configs/gldv1_resnet101.py:smoke",
+       "--workdir", str(tmp_path), f"--config.data.root={data_root}", "--mode=eval"],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2
+  assert "the official files have (4993, 70)" in proc.stderr
+  assert "Traceback" not in proc.stderr
+
+
+def _landmark_config():
+  c = config_lib.base_config()
+  c.model.name = "resnet_tiny_landmark_test"
+  c.data.test_splits = ()
+  c.eval.datasets = ("roxford5k",)
+  c.best_metric = "roxford5k/medium/map"
+  return c
+
+
+def test_landmark_keys_are_validated(tmp_path):
+  c = _landmark_config()
+  config_lib.validate(c)
+  assert config_lib.evaluated_sets(c) == ("roxford5k",)
+  c.data.distractors = "revisitop1m"
+  assert config_lib.evaluated_sets(c) == ("roxford5k", "roxford5k+revisitop1m")
+  c.eval.datasets = ("roxford5k", "holidays")
+  c.eval.protocols = ("medium", "extreme")
+  c.eval.scales = (1.0, 0.0)
+  c.model.head = "mlp"
+  c.eval.whitening = str(tmp_path / "missing.npz")
+  with pytest.raises(errors.ConfigError) as info:
+    config_lib.validate(c)
+  for expected in ("holidays", "extreme", "eval.scales", "model.head", "missing.npz"):
+    assert expected in str(info.value)
+  c = _landmark_config()
+  c.data.aspect_buckets = 2
+  c.model.center_head_init = True
+  with pytest.raises(errors.ConfigError, match="center_head_init"):
+    config_lib.validate(c)
+  c = _landmark_config()
+  c.model.name = "vit_tiny_test"
+  with pytest.raises(errors.ConfigError, match="pixel mask"):
+    config_lib.validate(c)
+
+
+def test_check_constants_match_the_packages():
+  assert landmark_checks.REVISITED_DATASETS == tuple(sorted(landmark_data.REVISITED_SIZES))
+  assert landmark_checks.PROTOCOLS == revisited.PROTOCOLS
+  assert landmark_checks.DISTRACTORS == ("revisitop1m",)
+
+
+def _config(name: str, arg: str | None = "smoke"):
+  spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def test_whiten_mode_writes_the_whitening_that_initialises_the_fc(tmp_path):
+  folder = tmp_path / "data" / "gldv2"
+  rows = ["landmark_id,images"]
+  for landmark in range(24):
+    ids = [f"{landmark:03d}{n}abcdef" for n in range(2)]
+    for n, image_id in enumerate(ids):
+      _jpeg(folder / "train" / image_id[0] / image_id[1] / image_id[2] / f"{image_id}.jpg",
+            2 * landmark + n)
+    rows.append(f"{landmark},{' '.join(ids)}")
+  (folder / "train_clean.csv").write_text("\n".join(rows) + "\n")
+  c = _config("gldv2_resnet101")
+  c.data.root = str(tmp_path / "data")
+  c.data.image_size = c.data.resize_size = 32
+  c.data.eval_batch_size = 16
+  c.data.max_eval_images = None
+  k = c.model.embedding_dim  # the FC keeps the leading k whitened directions
+  # A random tiny ResNet has dead channels: its 256-d descriptors span fewer dimensions, which a
+  # learned whitening refuses clearly; PCA-whitening keeps the k leading ones.
+  with pytest.raises(errors.DataError, match="singular"):
+    landmarks.learn_whitening_file(c, tmp_path / "run", output=str(tmp_path / "w.npz"))
+  path = landmarks.learn_whitening_file(c, tmp_path / "run", output=str(tmp_path / "w.npz"),
+                                        kind="pca", dim=k)
+  whitening = whitening_lib.load_whitening(path)
+  assert whitening.kind == "pca" and whitening.projection.shape == (k, 256)
+
+  c.model.whitening_init = str(path)
+  model = experiment.make_model(c)
+  fc = experiment.make_variables(c, model)["params"]["landmark_head"]["whitening"]
+  np.testing.assert_allclose(fc["kernel"], whitening.projection[:k].T, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(fc["bias"], -whitening.projection[:k] @ whitening.mean, rtol=1e-4,
+                             atol=1e-4)
