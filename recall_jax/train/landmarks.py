@@ -197,8 +197,8 @@ def learn_whitening_file(c: ml_collections.ConfigDict, workdir: str | pathlib.Pa
   config_lib.validate(c)
   model = experiment_lib.make_model(c)
   variables = experiment_lib.make_variables(c, model)
-  if which == "latest" and checkpointing.make_checkpoints(
-      workdir, create=False).latest.latest_step() is None:
+  if which == "latest" and (not pathlib.Path(workdir).is_dir() or checkpointing.make_checkpoints(
+      workdir, read_only=True).latest.latest_step() is None):
     reporting.say(f"no checkpoint in {workdir}: whitening the initial weights' descriptors")
     which = "initial"
   params, _ = _params(workdir, which, variables.pop("params"))
