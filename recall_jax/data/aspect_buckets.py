@@ -15,7 +15,8 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
+from collections.abc import Sequence
 
 import numpy as np
 import PIL.Image

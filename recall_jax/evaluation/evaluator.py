@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 from jax.sharding import Mesh
@@ -73,7 +73,7 @@ class Evaluator:
   """
 
   def __init__(self, embed_fn_factory: Callable[[Any], extraction.EmbedFn] | None,
-               splits: Mapping[str, Union[Batches, QueryGallery]], dataset_name: str,
+               splits: Mapping[str, Batches | QueryGallery], dataset_name: str,
                *, k_values: Sequence[int] | None = None, reid_protocol: bool = False,
                block: int = 1024, mesh: Mesh | None = None,
                log_fn: Callable[[str], Any] | None = print, progress: bool = True):
@@ -114,7 +114,7 @@ class Evaluator:
         embed_fn, make_batches(), desc=desc, mesh=self._mesh, progress=self._progress)
     return embeddings, labels
 
-  def _evaluate_set(self, embed_fn, name: str, batches: Union[Batches, QueryGallery]
+  def _evaluate_set(self, embed_fn, name: str, batches: Batches | QueryGallery
                     ) -> tuple[dict[str, float | int], SetEmbeddings]:
     if isinstance(batches, QueryGallery):
       gallery = self._embed(embed_fn, batches.gallery, f"embed {name} gallery")

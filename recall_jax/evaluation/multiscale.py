@@ -17,7 +17,8 @@ divided out of the interpolation weights; the new mask covers the rescaled real 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from typing import Any
+from collections.abc import Callable, Sequence
 
 import chex
 import flax

@@ -3,7 +3,8 @@
 All functions here are pure; the modules hold only parameters.
 """
 
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import chex
 import flax.linen as nn

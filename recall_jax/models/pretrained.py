@@ -22,7 +22,8 @@ unexpected key and any shape mismatch raise one `ValueError` that lists all of t
 import pathlib
 import re
 import zipfile
-from typing import Any, Callable, Iterator
+from typing import Any
+from collections.abc import Callable, Iterator
 
 import flax
 import jax

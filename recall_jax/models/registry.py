@@ -1,6 +1,7 @@
 """Backbones by name (`get_model`) and variable initialisation (`init_variables`)."""
 
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import flax
 import flax.linen as nn

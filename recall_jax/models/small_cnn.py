@@ -11,7 +11,8 @@ which the exact mega-batch training relies on, and leaves no state besides `para
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax

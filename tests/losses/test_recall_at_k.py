@@ -2,7 +2,6 @@
 
 import functools
 import math
-import warnings
 
 import chex
 import jax

@@ -33,7 +33,7 @@ def random_variables(model, image_size, seed=0):
   return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def jitted(model, method="__call__", train=False):
   """One compiled apply per (model, method, train), shared by the tests of this module."""
   return jax.jit(lambda v, x, rngs=None: model.apply(v, x, train=train, rngs=rngs, method=method))
