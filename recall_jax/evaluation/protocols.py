@@ -7,7 +7,7 @@ from typing import Any
 
 DEFAULT_K_VALUES = (1, 2, 4, 8)
 
-# Canonical name -> protocol. All are leave-one-out over the test split ("all-vs-all"); VehicleID's
+# Dataset name (`config.data.name`) -> protocol. All are leave-one-out over the test split ("all-vs-all"); VehicleID's
 # three test lists are evaluated separately, and it also supports the re-identification protocol
 # (`vehicleid_reid_metrics`).
 _PROTOCOLS: dict[str, dict[str, Any]] = {
@@ -19,27 +19,12 @@ _PROTOCOLS: dict[str, dict[str, Any]] = {
     "vehicleid": {"k_values": (1, 5), "reid_k_values": (1, 5)},
 }
 
-_ALIASES = {
-    "stanfordonlineproducts": "sop", "onlineproducts": "sop",
-    "inat": "inat2018", "inaturalist": "inat2018", "inaturalist2018": "inat2018",
-    "cars": "cars196", "stanfordcars": "cars196",
-    "cub": "cub200", "cub2002011": "cub200",
-}
-
-
-def canonical_name(dataset_name: str) -> str:
-  """Lower-cases and strips '-', '_' and spaces, then resolves aliases ('SOP', 'cub-200-2011')."""
-  key = "".join(c for c in dataset_name.lower() if c not in "-_ ")
-  return _ALIASES.get(key, key)
-
-
 def protocol_for(dataset_name: str) -> dict[str, Any]:
-  """{'name': canonical name, 'k_values': recall@k cut-offs, 'reid_k_values': cut-offs of the
+  """{'name': dataset name, 'k_values': recall@k cut-offs, 'reid_k_values': cut-offs of the
   optional re-identification protocol or None}. A fresh dict each call.
 
   A dataset without a published protocol gets `DEFAULT_K_VALUES` and no re-identification.
   """
-  name = canonical_name(dataset_name)
-  protocol = _PROTOCOLS.get(name, {"k_values": DEFAULT_K_VALUES})
-  return {"name": name, "k_values": protocol["k_values"],
+  protocol = _PROTOCOLS.get(dataset_name, {"k_values": DEFAULT_K_VALUES})
+  return {"name": dataset_name, "k_values": protocol["k_values"],
           "reid_k_values": protocol.get("reid_k_values")}

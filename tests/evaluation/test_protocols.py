@@ -7,9 +7,8 @@ from recall_jax.evaluation import protocol_for, vehicleid_reid_metrics
 
 
 @pytest.mark.parametrize("name, k_values", [
-    ("sop", (1, 10, 100, 1000)), ("Stanford_Online_Products", (1, 10, 100, 1000)),
-    ("inat2018", (1, 4, 16, 32)), ("cars196", (1, 2, 4, 8, 16)), ("CUB-200-2011", (1, 2, 4, 8, 16)),
-    ("omniglot", (1, 2, 4, 8)), ("VehicleID", (1, 5)),
+    ("sop", (1, 10, 100, 1000)), ("inat2018", (1, 4, 16, 32)), ("cars196", (1, 2, 4, 8, 16)),
+    ("cub200", (1, 2, 4, 8, 16)), ("omniglot", (1, 2, 4, 8)), ("vehicleid", (1, 5)),
 ])
 def test_protocol_k_values(name, k_values):
   assert protocol_for(name)["k_values"] == k_values
