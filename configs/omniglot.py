@@ -3,8 +3,8 @@
 Trains a small CNN (its last feature map flattened, not averaged) on the 964 characters of the 30
 background alphabets, each at 4 quarter-turns as 4 classes, with mega-batches of 1,000 images
 (250 classes x m = 4) and evaluates Recall@1/2/4/8 (each of the 13,180 evaluation images querying
-the others) on the 659 characters of the 20 evaluation alphabets. Raw pixels give R@1 = 0.262
-there; this recipe 0.857. Runs on 2 CPU cores in under 10 minutes.
+the others) on the 659 characters of the 20 evaluation alphabets. Expected result and timing:
+the README; how the recipe was chosen: benchmarks/README.md.
 
   python -m recall_jax.main --config configs/omniglot.py --workdir runs/omniglot
   python -m recall_jax.main --config configs/omniglot.py:smoke --workdir /tmp/omniglot  # seconds
@@ -21,18 +21,16 @@ def get_config(arg=None):
   c.data.channels = 1
   # Characters: a flipped character is another character, and so is a turned one: each of the 4
   # quarter-turns of a training character is a class of its own (3,856 classes, as Vinyals et al.
-  # 2016 and Snell et al. 2017 train), so 3 epochs see each image 3 times per turn. At the same
-  # 230 steps: R@1 0.857 with turns vs 0.840 without (12 epochs), 0.852 with crops of 70-100%
-  # instead; crops are left off here.
+  # 2016 and Snell et al. 2017 train), so 3 epochs see each image 3 times per turn. Strokes fill
+  # the frame, so crops are left off.
   c.data.crop_scale = (1.0, 1.0)
   c.data.flip = False
   c.data.rotated_classes = 4
-  # The 16 MB of training PNGs are read ~12 times; holding them saves ~0.16 s of every step.
+  # The 16 MB of training PNGs are read many times: hold them instead of re-reading the files.
   c.data.in_memory = True
   c.data.eval_batch_size = 1000
 
-  # Flattening the final 2 x 2 map keeps the stroke layout: R@1 +0.02 over average pooling at 6
-  # epochs, 0.840 vs 0.827 at 12 (without turned classes).
+  # Flattening the final 2 x 2 map keeps the stroke layout that average pooling would discard.
   c.model.name = "small_cnn_flat"
   c.model.embedding_dim = 512
   c.model.dtype = "float32"
@@ -42,8 +40,8 @@ def get_config(arg=None):
 
   c.batch_size = 1000
   c.samples_per_class = 4
-  # Chunks of 125 (8 per batch) keep each chunk's activations in cache on CPU: 1.99 vs 2.14 s per
-  # step with 4 chunks (the trainer keeps activations on CPU, see megabatch_value_and_grad).
+  # Chunks of 125 (8 per batch) keep each chunk's activations in cache on a CPU (the trainer
+  # keeps activations there, see megabatch_value_and_grad); the gradient does not depend on it.
   c.chunk_size = 125
   c.simix = False
 

@@ -169,10 +169,9 @@ def megabatch_value_and_grad(
     keep_activations: run the chunks as straight-line code that keeps each chunk's forward
       activations for its backward pass: no second forward and no while loop, so memory grows
       with B like plain backprop (the chunks only bound the size of each operation). XLA:CPU runs
-      convolution gradients inside a while loop ~15x slower than straight-line code (small CNN,
-      B = 1,000 in 2 chunks: 67 s vs 4.4 s per step), and skipping the recomputation saves
-      another ~25% there (2.8 s -> 2.1 s per step at B = 1,000 in 4 chunks). The trainer turns it
-      on for the CPU backend only; on accelerators the memory-flat two-pass form is the point.
+      convolution gradients inside a while loop far slower than straight-line code, and skipping
+      the recomputation saves more there (figures: benchmarks/README.md). The trainer turns it on
+      for the CPU backend only; on accelerators the memory-flat two-pass form is the point.
 
   Returns:
     `step_fn(params, images, labels, rng=None) -> (loss, grads)`, a pure function to `jax.jit`.
