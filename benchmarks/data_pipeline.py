@@ -48,7 +48,8 @@ def synthetic_jpegs(folder: pathlib.Path, count: int, seed: int = 0) -> list[byt
   for i in range(count):
     width, height = int(500 * rng.uniform(0.8, 1.2)), int(375 * rng.uniform(0.8, 1.2))
     coarse = rng.uniform(0, 255, (12, 16, 3)).astype(np.uint8)
-    smooth = np.asarray(PIL.Image.fromarray(coarse).resize((width, height), PIL.Image.BICUBIC), np.float32)
+    smooth = np.asarray(PIL.Image.fromarray(coarse).resize((width, height), PIL.Image.BICUBIC),
+                        np.float32)
     pixels = np.clip(smooth + rng.normal(0, 12, smooth.shape), 0, 255).astype(np.uint8)
     buffer = io.BytesIO()
     PIL.Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
@@ -109,14 +110,16 @@ def _median_rates(cases: dict, repeats: int, measure) -> dict[str, float]:
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--images", type=int, default=400)
   parser.add_argument("--seconds", type=float, default=10.0, help="measuring time per case")
   parser.add_argument("--image-size", type=int, default=224)
   parser.add_argument("--resize-size", type=int, default=256)
   parser.add_argument("--batch-size", type=int, default=64)
   parser.add_argument("--target", type=float, default=2600.0, help="images/s the trainer consumes")
-  parser.add_argument("--workers", type=int, default=0, help="also time the loader with N grain workers")
+  parser.add_argument("--workers", type=int, default=0,
+                      help="also time the loader with N grain workers")
   parser.add_argument("--step-seconds", type=float, default=0.2, help="the fake training step")
   parser.add_argument("--steps", type=int, default=8, help="steps per overlap measurement")
   parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats (median)")
@@ -125,13 +128,15 @@ def main() -> None:
   with tempfile.TemporaryDirectory() as tmp:
     encoded = synthetic_jpegs(pathlib.Path(tmp), args.images)
   mean_kb = np.mean([len(e) for e in encoded]) / 1024
-  print(f"{len(encoded)} synthetic JPEGs, mean {mean_kb:.0f} KiB; CPU cores visible: {os.cpu_count()}")
+  print(f"{len(encoded)} synthetic JPEGs, mean {mean_kb:.0f} KiB; "
+        f"CPU cores visible: {os.cpu_count()}")
 
   position = iter(range(1 << 62))
 
   def augment_some() -> int:
     for e in encoded[:50]:
-      transforms.train_augment(e, np.random.default_rng([0, next(position)]), image_size=args.image_size)
+      transforms.train_augment(e, np.random.default_rng([0, next(position)]),
+                               image_size=args.image_size)
     return 50
 
   def decode_some() -> int:
@@ -145,7 +150,8 @@ def main() -> None:
     return 50
 
   labels = np.repeat(np.arange(len(encoded) // 4), 4)
-  source = [{"image": e, "label": int(l), "id": str(i)} for i, (e, l) in enumerate(zip(encoded, labels))]
+  source = [{"image": e, "label": int(l), "id": str(i)}
+            for i, (e, l) in enumerate(zip(encoded, labels))]
   sampler = data.MPerClassSampler(labels, args.batch_size, 4, seed=0)
 
   def loader_rate(workers: int) -> tuple[float, float]:
@@ -177,7 +183,8 @@ def main() -> None:
   # --- Overlap with a training step ------------------------------------------------------------
   def loader_with(read_threads: int, prefetch_batches: int):
     return lambda: data.make_train_loader(source, sampler, image_size=args.image_size, seed=0,
-                                          read_threads=read_threads, prefetch_batches=prefetch_batches)
+                                          read_threads=read_threads,
+                                          prefetch_batches=prefetch_batches)
 
   cases = {"built ahead (read_threads=2, prefetch_batches=2)": loader_with(2, 2),
            "on demand (read_threads=0, prefetch_batches=0)": loader_with(0, 0)}
@@ -195,7 +202,8 @@ def main() -> None:
   strokes = synthetic_strokes(2000)
   stroke_labels = np.repeat(np.arange(len(strokes) // 4), 4)
   stroke_source = _ListSource([{"image": e, "label": int(label), "id": str(i)}
-                               for i, (e, label) in enumerate(zip(strokes, stroke_labels))], stroke_labels)
+                               for i, (e, label) in enumerate(zip(strokes, stroke_labels))],
+                              stroke_labels)
   stroke_sampler = data.MPerClassSampler(stroke_labels, 1000, 4, seed=0)
   held = {"encoded PNG bytes in memory": data.InMemorySource(stroke_source, progress=False),
           "decoded once (decode_channels=1)": data.InMemorySource(stroke_source, decode_channels=1,
@@ -216,7 +224,8 @@ def main() -> None:
     print(f"  {name:58s} {rate:7.0f} img/s")
   encoded_rate, decoded_rate = rates.values()
   print(f"  ratio decoded / encoded: {decoded_rate / encoded_rate:.2f}x "
-        f"({held['decoded once (decode_channels=1)'].nbytes / 2**20:.0f} MiB held for {len(strokes)} images)")
+        f"({held['decoded once (decode_channels=1)'].nbytes / 2**20:.0f} MiB held for "
+        f"{len(strokes)} images)")
 
 
 class _ListSource(list):

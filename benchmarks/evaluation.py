@@ -55,7 +55,8 @@ def main():
   symmetric = _PATHS[args.path]
   start, cpu = time.perf_counter(), time.process_time()
   metrics = retrieval_metrics(x, labels, k_values=k_values, block=args.block, symmetric=symmetric)
-  print(f"recall_jax retrieval_metrics ({args.path} path): {time.perf_counter() - start:.1f} s wall, "
+  print(f"recall_jax retrieval_metrics ({args.path} path): "
+        f"{time.perf_counter() - start:.1f} s wall, "
         f"{time.process_time() - cpu:.1f} s CPU (incl. compile)")
   for _ in range(args.repeat):
     start, cpu = time.perf_counter(), time.process_time()

@@ -33,6 +33,7 @@ the process) are printed too. The load average at start and end is printed.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -297,11 +298,9 @@ def run(args, argv: list[str]) -> dict:
   print(f"load average at start: {os.getloadavg()}; cores: {os.cpu_count()}", flush=True)
   torch_ok = False
   if not args.no_torch:
-    try:
-      import torch  # pylint: disable=g-import-not-at-top,unused-import
-      torch_ok = True
-    except ImportError as e:
-      print(f"torch: not importable ({e}); JAX only")
+    torch_ok = importlib.util.find_spec("torch") is not None
+    if not torch_ok:
+      print("torch: not installed; JAX only")
   blocks = args.query_block.split(",")
   results = []
   for size in args.sizes.split(","):

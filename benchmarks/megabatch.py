@@ -1,8 +1,8 @@
 """Mega-batch training step: images/s and peak device memory vs batch size, and the plain fwd+bwd.
 
-  python benchmarks/megabatch.py                       # ViT-B/16, 224 px, bf16, B = 4000,16000,65536
+  python benchmarks/megabatch.py                      # ViT-B/16, 224 px, bf16, B = 4000,16000,65536
   python benchmarks/megabatch.py --model vit_tiny_test --image-size 32 --batches 256,1024 \\
-      --chunk-size 64 --steps 2 --embedding-dim 16     # tiny run on a CPU
+      --chunk-size 64 --steps 2 --embedding-dim 16    # tiny run on a CPU
 
 For each batch size B, in a fresh subprocess (so that the device's peak-memory counter belongs to
 that B alone, and an out-of-memory error ends only that case): one jitted `make_train_step` (RS@k

@@ -69,7 +69,8 @@ def plan(args, batch: int, remat: str) -> dict[str, float]:
   compiled = step.lower(state, images, labels, rng).compile()
   seconds = time.perf_counter() - tick
   memory = compiled.memory_analysis()
-  return dict(chunk=chunk, temp=memory.temp_size_in_bytes / GIB, args=memory.argument_size_in_bytes / GIB,
+  return dict(chunk=chunk, temp=memory.temp_size_in_bytes / GIB,
+              args=memory.argument_size_in_bytes / GIB,
               out=memory.output_size_in_bytes / GIB, alias=memory.alias_size_in_bytes / GIB,
               compile_s=seconds)
 
@@ -90,15 +91,15 @@ def main(argv=None):
   print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}); jax {jax.__version__}; "
         f"{args.model} {args.image_size} px {args.dtype}, chunk {args.chunk_size}, query_block "
         f"{args.query_block or 'loss default'}", flush=True)
-  print(f"{'B':>7} {'chunk':>6} {'remat':>6} {'temp GiB':>9} {'args GiB':>9} {'out GiB':>8} {'compile s':>10}",
-        flush=True)
+  print(f"{'B':>7} {'chunk':>6} {'remat':>6} {'temp GiB':>9} {'args GiB':>9} {'out GiB':>8} "
+        f"{'compile s':>10}", flush=True)
   results = {}
   for remat in args.remat.split(","):
     for batch in (int(b) for b in args.batches.split(",")):
       r = plan(args, batch, remat)
       results[(batch, remat)] = r
-      print(f"{batch:>7} {r['chunk']:>6} {remat:>6} {r['temp']:>9.2f} {r['args']:>9.2f} {r['out']:>8.2f} "
-            f"{r['compile_s']:>10.1f}", flush=True)
+      print(f"{batch:>7} {r['chunk']:>6} {remat:>6} {r['temp']:>9.2f} {r['args']:>9.2f} "
+            f"{r['out']:>8.2f} {r['compile_s']:>10.1f}", flush=True)
     batches = [b for b, m in results if m == remat]
     first, last = results[(batches[0], remat)], results[(batches[-1], remat)]
     print(f"remat={remat}: temporaries at B = {batches[-1]} / B = {batches[0]}: "

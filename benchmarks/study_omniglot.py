@@ -5,10 +5,10 @@ on the demo config (`configs/omniglot.py`: its small CNN from scratch with the c
 optimizer and data settings, m = 4 images per class), trained on the 964 characters of the 30
 background alphabets and evaluated (Recall@1/2/4/8, every image querying the others) on the 20
 held-out alphabets. Within the whole study every run sees the same number of training images
-(`--images`), so a larger batch takes fewer steps. The learning rate warms up linearly over the first quarter of a run's
-steps (the demo's 20 warm-up steps, as a fraction, so that every batch size gets the same share)
-and then stays constant (no milestone decay: the runs are shorter than the demo's first epoch
-milestone).
+(`--images`), so a larger batch takes fewer steps. The learning rate warms up linearly over the
+first quarter of a run's steps (the demo's 20 warm-up steps, as a fraction, so that every batch size
+gets the same share) and then stays constant (no milestone decay: the runs are shorter than the
+demo's first epoch milestone).
 
 Studies (`--only` picks one):
   losses: RS@k vs Smooth-AP vs contrastive vs multi-similarity at B = 1,024 (the demo's 1,000
@@ -396,8 +396,9 @@ def main(argv: list[str] | None = None) -> None:
   header = (f"Omniglot study ({'quick' if args.quick else 'full'}): {args.images:,} training "
             f"images per run, {args.seeds} seed(s) (mean ± std over seeds), evaluation on "
             f"{evaluated} images of the 20 held-out alphabets; {demo.model.name} from scratch, "
-            f"{demo.optimizer.name} lr {demo.optimizer.learning_rate:g} with warm-up over the first "
-            f"quarter of the steps, training classes at {demo.data.rotated_classes} quarter-turn(s), "
+            f"{demo.optimizer.name} lr {demo.optimizer.learning_rate:g} with warm-up over the "
+            f"first quarter of the steps, training classes at {demo.data.rotated_classes} "
+            f"quarter-turn(s), "
             f"m = {demo.samples_per_class}; machine: "
             f"{os.cpu_count()}-core CPU ({jax.devices()[0].platform}); total "
             f"{sum(r['seconds'] for r in records.values()):.0f} s of training+evaluation.")

@@ -16,10 +16,10 @@ batch, `--torch-threads` threads.
 
 All settings run in one process, interleaved round by round on the same batch; the figures are
 medians over `--rounds` rounds after two warm-up steps each, in wall-clock seconds and in CPU
-seconds of the process (all threads; less sensitive than wall time to other jobs on the cores). Also printed: images/s, and the
-achieved GFLOP/s (matmul and convolution FLOPs of forward + backward, the B x B similarity
-included; elementwise work not counted) against the best float32 matmul rate measured in the same
-run (2048^3, JAX and PyTorch).
+seconds of the process (all threads; less sensitive than wall time to other jobs on the cores). Also
+printed: images/s, and the achieved GFLOP/s (matmul and convolution FLOPs of forward + backward, the
+B x B similarity included; elementwise work not counted) against the best float32 matmul rate
+measured in the same run (2048^3, JAX and PyTorch).
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@
 
 from recall_jax.data.bucketed_pipeline import (make_bucketed_eval_loader, make_padded_train_loader,
                                                split_mask_channel, with_mask_channel)
-from recall_jax.data.datasets import CHANNELS, DEFAULT_FOLDERS, SPLITS, RetrievalSource, check_image, load_split
+from recall_jax.data.datasets import (CHANNELS, DEFAULT_FOLDERS, SPLITS, RetrievalSource,
+                                      check_image, load_split)
 from recall_jax.data.download import OMNIGLOT_URL_BASE, download_file, ensure_omniglot
 from recall_jax.data.paths import DATA_ENV_VAR, data_root, default_cache_dir, prepared_root
 from recall_jax.data.first_n import FirstN
@@ -23,4 +24,5 @@ from recall_jax.data import landmarks, safe_pickle
 from recall_jax.data.pipeline import make_eval_loader, make_train_loader
 from recall_jax.data.rotated_classes import RotatedClasses
 from recall_jax.data.sampler import MPerClassSampler
-from recall_jax.data.transforms import decode_image, eval_transform, random_resized_crop_box, train_augment
+from recall_jax.data.transforms import (decode_image, eval_transform, random_resized_crop_box,
+                                        train_augment)

@@ -1,4 +1,5 @@
-"""Prepared dataset splits: a tensorflow-datasets builder writing ArrayRecord files of encoded images.
+"""Prepared dataset splits: a tensorflow-datasets builder writing ArrayRecord files of encoded
+images.
 
 `load_split(name, split)` parses the official files (see `parsing.py`), checks every image once,
 writes all splits of the dataset as ArrayRecord files of the *encoded* image bytes (no
@@ -158,7 +159,8 @@ class RecallJaxRetrieval(tfds.core.GeneratorBasedBuilder):
       plans = parsing.PARSERS[name](folder)
     return {split: self._generate_examples(split, plan) for split, plan in plans.items()}
 
-  def _generate_examples(self, split: str, plan: parsing.SplitPlan) -> Iterator[tuple[int, dict[str, Any]]]:
+  def _generate_examples(self, split: str,
+                         plan: parsing.SplitPlan) -> Iterator[tuple[int, dict[str, Any]]]:
     archives: dict[pathlib.Path, zipfile.ZipFile] = {}
     labels, skipped = [], []
     what = f"{self.builder_config.name}/{split}"
@@ -211,7 +213,8 @@ class RetrievalSource:
 
   def __init__(self, name: str, split: str, prepared_dir: pathlib.Path):
     self.name, self.split, self.prepared_dir = name, split, prepared_dir
-    builder = RecallJaxRetrieval(config=name, data_dir=os.fspath(prepared_dir), file_format="array_record")
+    builder = RecallJaxRetrieval(config=name, data_dir=os.fspath(prepared_dir),
+                                 file_format="array_record")
     meta = builder.info.metadata[split]
     self.labels = np.asarray(meta["labels"], dtype=np.int64)
     self.class_names: list[str] = meta["class_names"]
@@ -225,8 +228,9 @@ class RetrievalSource:
     # Opened lazily so that the object pickles cheaply into grain worker processes.
     if self._source is None:
       self._source = tfds.data_source(
-          f"recall_jax_retrieval/{self.name}", split=self.split, data_dir=os.fspath(self.prepared_dir),
-          download=False, decoders={"image": tfds.decode.SkipDecoding()})
+          f"recall_jax_retrieval/{self.name}", split=self.split,
+          data_dir=os.fspath(self.prepared_dir), download=False,
+          decoders={"image": tfds.decode.SkipDecoding()})
     return self._source
 
   def __getstate__(self) -> dict[str, Any]:
@@ -241,14 +245,16 @@ class RetrievalSource:
   def __getitem__(self, index: int) -> dict[str, Any]:
     index = int(index)
     if not -len(self) <= index < len(self):
-      raise IndexError(f"{self.name}/{self.split}: index {index} out of range for {len(self)} records")
+      raise IndexError(f"{self.name}/{self.split}: index {index} out of range for {len(self)} "
+                       "records")
     return self._convert(self._tfds_source()[index % len(self)])
 
   def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
     return [self._convert(r) for r in self._tfds_source().__getitems__([int(i) for i in indices])]
 
   def __repr__(self) -> str:
-    return (f"RetrievalSource({self.name}/{self.split}: {len(self)} images, {self.num_classes} classes, "
+    return (f"RetrievalSource({self.name}/{self.split}: {len(self)} images, "
+            f"{self.num_classes} classes, "
             f"at {self.prepared_dir})")
 
 
@@ -356,7 +362,8 @@ def _warn_skipped(source: RetrievalSource) -> None:
 
 
 def load_split(name: str, split: str, *, data_root: str | os.PathLike[str] | None = None,
-               path: str | os.PathLike[str] | None = None, prepared_dir: str | os.PathLike[str] | None = None,
+               path: str | os.PathLike[str] | None = None,
+               prepared_dir: str | os.PathLike[str] | None = None,
                download: bool = True, url_base: str | None = None,
                label_splits: Sequence[str] | None = None, progress: bool = True) -> RetrievalSource:
   """Prepares (once) and opens one split of a dataset.
@@ -367,10 +374,13 @@ def load_split(name: str, split: str, *, data_root: str | os.PathLike[str] | Non
     split: `train` / `test`; VehicleID has `train`, `test_800`, `test_1600`, `test_2400`; a
       `folder` dataset accepts any name (`<path>/<split>.csv` or `<path>/<split>/`).
     data_root: the data root (see `paths.data_root`).
-    path: the dataset folder (or, for `folder`, a CSV file); default `<data root>/<DEFAULT_FOLDERS[name]>`.
+    path: the dataset folder (or, for `folder`, a CSV file); default
+      `<data root>/<DEFAULT_FOLDERS[name]>`.
     prepared_dir: where prepared copies go; default `<data root>/prepared` or the user cache.
-    download: Omniglot only: fetch missing archives from `url_base` (default: the official repository).
-    url_base: Omniglot only: the URL folder holding `images_background.zip` / `images_evaluation.zip`.
+    download: Omniglot only: fetch missing archives from `url_base` (default: the official
+      repository).
+    url_base: Omniglot only: the URL folder holding `images_background.zip` /
+      `images_evaluation.zip`.
     label_splits: `folder` only: the splits sharing one label space with `split` (e.g. a query and
       a gallery split), so a class name has the same label in each; they are prepared together.
       Default: `("query", "gallery")` for either of those when both exist, else `split` alone.

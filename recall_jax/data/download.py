@@ -34,7 +34,8 @@ def download_file(url: str, target: pathlib.Path, *, timeout_s: float = 60.0) ->
         raise OSError(f"Could not download {url}: {e}") from e
       with response:
         total = int(response.headers.get("Content-Length") or 0) or None
-        with tqdm.tqdm(total=total, unit="B", unit_scale=True, desc=f"Downloading {target.name}") as bar:
+        with tqdm.tqdm(total=total, unit="B", unit_scale=True,
+                       desc=f"Downloading {target.name}") as bar:
           while chunk := response.read(1 << 20):
             out.write(chunk)
             bar.update(len(chunk))
@@ -45,7 +46,8 @@ def download_file(url: str, target: pathlib.Path, *, timeout_s: float = 60.0) ->
   return target
 
 
-def ensure_omniglot(folder: pathlib.Path, *, url_base: str | None = None, download: bool = True) -> None:
+def ensure_omniglot(folder: pathlib.Path, *, url_base: str | None = None,
+                    download: bool = True) -> None:
   """Makes sure `folder/images_background.zip` and `images_evaluation.zip` exist.
 
   Args:

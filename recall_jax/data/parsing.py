@@ -102,7 +102,8 @@ def _check_images_exist(entries: list[Entry], what: str) -> None:
   if missing:
     first = missing[0]
     raise MissingFileError(
-        f"{what}: {len(missing)} listed image(s) do not exist, first {first[0]} (listed at {first[4]})")
+        f"{what}: {len(missing)} listed image(s) do not exist, first {first[0]} "
+        f"(listed at {first[4]})")
 
 
 def _read_lines(path: pathlib.Path) -> list[tuple[int, str]]:
@@ -142,8 +143,8 @@ def parse_sop(folder: pathlib.Path) -> dict[str, SplitPlan]:
       image_id, class_id, super_id, rel = _fields(listing, lineno, line, 4,
                                                  "image_id class_id super_class_id path")
       _int_field(listing, lineno, super_id, "super_class_id")  # Checked, not kept.
-      entries.append((folder / rel, None, _int_field(listing, lineno, class_id, "class_id"), image_id,
-                      f"{listing.name}:{lineno}"))
+      entries.append((folder / rel, None, _int_field(listing, lineno, class_id, "class_id"),
+                      image_id, f"{listing.name}:{lineno}"))
     _check_images_exist(entries, f"sop/{split}")
     plans[split] = _plan(entries, f"sop/{split} ({listing})")
   return plans
@@ -214,7 +215,8 @@ def parse_cars196(folder: pathlib.Path) -> dict[str, SplitPlan]:
   except Exception as e:
     raise DataError(f"{mat_path}: not a readable MATLAB file: {e}") from e
   if "annotations" not in mat:
-    raise DataError(f"{mat_path}: no `annotations` variable (found {sorted(k for k in mat if not k.startswith('__'))})")
+    raise DataError(f"{mat_path}: no `annotations` variable "
+                    f"(found {sorted(k for k in mat if not k.startswith('__'))})")
   annotations = np.atleast_1d(mat["annotations"])
   names = annotations.dtype.names or ()
   for field in ("relative_im_path", "class"):
@@ -226,7 +228,8 @@ def parse_cars196(folder: pathlib.Path) -> dict[str, SplitPlan]:
     try:
       class_id = int(entry["class"])
     except (TypeError, ValueError):
-      raise DataError(f"{mat_path}: annotations[{n}].class {entry['class']!r} is not an integer") from None
+      raise DataError(
+          f"{mat_path}: annotations[{n}].class {entry['class']!r} is not an integer") from None
     if not 1 <= class_id <= 196:
       raise DataError(f"{mat_path}: annotations[{n}].class = {class_id}, expected 1..196")
     split = "train" if class_id <= 98 else "test"
@@ -288,7 +291,8 @@ def parse_omniglot(folder: pathlib.Path) -> dict[str, SplitPlan]:
         continue
       match = _OMNIGLOT_MEMBER.fullmatch(member)
       if not match or match.group(1) != stem:
-        raise DataError(f"{archive}: member {member!r} is not `{stem}/<Alphabet>/character<NN>/<file>.png`")
+        raise DataError(
+            f"{archive}: member {member!r} is not `{stem}/<Alphabet>/character<NN>/<file>.png`")
       _, alphabet, character, _ = match.groups()
       entries.append((archive, member, f"{alphabet}/{character}", member,
                       f"{archive.name}:{member}"))
@@ -311,9 +315,11 @@ def _tree_entries(tree: pathlib.Path, what: str) -> list[Entry]:
   if not classes:
     raise DataError(f"{what}: {tree} has no class sub-folders")
   for class_dir in classes:
-    images = sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    images = sorted(p for p in class_dir.rglob("*")
+                    if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     if not images:
-      raise DataError(f"{what}: class folder {class_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+      raise DataError(f"{what}: class folder {class_dir} holds no images "
+                      f"({', '.join(IMAGE_EXTENSIONS)})")
     for p in images:
       rel = p.relative_to(tree).as_posix()
       entries.append((p, None, class_dir.name, rel, rel))
@@ -355,7 +361,8 @@ def _normalise_csv_labels(entries: list[Entry], what: str) -> list[Entry]:
     return entries
   if len(numeric) < len(entries):
     name = next(e for e, n in zip(entries, numbers) if n is None)
-    raise DataError(f"{what}: the labels mix numbers ({numeric[0][4]}: {numeric[0][2]!r}) and names "
+    raise DataError(f"{what}: the labels mix numbers ({numeric[0][4]}: {numeric[0][2]!r}) and "
+                    "names "
                     f"({name[4]}: {name[2]!r}); give every class the same form")
   out = []
   for entry, number in zip(entries, numbers):
@@ -442,7 +449,8 @@ def parse_folder(folder: pathlib.Path, split: str,
     source = folder if folder.is_file() else _split_input(folder, name)
     if source is None:
       raise MissingFileError(
-          f"folder/{name}: neither {folder / (name + '.csv')} nor the folder {folder / name} exists "
+          f"folder/{name}: neither {folder / (name + '.csv')} nor the folder {folder / name} "
+          "exists "
           "(give `path=` a CSV `path,label` file or a folder of `<split>/<class>/<image>`)")
     if source.is_file():
       per_split[name] = ("csv", _csv_entries(source, f"folder/{name}"))

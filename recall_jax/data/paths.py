@@ -32,7 +32,8 @@ def data_root(configured: str | os.PathLike[str] | None = None) -> pathlib.Path:
   return default_cache_dir()
 
 
-def prepared_root(root: pathlib.Path, configured: str | os.PathLike[str] | None = None) -> pathlib.Path:
+def prepared_root(root: pathlib.Path,
+                  configured: str | os.PathLike[str] | None = None) -> pathlib.Path:
   """The folder holding prepared ArrayRecord splits.
 
   `<root>/prepared` when the data root is writable (or can be created); a read-only data root,

@@ -44,9 +44,9 @@ def _record_name(source: Source, index: int, record: dict[str, Any]) -> str:
 class _TrainStep:
   """Maps a global step to this process's augmented batch."""
 
-  def __init__(self, source: Source, sampler: sampler_lib.MPerClassSampler, *, image_size: int, seed: int,
-               process_index: int, process_count: int, channels: int, crop_scale: tuple[float, float],
-               flip: bool):
+  def __init__(self, source: Source, sampler: sampler_lib.MPerClassSampler, *, image_size: int,
+               seed: int, process_index: int, process_count: int, channels: int,
+               crop_scale: tuple[float, float], flip: bool):
     self.source, self.sampler = source, sampler
     self.image_size, self.seed, self.channels = image_size, seed, channels
     self.process_index, self.process_count = process_index, process_count
@@ -63,7 +63,8 @@ class _TrainStep:
       rng = np.random.default_rng([self.seed, step, offset + k])
       image = transforms.train_augment(
           record["image"], rng, image_size=self.image_size, channels=self.channels,
-          crop_scale=self.crop_scale, flip=self.flip, record=_record_name(self.source, index, record))
+          crop_scale=self.crop_scale, flip=self.flip,
+          record=_record_name(self.source, index, record))
       images[k] = apply_decoded_transform(record, image)
       labels[k] = record["label"]
     return {"image": images, "label": labels}
@@ -72,7 +73,8 @@ class _TrainStep:
 class _EvalBatch:
   """Maps a batch number to resized, center-cropped images of consecutive records (padded)."""
 
-  def __init__(self, source: Source, *, image_size: int, resize_size: int, batch_size: int, channels: int):
+  def __init__(self, source: Source, *, image_size: int, resize_size: int, batch_size: int,
+               channels: int):
     self.source, self.image_size, self.resize_size = source, image_size, resize_size
     self.batch_size, self.channels = batch_size, channels
 
@@ -156,10 +158,12 @@ def make_train_loader(source: Source, sampler: sampler_lib.MPerClassSampler, *, 
   _check_seed(seed)
   if start_step < 0:
     raise ValueError(f"start_step must be non-negative, got {start_step}")
-  sampler.local_slice(np.zeros(sampler.batch_size, np.int64), process_index, process_count)  # Validates.
+  # Validates.
+  sampler.local_slice(np.zeros(sampler.batch_size, np.int64), process_index, process_count)
   stop = start_step + (_UNBOUNDED_STEPS if num_steps is None else int(num_steps))
-  step_fn = _TrainStep(source, sampler, image_size=image_size, seed=seed, process_index=process_index,
-                       process_count=process_count, channels=channels, crop_scale=crop_scale, flip=flip)
+  step_fn = _TrainStep(source, sampler, image_size=image_size, seed=seed,
+                       process_index=process_index, process_count=process_count,
+                       channels=channels, crop_scale=crop_scale, flip=flip)
   batches = grain.MapDataset.range(start_step, stop).map(step_fn)
   return iter(ahead(batches, worker_count=worker_count, read_threads=read_threads,
                      prefetch_batches=prefetch_batches))
@@ -189,8 +193,8 @@ def make_eval_loader(source: Source, *, image_size: int, resize_size: int, batch
   if image_size > resize_size:
     raise ConfigError(f"image_size {image_size} exceeds resize_size {resize_size}")
   num_batches = -(-len(source) // batch_size)
-  batch_fn = _EvalBatch(source, image_size=image_size, resize_size=resize_size, batch_size=batch_size,
-                        channels=channels)
+  batch_fn = _EvalBatch(source, image_size=image_size, resize_size=resize_size,
+                        batch_size=batch_size, channels=channels)
   batches = grain.MapDataset.range(num_batches).map(batch_fn)
   return ahead(batches, worker_count=worker_count, read_threads=read_threads,
                 prefetch_batches=prefetch_batches)

@@ -5,8 +5,8 @@ A pickle rebuilds objects by importing names (`GLOBAL` / `STACK_GLOBAL` opcodes,
 call `os.system`. Dicts, lists, tuples, strings, numbers, booleans and None need no import (nor do
 bytes from protocol 3 on and sets from protocol 4 on), so an unpickler whose `find_class` always
 refuses reads them all and nothing else: calling opcodes have nothing to call. Persistent ids and
-extension codes, the other ways to reach an object, are refused too. The official ground-truth files of the landmark benchmarks hold only such
-plain data.
+extension codes, the other ways to reach an object, are refused too. The official ground-truth files
+of the landmark benchmarks hold only such plain data.
 """
 
 from __future__ import annotations

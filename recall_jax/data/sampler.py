@@ -25,7 +25,8 @@ from recall_jax.errors import ConfigError, DataError
 
 
 class MPerClassSampler:
-  """Class-balanced batches of `batch_size / samples_per_class` classes x `samples_per_class` images.
+  """Class-balanced batches of `batch_size / samples_per_class` classes x `samples_per_class`
+  images.
 
   Attributes:
     batch_size: global batch size B (images per step, all processes together).
@@ -51,7 +52,8 @@ class MPerClassSampler:
     """
     labels = np.asarray(labels)
     if labels.ndim != 1 or labels.size == 0 or not np.issubdtype(labels.dtype, np.integer):
-      raise ValueError(f"labels must be a non-empty 1-D integer array, got {labels.dtype} {labels.shape}")
+      raise ValueError(f"labels must be a non-empty 1-D integer array, got {labels.dtype} "
+                       f"{labels.shape}")
     if samples_per_class < 1 or batch_size < 1 or batch_size % samples_per_class:
       raise ConfigError(f"batch_size {batch_size} must be a positive multiple of samples_per_class "
                        f"{samples_per_class}")
@@ -134,9 +136,11 @@ class MPerClassSampler:
     if process_count < 1 or not 0 <= process_index < process_count:
       raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     if len(indices) % process_count:
-      raise ConfigError(f"Global batch {len(indices)} is not divisible by process_count {process_count}")
+      raise ConfigError(f"Global batch {len(indices)} is not divisible by process_count "
+                        f"{process_count}")
     local = len(indices) // process_count
     if local % self.samples_per_class:
-      raise ConfigError(f"Local batch {local} (= {len(indices)} / {process_count} processes) is not a "
-                       f"multiple of samples_per_class {self.samples_per_class}: class groups would split")
+      raise ConfigError(f"Local batch {local} (= {len(indices)} / {process_count} processes) is "
+                        f"not a multiple of samples_per_class {self.samples_per_class}: class "
+                        "groups would split")
     return indices[process_index * local:(process_index + 1) * local]

@@ -1,4 +1,5 @@
-"""Image decoding and augmentation with PIL: RandomResizedCrop + flip (train), resize + center crop (test).
+"""Image decoding and augmentation with PIL: RandomResizedCrop + flip (train), resize + center crop
+(test).
 
 All functions take encoded bytes (or an image `decode_image` already decoded) and return uint8
 (H, W, C) arrays; normalisation happens on the device. JPEGs are decoded with PIL's DCT-domain
@@ -134,7 +135,8 @@ def _draft(image: PIL.Image.Image, channels: int, box: tuple[float, float, float
 
 def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
                             scale: tuple[float, float] = (0.08, 1.0),
-                            ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+                            ratio: tuple[float, float] = (3 / 4, 4 / 3)
+                            ) -> tuple[int, int, int, int]:
   """torchvision's RandomResizedCrop box `(left, top, right, bottom)` in pixels.
 
   Tries 10 times to draw an area fraction uniform in `scale` and a log-uniform aspect ratio in

@@ -1,10 +1,11 @@
-"""Retrieval metrics from exact ranks of every positive: Recall@k, precision@1, R-precision, MAP@R, MAP.
+"""Retrieval metrics from exact ranks of every positive: Recall@k, precision@1, R-precision, MAP@R,
+MAP.
 
 For each query the rank of every positive (same-label database item) in the full similarity
 ranking is computed exactly and blockwise: rank = 1 + number of database items that rank above it,
-where an item ranks above another when its similarity is higher, or equal with a lower database index
-(the tie rule of `knn`). All metrics follow from the sorted positive ranks r_1 < ... < r_R of a query
-with R positives:
+where an item ranks above another when its similarity is higher, or equal with a lower database
+index (the tie rule of `knn`). All metrics follow from the sorted positive ranks r_1 < ... < r_R of
+a query with R positives:
 
   recall@k    = [r_1 <= k]                       (>= 1 positive among the top k; the paper's metric)
   precision@1 = [r_1 == 1]
@@ -104,7 +105,8 @@ def as_labels(labels, num: int, name: str) -> np.ndarray:
   return labels.astype(np.int64, copy=False)
 
 
-def _check_k_values(k_values: Sequence[int], available: int, leave_one_out: bool) -> tuple[int, ...]:
+def _check_k_values(k_values: Sequence[int], available: int,
+                    leave_one_out: bool) -> tuple[int, ...]:
   k_values = tuple(k_values)
   if not k_values:
     raise ValueError("k_values must not be empty")
@@ -144,8 +146,8 @@ def _query_block_ranks(queries, database, used, order, start, count, *, leave_on
     args = (parallel.pad_rows(queries[ids], block), parallel.pad_rows(self_index, block, -1),
             parallel.pad_rows(positives, block), parallel.pad_rows(valid, block, False))
     ranks = _positive_ranks_block(
-        jax.device_put(args[0], rows), database_device, *(jax.device_put(a, rows) for a in args[1:]),
-        mesh=mesh, rows_per_step=rows_per_step)
+        jax.device_put(args[0], rows), database_device,
+        *(jax.device_put(a, rows) for a in args[1:]), mesh=mesh, rows_per_step=rows_per_step)
     pending.append((ids, ranks))
   return pending
 

@@ -341,7 +341,7 @@ def revisited_metrics(query_embeddings, database_embeddings, gnd: Sequence[Mappi
                         mesh=sharding.data_mesh() if mesh is None else mesh)
 
   per_protocol: dict[str, list[dict[str, float]]] = {p: [] for p in PROTOCOLS}
-  for q, (rank, role) in enumerate(zip(ranks, roles)):
+  for rank, role in zip(ranks, roles):
     for protocol, (positive_roles, ignored_roles) in _ROLES.items():
       positive = np.isin(role, positive_roles)
       if positive.any():

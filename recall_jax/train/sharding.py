@@ -108,7 +108,8 @@ def distributed_environment(env: Mapping[str, str] | None = None) -> dict[str, A
     num_processes = _int_env(env, "JAX_NUM_PROCESSES")
     process_id = _int_env(env, "JAX_PROCESS_ID")
     if not 0 <= process_id < num_processes:
-      raise errors.ConfigError(f"JAX_PROCESS_ID={process_id} not in [0, JAX_NUM_PROCESSES={num_processes})")
+      raise errors.ConfigError(
+          f"JAX_PROCESS_ID={process_id} not in [0, JAX_NUM_PROCESSES={num_processes})")
     if num_processes == 1:
       return None
     return {"launcher": "explicit", "coordinator_address": explicit["JAX_COORDINATOR_ADDRESS"],

@@ -123,14 +123,16 @@ def test_second_load_reuses_prepared_copy(tmp_path):
   first = _load("sop", "train", tmp_path)
   stamp = {p: p.stat().st_mtime_ns for p in (tmp_path / "prep").rglob("*.array_record*")}
   second = _load("sop", "train", tmp_path)
-  assert stamp and stamp == {p: p.stat().st_mtime_ns for p in (tmp_path / "prep").rglob("*.array_record*")}
+  assert stamp and stamp == {p: p.stat().st_mtime_ns
+                             for p in (tmp_path / "prep").rglob("*.array_record*")}
   np.testing.assert_array_equal(first.labels, second.labels)
 
 
 def test_inat2018(tmp_path):
   folder = tmp_path / "inaturalist2018"
   names = {}
-  for split, classes in (("train", ("Plantae/10", "Plantae/2", "Aves/7")), ("test", ("Fungi/3", "Aves/9"))):
+  for split, classes in (("train", ("Plantae/10", "Plantae/2", "Aves/7")),
+                         ("test", ("Fungi/3", "Aves/9"))):
     lines = []
     for cls in classes:
       for k in range(2):
@@ -158,7 +160,8 @@ def test_vehicleid_four_splits(tmp_path):
       names[f"{image_id:07d}"] = str(vehicle)
     (folder / "train_test_split").mkdir(parents=True, exist_ok=True)
     (folder / "train_test_split" / name).write_text("".join(f"{i:07d} {v:04d}\n" for i, v in rows))
-  sizes = {s: len(_load("vehicleid", s, tmp_path)) for s in ("train", "test_800", "test_1600", "test_2400")}
+  sizes = {s: len(_load("vehicleid", s, tmp_path))
+           for s in ("train", "test_800", "test_1600", "test_2400")}
   assert sizes == {"train": 3, "test_800": 2, "test_1600": 3, "test_2400": 4}
   train = _load("vehicleid", "train", tmp_path)
   assert train.class_names == ["4", "10"]  # Numeric order, not "10" < "4".
@@ -182,7 +185,8 @@ def _cars_mat(path: pathlib.Path, rows: list[tuple[str, int]]) -> None:
 
 def test_cars196_class_split(tmp_path):
   folder = tmp_path / "cars196"
-  rows = [(f"car_ims/{n:06d}.jpg", cls) for n, cls in enumerate([1, 1, 98, 98, 99, 196, 196, 50], 1)]
+  rows = [(f"car_ims/{n:06d}.jpg", cls)
+          for n, cls in enumerate([1, 1, 98, 98, 99, 196, 196, 50], 1)]
   for rel, cls in rows:
     _write_image(folder / rel, str(cls))
   _cars_mat(folder / "cars_annos.mat", rows)
@@ -203,12 +207,14 @@ def test_cub200_class_split(tmp_path):
   (folder / "images.txt").write_text("".join(f"{i} {rel}\n" for i, rel in rows))
   names = {str(i): str(int(rel[:3])) for i, rel in rows}
   train, test = _load("cub200", "train", tmp_path), _load("cub200", "test", tmp_path)
-  assert (len(train), train.class_names, len(test), test.class_names) == (3, ["1", "100"], 2, ["101", "200"])
+  assert ((len(train), train.class_names, len(test), test.class_names)
+          == (3, ["1", "100"], 2, ["101", "200"]))
   _assert_labels_match_names(train, names)
   _assert_labels_match_names(test, names)
 
 
-def _omniglot_zip(path: pathlib.Path, stem: str, layout: dict[str, int], images_per_char: int = 3) -> dict:
+def _omniglot_zip(path: pathlib.Path, stem: str, layout: dict[str, int],
+                  images_per_char: int = 3) -> dict:
   """An archive in the official layout; returns member -> class name."""
   names = {}
   path.parent.mkdir(parents=True, exist_ok=True)
@@ -286,7 +292,8 @@ def test_folder_tree_and_csv(tmp_path):
   via_csv = _load("folder", "val", tmp_path)
   assert via_csv.class_names == ["apple", "zebra"]
   _assert_labels_match_names(via_csv, {f"train/{k}": v for k, v in names.items()})
-  direct = data.load_split("folder", "whatever", path=tree / "val.csv", prepared_dir=tmp_path / "prep")
+  direct = data.load_split("folder", "whatever", path=tree / "val.csv",
+                           prepared_dir=tmp_path / "prep")
   np.testing.assert_array_equal(np.sort(direct.labels), np.sort(via_csv.labels))
 
 
@@ -350,8 +357,8 @@ def test_corrupt_images_are_skipped_with_one_warning(tmp_path):
     source = _load("folder", "train", tmp_path)
   assert len(source) == 4 and len(source.skipped) == 2 and source.listed == 6
   # Every later load repeats the count (the prepared copy is reused, not rebuilt).
-  with pytest.warns(UserWarning, match=r"folder/train: skipped 2 unreadable image\(s\) of 6; first: "
-                    r"\['a/1\.jpg"):
+  with pytest.warns(UserWarning, match=r"folder/train: skipped 2 unreadable image\(s\) of 6; "
+                    r"first: \['a/1\.jpg"):
     again = _load("folder", "train", tmp_path)
   assert again.prepared_dir == source.prepared_dir and again.skipped == source.skipped
   np.testing.assert_array_equal(np.bincount(source.labels), [2, 2])
@@ -516,13 +523,15 @@ def test_preparation_killed_midway_leaves_nothing_that_breaks_the_next_load(tmp_
           os.kill(os.getpid(), signal.SIGKILL)
         return check(blob)
       datasets.check_image = dying_check
-      data.load_split("folder", "train", data_root={str(tmp_path)!r}, prepared_dir={str(tmp_path / "prep")!r})
+      data.load_split("folder", "train", data_root={str(tmp_path)!r},
+                      prepared_dir={str(tmp_path / "prep")!r})
   """)
   result = subprocess.run([sys.executable, "-c", script], cwd=pathlib.Path(__file__).parents[2],
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == -9, result.stderr[-2000:]
   leftovers = list((tmp_path / "prep").iterdir())
-  assert leftovers and all(p.name.startswith(".folder-") and ".partial-" in p.name for p in leftovers)
+  assert leftovers and all(p.name.startswith(".folder-") and ".partial-" in p.name
+                           for p in leftovers)
   source = _load("folder", "train", tmp_path)
   assert len(source) == 8
   assert [p.name for p in (tmp_path / "prep").iterdir()] == [source.prepared_dir.name]
@@ -554,7 +563,8 @@ def test_preparation_shows_one_bar_per_split_and_nothing_of_tfds(tmp_path, capfd
     absl_logging.set_verbosity(verbosity)
     absl_logger.setLevel(level)
   for unwanted in ("Downloading and preparing", "Unknown size", "Shuffling", "incomplete",
-                   "Generating", "Subsequent calls", "dataset_info", "INFO", "recall_jax_retrieval"):
+                   "Generating", "Subsequent calls", "dataset_info", "INFO",
+                   "recall_jax_retrieval"):
     assert unwanted not in out + err, (unwanted, out, err)
   assert out == "" and "preparing folder/train: 6 images" in err
   assert (out_again, err_again) == ("", "")
@@ -570,9 +580,11 @@ def test_folder_images_of_any_mode_are_prepared_and_decoded(tmp_path):
   PIL.Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(tree / "print" / "0.tiff")  # Pure red.
   source = _load("folder", "train", tmp_path)
   batch = next(iter(data.make_eval_loader(source, image_size=8, resize_size=8, batch_size=2)))
-  by_class = {source.class_names[label]: image for label, image in zip(batch["label"], batch["image"])}
+  by_class = {source.class_names[label]: image
+              for label, image in zip(batch["label"], batch["image"])}
   np.testing.assert_array_equal(by_class["deep"], np.full((8, 8, 3), 156, np.uint8))
-  np.testing.assert_array_equal(by_class["print"], np.broadcast_to(np.uint8([255, 0, 0]), (8, 8, 3)))
+  np.testing.assert_array_equal(by_class["print"],
+                                np.broadcast_to(np.uint8([255, 0, 0]), (8, 8, 3)))
 
 
 # --------------------------------------------------------------------------------------------

@@ -32,7 +32,8 @@ def _source(sizes=(6, 5, 8, 4, 7, 4), fmt="PNG"):
   records = []
   for c, n in enumerate(sizes):
     for k in range(n):
-      records.append({"image": _encode(_gradient(30 + 3 * k, 22 + k, seed=c), fmt), "label": c, "id": f"{c}-{k}"})
+      records.append({"image": _encode(_gradient(30 + 3 * k, 22 + k, seed=c), fmt), "label": c,
+                      "id": f"{c}-{k}"})
   return records
 
 
@@ -62,9 +63,10 @@ def test_flip_is_random_and_optional():
   encoded = _encode(_gradient(40, 30))
   flipped = 0
   for seed in range(20):
-    a = transforms.train_augment(encoded, np.random.default_rng(seed), image_size=16, crop_scale=(1.0, 1.0))
-    b = transforms.train_augment(encoded, np.random.default_rng(seed), image_size=16, crop_scale=(1.0, 1.0),
-                                 flip=False)
+    a = transforms.train_augment(encoded, np.random.default_rng(seed), image_size=16,
+                                 crop_scale=(1.0, 1.0))
+    b = transforms.train_augment(encoded, np.random.default_rng(seed), image_size=16,
+                                 crop_scale=(1.0, 1.0), flip=False)
     if not np.array_equal(a, b):
       np.testing.assert_array_equal(a, b[:, ::-1])
       flipped += 1
@@ -84,7 +86,8 @@ def test_jpeg_draft_decode_close_to_full_decode():
 def test_eval_transform_center_crop_matches_two_step_reference():
   image = _gradient(60, 30)
   out = transforms.eval_transform(_encode(image), image_size=16, resize_size=20)
-  reference = np.asarray(PIL.Image.fromarray(image).resize((40, 20), PIL.Image.BILINEAR))[2:18, 12:28]
+  reference = np.asarray(
+      PIL.Image.fromarray(image).resize((40, 20), PIL.Image.BILINEAR))[2:18, 12:28]
   assert np.abs(out.astype(int) - reference.astype(int)).max() <= 8
 
 
@@ -179,7 +182,8 @@ def test_eval_loader_pads_last_batch():
 def test_omniglot_end_to_end(omniglot_root):
   source = data.load_split("omniglot", "test", data_root=omniglot_root)
   sampler = data.MPerClassSampler(source.labels, 16, 4, seed=0)
-  batch = next(data.make_train_loader(source, sampler, image_size=28, seed=0, channels=1, flip=False))
+  batch = next(data.make_train_loader(source, sampler, image_size=28, seed=0, channels=1,
+                                      flip=False))
   assert batch["image"].shape == (16, 28, 28, 1)
   np.testing.assert_array_equal(batch["label"], source.labels[sampler.batch_indices(0)])
   # Omniglot strokes are dark on white.
@@ -208,7 +212,8 @@ def _wait_for(condition, timeout_s=20.0):
 
 
 def _prefetch_threads():
-  return [t for t in threading.enumerate() if t.name.startswith("grain-thread-prefetch") and t.is_alive()]
+  return [t for t in threading.enumerate()
+          if t.name.startswith("grain-thread-prefetch") and t.is_alive()]
 
 
 @pytest.mark.parametrize("read_threads, prefetch_batches", [(0, 2), (2, 0), (2, 2), (1, 1)])

@@ -31,7 +31,8 @@ def _png(array):
 
 def _records(num_classes=3, per_class=4, size=10):
   rng = np.random.default_rng(1)
-  return [{"image": _png(rng.integers(0, 255, (size, size + 2), np.uint8)), "label": c, "id": f"{c}-{k}"}
+  return [{"image": _png(rng.integers(0, 255, (size, size + 2), np.uint8)), "label": c,
+           "id": f"{c}-{k}"}
           for c in range(num_classes) for k in range(per_class)]
 
 
@@ -56,7 +57,8 @@ def test_transforms_compose_in_wrapping_order():
   np.testing.assert_array_equal(source_lib.apply_decoded_transform(twice, image), 255 - (image + 1))
   np.testing.assert_array_equal(
       source_lib.apply_decoded_transform(source_lib.with_decoded_transform(
-          source_lib.with_decoded_transform(record, _Invert()), _AddOne()), image), (255 - image) + 1)
+          source_lib.with_decoded_transform(record, _Invert()), _AddOne()), image),
+      (255 - image) + 1)
 
 
 def test_eval_loader_applies_the_records_transform():
@@ -66,7 +68,8 @@ def test_eval_loader_applies_the_records_transform():
   batch = next(iter(data.make_eval_loader(rotated, image_size=8, resize_size=8, batch_size=2 * n,
                                           channels=1)))
   for i in range(n):
-    plain = transforms.eval_transform(base.records[i]["image"], image_size=8, resize_size=8, channels=1)
+    plain = transforms.eval_transform(base.records[i]["image"], image_size=8, resize_size=8,
+                                      channels=1)
     np.testing.assert_array_equal(batch["image"][i], plain)
     np.testing.assert_array_equal(batch["image"][n + i], np.rot90(plain, 1, axes=(0, 1)))
 
@@ -84,4 +87,5 @@ def test_nested_wrappers_stack_their_turns():
     augmented = transforms.train_augment(base.records[base_index]["image"],
                                          np.random.default_rng([5, 0, k]), image_size=8, channels=1,
                                          crop_scale=(0.5, 1.0))
-    np.testing.assert_array_equal(batch["image"][k], np.rot90(augmented, inner + outer, axes=(0, 1)))
+    np.testing.assert_array_equal(batch["image"][k],
+                                  np.rot90(augmented, inner + outer, axes=(0, 1)))

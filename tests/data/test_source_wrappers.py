@@ -121,11 +121,13 @@ def test_decoded_in_memory_source_gives_the_same_batches(channels):
   assert held.decode_channels == channels
   assert held.nbytes == sum(20 * 23 * channels for _ in range(len(source)))
   for i in (0, 5):
-    np.testing.assert_array_equal(held[i]["image"], transforms.decode_image(source[i]["image"], channels))
+    np.testing.assert_array_equal(held[i]["image"],
+                                  transforms.decode_image(source[i]["image"], channels))
     assert held[i]["label"] == source[i]["label"] and held[i]["id"] == source[i]["id"]
   sampler = data.MPerClassSampler(source.labels, 8, 2, seed=1)
   kw = dict(image_size=12, seed=9, channels=channels, num_steps=3)
-  for a, b in zip(data.make_train_loader(source, sampler, **kw), data.make_train_loader(held, sampler, **kw)):
+  for a, b in zip(data.make_train_loader(source, sampler, **kw),
+                  data.make_train_loader(held, sampler, **kw)):
     np.testing.assert_array_equal(a["image"], b["image"])
     np.testing.assert_array_equal(a["label"], b["label"])
   eval_kw = dict(image_size=16, resize_size=18, batch_size=5, channels=channels)

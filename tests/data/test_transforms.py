@@ -51,7 +51,8 @@ def _case_16bit_png():
 def _case_16bit_big_endian_tiff():
   values = _rng().integers(0, 65536, (_H, _W)).astype(">u2")
   image = PIL.Image.frombytes("I;16B", (_W, _H), values.tobytes())
-  return _encode(image, "TIFF"), lambda ch: _grey_to((values.astype(np.int64) >> 8).astype(np.uint8), ch)
+  return _encode(image, "TIFF"), lambda ch: _grey_to(
+      (values.astype(np.int64) >> 8).astype(np.uint8), ch)
 
 
 def _case_32bit_int_tiff():

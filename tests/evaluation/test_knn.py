@@ -59,7 +59,8 @@ def test_self_excluded_by_index_even_when_a_duplicate_ranks_first():
   # and ranks first; a self-at-position-0 assumption would drop the duplicate instead.
   np.testing.assert_array_equal(idx[:20, 0], rows[40:])
   np.testing.assert_array_equal(idx[40:, 0], rows[:20])
-  assert np.all(np.sort(idx, axis=1) == np.delete(np.tile(rows, (60, 1)), rows * 61).reshape(60, 59))
+  assert np.all(np.sort(idx, axis=1)
+                == np.delete(np.tile(rows, (60, 1)), rows * 61).reshape(60, 59))
 
 
 def test_blocked_equals_unblocked_for_separate_queries():

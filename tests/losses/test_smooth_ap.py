@@ -72,7 +72,7 @@ def _finite_difference_grad(f, x, h=1e-5):
   """Fourth-order central differences, coordinate by coordinate."""
   grad = np.zeros_like(x)
   for idx in np.ndindex(x.shape):
-    def at(t):
+    def at(t, idx=idx):
       y = x.copy()
       y[idx] += t
       return f(y)

@@ -78,7 +78,10 @@ def optimizer():
 
 
 def reference_steps(steps: int, use_simix: bool = True):
-  """The single-device run: `steps` train steps on whole global batches. Returns (losses, states)."""
+  """The single-device run: `steps` train steps on whole global batches.
+
+  Returns (losses, states).
+  """
   import jax
   from recall_jax.data import sampler as sampler_lib
   from recall_jax.train import train_step as train_step_lib
@@ -169,8 +172,8 @@ def _case(batch_size: int, chunk_per_device: int, use_simix: bool, shuffle: bool
   compiled = step.lower(state, batch["image"], batch["label"], key).compile()
   state, metrics = compiled(state, batch["image"], batch["label"], key)
   assert relative_error(metrics["loss"], want_loss) <= 1e-5, name
-  want_params = jax.tree.map(lambda p, g: np.asarray(p, np.float64) - LR * np.asarray(g, np.float64),
-                             params, want_grads)
+  want_params = jax.tree.map(
+      lambda p, g: np.asarray(p, np.float64) - LR * np.asarray(g, np.float64), params, want_grads)
   assert_trees_close(state.params, want_params, what=name + "params ")
   assert int(state.step) == 1
   for leaf in jax.tree.leaves(state):

@@ -151,8 +151,8 @@ def test_initialize_distributed_single_process_is_a_no_op():
 def test_check_batch_layout():
   assert sharding.check_batch_layout(4000, 125, 8) == 4
   assert sharding.check_batch_layout(32, 4, 8, num_processes=2, samples_per_class=4) == 1
-  with pytest.raises(ValueError, match=r"global batch 4000 is not divisible by chunk_size_per_device"
-                     r" 150 x 8 devices = 1200 \(per-device batch 500"):
+  with pytest.raises(ValueError, match=r"global batch 4000 is not divisible by "
+                     r"chunk_size_per_device 150 x 8 devices = 1200 \(per-device batch 500"):
     sharding.check_batch_layout(4000, 150, 8)
   with pytest.raises(ValueError, match="multiple of 64"):
     sharding.check_batch_layout(100, 8, 8)
@@ -183,7 +183,8 @@ def test_single_device_mesh_step_and_batch_errors():
   assert batch["image"].sharding.spec == sharding.batch_sharding(mesh).spec
   step = sharding.make_sharded_train_step(worker.embed_fn, loss_fn, opt, mesh,
                                           chunk_size_per_device=3)
-  with pytest.raises(ValueError, match="global batch 8 is not divisible by chunk_size_per_device 3"):
+  with pytest.raises(ValueError,
+                     match="global batch 8 is not divisible by chunk_size_per_device 3"):
     step(state, batch["image"], batch["label"])
   step = sharding.make_sharded_train_step(worker.embed_fn, loss_fn, opt, mesh,
                                           chunk_size_per_device=4)
