@@ -57,8 +57,25 @@ def _ranks_local(queries, database, self_index, positives, valid, *, rows_per_st
 
 
 @partial(jax.jit, static_argnames=("mesh", "rows_per_step"))
-def _positive_ranks_block(queries, database, self_index, positives, valid, *, mesh: Mesh,
-                          rows_per_step: int):
+def positive_ranks_block(queries, database, self_index, positives, valid, *, mesh: Mesh,
+                         rows_per_step: int):
+  """1-based ranks of listed database items among all items, for a block of queries.
+
+  Args:
+    queries: (Q, D) float32 query rows, Q a multiple of the mesh size.
+    database: (N, D) float32 database rows (replicated).
+    self_index: (Q,) int32 database index of each query (excluded from its ranking), or -1.
+    positives: (Q, W) int32 database indices whose ranks are wanted.
+    valid: (Q, W) bool, False for padding slots.
+    mesh: the 1-D device mesh; queries are split across it.
+    rows_per_step: queries compared with the database at once (the block on accelerators, a
+      few rows on a CPU, where the minor-axis reductions then stay in cache); the ranks do not
+      depend on it.
+
+  Returns:
+    (Q, W) int32: 1 + the number of items (the query excluded) with a higher similarity, or an
+    equal one at a lower index; N + 1 in invalid slots.
+  """
   rows = PartitionSpec(parallel.DATA_AXIS)
   return jax.shard_map(
       partial(_ranks_local, rows_per_step=rows_per_step), mesh=mesh,
@@ -145,14 +162,14 @@ def _query_block_ranks(queries, database, used, order, start, count, *, leave_on
     self_index = ids.astype(np.int32) if leave_one_out else np.full(ids.shape, -1, np.int32)
     args = (parallel.pad_rows(queries[ids], block), parallel.pad_rows(self_index, block, -1),
             parallel.pad_rows(positives, block), parallel.pad_rows(valid, block, False))
-    ranks = _positive_ranks_block(
+    ranks = positive_ranks_block(
         jax.device_put(args[0], rows), database_device,
         *(jax.device_put(a, rows) for a in args[1:]), mesh=mesh, rows_per_step=rows_per_step)
     pending.append((ids, ranks))
   return pending
 
 
-def _symmetric_tile(block: int, num_items: int, largest_class: int) -> tuple[int, bool]:
+def symmetric_tile(block: int, num_items: int, largest_class: int) -> tuple[int, bool]:
   """Tile size of the symmetric path, and whether its memory is within the query-block path's.
 
   A tile holds whole classes, so it grows to the largest class; that is only worth it while
@@ -225,7 +242,7 @@ def retrieval_metrics(embeddings, labels, *, k_values: Sequence[int], query_embe
   used = used[np.argsort(count[used], kind="stable")]
 
   mesh = parallel.data_mesh() if mesh is None else mesh
-  tile, tile_fits = _symmetric_tile(block, num_items, int(count.max()))
+  tile, tile_fits = symmetric_tile(block, num_items, int(count.max()))
   if symmetric is None:
     symmetric = leave_one_out and mesh.size == 1 and tile_fits
   elif symmetric and not (leave_one_out and mesh.size == 1):

@@ -7,9 +7,9 @@ from typing import Any
 
 DEFAULT_K_VALUES = (1, 2, 4, 8)
 
-# Dataset name (`config.data.name`) -> protocol. All are leave-one-out over the test split ("all-vs-all"); VehicleID's
-# three test lists are evaluated separately, and it also supports the re-identification protocol
-# (`vehicleid_reid_metrics`).
+# Dataset name (`config.data.name`) -> protocol. All are leave-one-out over the test split
+# ("all-vs-all"); VehicleID's three test lists are evaluated separately, and it also supports the
+# re-identification protocol (`vehicleid_reid_metrics`).
 _PROTOCOLS: dict[str, dict[str, Any]] = {
     "sop": {"k_values": (1, 10, 100, 1000)},
     "inat2018": {"k_values": (1, 4, 16, 32)},

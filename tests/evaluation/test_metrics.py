@@ -168,7 +168,7 @@ def test_accelerator_layout_counts_the_same_ranks():
   valid = rng.random((32, 8)) < 0.7
   self_index = np.arange(32, dtype=np.int32)
   mesh = data_mesh(jax.devices()[:1])
-  ranks = [np.asarray(metrics_lib._positive_ranks_block(  # pylint: disable=protected-access
+  ranks = [np.asarray(metrics_lib.positive_ranks_block(
       x[:32], x, self_index, positives, valid, mesh=mesh, rows_per_step=rows))
       for rows in (8, 32)]
   np.testing.assert_array_equal(ranks[0], ranks[1])
@@ -246,13 +246,13 @@ def test_symmetric_path_with_a_class_larger_than_the_block():
   symmetric = retrieval_metrics(x, labels, k_values=k_values, block=8, symmetric=True)
   assert symmetric == retrieval_metrics(x, labels, k_values=k_values, block=8, symmetric=False)
   assert_metrics_equal(symmetric, expected)
-  assert metrics_lib._symmetric_tile(8, 150, 30) == (32, True)  # pylint: disable=protected-access
+  assert metrics_lib.symmetric_tile(8, 150, 30) == (32, True)
 
 
 def test_auto_falls_back_to_query_blocks_when_a_tile_would_be_too_big():
   # One class of 100 out of 120 with block 8: a 104 x 104 tile exceeds 8 x 120, so auto uses query
   # blocks; forcing the symmetric path still gives the same exact metrics.
-  symmetric_tile = metrics_lib._symmetric_tile  # pylint: disable=protected-access
+  symmetric_tile = metrics_lib.symmetric_tile
   assert symmetric_tile(8, 120, 100) == (104, False)
   assert symmetric_tile(2048, 120, 100) == (120, True)
   x = exact_data(120, 4, seed=8, duplicates=30)
