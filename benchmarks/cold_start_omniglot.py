@@ -102,6 +102,7 @@ def make_config(args, data_path: pathlib.Path, *, center: bool, warmup: bool, tu
   c.max_steps = args.steps
   c.epochs = 10**6  # bounded by max_steps
   c.optimizer.milestones = ()
+  c.optimizer.warmup_steps = args.lr_warmup
   c.eval_every_epochs = 10**6  # evaluate once, after the last step
   c.checkpoint_every_steps = 10**9
   c.num_grid_queries = 0
@@ -136,7 +137,11 @@ def run_variant(c) -> dict:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-  parser.add_argument("--steps", type=int, default=50)
+  # 51: the trainer's check before update 50 runs.
+  parser.add_argument("--steps", type=int, default=51)
+  parser.add_argument("--lr_warmup", type=int, default=20,
+                      help="linear learning-rate warm-up steps (the demo's 20; 0: Adam's full "
+                      "step size from the first update)")
   parser.add_argument("--batch_size", type=int, default=500)
   parser.add_argument("--warmup_loss", default="multi_similarity")
   parser.add_argument("--warmup_steps", type=int, default=20)
@@ -171,7 +176,8 @@ def main() -> None:
     results[key] = {"name": name, **run_variant(make_config(args, folder, **kwargs))}
     print(json.dumps(results[key]), flush=True)
 
-  print(f"\n{args.steps} steps of B = {args.batch_size}, seed {args.seed}; validation: "
+  print(f"\n{args.steps} steps of B = {args.batch_size}, learning-rate warm-up "
+        f"{args.lr_warmup} steps, seed {args.seed}; validation: "
         f"{len(held_out)} held-out background alphabets\n")
   print("| run | checks: step (median positive rank, RS@k grad norm) | warned | last RS@k loss "
         "| val R@1 | s |")
