@@ -211,10 +211,11 @@ class ColdStartMonitor:
       labels: (B,) their labels.
 
     Returns:
-      None off the check steps, else {'median_positive_rank', 'rsk_gradient_norm',
-      'cannot_learn'} to log.
+      None off the check steps (or when the batch has no more than max(k) + 1 rows), else
+      {'median_positive_rank', 'rsk_gradient_norm', 'cannot_learn'} to log.
     """
-    if step not in self._steps:
+    # A process's slice of a batch may be too small for RS@k's k values (several hosts).
+    if step not in self._steps or len(labels) - 1 <= max(self._k_values):
       return None
     embed = self._embed_fn_for(params)
     images = jax.device_get(images)
