@@ -93,6 +93,7 @@ def make_config(args, data_path: pathlib.Path, *, center: bool, warmup: bool, tu
   c.data.path = str(data_path)
   c.data.download = False
   c.model.center_head_init = center
+  c.model.name = args.model
   c.data.rotated_classes = 4 if turns else 1
   if warmup:
     c.loss.warmup_name = args.warmup_loss
@@ -147,6 +148,8 @@ def main() -> None:
   parser.add_argument("--warmup_steps", type=int, default=20)
   parser.add_argument("--every", type=int, default=6, help="hold out every N-th alphabet")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--model", default="small_cnn_flat",
+                      help="the demo's small_cnn_flat, or small_cnn (average pooling)")
   parser.add_argument("--no_turns", action="store_true", help="also run d (no turned classes)")
   parser.add_argument("--variants", default="abc", help="which of a, b, c, d to run")
   parser.add_argument("--json", type=pathlib.Path, default=None, help="write the results here")
@@ -176,7 +179,7 @@ def main() -> None:
     results[key] = {"name": name, **run_variant(make_config(args, folder, **kwargs))}
     print(json.dumps(results[key]), flush=True)
 
-  print(f"\n{args.steps} steps of B = {args.batch_size}, learning-rate warm-up "
+  print(f"\n{args.model}, {args.steps} steps of B = {args.batch_size}, learning-rate warm-up "
         f"{args.lr_warmup} steps, seed {args.seed}; validation: "
         f"{len(held_out)} held-out background alphabets\n")
   print("| run | checks: step (median positive rank, RS@k grad norm) | warned | last RS@k loss "
