@@ -104,6 +104,10 @@ def make_config(args, data_path: pathlib.Path, *, center: bool, warmup: bool, tu
   c.epochs = 10**6  # bounded by max_steps
   c.optimizer.milestones = ()
   c.optimizer.warmup_steps = args.lr_warmup
+  if args.optimizer:
+    c.optimizer.name = args.optimizer
+  if args.lr:
+    c.optimizer.learning_rate = args.lr
   c.eval_every_epochs = 10**6  # evaluate once, after the last step
   c.checkpoint_every_steps = 10**9
   c.num_grid_queries = 0
@@ -130,6 +134,7 @@ def run_variant(c) -> dict:
                                     "cannot_learn")} for r in checks],
       "warned": any(r["cannot_learn"] for r in checks),
       "first_loss": train[0]["loss"], "last_loss": train[-1]["loss"],
+      "loss_every_5_steps": [round(r["loss"], 4) for r in train[::5]],
       "last_rsk_loss": next((r["loss"] for r in reversed(train)
                              if r["loss_name"] == "recall_at_k"), None),
       "val_recall@1": float(results["test/recall@1"]),
@@ -148,6 +153,8 @@ def main() -> None:
   parser.add_argument("--warmup_steps", type=int, default=20)
   parser.add_argument("--every", type=int, default=6, help="hold out every N-th alphabet")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--optimizer", default=None, help="adam (the demo's), adamw or sgd")
+  parser.add_argument("--lr", type=float, default=None, help="default: the demo's 3e-3")
   parser.add_argument("--model", default="small_cnn_flat",
                       help="the demo's small_cnn_flat, or small_cnn (average pooling)")
   parser.add_argument("--no_turns", action="store_true", help="also run d (no turned classes)")
@@ -179,7 +186,8 @@ def main() -> None:
     results[key] = {"name": name, **run_variant(make_config(args, folder, **kwargs))}
     print(json.dumps(results[key]), flush=True)
 
-  print(f"\n{args.model}, {args.steps} steps of B = {args.batch_size}, learning-rate warm-up "
+  print(f"\n{args.model}, {args.optimizer or 'adam'} at {args.lr or 3e-3:g}, {args.steps} steps "
+        f"of B = {args.batch_size}, learning-rate warm-up "
         f"{args.lr_warmup} steps, seed {args.seed}; validation: "
         f"{len(held_out)} held-out background alphabets\n")
   print("| run | checks: step (median positive rank, RS@k grad norm) | warned | last RS@k loss "
