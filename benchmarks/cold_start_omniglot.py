@@ -22,7 +22,8 @@ The split needs no trainer option: the script writes a folder with an `images_ba
 holding the training alphabets and an `images_evaluation.zip` holding the validation alphabets
 (members renamed under `images_evaluation/`, bytes copied), and points `config.data.path` at it.
 
-  python benchmarks/cold_start_omniglot.py                      # ~8 min on 2 CPU cores
+  python benchmarks/cold_start_omniglot.py                      # demo model: 5-10 min, 2 CPU cores
+  python benchmarks/cold_start_omniglot.py --model small_cnn --optimizer sgd --lr 0.05  # ~3 min
   python benchmarks/cold_start_omniglot.py --steps 20 --batch_size 200   # a quick look
 
 Data: `$RECALL_JAX_DATA/omniglot/images_background.zip`.
