@@ -74,6 +74,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.loss = ml_collections.ConfigDict()
   c.loss.name = "recall_at_k"  # recall_at_k, smooth_ap, contrastive or multi_similarity
+  c.loss.warmup_name = _optional(str)  # a loss for the first warmup_steps (cold starts); None: off
+  c.loss.warmup_steps = 0  # steps trained with loss.warmup_name before switching to loss.name
   c.loss.recall_at_k = ml_collections.ConfigDict()  # RS@k (losses.recall_at_k_surrogate)
   c.loss.recall_at_k.k_values = (1, 2, 4, 8, 16)  # the k of the recall@k terms averaged
   c.loss.recall_at_k.tau1 = 1.0  # temperature of the sigmoid on k - rank
@@ -124,6 +126,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 2  # latest checkpoints kept
   c.log_every_steps = 10  # write a metrics.jsonl train row every this many steps
   c.num_grid_queries = 8  # retrieval-grid PNG rows (0 disables it)
+  c.cold_start_checks = True  # RS@k: log the median positive rank early, warn if it cannot learn
   return c
 
 
@@ -235,6 +238,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1, num_processes: 
                                                num_processes, c.samples_per_class)
   if c.loss.name not in LOSS_NAMES:
     problems.append(f"loss.name {c.loss.name!r} is not one of {LOSS_NAMES}")
+  problems += _warmup_problems(c)
   if c.simix and c.loss.name != "recall_at_k":
     problems.append("simix is implemented for the recall_at_k loss only")
   if c.loss.name == "recall_at_k" and c.batch_size > 0:
@@ -257,6 +261,20 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1, num_processes: 
     raise errors.ConfigError(f"invalid config: {problems[0]}")
   if problems:
     raise errors.ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def _warmup_problems(c: ml_collections.ConfigDict) -> list[str]:
+  name, steps = c.loss.warmup_name, c.loss.warmup_steps
+  if steps < 0:
+    return [f"loss.warmup_steps must be >= 0, got {steps}"]
+  if not name:
+    return ([f"loss.warmup_steps = {steps} needs loss.warmup_name (one of {LOSS_NAMES})"]
+            if steps else [])
+  if name not in LOSS_NAMES:
+    return [f"loss.warmup_name {name!r} is not one of {LOSS_NAMES}"]
+  if not steps:
+    return [f"loss.warmup_name {name!r} needs loss.warmup_steps > 0"]
+  return []
 
 
 def _evaluation_problems(c: ml_collections.ConfigDict) -> list[str]:

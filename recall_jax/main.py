@@ -7,6 +7,10 @@ r"""Command line: train, evaluate or embed with a config file.
       --checkpoint best
   python -m recall_jax.main --config configs/omniglot.py --workdir runs/omniglot --mode embed \
       --split test --output runs/omniglot/test_embeddings.npz
+  python -m recall_jax.main --config configs/omniglot.py --workdir runs/omniglot --mode search \
+      --gallery photos/ --query query.jpg --top_k 10
+  python -m recall_jax.main --config configs/omniglot.py --workdir runs/omniglot --mode export \
+      --output embedder.bin
 
 `train` resumes from the newest checkpoint in `--workdir`. Unknown config keys and values of the
 wrong type are rejected while the flags are parsed; everything else is checked by
@@ -31,16 +35,21 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/omniglot.py or configs/sop_vit.py:smoke.",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: checkpoints, metrics, plots.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "embed", "whiten"],
-                          "What to do (whiten: learn a whitening .npz, landmark models).")
+_MODE = flags.DEFINE_enum(
+    "mode", "train", ["train", "eval", "embed", "search", "export", "whiten"],
+    "What to do (whiten: learn a whitening .npz, landmark models).")
 _CHECKPOINT = flags.DEFINE_string(
-    "checkpoint", "latest", "eval/embed: 'latest', 'best' or a step number.")
+    "checkpoint", "latest", "eval/embed/search/export: 'latest', 'best' or a step number.")
 _SPLIT = flags.DEFINE_string(
     "split", None, "embed: the split to embed (default: the gallery split, else the first test).")
-_OUTPUT = flags.DEFINE_string("output", None,
-                              "embed: output .npz (default: <workdir>/<split>_embeddings.npz); "
-                              "whiten: the whitening .npz (default: <workdir>/whitening.npz).")
-
+_OUTPUT = flags.DEFINE_string(
+    "output", None, "embed: output .npz (default: <workdir>/<split>_embeddings.npz); search: "
+    "results JSON, a PNG grid beside it (default: <workdir>/search_results.json); export: the "
+    "embedder file (default: <workdir>/embedder.bin); whiten: the whitening .npz (default: "
+    "<workdir>/whitening.npz).")
+_GALLERY = flags.DEFINE_string("gallery", None, "search: the folder of images searched.")
+_QUERY = flags.DEFINE_string("query", None, "search: a query image or a folder of them.")
+_TOP_K = flags.DEFINE_integer("top_k", 10, "search: results per query.", lower_bound=1)
 _WHITENING = flags.DEFINE_enum("whitening", "learned", ["learned", "pca"],
                                "whiten: learned from same-class pairs, or PCA-whitening.")
 _WHITENING_DIM = flags.DEFINE_integer("whitening_dim", None,
@@ -54,6 +63,7 @@ def main(argv: list[str]) -> int:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   # Imported here so that `--help` and flag errors do not pay for importing JAX.
   from recall_jax.train import integrity  # pylint: disable=import-outside-toplevel
+  from recall_jax.serve import commands  # pylint: disable=import-outside-toplevel
   from recall_jax.train import modes  # pylint: disable=import-outside-toplevel
   from recall_jax.train import sharding  # pylint: disable=import-outside-toplevel
   from recall_jax.train import trainer  # pylint: disable=import-outside-toplevel
@@ -74,9 +84,14 @@ def main(argv: list[str]) -> int:
       from recall_jax.train import landmarks  # pylint: disable=import-outside-toplevel
       landmarks.learn_whitening_file(config, _WORKDIR.value, _CHECKPOINT.value, _OUTPUT.value,
                                      kind=_WHITENING.value, dim=_WHITENING_DIM.value)
-    else:
+    elif _MODE.value == "embed":
       modes.embed_split(config, _WORKDIR.value, _CHECKPOINT.value, split=_SPLIT.value,
                         output=_OUTPUT.value)
+    elif _MODE.value == "search":
+      commands.search_folder(config, _WORKDIR.value, _CHECKPOINT.value, gallery_dir=_GALLERY.value,
+                             query=_QUERY.value, top_k=_TOP_K.value, output=_OUTPUT.value)
+    else:
+      commands.export_checkpoint(config, _WORKDIR.value, _CHECKPOINT.value, output=_OUTPUT.value)
   except errors.UserInputError as e:
     # Configuration and data problems: one clear message, no traceback.
     print(f"error: {e}", file=sys.stderr)

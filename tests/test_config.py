@@ -108,3 +108,18 @@ def test_recall_at_k_cut_offs_must_stay_below_the_batch():
     config_lib.validate(c)
   c.loss.recall_at_k.k_values = (1, 2, 4, 8)
   config_lib.validate(c)
+
+
+@pytest.mark.parametrize("name, steps, message", [
+    ("smooth_ap", 0, "loss.warmup_name 'smooth_ap' needs loss.warmup_steps > 0"),
+    (None, 10, "loss.warmup_steps = 10 needs loss.warmup_name"),
+    ("no_such_loss", 10, "loss.warmup_name 'no_such_loss' is not one of"),
+    ("smooth_ap", -1, "loss.warmup_steps must be >= 0"),
+])
+def test_warmup_loss_keys_are_checked(name, steps, message):
+  c = load_config()
+  c.loss.warmup_name, c.loss.warmup_steps = name, steps
+  with pytest.raises(errors.ConfigError, match=message):
+    config_lib.validate(c)
+  c.loss.warmup_name, c.loss.warmup_steps = "multi_similarity", 5
+  config_lib.validate(c)

@@ -22,6 +22,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from recall_jax.losses import _common
 from recall_jax.losses import recall_at_k as rsk
 
 
@@ -30,7 +31,7 @@ def _positive_ranks(embeddings: jax.Array, labels: jax.Array, max_positives: int
   embeddings = embeddings.astype(jnp.float32)
   sims = jnp.matmul(embeddings, embeddings.T, precision=jax.lax.Precision.HIGHEST)
   rows = jnp.arange(sims.shape[0])
-  positives, valid = rsk.positive_indices(labels, max_positives)  # (B, P)
+  positives, valid, _ = _common.positive_indices(labels, max_positives)  # (B, P)
   positive_sims = jnp.take_along_axis(sims, positives, axis=1)
   # Row j ranks before positive p when more similar, or equally similar with a lower index;
   # the query itself is not ranked. O(B * P * B) comparisons, no sort of the (B, B) matrix.
@@ -64,10 +65,14 @@ def positive_ranks(embeddings: jax.Array, labels: jax.Array, *,
     ValueError: on a shape mismatch, non-float embeddings, non-integer labels, or concrete labels
       with more positives than `max_positives`.
   """
-  rsk.check_embeddings(embeddings, labels)
-  max_positives = rsk.resolve_max_positives(labels, max_positives)
+  embeddings, labels = _common.check_batch(embeddings, labels)
+  if _common.is_concrete(labels) and _common.largest_class(labels) == 1:
+    max_positives = 1  # no positive pair: every slot is padding, every rank NaN
+  else:
+    max_positives = _common.positive_slots(labels, samples_per_class=None,
+                                           max_positives=max_positives)
   chex.assert_rank(embeddings, 2)
-  return _positive_ranks(embeddings, labels, max_positives)
+  return _positive_ranks(jnp.asarray(embeddings), jnp.asarray(labels), max_positives)
 
 
 def median_positive_rank(embeddings: jax.Array, labels: jax.Array, *,
@@ -144,8 +149,7 @@ def diagnose_cold_start(embeddings: jax.Array, labels: jax.Array, *,
   """
   embeddings = jnp.asarray(embeddings)
   labels = jnp.asarray(labels)
-  k_values = rsk.check_k_and_taus(k_values, loss_kwargs.get("tau1", 1.0),
-                                  loss_kwargs.get("tau2", 0.01))
+  k_values = _common.check_k_values(k_values, embeddings.shape[0], rsk.DEFAULT_K_VALUES)
   if not rank_factor >= 1:
     raise ValueError(f"rank_factor must be >= 1, got {rank_factor}")
   median = float(median_positive_rank(embeddings, labels,
@@ -166,3 +170,62 @@ def diagnose_cold_start(embeddings: jax.Array, labels: jax.Array, *,
         f"embeddings), so the loss stays near 1 and recall barely moves. Remedies: {REMEDIES}.")
   return ColdStartDiagnosis(median_positive_rank=median, gradient_norm=gradient_norm,
                             max_k=max_k, cannot_learn=cannot_learn, message=message)
+
+
+# Update indices (0-based, before the update) at which a run checks its start: cheap (one
+# inference pass over one batch), early enough to stop a hopeless run, late enough to see
+# whether Adam's first full-size steps collapsed the embeddings.
+DEFAULT_CHECK_STEPS = (0, 10, 50, 100)
+
+
+class ColdStartMonitor:
+  """Checks a training run's batches at a few early steps and says once when RS@k cannot learn.
+
+  Call it before each update with the current parameters and that step's batch; at the check
+  steps it embeds the batch in inference mode (in chunks) and runs `diagnose_cold_start`.
+
+  Args:
+    embed_fn_for: params -> (`images (b, ...) -> (b, D)` embeddings), inference mode.
+    k_values: RS@k's k values.
+    chunk_size: images embedded at once.
+    steps: update indices at which to check.
+    say: shows the message (once per run).
+    **loss_kwargs: RS@k's other keywords (tau1, tau2, max_positives, ...).
+  """
+
+  def __init__(self, embed_fn_for, *, k_values: Sequence[int], chunk_size: int,
+               steps: Sequence[int] = DEFAULT_CHECK_STEPS, say=print, **loss_kwargs: Any):
+    self._embed_fn_for, self._k_values = embed_fn_for, tuple(k_values)
+    self._chunk_size, self._steps = chunk_size, frozenset(steps)
+    self._say, self._loss_kwargs = say, loss_kwargs
+    self.warned = False
+
+  def __call__(self, step: int, params: Any, images: Any,
+               labels: Any) -> dict[str, float] | None:
+    """Diagnoses batch `step` when it is a check step.
+
+    Args:
+      step: the update about to be made (0-based).
+      params: the parameters before that update.
+      images: (B, ...) the batch's images (this process's rows).
+      labels: (B,) their labels.
+
+    Returns:
+      None off the check steps (or when the batch has no more than max(k) + 1 rows), else
+      {'median_positive_rank', 'rsk_gradient_norm', 'cannot_learn'} to log.
+    """
+    # A process's slice of a batch may be too small for RS@k's k values (several hosts).
+    if step not in self._steps or len(labels) - 1 <= max(self._k_values):
+      return None
+    embed = self._embed_fn_for(params)
+    images = jax.device_get(images)
+    embeddings = jnp.concatenate([embed(images[i:i + self._chunk_size])
+                                  for i in range(0, len(images), self._chunk_size)])
+    diagnosis = diagnose_cold_start(embeddings, jnp.asarray(jax.device_get(labels)),
+                                    k_values=self._k_values, **self._loss_kwargs)
+    if diagnosis.cannot_learn and not self.warned:
+      self.warned = True
+      self._say(f"warning at step {step}: {diagnosis.message}")
+    return {"median_positive_rank": diagnosis.median_positive_rank,
+            "rsk_gradient_norm": diagnosis.gradient_norm,
+            "cannot_learn": float(diagnosis.cannot_learn)}

@@ -72,6 +72,8 @@ class Experiment:
     schedule: step -> learning rate.
     mesh: the data mesh over every device.
     train_step: `train_step(state, images, labels, rng) -> (state, metrics)`, data parallel.
+    warmup_train_step: the same with `loss.warmup_name`'s loss (compiled separately), used for
+      the first `loss.warmup_steps` steps; None without a warm-up loss.
     evaluator: embeds and scores `eval_sets` for given parameters.
     steps_per_epoch: sampler steps per epoch.
     total_steps: steps of the whole run (`epochs`, capped by `max_steps`).
@@ -93,26 +95,40 @@ class Experiment:
   evaluator: evaluation.Evaluator | evaluation.RevisitedEvaluator
   steps_per_epoch: int
   total_steps: int
+  warmup_train_step: Callable[..., Any] | None = None
+
+  def train_step_at(self, step: int) -> tuple[str, Callable[..., Any]]:
+    """The loss name and train step used for update `step` (0-based): the warm-up loss's for
+    the first `loss.warmup_steps`, then the main one's (by step number, so a resumed run
+    continues exactly)."""
+    if self.warmup_train_step is not None and step < self.config.loss.warmup_steps:
+      return self.config.loss.warmup_name, self.warmup_train_step
+    return self.config.loss.name, self.train_step
 
 
-def make_loss_fn(c: ml_collections.ConfigDict) -> tuple[LossFn, bool]:
-  """The configured loss as `loss_fn(embeddings, labels[, rng]) -> scalar` for the train step.
+def make_loss_fn(c: ml_collections.ConfigDict, name: str | None = None) -> tuple[LossFn, bool]:
+  """A loss as `loss_fn(embeddings, labels[, rng]) -> scalar` for the train step.
 
   The loss gets the keywords of its own config section (`loss.<name>`). Batches hold exactly
   `samples_per_class` images per class, so static sizes are known: each query has m - 1
-  positives, plus m (m - 1) / 2 virtual ones per class with SiMix.
+  positives, plus m (m - 1) / 2 virtual ones per class with SiMix (the main loss only).
+
+  Args:
+    c: the config.
+    name: the loss (`loss.warmup_name`, say); default `loss.name`.
 
   Returns:
     (loss_fn, uses_rng): uses_rng is True when SiMix draws mixing weights from the step's key.
   """
-  loss = losses.get_loss(c.loss.name)
+  name = name or c.loss.name
+  loss = losses.get_loss(name)
   kwargs = {k: (tuple(v) if isinstance(v, (list, tuple)) else v)
-            for k, v in c.loss[c.loss.name].items()}
+            for k, v in c.loss[name].items()}
   m = c.samples_per_class
-  # The batch layout fixes the losses' static sizes (positive slots, SiMix pairs).
-  takes_layout = c.loss.name in _LOSSES_WITH_LAYOUT
-  if not c.simix:
-    if takes_layout:
+  # The batch layout fixes the losses' static sizes (positive slots, SiMix pairs); SiMix goes
+  # with the main loss only.
+  if not c.simix or name != c.loss.name:
+    if name in _LOSSES_WITH_LAYOUT:
       kwargs["samples_per_class"] = m
     return functools.partial(loss, **kwargs), False
   kwargs["samples_per_class"] = simix_lib.samples_per_class_after_simix(m)
@@ -231,9 +247,16 @@ def make_experiment(c: ml_collections.ConfigDict, *, log_fn: Callable[[str], Any
   # Each device embeds `chunk_size` of its own rows at a time; the loss sees the global batch.
   # The CPU backend runs the chunks as straight-line code keeping their activations (see
   # megabatch_value_and_grad); accelerators keep the memory-flat two-pass loop.
-  train_step = sharding.make_sharded_train_step(
-      embed_fn, loss_fn, optimizer, mesh, chunk_size_per_device=c.chunk_size,
-      loss_uses_rng=loss_uses_rng, keep_activations=jax.default_backend() == "cpu")
+  def make_step(loss_fn, loss_uses_rng):
+    return sharding.make_sharded_train_step(
+        embed_fn, loss_fn, optimizer, mesh, chunk_size_per_device=c.chunk_size,
+        loss_uses_rng=loss_uses_rng, keep_activations=jax.default_backend() == "cpu")
+
+  train_step = make_step(loss_fn, loss_uses_rng)
+  # One compiled step per loss: the switch after the warm-up is a different function, not a
+  # traced branch (which would run both losses' code at every step).
+  warmup_train_step = (make_step(*make_loss_fn(c, c.loss.warmup_name))
+                       if c.loss.warmup_name and c.loss.warmup_steps > 0 else None)
   if c.eval.get("datasets"):
     evaluator = landmarks.make_revisited_evaluator(c, model, variables, log_fn=log_fn,
                                                    progress=progress)
@@ -242,7 +265,8 @@ def make_experiment(c: ml_collections.ConfigDict, *, log_fn: Callable[[str], Any
                                progress=progress)
   return Experiment(c, train_source, sampler, eval_sets, model, variables,
                     jax.device_get(params), loss_fn, loss_uses_rng, optimizer, schedule, mesh,
-                    train_step, evaluator, sampler.steps_per_epoch, total_steps)
+                    train_step, evaluator, sampler.steps_per_epoch, total_steps,
+                    warmup_train_step=warmup_train_step)
 
 
 def first_batch_images(experiment: Experiment) -> jax.Array:

@@ -31,6 +31,7 @@ from recall_jax import errors
 from recall_jax import data
 from recall_jax import evaluation
 from recall_jax.train import checkpointing
+from recall_jax.train import cold_start
 from recall_jax.train import experiment as experiment_lib
 from recall_jax.train import integrity
 from recall_jax.train import preemption
@@ -129,13 +130,19 @@ def _train(c: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, Any
       process_count=jax.process_count(), channels=c.data.channels,
       crop_scale=tuple(c.data.crop_scale), flip=c.data.flip,
       num_steps=max(exp.total_steps - start, 0))
+  check_start = _cold_start_monitor(exp)
   with preemption.stop_requests(reporting.say) as poll_stop, contextlib.closing(batches), log:
     for step in range(start, exp.total_steps):
+      local_batch = next(batches)
+      if check_start and (found := check_start(step, _host_params(state), local_batch["image"],
+                                               local_batch["label"])):
+        log.writer.write(step, "cold_start", found)
       tick = time.perf_counter()
-      state, metrics = _step(exp, state, next(batches), step, checkpoints)
+      loss_name, train_step = exp.train_step_at(step)
+      state, metrics = _step(exp, train_step, state, local_batch, step, checkpoints)
       done = step + 1
       images_per_s = c.batch_size / (time.perf_counter() - tick)
-      log.step(done, metrics, float(exp.schedule(step)), images_per_s)
+      log.step(done, {**metrics, "loss_name": loss_name}, float(exp.schedule(step)), images_per_s)
       if _evaluates_after(c, done, exp):
         _require_finite(checkpoints, state)  # a diverged update is reported, not evaluated
         results = _evaluate(exp, state.params, done, log.writer, workdir)
@@ -171,12 +178,31 @@ def _require_finite(checkpoints: checkpointing.Checkpoints,
                                 steps=checkpoints.latest.all_steps())
 
 
-def _step(exp: experiment_lib.Experiment, state: train_step_lib.TrainState, local_batch, step: int,
-          checkpoints: checkpointing.Checkpoints):
+def _cold_start_monitor(exp: experiment_lib.Experiment) -> cold_start.ColdStartMonitor | None:
+  """Process 0's checks of the first RS@k steps (`cold_start_checks`), else None."""
+  c = exp.config
+  if not (c.cold_start_checks and c.loss.name == "recall_at_k" and _is_main()):
+    return None
+  first = c.loss.warmup_steps if c.loss.warmup_name else 0
+  steps = {s for s in cold_start.DEFAULT_CHECK_STEPS if s >= first} | {first}
+  kwargs = {k: (tuple(v) if isinstance(v, (list, tuple)) else v)
+            for k, v in c.loss.recall_at_k.items()}
+  return cold_start.ColdStartMonitor(
+      experiment_lib.make_embed_fn(exp.model, exp.frozen), chunk_size=c.chunk_size, steps=steps,
+      say=reporting.say, max_positives=max(c.samples_per_class - 1, 1), **kwargs)
+
+
+def _host_params(state: train_step_lib.TrainState):
+  # Process 0 alone embeds: on several hosts it needs its own copy of the replicated parameters.
+  return state.params if jax.process_count() == 1 else jax.device_get(state.params)
+
+
+def _step(exp: experiment_lib.Experiment, train_step, state: train_step_lib.TrainState,
+          local_batch, step: int, checkpoints: checkpointing.Checkpoints):
   """One update on this process's slice of batch `step`; stops on a non-finite loss."""
   batch = sharding.global_batch(local_batch, exp.mesh)
-  state, metrics = exp.train_step(state, batch["image"], batch["label"],
-                                  jax.random.fold_in(jax.random.key(exp.config.seed), step))
+  state, metrics = train_step(state, batch["image"], batch["label"],
+                              jax.random.fold_in(jax.random.key(exp.config.seed), step))
   metrics = {k: float(v) for k, v in metrics.items()}  # waits for the step
   if not math.isfinite(metrics["loss"]):
     good, _ = integrity.newest_intact_step(checkpoints.latest.directory,

@@ -121,3 +121,37 @@ def test_positives_far_beyond_k_cannot_learn_whatever_the_gradient():
   relaxed = cold_start.diagnose_cold_start(embeddings, labels, k_values=(1, 2, 4),
                                            gradient_tol=0.0, rank_factor=1000.0)
   assert not relaxed.cannot_learn
+
+
+def _monitor_on(embed, steps=(0, 10)):
+  said = []
+  monitor = cold_start.ColdStartMonitor(lambda params: embed, k_values=(1, 2, 4, 8, 16),
+                                        chunk_size=16, steps=steps, say=said.append,
+                                        max_positives=3)
+  return monitor, said
+
+
+def test_monitor_says_once_on_a_collapsed_start():
+  labels = _classes()
+  rng = np.random.default_rng(9)
+  collapsed = _normalise(np.ones((len(labels), 16)) + 1e-3 * rng.normal(size=(len(labels), 16)))
+  embed = lambda images: collapsed[np.asarray(images)]  # "images" are row indices here
+  monitor, said = _monitor_on(embed)
+  rows = [monitor(step, None, np.arange(len(labels)), labels) for step in range(12)]
+  logged = [(step, row) for step, row in enumerate(rows) if row is not None]
+  assert [step for step, _ in logged] == [0, 10]
+  for _, row in logged:
+    assert row["cannot_learn"] == 1.0
+    assert row["median_positive_rank"] > 16 and row["rsk_gradient_norm"] < 1e-4
+  assert len(said) == 1 and "loss.warmup_name" in said[0] and said[0].startswith("warning at step 0")
+
+
+def test_monitor_is_silent_on_a_healthy_start():
+  labels = _classes()
+  rng = np.random.default_rng(10)
+  centres = _normalise(rng.normal(size=(16, 16)))
+  healthy = _normalise(centres[labels] + 0.05 * rng.normal(size=(len(labels), 16)))
+  monitor, said = _monitor_on(lambda images: healthy[np.asarray(images)], steps=(0,))
+  row = monitor(0, None, np.arange(len(labels)), labels)
+  assert row["cannot_learn"] == 0.0 and row["median_positive_rank"] <= 3
+  assert not said
