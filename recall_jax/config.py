@@ -50,6 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.rotated_classes = 1  # quarter-turns of each training class as new classes; 1: off
   c.data.worker_count = 0  # grain worker processes for training batches
   c.data.in_memory = False  # hold the training split's encoded images in memory (small datasets)
+  c.data.decode_once = False  # with in_memory: hold them decoded (uint8), not encoded
   c.data.eval_batch_size = 256  # images per evaluation batch
   c.data.download = True  # Omniglot only: fetch missing archives from the official repository
   c.data.max_eval_images = _optional(int)  # evaluate on the first N images of each split only
@@ -239,6 +240,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1, num_processes: 
   if c.loss.name not in LOSS_NAMES:
     problems.append(f"loss.name {c.loss.name!r} is not one of {LOSS_NAMES}")
   problems += _warmup_problems(c)
+  if c.data.decode_once and not c.data.in_memory:
+    problems.append("data.decode_once needs data.in_memory (it holds the decoded images)")
   if c.simix and c.loss.name != "recall_at_k":
     problems.append("simix is implemented for the recall_at_k loss only")
   if c.loss.name == "recall_at_k" and c.batch_size > 0:

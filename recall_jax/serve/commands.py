@@ -16,30 +16,10 @@ from recall_jax.errors import ConfigError
 from recall_jax.serve import export as export_lib
 from recall_jax.serve import gallery as gallery_lib
 from recall_jax.serve import search as search_lib
-from recall_jax.train import checkpointing
+from recall_jax.train import modes
 from recall_jax.train import experiment as experiment_lib
 
 PyTree = Any
-
-
-def restore_variables(c: ml_collections.ConfigDict, workdir: str | pathlib.Path, which: str
-                      ) -> tuple[Any, dict[str, PyTree], int]:
-  """The model, its variables with a checkpoint's parameters, and the checkpoint's step.
-
-  Args:
-    c: the run's config (model and data keys).
-    workdir: the run folder.
-    which: 'latest', 'best' or a step number.
-
-  Raises:
-    ConfigError / MissingFileError: `which` is malformed or names no checkpoint.
-  """
-  checkpointing.check_name(which)
-  model = experiment_lib.make_model(c)
-  variables = experiment_lib.make_variables(c, model)
-  template = variables.pop("params")
-  params, step = checkpointing.restore_params(workdir, which, template)
-  return model, {"params": params, **variables}, step
 
 
 def search_folder(c: ml_collections.ConfigDict, workdir: str | pathlib.Path, which: str = "latest",
@@ -79,7 +59,7 @@ def search_folder(c: ml_collections.ConfigDict, workdir: str | pathlib.Path, whi
   search_lib.query_files(query)
   if not pathlib.Path(gallery_dir).is_dir():
     gallery_lib.scan_files(gallery_dir)  # raises MissingFileError naming the folder
-  model, variables, step = restore_variables(c, workdir, which)
+  model, variables, step = modes.restore_variables(c, workdir, which)
   embed_fn = experiment_lib.make_embed_fn(model, {k: v for k, v in variables.items()
                                                   if k != "params"})(variables["params"])
   transform = gallery_lib.ImageTransform(c.data.image_size, c.data.resize_size, c.data.channels)
@@ -119,7 +99,7 @@ def export_checkpoint(c: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     ConfigError / MissingFileError: a bad checkpoint name or no such checkpoint.
   """
   config_lib.validate(c)
-  model, variables, step = restore_variables(c, workdir, which)
+  model, variables, step = modes.restore_variables(c, workdir, which)
   path = pathlib.Path(output) if output else pathlib.Path(workdir) / "embedder.bin"
   size = c.data.image_size
   exported = export_lib.export_embedder(lambda v, x: model.apply(v, x, train=False), variables,

@@ -173,7 +173,9 @@ def make_train_source(c: ml_collections.ConfigDict, *, progress: bool = True) ->
   """The training split, held in memory and turned as the config asks."""
   source = make_source(c, c.data.train_split)
   if c.data.in_memory:
-    source = data.InMemorySource(source, progress=progress)
+    source = data.InMemorySource(
+        source, decode_channels=c.data.channels if c.data.decode_once else None,
+        progress=progress)
   if c.data.rotated_classes > 1:
     source = data.RotatedClasses(source, c.data.rotated_classes)
   return source
@@ -194,11 +196,17 @@ def make_eval_batches(c: ml_collections.ConfigDict, source: LabelledSource) -> C
       batch_size=c.data.eval_batch_size, channels=c.data.channels)
 
 
-def make_embed_fn(model: nn.Module, frozen: dict[str, PyTree]
+def make_embed_fn(model: nn.Module, frozen: dict[str, PyTree], *, bucketed: bool = False
                   ) -> Callable[[PyTree], Callable[[jax.Array], jax.Array]]:
-  """params -> `embed_fn(images) -> embeddings` in inference mode (one jitted function)."""
-  apply = jax.jit(lambda params, images: model.apply({"params": params, **frozen}, images,
-                                                     train=False))
+  """params -> `embed_fn(images) -> embeddings` in inference mode (one jitted function).
+
+  With `bucketed`, the images' last channel is the pixels' validity mask (`data.aspect_buckets`).
+  """
+  def apply(params, images):
+    images, mask = landmarks.model_inputs(images, bucketed=bucketed)
+    return model.apply({"params": params, **frozen}, images, train=False, **mask)
+
+  apply = jax.jit(apply)
   return lambda params: functools.partial(apply, params)
 
 

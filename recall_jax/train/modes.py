@@ -24,8 +24,9 @@ from recall_jax.train import workdir as workdir_lib
 PyTree = Any
 
 
-def restore_embed_fn(c: ml_collections.ConfigDict, workdir: str | pathlib.Path, which: str):
-  """The inference `embed_fn(images) -> embeddings` of a checkpoint, and its step.
+def restore_variables(c: ml_collections.ConfigDict, workdir: str | pathlib.Path, which: str
+                      ) -> tuple[Any, dict[str, PyTree], int]:
+  """The model, its variables with a checkpoint's parameters, and the checkpoint's step.
 
   Args:
     c: the run's config (model and data keys).
@@ -35,10 +36,19 @@ def restore_embed_fn(c: ml_collections.ConfigDict, workdir: str | pathlib.Path, 
   Raises:
     ConfigError / MissingFileError: `which` is malformed or names no checkpoint.
   """
+  checkpointing.check_name(which)
   model = experiment_lib.make_model(c)
   variables = experiment_lib.make_variables(c, model)
   template = variables.pop("params")
   params, step = checkpointing.restore_params(workdir, which, template, log_fn=reporting.say)
+  return model, {"params": params, **variables}, step
+
+
+def restore_embed_fn(c: ml_collections.ConfigDict, workdir: str | pathlib.Path, which: str):
+  """The inference `embed_fn(images) -> embeddings` of a checkpoint, and its step (as
+  `restore_variables`)."""
+  model, variables, step = restore_variables(c, workdir, which)
+  params = variables.pop("params")
   return experiment_lib.make_embed_fn(model, variables)(params), step
 
 

@@ -188,7 +188,9 @@ def _cold_start_monitor(exp: experiment_lib.Experiment) -> cold_start.ColdStartM
   kwargs = {k: (tuple(v) if isinstance(v, (list, tuple)) else v)
             for k, v in c.loss.recall_at_k.items()}
   return cold_start.ColdStartMonitor(
-      experiment_lib.make_embed_fn(exp.model, exp.frozen), chunk_size=c.chunk_size, steps=steps,
+      experiment_lib.make_embed_fn(exp.model, exp.frozen,
+                                   bucketed=bool(c.data.get("aspect_buckets"))),
+      chunk_size=c.chunk_size, steps=steps,
       say=reporting.say, max_positives=max(c.samples_per_class - 1, 1), **kwargs)
 
 

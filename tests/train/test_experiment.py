@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from recall_jax import config as config_lib
+from recall_jax import errors
 from recall_jax import losses
 from recall_jax.train import experiment
 
@@ -45,3 +46,24 @@ def test_simix_loss_takes_the_step_key():
   a = loss_fn(embeddings, labels, jax.random.key(1))
   b = loss_fn(embeddings, labels, jax.random.key(2))
   assert np.isfinite(float(a)) and float(a) != float(b)
+
+
+def test_train_source_held_decoded_gives_the_same_batches(omniglot_root):
+  # `data.decode_once` holds uint8 images instead of PNG bytes: the loader must not notice.
+  from recall_jax import data
+  c = config_lib.base_config()
+  c.data.name, c.data.root, c.data.channels, c.data.rotated_classes = "omniglot", str(
+      omniglot_root), 1, 4
+  c.data.in_memory = True
+  encoded = experiment.make_train_source(c, progress=False)
+  c.data.decode_once = True
+  decoded = experiment.make_train_source(c, progress=False)
+  sampler = data.MPerClassSampler(encoded.labels, 64, 4, seed=0)
+  kw = dict(image_size=28, seed=0, channels=1, crop_scale=(1.0, 1.0), flip=False, num_steps=2)
+  for a, b in zip(data.make_train_loader(encoded, sampler, **kw),
+                  data.make_train_loader(decoded, sampler, **kw), strict=True):
+    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["label"], b["label"])
+  c.data.in_memory = False
+  with pytest.raises(errors.ConfigError, match="data.decode_once needs data.in_memory"):
+    config_lib.validate(c)
