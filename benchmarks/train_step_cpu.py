@@ -100,7 +100,8 @@ def jax_step(c, ops: str, images: np.ndarray, labels: np.ndarray, chunk_size: in
                            image_size=c.data.image_size, ops=ops)
   params = models.init_variables(model, jax.random.key(0), c.data.image_size,
                                  channels=c.data.channels)["params"]
-  loss_kwargs = {k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in c.loss.items()
+  rsk = c.loss.recall_at_k
+  loss_kwargs = {k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in rsk.items()
                  if k in ("k_values", "tau1", "tau2", "count_query_in_rank")}
   loss_fn = lambda e, y: losses.get_loss("recall_at_k")(
       e, y, max_positives=c.samples_per_class - 1, **loss_kwargs)
@@ -109,7 +110,7 @@ def jax_step(c, ops: str, images: np.ndarray, labels: np.ndarray, chunk_size: in
   step = sharding.make_sharded_train_step(
       lambda p, x, r: model.apply({"params": p}, x, train=True), loss_fn, optimizer, mesh,
       chunk_size_per_device=chunk_size, keep_activations=True)
-  holder = {"state": sharding.create_sharded_state(params, optimizer, mesh)}
+  holder = {"state": sharding.make_sharded_state(params, optimizer, mesh)}
   batch = sharding.global_batch({"image": images, "label": labels}, mesh)
 
   def run():
@@ -140,14 +141,15 @@ def torch_step(c, images: np.ndarray, labels: np.ndarray, threads: int):
   std = torch.tensor(models.common.IMAGENET_STD).view(1, 3, 1, 1)
   x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
   pos_idx, pos_valid, num_pos = (torch.from_numpy(a) for a in loss_bench.positive_layout(labels))
-  k_values = tuple(c.loss.k_values)
+  k_values = tuple(c.loss.recall_at_k.k_values)
 
   def run():
     optimizer.zero_grad(set_to_none=True)
     pixels = (x.float() / 255.0).expand(-1, 3, -1, -1)
     emb = nn.functional.normalize(net((pixels - mean) / std), dim=1)
     loss = loss_bench.torch_recall_at_k(emb, pos_idx, pos_valid, num_pos, k_values=k_values,
-                                        tau1=c.loss.tau1, tau2=c.loss.tau2)
+                                        tau1=c.loss.recall_at_k.tau1,
+                                        tau2=c.loss.recall_at_k.tau2)
     loss.backward()
     optimizer.step()
     return loss.item()

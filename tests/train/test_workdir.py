@@ -217,3 +217,10 @@ def test_atomic_write_text_replaces_the_file(tmp_path):
   workdir_lib.atomic_write_text(path, "new")
   assert path.read_text() == "new"
   assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
+  # Readable like any file the program writes (mkstemp alone would leave it 0600).
+  umask = os.umask(0o022)
+  try:
+    workdir_lib.atomic_write_text(path, "newer")
+  finally:
+    os.umask(umask)
+  assert path.stat().st_mode & 0o777 == 0o644
