@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 
 from recall_jax import config as config_lib
+from recall_jax import errors
 from recall_jax import evaluation
 from recall_jax.train import checkpointing
 from recall_jax.train import experiment as experiment_lib
@@ -89,7 +90,10 @@ def embed_split(c: ml_collections.ConfigDict, workdir: str | pathlib.Path, which
   config_lib.validate(c)
   checkpointing.check_name(which)
   workdir = workdir_lib.require_existing_run(workdir)
-  split = split or c.data.gallery_split or c.data.test_splits[0]
+  split = split or c.data.gallery_split or next(iter(c.data.test_splits), None)
+  if split is None:
+    raise errors.ConfigError(f"{c.data.name} has no test split to embed by default: name one "
+                             "with --split")
   source = experiment_lib.make_source(c, split)
   embed_fn, _ = restore_embed_fn(c, workdir, which)
   embeddings, labels, indices = evaluation.extract_embeddings(

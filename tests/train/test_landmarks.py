@@ -125,6 +125,9 @@ def test_smoke_config_trains_and_runs_the_revisited_evaluation(data_root, tmp_pa
     assert len(rows) == 2
     assert rows[1]["roxford5k/medium/map"] == pytest.approx(rows[0]["roxford5k/medium/map"],
                                                             abs=1e-6)
+    # A landmark run has no test split to embed by default: one line, not an IndexError.
+    proc = _main(f"configs/{recipe}_resnet101.py:smoke", workdir, data_root, "--mode=embed")
+    assert proc.returncode == 2 and "name one with --split" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_official_sizes_are_checked_unless_switched_off(data_root, tmp_path):
