@@ -95,16 +95,8 @@ def test_similarity_form_gives_same_matrix_and_loss(x64):
 BALANCED = np.array([4, 9, 4, 2, 9, 2, 4, 9, 2], np.int32)  # three classes of m = 3, shuffled
 
 
+@pytest.mark.usefixtures("x64")  # float64 references (conftest)
 class SameMeaningInsideAndOutsideJitTest(chex.TestCase):
-
-  def setUp(self):
-    super().setUp()
-    self._x64 = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-
-  def tearDown(self):
-    jax.config.update("jax_enable_x64", self._x64)
-    super().tearDown()
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_layout_gives_the_reference_rows(self):

@@ -37,6 +37,7 @@ import PIL.Image
 
 from recall_jax.data import paths
 from recall_jax.data import safe_pickle
+from recall_jax.data import source as source_lib
 from recall_jax.errors import ConfigError, DataError, MissingFileError
 
 # Folder under the data root holding each dataset.
@@ -322,9 +323,7 @@ class RevisitedSource:
     return len(self._files)
 
   def __getitem__(self, index: int) -> dict[str, Any]:
-    index = int(index)
-    if not 0 <= index < len(self):
-      raise IndexError(f"{self.name}/{self.split}: index {index} out of range for {len(self)}")
+    index = source_lib.check_index(index, len(self))
     file = self._files[index]
     data = file.read_bytes()
     if self._boxes is not None:
@@ -387,9 +386,7 @@ class DistractorSource:
     return len(self._files)
 
   def __getitem__(self, index: int) -> dict[str, Any]:
-    index = int(index)
-    if not 0 <= index < len(self):
-      raise IndexError(f"revisitop1m: index {index} out of range for {len(self)}")
+    index = source_lib.check_index(index, len(self))
     return {"image": self._files[index].read_bytes(), "label": index,
             "id": self._files[index].stem}
 

@@ -135,16 +135,8 @@ def test_eager_call_with_numpy_labels():
   np.testing.assert_allclose(float(eager), reference_multi_similarity(e, labels)[0], atol=1e-5)
 
 
+@pytest.mark.usefixtures("x64")  # float64 references (conftest)
 class SameMeaningInsideAndOutsideJitTest(chex.TestCase):
-
-  def setUp(self):
-    super().setUp()
-    self._x64 = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-
-  def tearDown(self):
-    jax.config.update("jax_enable_x64", self._x64)
-    super().tearDown()
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_value_and_gradient_match_reference(self):

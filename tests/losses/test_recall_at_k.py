@@ -204,17 +204,9 @@ def test_one_function_under_every_name():
   assert get_loss("recall_at_k") is recall_at_k_loss
 
 
+@pytest.mark.usefixtures("x64")  # float64 references (conftest)
 class SameMeaningInsideAndOutsideJitTest(chex.TestCase):
   """The traced path is the contract: the same call gives the same value and gradient."""
-
-  def setUp(self):
-    super().setUp()
-    self._x64 = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-
-  def tearDown(self):
-    jax.config.update("jax_enable_x64", self._x64)
-    super().tearDown()
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_layout_gives_reference_value_and_gradient(self):

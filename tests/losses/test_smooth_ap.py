@@ -154,16 +154,8 @@ def test_jit_and_layout():
   assert np.isnan(float(too_few))
 
 
+@pytest.mark.usefixtures("x64")  # float64 references (conftest)
 class SameMeaningInsideAndOutsideJitTest(chex.TestCase):
-
-  def setUp(self):
-    super().setUp()
-    self._x64 = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-
-  def tearDown(self):
-    jax.config.update("jax_enable_x64", self._x64)
-    super().tearDown()
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_layout_gives_reference_value_and_gradient(self):
