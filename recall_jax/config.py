@@ -55,6 +55,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.download = True  # Omniglot only: fetch missing archives from the official repository
   c.data.max_eval_images = _optional(int)  # evaluate on the first N images of each split only
   c.data.aspect_buckets = 0  # >0: whole images (longer side image_size, padded + masked, ResNets)
+  # aspect_buckets: each bucket's training slots sit this many standard deviations below its
+  # expected count (data.bucket_plan); larger = fewer recompiles, more images in larger shapes
+  c.data.bucket_margin = 5.0
   c.data.distractors = _optional(str)  # eval.datasets: "revisitop1m" added to each database
   c.data.check_sizes = True  # eval.datasets: refuse other than the official image counts
 

@@ -139,6 +139,7 @@ _RANGES: tuple[tuple[str, Rule], ...] = (
         "a strictly increasing sequence of positive epochs (may be empty)", allow_empty=True)),
     ("eval.k_values", _optional_positive_ints),
     ("data.aspect_buckets", _int_at_least(0)),
+    ("data.bucket_margin", _finite(at_least=0)),
     ("eval.qe_k", _int_at_least(0)),
     ("eval.qe_alpha", _finite(at_least=0)),
     ("eval.dba_k", _int_at_least(0)),

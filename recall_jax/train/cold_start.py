@@ -22,6 +22,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from recall_jax import data
+
 from recall_jax.losses import _common
 from recall_jax.losses import recall_at_k as rsk
 
@@ -207,7 +209,7 @@ class ColdStartMonitor:
     Args:
       step: the update about to be made (0-based).
       params: the parameters before that update.
-      images: (B, ...) the batch's images (this process's rows).
+      images: (B, ...) the batch's images (this process's rows), or a `data.BucketedImages`.
       labels: (B,) their labels.
 
     Returns:
@@ -218,9 +220,14 @@ class ColdStartMonitor:
     if step not in self._steps or len(labels) - 1 <= max(self._k_values):
       return None
     embed = self._embed_fn_for(params)
-    images = jax.device_get(images)
-    embeddings = jnp.concatenate([embed(images[i:i + self._chunk_size])
-                                  for i in range(0, len(images), self._chunk_size)])
+    in_chunks = lambda x: jnp.concatenate([embed(x[i:i + self._chunk_size])
+                                           for i in range(0, len(x), self._chunk_size)])
+    if isinstance(images, data.BucketedImages):  # whole images in aspect buckets
+      slots = data.flat_slots(images.bucket, images.position,
+                              tuple(len(b) for b in images.buckets))
+      embeddings = jnp.concatenate([in_chunks(b) for b in images.buckets if len(b)])[slots]
+    else:
+      embeddings = in_chunks(jax.device_get(images))
     diagnosis = diagnose_cold_start(embeddings, jnp.asarray(jax.device_get(labels)),
                                     k_values=self._k_values, **self._loss_kwargs)
     if diagnosis.cannot_learn and not self.warned:

@@ -77,6 +77,8 @@ class Experiment:
     evaluator: embeds and scores `eval_sets` for given parameters.
     steps_per_epoch: sampler steps per epoch.
     total_steps: steps of the whole run (`epochs`, capped by `max_steps`).
+    bucket_plan: with `data.aspect_buckets`, each aspect bucket's training slots per process and
+      step (`data.BucketPlan`); None otherwise.
   """
 
   config: ml_collections.ConfigDict
@@ -96,6 +98,7 @@ class Experiment:
   steps_per_epoch: int
   total_steps: int
   warmup_train_step: Callable[..., Any] | None = None
+  bucket_plan: data.BucketPlan | None = None
 
   def train_step_at(self, step: int) -> tuple[str, Callable[..., Any]]:
     """The loss name and train step used for update `step` (0-based): the warm-up loss's for
@@ -255,10 +258,14 @@ def make_experiment(c: ml_collections.ConfigDict, *, log_fn: Callable[[str], Any
   # Each device embeds `chunk_size` of its own rows at a time; the loss sees the global batch.
   # The CPU backend runs the chunks as straight-line code keeping their activations (see
   # megabatch_value_and_grad); accelerators keep the memory-flat two-pass loop.
+  # Whole images come in aspect buckets whose chunks the step cuts within each bucket.
+  bucketed = bool(c.data.get("aspect_buckets"))
+
   def make_step(loss_fn, loss_uses_rng):
     return sharding.make_sharded_train_step(
         embed_fn, loss_fn, optimizer, mesh, chunk_size_per_device=c.chunk_size,
-        loss_uses_rng=loss_uses_rng, keep_activations=jax.default_backend() == "cpu")
+        loss_uses_rng=loss_uses_rng, keep_activations=jax.default_backend() == "cpu",
+        bucketed=bucketed)
 
   train_step = make_step(loss_fn, loss_uses_rng)
   # One compiled step per loss: the switch after the warm-up is a different function, not a
@@ -274,7 +281,20 @@ def make_experiment(c: ml_collections.ConfigDict, *, log_fn: Callable[[str], Any
   return Experiment(c, train_source, sampler, eval_sets, model, variables,
                     jax.device_get(params), loss_fn, loss_uses_rng, optimizer, schedule, mesh,
                     train_step, evaluator, sampler.steps_per_epoch, total_steps,
-                    warmup_train_step=warmup_train_step)
+                    warmup_train_step=warmup_train_step,
+                    bucket_plan=make_bucket_plan(c, train_source, sampler) if bucketed else None)
+
+
+def make_bucket_plan(c: ml_collections.ConfigDict, train_source: LabelledSource,
+                     sampler: data.MPerClassSampler) -> data.BucketPlan:
+  """Each aspect bucket's training slots per process and step, from the first batches' images.
+
+  Every process reads the same (global) batches, so all compute the same plan.
+  """
+  return data.estimate_bucket_plan(
+      train_source, sampler, image_size=c.data.image_size, num_buckets=c.data.aspect_buckets,
+      chunk_rows=c.chunk_size * jax.local_device_count(), process_count=jax.process_count(),
+      margin=c.data.bucket_margin)
 
 
 def first_batch_images(experiment: Experiment) -> jax.Array:

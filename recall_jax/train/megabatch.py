@@ -38,12 +38,14 @@ does. An `embed_fn` that returns updated collections (`mutable=['batch_stats']`)
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from recall_jax import numerics
 
 PyTree = Any
 EmbedFn = Callable[[PyTree, jax.Array, jax.Array | None], jax.Array]
@@ -146,6 +148,135 @@ def _check_batch(images: Any, labels: Any) -> int:
   return batch_size
 
 
+def grouped_value_and_grad(
+    embed_fn: EmbedFn,
+    loss_fn: LossFn,
+    *,
+    chunk_size: int,
+    loss_uses_rng: bool = False,
+    keep_activations: bool = False,
+) -> Callable[..., tuple[jax.Array, PyTree]]:
+  """The two-pass `value_and_grad` over several groups of images, each with its own shape.
+
+  The core of `megabatch_value_and_grad` (one group) and `bucketed_value_and_grad` (one group per
+  aspect bucket): every group is cut into strided chunks of `chunk_size` rows, so each chunk has
+  one fixed shape; the loss sees the embeddings of all groups at once.
+
+  Args:
+    embed_fn, chunk_size, loss_uses_rng, keep_activations: as in `megabatch_value_and_grad`.
+    loss_fn: `loss_fn(embeddings, *loss_args)` (with `loss_uses_rng`, then the loss key), where
+      `embeddings` is a tuple holding each group's (S_g, D) embeddings in row order.
+
+  Returns:
+    `step_fn(params, groups, loss_args=(), rng=None) -> (loss, grads)`: `groups` a non-empty
+    tuple of image arrays (or pytrees), each with a leading axis S_g divisible by `chunk_size`;
+    `loss_args` passed to `loss_fn` after the embeddings. Chunks are numbered group by group
+    (group g's chunk c is `sum(n_h for h < g) + c`), which fixes their keys (`chunk_rngs`).
+  """
+  if int(chunk_size) != chunk_size or chunk_size < 1:
+    raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
+  chunk_size = int(chunk_size)
+
+  def compute_loss(embeddings, loss_args, loss_rng):
+    extra = (loss_rng,) if loss_uses_rng else ()
+    loss = jnp.asarray(loss_fn(embeddings, *loss_args, *extra))
+    if loss.shape != ():
+      raise ValueError(f"loss_fn must return a scalar, got shape {loss.shape}")
+    return loss
+
+  def embed_chunk(params, images_chunk, key):
+    return _checked_embeddings(embed_fn(params, images_chunk, key), chunk_size)
+
+  def step_fn(params: PyTree, groups: tuple[Any, ...], loss_args: tuple[Any, ...] = (),
+              rng: jax.Array | None = None):
+    if not groups:
+      raise ValueError("groups is empty: no images")
+    counts = [num_chunks_of(_rows_of(group), chunk_size) for group in groups]
+    offsets = np.cumsum([0] + counts[:-1]).tolist()
+    chunk_keys, loss_rng = chunk_rngs(rng, sum(counts))
+    key_of = (lambda c: None) if rng is None else (lambda c: chunk_keys[c])
+    loss_of = lambda embeddings: compute_loss(embeddings, loss_args, loss_rng)
+
+    if all(n == 1 for n in counts):
+      # One chunk per group: plain backprop holds the same activations as pass 2 and skips a
+      # forward.
+      def full_loss(p):
+        return loss_of(tuple(embed_chunk(p, group, key_of(offset))
+                             for group, offset in zip(groups, offsets)))
+      return jax.value_and_grad(full_loss)(params)
+
+    # (S, ...) -> (chunk_size, n, ...) is free (a bitcast); chunk c is then index c of axis 1, a
+    # strided read of one chunk, so the batch is never copied into chunk order (at B = 65,536 of
+    # 224 px uint8 a copy would be another 9.9 GB), and a batch sharded along axis 0 stays sharded
+    # along axis 0 of every chunk.
+    strided = [jax.tree.map(lambda x, n=n: _strided_view(x, n), group)
+               for group, n in zip(groups, counts)]
+    chunk_of = lambda tree, c: jax.tree.map(
+        lambda x: jax.lax.dynamic_index_in_dim(x, c, axis=1, keepdims=False), tree)
+
+    if keep_activations:
+      # Straight-line chunks whose pullbacks keep their activations: one forward per chunk.
+      embeddings, pullbacks = [], []
+      for view, n, offset in zip(strided, counts, offsets):
+        outputs, group_pullbacks = zip(*(
+            jax.vjp(lambda p, c=c, view=view: embed_chunk(p, chunk_of(view, c),
+                                                           key_of(offset + c)), params)
+            for c in range(n)))
+        embeddings.append(from_chunks(jnp.stack(outputs)))
+        pullbacks.append(group_pullbacks)
+      loss, cotangents = jax.value_and_grad(loss_of)(tuple(embeddings))
+      grads = [pullback(chunk_of(_strided_view(cotangent, n), c))[0]
+               for cotangent, n, group_pullbacks in zip(cotangents, counts, pullbacks)
+               for c, pullback in enumerate(group_pullbacks)]
+      total = jax.tree.map(
+          lambda p, *g: sum(x.astype(_accumulation_dtype(p)) for x in g).astype(p.dtype),
+          params, *grads)
+      return loss, total
+
+    # Pass 1: forward only; nothing is differentiated here, so no activations are stored.
+    embeddings = tuple(
+        from_chunks(jax.lax.map(  # (S_g, D), original row order
+            lambda c, view=view, offset=offset: embed_chunk(params, chunk_of(view, c),
+                                                            key_of(offset + c)),
+            jnp.arange(n)))
+        for view, n, offset in zip(strided, counts, offsets))
+
+    loss, cotangents = jax.value_and_grad(loss_of)(embeddings)
+    chex.assert_trees_all_equal_shapes(cotangents, embeddings)
+
+    # Pass 2: re-run each chunk and pull its slice of dL/dE back to the parameters. Accumulate in
+    # at least float32 so bf16 parameters do not lose the small chunk contributions.
+    grads = jax.tree.map(lambda p: jnp.zeros(p.shape, _accumulation_dtype(p)), params)
+    for view, cotangent, n, offset in zip(strided, cotangents, counts, offsets):
+      cotangent = _strided_view(cotangent, n)
+
+      def backward_chunk(acc, c, view=view, cotangent=cotangent, offset=offset):
+        images_chunk = chunk_of(view, c)
+        _, pullback = jax.vjp(lambda p: embed_chunk(p, images_chunk, key_of(offset + c)), params)
+        (chunk_grads,) = pullback(chunk_of(cotangent, c))
+        return jax.tree.map(lambda a, g: a + g.astype(a.dtype), acc, chunk_grads), None
+
+      grads, _ = jax.lax.scan(backward_chunk, grads, jnp.arange(n))
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+    return loss, grads
+
+  return step_fn
+
+
+def _rows_of(images: Any) -> int:
+  """The common leading axis of an images array or pytree (ValueError when there is none)."""
+  leaves = jax.tree.leaves(images)
+  if not leaves:
+    raise ValueError("images is empty (no arrays)")
+  sizes = {np.shape(leaf)[0] if np.ndim(leaf) else None for leaf in leaves}
+  if len(sizes) != 1 or None in sizes:
+    raise ValueError(
+        f"every images array needs the same leading batch axis, got shapes "
+        f"{[np.shape(leaf) for leaf in leaves]}")
+  (rows,) = sizes
+  return rows
+
+
 def megabatch_value_and_grad(
     embed_fn: EmbedFn,
     loss_fn: LossFn,
@@ -186,76 +317,89 @@ def megabatch_value_and_grad(
       `embed_fn` returning anything but a (chunk, D) float array, in particular updated
       BatchNorm statistics.
   """
-  if int(chunk_size) != chunk_size or chunk_size < 1:
-    raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
-  chunk_size = int(chunk_size)
-
-  def compute_loss(embeddings, labels, loss_rng):
-    loss = loss_fn(embeddings, labels, loss_rng) if loss_uses_rng else loss_fn(embeddings, labels)
-    loss = jnp.asarray(loss)
-    if loss.shape != ():
-      raise ValueError(f"loss_fn must return a scalar, got shape {loss.shape}")
-    return loss
-
-  def embed_chunk(params, images_chunk, key):
-    return _checked_embeddings(embed_fn(params, images_chunk, key), chunk_size)
+  grouped = grouped_value_and_grad(
+      embed_fn, lambda embeddings, *args: loss_fn(embeddings[0], *args), chunk_size=chunk_size,
+      loss_uses_rng=loss_uses_rng, keep_activations=keep_activations)
 
   def step_fn(params: PyTree, images: Any, labels: jax.Array, rng: jax.Array | None = None):
-    batch_size = _check_batch(images, labels)
-    num_chunks = num_chunks_of(batch_size, chunk_size)
-    chunk_keys, loss_rng = chunk_rngs(rng, num_chunks)
-    key_of = (lambda c: None) if rng is None else (lambda c: chunk_keys[c])
-
-    if num_chunks == 1:
-      # One chunk: plain backprop holds the same activations as pass 2 and skips a forward.
-      def full_loss(p):
-        return compute_loss(embed_chunk(p, images, key_of(0)), labels, loss_rng)
-      return jax.value_and_grad(full_loss)(params)
-
-    # (B, ...) -> (chunk_size, n, ...) is free (a bitcast); chunk c is then index c of axis 1, a
-    # strided read of one chunk, so the batch is never copied into chunk order (at B = 65,536 of
-    # 224 px uint8 a copy would be another 9.9 GB), and a batch sharded along axis 0 stays sharded
-    # along axis 0 of every chunk.
-    strided = jax.tree.map(lambda x: _strided_view(x, num_chunks), images)
-    chunk_of = lambda tree, c: jax.tree.map(
-        lambda x: jax.lax.dynamic_index_in_dim(x, c, axis=1, keepdims=False), tree)
-    indices = jnp.arange(num_chunks)
-
-    if keep_activations:
-      # Straight-line chunks whose pullbacks keep their activations: one forward per chunk.
-      outputs, pullbacks = zip(*(
-          jax.vjp(lambda p, c=c: embed_chunk(p, chunk_of(strided, c), key_of(c)), params)
-          for c in range(num_chunks)))
-      embeddings = from_chunks(jnp.stack(outputs))
-      loss, cotangents = jax.value_and_grad(compute_loss)(embeddings, labels, loss_rng)
-      cotangents = _strided_view(cotangents, num_chunks)
-      grads = [pullback(chunk_of(cotangents, c))[0] for c, pullback in enumerate(pullbacks)]
-      total = jax.tree.map(
-          lambda p, *g: sum(x.astype(_accumulation_dtype(p)) for x in g).astype(p.dtype),
-          params, *grads)
-      return loss, total
-
-    # Pass 1: forward only; nothing is differentiated here, so no activations are stored.
-    embeddings = jax.lax.map(
-        lambda c: embed_chunk(params, chunk_of(strided, c), key_of(c)), indices)
-    embeddings = from_chunks(embeddings)  # (B, D), original row order
-
-    loss, cotangents = jax.value_and_grad(compute_loss)(embeddings, labels, loss_rng)
-    chex.assert_equal_shape([cotangents, embeddings])
-    cotangents = _strided_view(cotangents, num_chunks)
-
-    # Pass 2: re-run each chunk and pull its slice of dL/dE back to the parameters. Accumulate in
-    # at least float32 so bf16 parameters do not lose the small chunk contributions.
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, _accumulation_dtype(p)), params)
-
-    def backward_chunk(acc, c):
-      images_chunk = chunk_of(strided, c)
-      _, pullback = jax.vjp(lambda p: embed_chunk(p, images_chunk, key_of(c)), params)
-      (grads,) = pullback(chunk_of(cotangents, c))
-      return jax.tree.map(lambda a, g: a + g.astype(a.dtype), acc, grads), None
-
-    grads, _ = jax.lax.scan(backward_chunk, zeros, indices)
-    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
-    return loss, grads
+    _check_batch(images, labels)
+    return grouped(params, (images,), (labels,), rng)
 
   return step_fn
+
+
+class BucketedBatch(NamedTuple):
+  """A mega-batch whose images come in several shapes (aspect buckets), as the step takes it.
+
+  Attributes:
+    buckets: one image array (or pytree) per shape, bucket k with S_k rows (its slots), S_k a
+      multiple of the chunk size; slots no row uses hold any image the model embeds finitely.
+    slots: int32 (B,): row i of the batch is slot `slots[i]` of the buckets' concatenation
+      (row order is the loss's: classes of `samples_per_class` consecutive rows). Slots are
+      distinct.
+  """
+
+  buckets: tuple[Any, ...]
+  slots: jax.Array
+
+
+def bucketed_value_and_grad(
+    embed_fn: EmbedFn,
+    loss_fn: LossFn,
+    *,
+    chunk_size: int,
+    loss_uses_rng: bool = False,
+    keep_activations: bool = False,
+) -> StepFn:
+  """`megabatch_value_and_grad` for a batch held in several fixed shapes (`BucketedBatch`).
+
+  Every chunk is cut within one bucket, so each of the step's operations has a fixed shape and
+  the step compiles once per set of bucket sizes. The loss sees E = concat(E_k)[slots], the
+  batch's embeddings in row order; unused slots are embedded (they fill their chunks) but get
+  no cotangent, so the gradient is exactly that of the B real rows.
+
+  Args:
+    embed_fn, loss_fn, chunk_size, loss_uses_rng, keep_activations: as in
+      `megabatch_value_and_grad`; `chunk_size` must divide every bucket's slot count.
+
+  Returns:
+    `step_fn(params, batch: BucketedBatch, labels (B,), rng=None) -> (loss, grads)`, equal to
+    `megabatch_value_and_grad`'s on the rows' images in row order, up to float rounding (the
+    embeddings do not depend on the bucket a row sits in: the model masks the padding).
+
+  Raises (at call/trace time): as `megabatch_value_and_grad`, and ValueError when `slots` and
+    `labels` differ in length, or (concrete slots) a slot repeats or lies outside the buckets.
+  """
+  grouped = grouped_value_and_grad(
+      embed_fn,
+      lambda embeddings, slots, *args: loss_fn(jnp.concatenate(embeddings)[slots], *args),
+      chunk_size=chunk_size, loss_uses_rng=loss_uses_rng, keep_activations=keep_activations)
+
+  def step_fn(params: PyTree, batch: BucketedBatch, labels: jax.Array,
+              rng: jax.Array | None = None):
+    buckets = check_bucketed_batch(batch, labels)
+    return grouped(params, buckets, (batch.slots, labels), rng)
+
+  return step_fn
+
+
+def check_bucketed_batch(batch: BucketedBatch, labels: Any) -> tuple[Any, ...]:
+  """Validates a `BucketedBatch` against its labels; returns the non-empty buckets.
+
+  Buckets without slots are dropped: they add no rows to the concatenation, so `slots` is
+  unchanged.
+
+  Raises:
+    ValueError: no slots at all, slots/labels not (B,) of one length, or (when the slots are
+      concrete) a repeated slot or one outside the buckets.
+  """
+  buckets = tuple(b for b in batch.buckets if _rows_of(b))
+  if not buckets:
+    raise ValueError("the bucketed batch has no slots")
+  _check_batch(batch.slots, labels)
+  total = sum(_rows_of(b) for b in buckets)
+  if numerics.is_concrete(batch.slots):
+    slots = np.asarray(batch.slots)
+    if slots.min() < 0 or slots.max() >= total or len(np.unique(slots)) != len(slots):
+      raise ValueError(f"slots must be distinct indices into the {total} slots of the buckets")
+  return buckets

@@ -43,9 +43,11 @@ from typing import Any
 import jax
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, PartitionSpec
 
 from recall_jax import errors
+from recall_jax.data import bucket_plan
 from recall_jax.parallel import DATA_AXIS
 from recall_jax.parallel import data_mesh
 from recall_jax.parallel import replicated
@@ -56,8 +58,8 @@ from recall_jax.train import train_step as train_step_lib
 __all__ = [
     "DATA_AXIS", "data_mesh", "replicated", "batch_sharding", "initialize_distributed",
     "distributed_environment", "batch_layout_problems", "check_batch_layout",
-    "make_sharded_state", "global_batch",
-    "sharded_value_and_grad", "make_sharded_train_step",
+    "make_sharded_state", "global_batch", "global_bucketed_batch",
+    "sharded_value_and_grad", "sharded_bucketed_value_and_grad", "make_sharded_train_step",
 ]
 
 PyTree = Any
@@ -256,6 +258,37 @@ def global_batch(local_batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Ar
       sharding, np.asarray(v), (global_size,) + np.shape(v)[1:]) for k, v in local_batch.items()}
 
 
+def global_bucketed_batch(local_batch: Mapping[str, Any], mesh: Mesh) -> dict[str, Any]:
+  """`global_batch` for whole images in aspect buckets (`data.make_bucketed_train_loader`).
+
+  On several processes, the processes first agree on each bucket's slot count (the largest any
+  of them needs this step; usually all equal the plan), and pad theirs with empty slots, so the
+  global bucket arrays have one shape. Each row's (bucket, position) then becomes its index in
+  the concatenation of the global bucket arrays (`data.flat_slots`).
+
+  Args:
+    local_batch: {'image': `data.BucketedImages` of this process's rows, 'label': int32 (b,)}.
+    mesh: the data mesh.
+
+  Returns:
+    {'image': `megabatch.BucketedBatch` of global arrays (buckets sharded along their slots,
+    slots along the rows), 'label': global (B,) labels}.
+  """
+  images = local_batch["image"]
+  capacities = tuple(len(b) for b in images.buckets)
+  if jax.process_count() > 1:
+    agreed = multihost_utils.process_allgather(np.asarray(capacities, np.int64))
+    capacities = tuple(int(c) for c in np.max(np.asarray(agreed).reshape(-1, len(capacities)),
+                                              axis=0))
+    images = bucket_plan.pad_buckets(images, capacities)
+  slots = bucket_plan.flat_slots(images.bucket, images.position, capacities,
+                                 process_index=jax.process_index(),
+                                 process_count=jax.process_count())
+  rows = global_batch({"slots": slots, "label": local_batch["label"]}, mesh)
+  buckets = tuple(global_batch({"bucket": b}, mesh)["bucket"] for b in images.buckets)
+  return {"image": megabatch.BucketedBatch(buckets, rows["slots"]), "label": rows["label"]}
+
+
 # ----------------------------------------------------------------------------------------------
 # The sharded step.
 # ----------------------------------------------------------------------------------------------
@@ -280,6 +313,15 @@ def _gather_rows_bwd(axis_name, rows, cotangent):
 
 
 _gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
+
+
+def _local_embed_fn(embed_fn: megabatch.EmbedFn) -> megabatch.EmbedFn:
+  """`embed_fn` with each chunk's key folded with the device index (independent dropout masks)."""
+  def local_embed_fn(params, images_chunk, rng):
+    if rng is not None:
+      rng = jax.random.fold_in(rng, jax.lax.axis_index(DATA_AXIS))
+    return embed_fn(params, images_chunk, rng)
+  return local_embed_fn
 
 
 def sharded_value_and_grad(
@@ -319,18 +361,13 @@ def sharded_value_and_grad(
   num_devices = mesh.devices.size
   check_batch_layout(chunk_size_per_device * num_devices, chunk_size_per_device, num_devices)
 
-  def local_embed_fn(params, images_chunk, rng):
-    if rng is not None:
-      rng = jax.random.fold_in(rng, jax.lax.axis_index(DATA_AXIS))
-    return embed_fn(params, images_chunk, rng)
-
   def global_loss_fn(local_embeddings, local_labels, *rng):
     embeddings = _gather_rows(local_embeddings, DATA_AXIS)
     labels = jax.lax.all_gather(local_labels, DATA_AXIS, tiled=True)
     return loss_fn(embeddings, labels, *rng)
 
   local_value_and_grad = megabatch.megabatch_value_and_grad(
-      local_embed_fn, global_loss_fn, chunk_size=chunk_size_per_device,
+      _local_embed_fn(embed_fn), global_loss_fn, chunk_size=chunk_size_per_device,
       loss_uses_rng=loss_uses_rng, keep_activations=keep_activations)
 
   def per_device(params, images, labels, rng):
@@ -355,6 +392,63 @@ def sharded_value_and_grad(
   return step_fn
 
 
+def sharded_bucketed_value_and_grad(
+    embed_fn: megabatch.EmbedFn,
+    loss_fn: megabatch.LossFn,
+    mesh: Mesh,
+    *,
+    chunk_size_per_device: int,
+    loss_uses_rng: bool = False,
+    keep_activations: bool = False,
+) -> megabatch.StepFn:
+  """`sharded_value_and_grad` for a batch held in aspect buckets (`megabatch.BucketedBatch`).
+
+  Every bucket array is sharded along its slots, the slots and labels along the batch rows.
+  Each device embeds its chunks of every bucket; each bucket's (S_k, D) embeddings are
+  all-gathered (device order is slot order), concatenated and indexed by the gathered slots,
+  so the loss sees the global batch in row order; dL/dE flows back to each device's own slots
+  and ONE all-reduce sums the parameter gradients. The result equals
+  `megabatch.bucketed_value_and_grad` on one device, up to float rounding.
+
+  Args:
+    As `sharded_value_and_grad`; every bucket's slot count must be divisible by
+    `chunk_size_per_device` x devices.
+
+  Returns:
+    `step_fn(params, batch: BucketedBatch, labels (B,), rng=None) -> (loss, grads)`, to call
+    under `jax.jit` on global arrays (`global_batch`).
+  """
+  num_devices = mesh.devices.size
+  check_batch_layout(chunk_size_per_device * num_devices, chunk_size_per_device, num_devices)
+
+  def global_loss_fn(local_embeddings, local_slots, local_labels, *rng):
+    embeddings = jax.numpy.concatenate([_gather_rows(e, DATA_AXIS) for e in local_embeddings])
+    slots = jax.lax.all_gather(local_slots, DATA_AXIS, tiled=True)
+    labels = jax.lax.all_gather(local_labels, DATA_AXIS, tiled=True)
+    return loss_fn(embeddings[slots], labels, *rng)
+
+  local_value_and_grad = megabatch.grouped_value_and_grad(
+      _local_embed_fn(embed_fn), global_loss_fn, chunk_size=chunk_size_per_device,
+      loss_uses_rng=loss_uses_rng, keep_activations=keep_activations)
+
+  def per_device(params, buckets, slots, labels, rng):
+    loss, grads = local_value_and_grad(params, buckets, (slots, labels), rng)
+    return loss, jax.lax.psum(grads, DATA_AXIS)
+
+  data, full = PartitionSpec(DATA_AXIS), PartitionSpec()
+  mapped = jax.shard_map(per_device, mesh=mesh, in_specs=(full, data, data, data, full),
+                         out_specs=(full, full), check_vma=False)
+
+  def step_fn(params, batch: megabatch.BucketedBatch, labels, rng=None):
+    buckets = megabatch.check_bucketed_batch(batch, labels)
+    for bucket in buckets:
+      check_batch_layout(_batch_size_of(bucket), chunk_size_per_device, num_devices)
+    check_batch_layout(len(labels), 1, num_devices)
+    return mapped(params, buckets, batch.slots, labels, rng)
+
+  return step_fn
+
+
 def _batch_size_of(images: Any) -> int | None:
   leaves = jax.tree.leaves(images)
   return np.shape(leaves[0])[0] if leaves and np.ndim(leaves[0]) else None
@@ -369,6 +463,7 @@ def make_sharded_train_step(
     chunk_size_per_device: int,
     loss_uses_rng: bool = False,
     keep_activations: bool = False,
+    bucketed: bool = False,
 ) -> Callable[..., tuple[train_step_lib.TrainState, dict[str, jax.Array]]]:
   """Builds the data-parallel `train_step(state, images, labels, rng) -> (state, metrics)`.
 
@@ -383,14 +478,15 @@ def make_sharded_train_step(
     mesh: the data mesh (`data_mesh()`).
     chunk_size_per_device: images per device per chunk (bounds each device's activation
       memory); the global batch must be divisible by it x the number of devices.
+    bucketed: `images` is a `megabatch.BucketedBatch` (whole images in aspect buckets;
+      `sharded_bucketed_value_and_grad`); it compiles once per set of bucket sizes.
 
   Raises:
     ConfigError: at trace time, before compiling, for a batch that does not fit the layout.
   """
-  value_and_grad = sharded_value_and_grad(embed_fn, loss_fn, mesh,
-                                          chunk_size_per_device=chunk_size_per_device,
-                                          loss_uses_rng=loss_uses_rng,
-                                          keep_activations=keep_activations)
+  make = sharded_bucketed_value_and_grad if bucketed else sharded_value_and_grad
+  value_and_grad = make(embed_fn, loss_fn, mesh, chunk_size_per_device=chunk_size_per_device,
+                        loss_uses_rng=loss_uses_rng, keep_activations=keep_activations)
 
   def train_step(state: train_step_lib.TrainState, images: Any, labels: jax.Array,
                  rng: jax.Array | None = None):

@@ -13,6 +13,7 @@ that is not finite (docs/reliability.md).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import pathlib
@@ -123,7 +124,8 @@ def _train(c: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, Any
   best_value, start, results = meta.get("best_value", -math.inf), int(state.step), {}
   log = _Log(c, workdir, start, exp.total_steps, exp.steps_per_epoch)
   _record_skipped_images(exp, log.writer, start)
-  make_loader = data.make_padded_train_loader if c.data.aspect_buckets else data.make_train_loader
+  make_loader = (functools.partial(data.make_bucketed_train_loader, plan=exp.bucket_plan)
+                 if c.data.aspect_buckets else data.make_train_loader)
   batches = make_loader(
       exp.train_source, exp.sampler, image_size=c.data.image_size, start_step=start, seed=c.seed,
       worker_count=c.data.worker_count, process_index=jax.process_index(),
@@ -202,7 +204,9 @@ def _host_params(state: train_step_lib.TrainState):
 def _step(exp: experiment_lib.Experiment, train_step, state: train_step_lib.TrainState,
           local_batch, step: int, checkpoints: checkpointing.Checkpoints):
   """One update on this process's slice of batch `step`; stops on a non-finite loss."""
-  batch = sharding.global_batch(local_batch, exp.mesh)
+  assemble = (sharding.global_bucketed_batch if exp.bucket_plan is not None
+              else sharding.global_batch)
+  batch = assemble(local_batch, exp.mesh)
   state, metrics = train_step(state, batch["image"], batch["label"],
                               jax.random.fold_in(jax.random.key(exp.config.seed), step))
   metrics = {k: float(v) for k, v in metrics.items()}  # waits for the step
