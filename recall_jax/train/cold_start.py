@@ -23,7 +23,6 @@ import jax
 import jax.numpy as jnp
 
 from recall_jax import data
-
 from recall_jax.losses import _common
 from recall_jax.losses import recall_at_k as rsk
 

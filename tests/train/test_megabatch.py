@@ -23,6 +23,8 @@ import pytest
 from recall_jax.losses.recall_at_k import recall_at_k_surrogate
 from recall_jax.simix import num_simix_pairs
 from recall_jax.simix import simix
+from recall_jax.train.megabatch import BucketedBatch
+from recall_jax.train.megabatch import bucketed_value_and_grad
 from recall_jax.train.megabatch import from_chunks
 from recall_jax.train.megabatch import megabatch_value_and_grad
 from recall_jax.train.megabatch import to_chunks
@@ -381,3 +383,110 @@ def _chunked_embed(embed, params, images, key, chunk_size):
   for c in range(n):
     out = out.at[c::n].set(embed(params, images[c::n], keys[c]))
   return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Several image shapes: aspect buckets.
+# ----------------------------------------------------------------------------------------------
+
+_SHAPES = ((4, 8), (8, 4), (8, 8))  # bucket (H, W); the last holds every image
+
+
+def _masked_embed(params, images, key):
+  """Pixels (channel 0) through a per-pixel feature map, mean-pooled over the mask (channel 1).
+
+  Padding does not change an image's embedding, as with the ResNets' masked GeM.
+  """
+  del key
+  pixels = images[..., 0].astype(params["a"].dtype) / 255.0
+  mask = (images[..., 1] > 127).astype(pixels.dtype)
+  features = jnp.tanh(pixels[..., None] * params["a"] + params["b"])  # (n, H, W, F)
+  pooled = jnp.einsum("nhwf,nhw->nf", features, mask) / jnp.sum(mask, axis=(1, 2))[:, None]
+  return pooled @ params["w"]
+
+
+def _bucketed_problem(dtype, chunk_size=2, seed=0):
+  """16 rows (4 classes x 4) of random sizes placed in buckets (some in larger ones), with empty
+  slots holding finite junk; and each row's unpadded image."""
+  rng = np.random.default_rng(seed)
+  params = {"a": rng.standard_normal(12), "b": rng.standard_normal(12),
+            "w": rng.standard_normal((12, 6)) / 3}
+  params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
+  labels = np.repeat(np.arange(4), 4).astype(np.int32)
+  own = rng.integers(0, len(_SHAPES), 16)
+  # A third of the rows sit in the square bucket whatever their own shape.
+  placed = np.where(rng.random(16) < 0.33, len(_SHAPES) - 1, own)
+  counts = np.bincount(placed, minlength=len(_SHAPES))
+  capacities = [-(-n // chunk_size) * chunk_size + chunk_size * (k == 0)
+                for k, n in enumerate(counts)]
+  buckets = [rng.integers(0, 256, (cap, h, w, 2)).astype(np.uint8)  # junk in empty slots
+             for cap, (h, w) in zip(capacities, _SHAPES)]
+  offsets = np.cumsum([0] + capacities[:-1])
+  slots, rows = np.zeros(16, np.int32), []
+  positions = [list(rng.permutation(cap)) for cap in capacities]
+  for i in range(16):
+    h, w = _SHAPES[own[i]]
+    h, w = rng.integers(h // 2, h + 1), rng.integers(w // 2, w + 1)
+    image = np.zeros((h, w, 2), np.uint8)
+    image[..., 0], image[..., 1] = rng.integers(0, 256, (h, w)), 255
+    k = placed[i]
+    position = positions[k].pop()
+    buckets[k][position] = 0
+    buckets[k][position, :h, :w] = image
+    slots[i] = offsets[k] + position
+    rows.append(image)
+  return params, tuple(buckets), slots, labels, rows
+
+
+def _bucketed_reference(params, rows, labels):
+  def total_loss(p):
+    embeddings = jnp.concatenate([_masked_embed(p, jnp.asarray(r)[None], None) for r in rows])
+    return recall_at_k_surrogate(embeddings, labels, k_values=K_VALUES, max_positives=3)
+  return jax.value_and_grad(total_loss)(params)
+
+
+class BucketedStepTest(chex.TestCase):
+  """`bucketed_value_and_grad` equals plain backprop through each row's unpadded image."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(False, True)
+  def test_equals_unpadded_rows(self, keep_activations):
+    jax.config.update("jax_enable_x64", True)
+    try:
+      params, buckets, slots, labels, rows = _bucketed_problem(jnp.float64)
+      expected = _bucketed_reference(params, rows, labels)
+      loss_fn = functools.partial(recall_at_k_surrogate, k_values=K_VALUES, max_positives=3)
+      step = bucketed_value_and_grad(_masked_embed, loss_fn, chunk_size=2,
+                                     keep_activations=keep_activations)
+      actual = self.variant(step)(params, BucketedBatch(buckets, slots), labels)
+      _assert_close(actual, expected, 1e-10)
+    finally:
+      jax.config.update("jax_enable_x64", False)
+
+
+def test_bucketed_one_bucket_equals_megabatch_with_keys():
+  """With one bucket and slots in row order, chunk keys (dropout) match the one-shape step."""
+  embed_fn, params, images, labels = _setup("vit", 0.2, jnp.float32)
+  loss_fn = functools.partial(recall_at_k_surrogate, k_values=K_VALUES, max_positives=3)
+  key = jax.random.key(3)
+  want = megabatch_value_and_grad(embed_fn, loss_fn, chunk_size=4)(params, images, labels, key)
+  got = bucketed_value_and_grad(embed_fn, loss_fn, chunk_size=4)(
+      params, BucketedBatch((images,), jnp.arange(len(labels))), labels, key)
+  chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda s, b, y: (s.at[1].set(s[0]), b, y), "distinct"),
+    (lambda s, b, y: (s.at[0].set(10_000), b, y), "distinct"),
+    (lambda s, b, y: (s, b, y[:-4]), "length mismatch"),
+    (lambda s, b, y: (s, (np.concatenate([b[0], b[0][:1]]),) + b[1:], y),
+     "not divisible by chunk_size"),
+    (lambda s, b, y: (s, tuple(x[:0] for x in b), y), "no slots"),
+])
+def test_bucketed_bad_batches(change, message):
+  params, buckets, slots, labels, _ = _bucketed_problem(jnp.float32)
+  slots, buckets, labels = change(jnp.asarray(slots), buckets, jnp.asarray(labels))
+  loss_fn = functools.partial(recall_at_k_surrogate, k_values=K_VALUES, max_positives=3)
+  step = bucketed_value_and_grad(_masked_embed, loss_fn, chunk_size=2)
+  with pytest.raises(ValueError, match=message):
+    step(params, BucketedBatch(buckets, slots), labels)
