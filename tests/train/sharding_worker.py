@@ -116,6 +116,114 @@ def assert_trees_close(got, want, rtol: float = 1e-5, what: str = "") -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# Whole images in aspect buckets: rows of 3 shapes, a masked mean-pool embedding.
+# ----------------------------------------------------------------------------------------------
+
+BUCKET_SHAPES = ((4, 8), (8, 4), (8, 8))  # (H, W); the last holds every image
+BUCKETED_BATCH = 32
+
+
+def bucketed_rows(seed: int = 0):
+  """(images, own bucket, labels) of a 32-row batch, 8 classes x 4: each image uint8 (h, w, 2),
+  channel 1 its validity mask (255), smaller than or equal to its bucket."""
+  rng = np.random.default_rng(seed)
+  own = rng.integers(0, len(BUCKET_SHAPES), BUCKETED_BATCH)
+  own[:BUCKETED_BATCH // 2] = np.minimum(own[:BUCKETED_BATCH // 2], 1)  # process 0: no square
+  images = []
+  for k in own:
+    h, w = BUCKET_SHAPES[k]
+    h, w = rng.integers(h // 2 + 1, h + 1), rng.integers(w // 2 + 1, w + 1)
+    image = np.full((h, w, 2), 255, np.uint8)
+    image[..., 0] = rng.integers(0, 256, (h, w))
+    images.append(image)
+  labels = np.repeat(np.arange(BUCKETED_BATCH // M), M).astype(np.int32)
+  return images, own, labels
+
+
+def local_bucketed_images(images, own, rows, chunk_rows: int):
+  """`data.BucketedImages` of `rows`, each in its own bucket, capacities rounded up to
+  `chunk_rows` (so processes with other rows need other capacities); empty slots are zero
+  pixels with mask 255, as the loader writes them."""
+  from recall_jax import data
+  counts = np.bincount(own[rows], minlength=len(BUCKET_SHAPES))
+  buckets = [np.zeros((-(-n // chunk_rows) * chunk_rows, h, w, 2), np.uint8)
+             for n, (h, w) in zip(counts, BUCKET_SHAPES)]
+  for bucket in buckets:
+    bucket[..., 1] = 255
+  filled = [0] * len(BUCKET_SHAPES)
+  bucket_of, position = np.zeros(len(rows), np.int32), np.zeros(len(rows), np.int32)
+  for i, row in enumerate(rows):
+    k = own[row]
+    h, w = images[row].shape[:2]
+    buckets[k][filled[k]] = 0
+    buckets[k][filled[k], :h, :w] = images[row]
+    bucket_of[i], position[i] = k, filled[k]
+    filled[k] += 1
+  return data.BucketedImages(tuple(buckets), bucket_of, position)
+
+
+def init_bucketed_params(seed: int = 0):
+  rng = np.random.default_rng(seed + 2)
+  return {"a": rng.standard_normal(12).astype(np.float32),
+          "b": rng.standard_normal(12).astype(np.float32),
+          "w": (rng.standard_normal((12, 8)) / 3).astype(np.float32)}
+
+
+def masked_embed_fn(params, images, rng):
+  """Per-pixel features mean-pooled over the mask: padding leaves the embedding unchanged."""
+  import jax.numpy as jnp
+  del rng
+  pixels = images[..., 0].astype(jnp.float32) / 255.0
+  mask = (images[..., 1] > 127).astype(jnp.float32)
+  features = jnp.tanh(pixels[..., None] * params["a"] + params["b"])
+  pooled = jnp.einsum("nhwf,nhw->nf", features, mask) / jnp.sum(mask, axis=(1, 2))[:, None]
+  return pooled @ params["w"]
+
+
+def bucketed_reference():
+  """Loss and gradient of plain backprop through each row's unpadded image, one device."""
+  import jax
+  import jax.numpy as jnp
+  images, _, labels = bucketed_rows()
+  loss_fn, _ = loss_fn_for(BUCKETED_BATCH, M, False)
+
+  def total_loss(p):
+    embeddings = jnp.concatenate([masked_embed_fn(p, jnp.asarray(x)[None], None)
+                                  for x in images])
+    return loss_fn(embeddings, jnp.asarray(labels))
+
+  with jax.default_device(jax.devices()[0]):
+    return jax.value_and_grad(total_loss)(jax.tree.map(jnp.asarray, init_bucketed_params()))
+
+
+def _bucketed_case() -> None:
+  """8 devices, chunks of 1 image per device within each bucket == unpadded backprop."""
+  import jax
+  from recall_jax.train import sharding
+  mesh = sharding.data_mesh()
+  images, own, labels = bucketed_rows()
+  local = local_bucketed_images(images, own, np.arange(BUCKETED_BATCH), chunk_rows=8)
+  batch = sharding.global_bucketed_batch({"image": local, "label": labels}, mesh)
+  loss_fn, _ = loss_fn_for(BUCKETED_BATCH, M, False)
+  want_loss, want_grads = bucketed_reference()
+  params = init_bucketed_params()
+  vg = jax.jit(sharding.sharded_bucketed_value_and_grad(masked_embed_fn, loss_fn, mesh,
+                                                        chunk_size_per_device=1))
+  loss, grads = vg(params, batch["image"], batch["label"])
+  assert relative_error(loss, want_loss) <= 1e-5, (float(loss), float(want_loss))
+  assert_trees_close(grads, want_grads, what="bucketed grad ")
+  step = sharding.make_sharded_train_step(masked_embed_fn, loss_fn, optimizer(), mesh,
+                                          chunk_size_per_device=1, bucketed=True)
+  state = sharding.make_sharded_state(params, optimizer(), mesh)
+  state, metrics = step(state, batch["image"], batch["label"], None)
+  assert relative_error(metrics["loss"], want_loss) <= 1e-5
+  want_params = jax.tree.map(
+      lambda p, g: np.asarray(p, np.float64) - LR * np.asarray(g, np.float64), params, want_grads)
+  assert_trees_close(state.params, want_params, what="bucketed params ")
+  print("bucketed ok")
+
+
+# ----------------------------------------------------------------------------------------------
 # Mode 'eight': 8 devices, one process.
 # ----------------------------------------------------------------------------------------------
 
@@ -243,6 +351,7 @@ def main_eight() -> None:
   assert seen[1][0] and seen[2][0], seen  # classes straddle devices
   _check_compiled_hlo(compiled[0], sharding.data_mesh())
   _check_errors()
+  _bucketed_case()
   print("EIGHT_OK")
 
 
@@ -281,6 +390,18 @@ def main_process(out_dir: str) -> None:
   manager.close()
   params = {k: np.asarray(v.addressable_data(0)) for k, v in state.params.items()}
   np.savez(out / f"params_{process_index}.npz", **params)
+  # Whole images in buckets: process 0's rows need no square slots, process 1's do, so the
+  # processes must agree on each bucket's size before the global arrays exist.
+  images, own, bucket_labels = bucketed_rows()
+  rows = np.arange(BUCKETED_BATCH).reshape(process_count, -1)[process_index]
+  local = local_bucketed_images(images, own, rows, chunk_rows=4)
+  batch = sharding.global_bucketed_batch({"image": local, "label": bucket_labels[rows]}, mesh)
+  bucket_loss_fn, _ = loss_fn_for(BUCKETED_BATCH, M, False)
+  vg = jax.jit(sharding.sharded_bucketed_value_and_grad(masked_embed_fn, bucket_loss_fn, mesh,
+                                                        chunk_size_per_device=1))
+  loss, grads = vg(init_bucketed_params(), batch["image"], batch["label"])
+  np.savez(out / f"bucketed_{process_index}.npz", loss=np.asarray(loss.addressable_data(0)),
+           **{k: np.asarray(v.addressable_data(0)) for k, v in grads.items()})
   (out / f"losses_{process_index}.json").write_text(json.dumps(losses))
   print(f"PROCESS_{process_index}_OK")
 
