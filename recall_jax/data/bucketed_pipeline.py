@@ -9,6 +9,8 @@ ResNet, whose GeM then pools the real pixels only.
 
 - Training (`make_padded_train_loader`): every image is padded to the square (S, S) bucket, so
   every chunk of the two-pass mega-batch step has one shape. No crop; random horizontal flips.
+- Training in buckets (`make_bucketed_train_loader`): a batch is one array per aspect bucket,
+  of the fixed capacities of a `bucket_plan.BucketPlan`, and where each batch row sits.
 - Evaluation (`make_bucketed_eval_loader`): consecutive images in fixed-size batches; a batch
   is padded to the smallest bucket of `bucket_shapes(image_size, num_buckets=...)` that holds all
   of its images, so each bucket shape compiles once.
@@ -16,6 +18,7 @@ ResNet, whose GeM then pools the real pixels only.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,6 +26,7 @@ import grain
 import numpy as np
 
 from recall_jax.data import aspect_buckets
+from recall_jax.data import bucket_plan
 from recall_jax.data import pipeline
 from recall_jax.data import sampler as sampler_lib
 from recall_jax.data.source import Source, read_records
@@ -105,6 +109,102 @@ def make_padded_train_loader(source: Source, sampler: sampler_lib.MPerClassSampl
   step_fn = _PaddedTrainStep(source, sampler, image_size=image_size, seed=seed,
                              process_index=process_index, process_count=process_count,
                              channels=channels, flip=flip)
+  batches = grain.MapDataset.range(start_step, stop).map(step_fn)
+  return iter(pipeline.ahead(batches, worker_count=worker_count, read_threads=read_threads,
+                             prefetch_batches=prefetch_batches))
+
+
+class _BucketedTrainStep:
+  """Maps a global step to this process's slice of the batch as per-bucket arrays."""
+
+  def __init__(self, source: Source, sampler: sampler_lib.MPerClassSampler, *,
+               plan: bucket_plan.BucketPlan, image_size: int, seed: int, process_index: int,
+               process_count: int, channels: int, flip: bool):
+    self.source, self.sampler, self.plan, self.image_size = source, sampler, plan, image_size
+    self.seed, self.channels, self.flip = seed, channels, flip
+    self.process_index, self.process_count = process_index, process_count
+    # Capacities already warned about (per worker process); no lock, so that the step pickles
+    # into grain workers: a rare second warning from another read thread is harmless.
+    self.warned: set[tuple[int, ...]] = set()
+
+  def _bucket(self, index: int, record: dict[str, Any]) -> int:
+    try:
+      size = aspect_buckets.resized_shape(*bucket_plan.image_hw(record["image"]), self.image_size)
+      return aspect_buckets.assign_bucket(*size, self.plan.shapes)
+    except DataError as e:
+      raise DataError(f"record {_name(self.source, index, record)}: {e}") from None
+
+  def __call__(self, step: int) -> dict[str, Any]:
+    step = int(step)
+    indices = self.sampler.local_slice(self.sampler.batch_indices(step), self.process_index,
+                                       self.process_count)
+    records = read_records(self.source, indices)
+    own = np.array([self._bucket(i, r) for i, r in zip(indices, records)], np.int64)
+    capacities, bucket, position = bucket_plan.assign_slots(own, self.plan)
+    if capacities != self.plan.capacities and capacities not in self.warned:
+      self.warned.add(capacities)
+      warnings.warn(f"step {step}: the batch needs bucket capacities {capacities}, more than the "
+                    f"plan's {self.plan.capacities} for shapes {self.plan.shapes}; the training "
+                    f"step compiles once more for this shape", stacklevel=2)
+    arrays = tuple(bucket_plan.empty_slots(c, shape, self.channels)
+                   for c, shape in zip(capacities, self.plan.shapes))
+    offset = self.process_index * len(indices)
+    labels = np.empty(len(indices), np.int32)
+    for k, (index, record) in enumerate(zip(indices, records)):
+      flip = self.flip and np.random.default_rng([self.seed, step, offset + k]).random() < 0.5
+      arrays[bucket[k]][position[k]] = _padded(record, _name(self.source, index, record),
+                                               self.image_size, self.plan.shapes[bucket[k]],
+                                               self.channels, flip)
+      labels[k] = record["label"]
+    return {"image": bucket_plan.BucketedImages(arrays, bucket, position), "label": labels}
+
+
+def make_bucketed_train_loader(source: Source, sampler: sampler_lib.MPerClassSampler, *,
+                               plan: bucket_plan.BucketPlan, image_size: int, start_step: int = 0,
+                               seed: int, worker_count: int = 0, process_index: int = 0,
+                               process_count: int = 1, channels: int = 3,
+                               crop_scale: tuple[float, float] | None = None, flip: bool = True,
+                               num_steps: int | None = None, read_threads: int = 2,
+                               prefetch_batches: int = 2) -> Iterator[dict[str, Any]]:
+  """Training batches of whole images (longer side `image_size`) in per-bucket arrays.
+
+  Each image of this process's slice of the global batch is resized, maybe flipped, and padded
+  into the shape of the slot `bucket_plan.assign_slots` gives it (its own bucket or a larger
+  one). A batch that does not fit `plan` grows a bucket, with a warning once per new capacities
+  tuple (the training step compiles once more for it). Flips are drawn from
+  `default_rng([seed, step, global position])`, so batches depend only on (seed, step, sampler,
+  plan). Takes the arguments of `make_padded_train_loader`, plus `plan`.
+
+  Args:
+    source: records `{'image': encoded bytes or uint8 pixels, 'label': int, ...}`.
+    sampler: the global batch order; resume = pass the saved step as `start_step`.
+    plan: the bucket shapes and capacities (`bucket_plan.estimate_bucket_plan`); its last shape
+      must hold an (image_size, image_size) image.
+    image_size: the longer side of every image, in pixels.
+    start_step, seed, worker_count, process_index, process_count, channels, flip, num_steps,
+      read_threads, prefetch_batches: as in `make_padded_train_loader`.
+    crop_scale: ignored, as nothing is cropped.
+
+  Returns:
+    An iterator of `{'image': BucketedImages, 'label': int32 (b,)}`, rows in the sampler's
+    order; bucket k of the images is uint8 (capacity_k, H_k, W_k, channels + 1), the last channel
+    the validity mask (`split_mask_channel`), empty slots zero with the mask 255.
+
+  Raises:
+    ConfigError: a negative seed or start_step, a batch not splitting over the processes, or a
+      plan whose last shape cannot hold a whole image.
+  """
+  del crop_scale  # Whole images: nothing is cropped.
+  if seed < 0 or start_step < 0:
+    raise ConfigError(f"seed {seed} and start_step {start_step} must be non-negative")
+  if plan.shapes[-1][0] < image_size or plan.shapes[-1][1] < image_size:
+    raise ConfigError(f"the plan's largest bucket {plan.shapes[-1]} cannot hold a whole image "
+                      f"of longer side {image_size}")
+  sampler.local_slice(np.zeros(sampler.batch_size, np.int64), process_index, process_count)
+  stop = start_step + (1 << 40 if num_steps is None else int(num_steps))
+  step_fn = _BucketedTrainStep(source, sampler, plan=plan, image_size=image_size, seed=seed,
+                               process_index=process_index, process_count=process_count,
+                               channels=channels, flip=flip)
   batches = grain.MapDataset.range(start_step, stop).map(step_fn)
   return iter(pipeline.ahead(batches, worker_count=worker_count, read_threads=read_threads,
                              prefetch_batches=prefetch_batches))

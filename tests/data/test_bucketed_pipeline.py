@@ -1,14 +1,16 @@
 """Whole-image loaders: longer side kept, padded into buckets, the mask as the last channel."""
 
 import io
+import warnings
 
+import chex
 import numpy as np
 import PIL.Image
 import pytest
 
 from recall_jax import data
 from recall_jax.data import aspect_buckets
-from recall_jax.errors import ConfigError
+from recall_jax.errors import ConfigError, DataError
 
 # (height, width) of the source images: landscape, portrait, square.
 SHAPES = [(30, 60), (64, 20), (40, 40), (10, 50), (50, 25), (33, 33), (20, 70), (45, 30)]
@@ -109,3 +111,166 @@ def test_bad_arguments():
   sampler = data.MPerClassSampler(_Source().labels, 4, 2, seed=0)
   with pytest.raises(ConfigError):
     data.make_padded_train_loader(_Source(), sampler, image_size=48, seed=-1)
+
+
+# Landscape, portrait and square images, PNG and JPEG, for the per-bucket training loader.
+MIXED = [(30, 60), (64, 20), (40, 40), (10, 50), (50, 25), (33, 33), (20, 70), (45, 30),
+         (60, 61), (12, 40), (40, 12), (50, 52), (16, 64), (64, 40), (25, 50), (44, 44)]
+
+
+def _encoded(height, width, seed, fmt):
+  pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), np.uint8)
+  out = io.BytesIO()
+  PIL.Image.fromarray(pixels).save(out, format=fmt)
+  return out.getvalue()
+
+
+class _MixedSource(_Source):
+
+  def __init__(self, sizes=MIXED, bad=None):
+    self.labels = np.repeat(np.arange(len(sizes) // 2), 2)
+    self._records = [{"image": _encoded(h, w, n, "JPEG" if n % 2 else "PNG"),
+                      "label": int(self.labels[n]), "id": f"img{n}"}
+                     for n, (h, w) in enumerate(sizes)]
+    if bad is not None:
+      self._records[bad]["image"] = b"broken"
+
+
+BUCKET_SHAPES = aspect_buckets.bucket_shapes(64, num_buckets=2)  # (32, 64), (64, 32), square
+
+
+def _bucketed(source, sampler, plan, **kwargs):
+  kwargs = {"seed": 0, "read_threads": 0, "prefetch_batches": 0, **kwargs}
+  return data.make_bucketed_train_loader(source, sampler, plan=plan, image_size=64, **kwargs)
+
+
+def _check_bucketed_batch(batch, source, indices, plan, flipped=None):
+  """Every image once, whole, in a slot whose shape holds it; empty slots zero with mask 255."""
+  images = batch["image"]
+  assert isinstance(images, data.BucketedImages)
+  np.testing.assert_array_equal(batch["label"], source.labels[indices])
+  assert batch["label"].dtype == np.int32 and len(images.bucket) == len(indices)
+  assert all(c >= p for c, p in zip((len(b) for b in images.buckets), plan.capacities))
+  used = set(zip(images.bucket.tolist(), images.position.tolist()))
+  assert len(used) == len(indices)
+  for k, index in enumerate(indices):
+    array = images.buckets[images.bucket[k]]
+    assert array.shape[1:] == (*plan.shapes[images.bucket[k]], 4) and array.dtype == np.uint8
+    pixels, mask = data.split_mask_channel(array[images.position[k]])
+    expected = aspect_buckets.resize_longer_side(source[index]["image"], 64)
+    if flipped is not None and flipped[k]:
+      expected = expected[:, ::-1]
+    h, w = expected.shape[:2]
+    np.testing.assert_array_equal(pixels[:h, :w], expected)
+    assert mask[:h, :w].all() and mask.sum() == h * w
+    assert not pixels[~mask].any()
+  for b, array in enumerate(images.buckets):
+    for position in range(len(array)):
+      if (b, position) not in used:
+        assert not array[position, ..., :-1].any() and (array[position, ..., -1] == 255).all()
+
+
+def test_bucketed_train_batches_put_each_whole_image_in_one_slot():
+  source = _MixedSource()
+  sampler = data.MPerClassSampler(source.labels, 8, 2, seed=0)
+  plan = data.BucketPlan(BUCKET_SHAPES, (2, 2, 8), 2)  # the square alone holds a batch
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # the batches fit: no warning
+    batches = list(_bucketed(source, sampler, plan, flip=False, num_steps=3))
+  for step, batch in enumerate(batches):
+    assert tuple(len(b) for b in batch["image"].buckets) == plan.capacities
+    _check_bucketed_batch(batch, source, sampler.batch_indices(step), plan)
+  # Small images sit in their own (non-square) buckets when those have room.
+  assert any((b["image"].bucket < 2).any() for b in batches)
+
+
+def test_bucketed_train_flips_match_the_padded_loader_and_are_deterministic():
+  source = _MixedSource()
+  sampler = data.MPerClassSampler(source.labels, 8, 2, seed=1)
+  plan = data.estimate_bucket_plan(source, sampler, image_size=64, num_buckets=2, chunk_rows=2,
+                                   margin=0.0)
+  assert plan.capacities[0] > 0  # some images in their own, non-square bucket
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # a tight plan may grow; that is tested elsewhere
+    first = list(_bucketed(source, sampler, plan, seed=5, num_steps=3))
+    again = list(_bucketed(source, sampler, plan, seed=5, num_steps=3))
+    resumed = next(_bucketed(source, sampler, plan, seed=5, start_step=2, num_steps=1))
+  chex.assert_trees_all_equal(first, again)
+  chex.assert_trees_all_equal(first[2], resumed)
+  padded = data.make_padded_train_loader(source, sampler, image_size=64, seed=5, num_steps=3,
+                                         read_threads=0, prefetch_batches=0)
+  flips = 0
+  for step, (batch, square) in enumerate(zip(first, padded)):
+    indices = sampler.batch_indices(step)
+    flipped = []
+    for k, index in enumerate(indices):
+      expected = aspect_buckets.resize_longer_side(source[index]["image"], 64)
+      h, w = expected.shape[:2]
+      flipped.append(not np.array_equal(square["image"][k, :h, :w, :3], expected))
+    flips += sum(flipped)
+    _check_bucketed_batch(batch, source, indices, plan, flipped=flipped)
+  assert 0 < flips < 24
+
+
+def test_bucketed_train_batch_beyond_the_plan_warns_and_grows():
+  source = _MixedSource()
+  sampler = data.MPerClassSampler(source.labels, 8, 2, seed=0)
+  plan = data.BucketPlan(BUCKET_SHAPES, (0, 0, 2), 2)
+  with pytest.warns(UserWarning, match=r"step 0: .*\(0, 0, 2\).*compiles once more"):
+    batch = next(_bucketed(source, sampler, plan, flip=False, num_steps=1))
+  capacities = tuple(len(b) for b in batch["image"].buckets)
+  assert sum(capacities) >= 8 and capacities != plan.capacities
+  assert all(c % 2 == 0 for c in capacities)
+  _check_bucketed_batch(batch, source, sampler.batch_indices(0), plan)
+
+
+def test_bucketed_train_warns_once_per_capacities():
+  squares = _MixedSource([(s, s) for s in range(20, 36)])  # every batch needs (0, 0, 8)
+  sampler = data.MPerClassSampler(squares.labels, 8, 2, seed=0)
+  plan = data.BucketPlan(BUCKET_SHAPES, (0, 0, 2), 2)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    batches = list(_bucketed(squares, sampler, plan, num_steps=3))
+  assert [len(b) for b in batches[-1]["image"].buckets] == [0, 0, 8]
+  assert len([w for w in caught if "compiles once more" in str(w.message)]) == 1
+
+
+def test_bucketed_train_processes_share_global_slots():
+  source = _MixedSource()
+  sampler = data.MPerClassSampler(source.labels, 8, 2, seed=2)
+  plan = data.BucketPlan(BUCKET_SHAPES, (0, 0, 2), 2)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    local = [next(_bucketed(source, sampler, plan, flip=False, process_index=p, process_count=2,
+                            num_steps=1)) for p in range(2)]
+  used = [tuple(len(array) for array in b["image"].buckets) for b in local]
+  assert used[0] != used[1]  # the processes grew different buckets: padding matters
+  capacities = tuple(np.max(used, axis=0).tolist())
+  padded = [data.pad_buckets(b["image"], capacities) for b in local]
+  starts = np.concatenate([[0], np.cumsum(capacities)[:-1]]) * 2
+  indices = sampler.batch_indices(0)
+  for p, (images, batch) in enumerate(zip(padded, local)):
+    np.testing.assert_array_equal(batch["label"], source.labels[indices[4 * p:4 * p + 4]])
+    flat = data.flat_slots(images.bucket, images.position, capacities, process_index=p,
+                           process_count=2)
+    for k, (b, index) in enumerate(zip(images.bucket, flat)):
+      global_bucket = np.concatenate([q.buckets[b] for q in padded])
+      expected = aspect_buckets.resize_longer_side(source[indices[4 * p + k]]["image"], 64)
+      h, w = expected.shape[:2]
+      np.testing.assert_array_equal(global_bucket[index - starts[b], :h, :w, :3], expected)
+
+
+def test_bucketed_train_rejects_bad_plans_and_records():
+  source = _MixedSource()
+  sampler = data.MPerClassSampler(source.labels, 8, 2, seed=0)
+  small = data.BucketPlan(((32, 48), (48, 48)), (0, 8), 2)  # no (64, 64)
+  with pytest.raises(ConfigError):
+    _bucketed(source, sampler, small)
+  plan = data.BucketPlan(BUCKET_SHAPES, (0, 0, 8), 2)
+  with pytest.raises(ConfigError):
+    _bucketed(source, sampler, plan, seed=-1)
+  with pytest.raises(ConfigError):
+    _bucketed(source, sampler, plan, process_count=3)
+  bad = int(sampler.batch_indices(0)[3])
+  with pytest.raises(DataError, match=f"img{bad}"):
+    next(_bucketed(_MixedSource(bad=bad), sampler, plan))
