@@ -210,8 +210,10 @@ def _bucketed_case() -> None:
   vg = jax.jit(sharding.sharded_bucketed_value_and_grad(masked_embed_fn, loss_fn, mesh,
                                                         chunk_size_per_device=1))
   loss, grads = vg(params, batch["image"], batch["label"])
+  # Pooling over a padded image sums in another order than over the unpadded one: float32
+  # rounding, amplified by RS@k's tau2, hence 1e-4 (the float64 check in test_megabatch is exact).
   assert relative_error(loss, want_loss) <= 1e-5, (float(loss), float(want_loss))
-  assert_trees_close(grads, want_grads, what="bucketed grad ")
+  assert_trees_close(grads, want_grads, rtol=1e-4, what="bucketed grad ")
   step = sharding.make_sharded_train_step(masked_embed_fn, loss_fn, optimizer(), mesh,
                                           chunk_size_per_device=1, bucketed=True)
   state = sharding.make_sharded_state(params, optimizer(), mesh)
@@ -219,7 +221,7 @@ def _bucketed_case() -> None:
   assert relative_error(metrics["loss"], want_loss) <= 1e-5
   want_params = jax.tree.map(
       lambda p, g: np.asarray(p, np.float64) - LR * np.asarray(g, np.float64), params, want_grads)
-  assert_trees_close(state.params, want_params, what="bucketed params ")
+  assert_trees_close(state.params, want_params, rtol=1e-4, what="bucketed params ")
   print("bucketed ok")
 
 

@@ -77,7 +77,7 @@ def test_two_processes_match_one_and_checkpoint_restores_in_one(tmp_path):
   for i in range(2):  # aspect buckets of different sizes on the two processes
     got = np.load(tmp_path / f"bucketed_{i}.npz")
     assert worker.relative_error(got["loss"], want_loss) <= 1e-5
-    worker.assert_trees_close({k: got[k] for k in want_grads}, want_grads,
+    worker.assert_trees_close({k: got[k] for k in want_grads}, want_grads, rtol=1e-4,
                               what=f"bucketed process {i} ")
   losses, states = worker.reference_steps(worker.STEPS + 1)
   for i in range(2):
