@@ -207,11 +207,11 @@ def learn_whitening_file(c: ml_collections.ConfigDict, workdir: str | pathlib.Pa
 
   The descriptors are the model's GeM -> L2 output without the whitening FC (single scale), of
   the first `data.max_eval_images` training images (all when None). `kind='learned'`: pairs of
-  images of the same class give `learn_whitening` (Radenovic et al.; it needs at least D
-  independent pairs); `kind='pca'`: `pca_whitening` with eigenvalue `power`. `dim` keeps the
-  leading directions (e.g. the FC's output size). With no checkpoint in `workdir` (or
-  `which='initial'`), the config's initial (pretrained) weights are used: the whitening that
-  `model.whitening_init` expects before training.
+  images of the same class (`pairs_from_labels` with the config's `seed`) give `learn_whitening`
+  (Radenovic et al.; it needs at least D independent pairs); `kind='pca'`: `pca_whitening` with
+  eigenvalue `power`. `dim` keeps the leading directions (e.g. the FC's output size). With no
+  checkpoint in `workdir` (or `which='initial'`), the config's initial (pretrained) weights are
+  used: the whitening that `model.whitening_init` expects before training.
 
   Returns:
     The `.npz` written (`output`, default `<workdir>/whitening.npz`).

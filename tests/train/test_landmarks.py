@@ -253,6 +253,16 @@ def _unpadded(source, image_size: int) -> list[np.ndarray]:
           for i in range(len(source))]
 
 
+def _apply_unpadded(model, variables, images: list[np.ndarray]) -> np.ndarray:
+  """The model on each unpadded image (images of one shape in one batch), float64, in order."""
+  rows: dict[int, np.ndarray] = {}
+  for shape in {image.shape for image in images}:
+    same = [i for i, image in enumerate(images) if image.shape == shape]
+    outputs = model.apply(variables, np.stack([images[i] for i in same]), train=False)
+    rows.update(zip(same, np.asarray(outputs, np.float64)))
+  return np.stack([rows[i] for i in range(len(images))])
+
+
 def _whitened(x: np.ndarray, whitening) -> np.ndarray:
   """NumPy float64 test-time whitening: L2, x -> P (x - m), L2."""
   x = np.asarray(x, np.float64)
@@ -283,9 +293,8 @@ def test_embed_mode_writes_the_evaluations_descriptors_of_whole_images(data_root
   # One scale: the model on each unpadded image; with eval.whitening, whitened as in NumPy.
   c.eval.scales = (1.0,)
   path = modes.embed_split(c, workdir, split="train", output=str(tmp_path / "single.npz"))
-  variables = {"params": params, **frozen}
-  unpadded = np.concatenate([model.apply(variables, image[None], train=False)
-                             for image in _unpadded(source, c.data.image_size)])
+  unpadded = _apply_unpadded(model, {"params": params, **frozen},
+                            _unpadded(source, c.data.image_size))
   np.testing.assert_allclose(np.load(path)["embeddings"], unpadded, atol=1e-5)
   rng = np.random.default_rng(0)
   whitening = whitening_lib.Whitening(rng.normal(size=16) / 4, rng.normal(size=(8, 16)), "pca")
@@ -302,3 +311,61 @@ def test_embed_mode_writes_the_evaluations_descriptors_of_whole_images(data_root
   cli = np.load(tmp_path / "cli.npz")
   np.testing.assert_allclose(cli["embeddings"], written["embeddings"], atol=1e-6)
   np.testing.assert_array_equal(cli["ids"], written["ids"])
+
+
+def _write_gldv2_pairs(root: pathlib.Path, num_landmarks: int, per_landmark: int) -> None:
+  folder = root / "gldv2"
+  rows = ["landmark_id,images"]
+  for landmark in range(num_landmarks):
+    ids = [f"{landmark:03d}{n}abcdef" for n in range(per_landmark)]
+    for n, image_id in enumerate(ids):
+      _jpeg(folder / "train" / image_id[0] / image_id[1] / image_id[2] / f"{image_id}.jpg",
+            per_landmark * landmark + n)
+    rows.append(f"{landmark},{' '.join(ids)}")
+  (folder / "train_clean.csv").write_text("\n".join(rows) + "\n")
+
+
+def test_learned_whitening_of_full_rank_descriptors_end_to_end(tmp_path):
+  # 100 landmarks x 4 images: 300 independent pair differences for 256-d descriptors. Raising the
+  # last block's BatchNorm biases keeps its ReLUs on, so no descriptor channel is constant.
+  _write_gldv2_pairs(tmp_path / "data", 100, 4)
+  c = _config("gldv2_resnet101")
+  c.data.root = str(tmp_path / "data")
+  c.data.max_eval_images = None
+  c.model.embedding_dim = 256  # a D x D whitening FC, as the recipe's
+  workdir = tmp_path / "run"
+  model, frozen, params = _save_checkpoint(c, workdir, shift_last_block=2.0)
+  path = landmarks.learn_whitening_file(c, workdir, output=str(tmp_path / "w.npz"))
+  whitening = whitening_lib.load_whitening(path)
+  assert whitening.kind == "learned" and whitening.projection.shape == (256, 256)
+
+  # Independent float64 reference: the checkpoint's GeM descriptors of the unpadded images.
+  source = experiment.make_source(c, "train")
+  labels = np.array([source[i]["label"] for i in range(len(source))])
+  images = _unpadded(source, c.data.image_size)
+  gem = model.clone(whiten=False)
+  x = _apply_unpadded(gem, {"params": params, **frozen}, images)
+  queries, positives = whitening_lib.pairs_from_labels(labels, seed=c.seed)
+  diff = (x[queries] - x[positives]) @ whitening.projection.T
+  np.testing.assert_allclose(diff.T @ diff / len(diff), np.eye(256), atol=1e-3)
+  np.testing.assert_allclose(whitening.mean, x[queries].mean(axis=0), atol=1e-6)
+  projected = (x - whitening.mean) @ whitening.projection.T
+  second_moment = projected.T @ projected
+  variances = np.diag(second_moment)
+  assert np.all(np.diff(variances) <= 1e-6 * variances[0])  # by decreasing variance
+  np.testing.assert_allclose(second_moment - np.diag(variances), 0, atol=1e-4 * variances[0])
+
+  # model.whitening_init: the FC reproduces the test-time whitening of the GeM descriptors.
+  c.model.whitening_init = str(path)
+  whitened_model = experiment.make_model(c)
+  fc = experiment.make_variables(c, whitened_model)["params"]["landmark_head"]["whitening"]
+  with_fc = {**params, "landmark_head": {**params["landmark_head"], "whitening": fc}}
+  y = _apply_unpadded(whitened_model, {"params": with_fc, **frozen}, images)
+  c.model.whitening_init, c.model.whiten = None, False
+  c.eval.scales, c.eval.whitening = (1.0,), str(path)
+  embedded = np.load(modes.embed_split(c, workdir, split="train",
+                                       output=str(tmp_path / "test_time.npz")))["embeddings"]
+  test_time = _whitened(x, whitening)
+  np.testing.assert_allclose(embedded, test_time, atol=1e-4)
+  # The FC computes x W + b with |x W| ~ |b| ~ 800 |P (x - m)| here: float32 keeps ~4 digits.
+  np.testing.assert_allclose(y, test_time, atol=1e-3)
