@@ -79,6 +79,23 @@ def params_digest(params: Any) -> str:
   return digest.hexdigest()
 
 
+def whitened_embed_fn(embed_fn: extraction.EmbedFn,
+                      whitening: whitening_lib.Whitening) -> extraction.EmbedFn:
+  """The test-time whitening of `embed_fn`'s descriptors, as one jitted function.
+
+  Each descriptor is L2-normalised, whitened and L2-normalised again (`apply_whitening`).
+
+  Args:
+    embed_fn: images -> (B, D) descriptors.
+    whitening: with a D-wide projection.
+
+  Returns:
+    images -> float32 (B, D_out) unit-norm whitened descriptors.
+  """
+  return jax.jit(lambda images: whitening_lib.apply_whitening(
+      extraction.l2_normalize(embed_fn(images)), whitening))
+
+
 class RevisitedEvaluator:
   """Scores parameters on the revisited benchmarks; same call contract as `Evaluator`.
 
@@ -153,9 +170,7 @@ class RevisitedEvaluator:
     embed_fn = (params_or_embed_fn if self._factory is None
                 else self._factory(params_or_embed_fn))
     if self._whitening is not None:
-      whitening, describe = self._whitening, embed_fn
-      embed_fn = jax.jit(lambda images: whitening_lib.apply_whitening(
-          extraction.l2_normalize(describe(images)), whitening))
+      embed_fn = whitened_embed_fn(embed_fn, self._whitening)
     distractors = None
     if self._distractors is not None:
       d = self._distractors

@@ -3,6 +3,8 @@
 - `make_describe_fn(c, model, frozen)`: params -> `describe(images)`, the test descriptor of
   bucketed images (pixel mask in the last channel): the model at each of `eval.scales`,
   combined by `multiscale_descriptors`.
+- `describe_split(c, model, frozen, params, source)`: those descriptors of every image of a
+  split, whitened by `eval.whitening` as the evaluation does (`--mode embed`).
 - `make_revisited_evaluator(c, model, frozen)`: the evaluator of `eval.datasets` (queries cropped
   to their boxes, whole database images, `data.distractors` cached), used by the training loop
   and `--mode eval`.
@@ -77,6 +79,35 @@ def _eval_batches(c: ml_collections.ConfigDict, source) -> Callable[[], Any]:
   return lambda: data.make_bucketed_eval_loader(
       source, image_size=c.data.image_size, batch_size=c.data.eval_batch_size,
       num_buckets=max(int(c.data.aspect_buckets), 1), channels=c.data.channels)
+
+
+def describe_split(c: ml_collections.ConfigDict, model, frozen: dict[str, PyTree], params: PyTree,
+                   source, *, desc: str = "describe") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """The test descriptors of every image of `source`, as the revisited evaluation computes them.
+
+  Whole images (longer side `data.image_size`) in aspect buckets, `make_describe_fn` at
+  `eval.scales`, then the test-time whitening `eval.whitening` when the config names one
+  (`landmark_evaluator.whitened_embed_fn`).
+
+  Args:
+    c: the config (data, eval and model keys).
+    model: the configured model (`experiment.make_model`).
+    frozen: its variables other than `params` (BatchNorm statistics).
+    params: the parameters to describe with.
+    source: records with 'image' (encoded bytes) and 'label'.
+    desc: the progress bar's label.
+
+  Returns:
+    float32 (N, D) descriptors, (N,) labels and (N,) source indices, in source order.
+
+  Raises:
+    MissingFileError / DataError: an unreadable `eval.whitening` file.
+  """
+  embed_fn = make_describe_fn(c, model, frozen)(params)
+  if c.eval.whitening:
+    embed_fn = landmark_evaluator.whitened_embed_fn(
+        embed_fn, whitening_lib.load_whitening(c.eval.whitening))
+  return evaluation.extract_embeddings(embed_fn, _eval_batches(c, source)(), desc=desc)
 
 
 def _file_stamp(path: str | None) -> str:
@@ -176,11 +207,11 @@ def learn_whitening_file(c: ml_collections.ConfigDict, workdir: str | pathlib.Pa
 
   The descriptors are the model's GeM -> L2 output without the whitening FC (single scale), of
   the first `data.max_eval_images` training images (all when None). `kind='learned'`: pairs of
-  images of the same class give `learn_whitening` (Radenovic et al.; it needs at least D
-  independent pairs); `kind='pca'`: `pca_whitening` with eigenvalue `power`. `dim` keeps the
-  leading directions (e.g. the FC's output size). With no checkpoint in `workdir` (or
-  `which='initial'`), the config's initial (pretrained) weights are used: the whitening that
-  `model.whitening_init` expects before training.
+  images of the same class (`pairs_from_labels` with the config's `seed`) give `learn_whitening`
+  (Radenovic et al.; it needs at least D independent pairs); `kind='pca'`: `pca_whitening` with
+  eigenvalue `power`. `dim` keeps the leading directions (e.g. the FC's output size). With no
+  checkpoint in `workdir` (or `which='initial'`), the config's initial (pretrained) weights are
+  used: the whitening that `model.whitening_init` expects before training.
 
   Returns:
     The `.npz` written (`output`, default `<workdir>/whitening.npz`).

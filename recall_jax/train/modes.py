@@ -77,6 +77,10 @@ def embed_split(c: ml_collections.ConfigDict, workdir: str | pathlib.Path, which
                 *, split: str | None = None, output: str | None = None) -> pathlib.Path:
   """Writes embeddings, labels and image ids of a whole split to an .npz.
 
+  With aspect buckets (landmark configs) these are the descriptors the revisited evaluation
+  scores (`landmarks.describe_split`: whole images, `eval.scales`, `eval.whitening`); otherwise
+  the model's output on the evaluation transform.
+
   Args:
     c: the run's config.
     workdir: the run folder.
@@ -95,9 +99,15 @@ def embed_split(c: ml_collections.ConfigDict, workdir: str | pathlib.Path, which
     raise errors.ConfigError(f"{c.data.name} has no test split to embed by default: name one "
                              "with --split")
   source = experiment_lib.make_source(c, split)
-  embed_fn, _ = restore_embed_fn(c, workdir, which)
-  embeddings, labels, indices = evaluation.extract_embeddings(
-      embed_fn, experiment_lib.make_eval_batches(c, source)(), desc=f"embed {split}")
+  if c.data.aspect_buckets:  # landmark configs: whole images, the evaluation's descriptors
+    model, variables, _ = restore_variables(c, workdir, which)
+    params = variables.pop("params")
+    embeddings, labels, indices = landmarks.describe_split(
+        c, model, variables, params, source, desc=f"embed {split}")
+  else:
+    embed_fn, _ = restore_embed_fn(c, workdir, which)
+    embeddings, labels, indices = evaluation.extract_embeddings(
+        embed_fn, experiment_lib.make_eval_batches(c, source)(), desc=f"embed {split}")
   ids = np.array([str(source[int(i)]["id"]) for i in indices])
   path = pathlib.Path(output) if output else workdir / f"{split}_embeddings.npz"
   path.parent.mkdir(parents=True, exist_ok=True)

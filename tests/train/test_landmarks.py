@@ -8,18 +8,27 @@ import pickle
 import subprocess
 import sys
 
+import flax
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import PIL.Image
 import pytest
 
 from recall_jax import config as config_lib
+from recall_jax import data
 from recall_jax import errors
 from recall_jax import landmark_checks
+from recall_jax.data import aspect_buckets
 from recall_jax.data import landmarks as landmark_data
 from recall_jax.evaluation import revisited
 from recall_jax.evaluation import whitening as whitening_lib
+from recall_jax.train import checkpointing
 from recall_jax.train import experiment
 from recall_jax.train import landmarks
+from recall_jax.train import modes
+from recall_jax.train import train_step
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 LANDMARKS, IMAGES_PER_LANDMARK = (11, 205, 3070, 99), 4
@@ -219,3 +228,144 @@ def test_whiten_mode_writes_the_whitening_that_initialises_the_fc(tmp_path):
   np.testing.assert_allclose(fc["kernel"], whitening.projection[:k].T, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(fc["bias"], -whitening.projection[:k] @ whitening.mean, rtol=1e-4,
                              atol=1e-4)
+
+
+def _save_checkpoint(c, workdir: pathlib.Path, shift_last_block: float = 0.0):
+  """A step-1 checkpoint of the config's model with changed parameters: GeM p = 3.5, and the last
+  block's BatchNorm biases raised by `shift_last_block` (so its ReLUs stay on). Returns the model,
+  its frozen variables and the parameters saved."""
+  model = experiment.make_model(c)
+  variables = experiment.make_variables(c, model)
+  params = flax.core.unfreeze(variables.pop("params"))
+  params["landmark_head"]["gem"] = jax.tree.map(lambda p: p + 0.5,
+                                                params["landmark_head"]["gem"])
+  block = params["backbone"]["layer4_0"]
+  for norm in ("bn3", "downsample_bn"):
+    block[norm]["bias"] = block[norm]["bias"] + shift_last_block
+  state = train_step.init_train_state(params, optax.adam(1e-3))
+  checkpointing.save(checkpointing.make_checkpoints(workdir).latest,
+                     state.replace(step=jnp.asarray(1, jnp.int32)), {"best_value": 0.0})
+  return model, variables, params
+
+
+def _unpadded(source, image_size: int) -> list[np.ndarray]:
+  return [aspect_buckets.resize_longer_side(source[i]["image"], image_size)
+          for i in range(len(source))]
+
+
+def _apply_unpadded(model, variables, images: list[np.ndarray]) -> np.ndarray:
+  """The model on each unpadded image (images of one shape in one batch), float64, in order."""
+  rows: dict[int, np.ndarray] = {}
+  for shape in {image.shape for image in images}:
+    same = [i for i, image in enumerate(images) if image.shape == shape]
+    outputs = model.apply(variables, np.stack([images[i] for i in same]), train=False)
+    rows.update(zip(same, np.asarray(outputs, np.float64)))
+  return np.stack([rows[i] for i in range(len(images))])
+
+
+def _whitened(x: np.ndarray, whitening) -> np.ndarray:
+  """NumPy float64 test-time whitening: L2, x -> P (x - m), L2."""
+  x = np.asarray(x, np.float64)
+  x = x / np.linalg.norm(x, axis=1, keepdims=True)
+  y = (x - whitening.mean) @ whitening.projection.T
+  return y / np.linalg.norm(y, axis=1, keepdims=True)
+
+
+def test_embed_mode_writes_the_evaluations_descriptors_of_whole_images(data_root, tmp_path):
+  c = _config("gldv1_resnet101")
+  c.data.root, c.data.check_sizes = str(data_root), False
+  workdir = tmp_path / "run"
+  model, frozen, params = _save_checkpoint(c, workdir)
+  source = experiment.make_source(c, "train")
+  path = modes.embed_split(c, workdir, split="train", output=str(tmp_path / "multi.npz"))
+  written = np.load(path)
+  assert written["embeddings"].shape == (len(source), c.model.embedding_dim)
+  np.testing.assert_array_equal(written["labels"], [source[i]["label"] for i in range(len(source))])
+  np.testing.assert_array_equal(written["ids"], [source[i]["id"] for i in range(len(source))])
+  # The multi-scale descriptors of the evaluation, from batches padded to other buckets.
+  assert len(c.eval.scales) == 3 and c.data.aspect_buckets > 1
+  describe = landmarks.make_describe_fn(c, model, frozen)(params)
+  batches = data.make_bucketed_eval_loader(source, image_size=c.data.image_size, batch_size=3,
+                                           num_buckets=c.data.aspect_buckets)
+  expected = np.concatenate([np.asarray(describe(b["image"]))[b["mask"]] for b in batches])
+  np.testing.assert_allclose(written["embeddings"], expected, atol=1e-5)
+
+  # One scale: the model on each unpadded image; with eval.whitening, whitened as in NumPy.
+  c.eval.scales = (1.0,)
+  path = modes.embed_split(c, workdir, split="train", output=str(tmp_path / "single.npz"))
+  unpadded = _apply_unpadded(model, {"params": params, **frozen},
+                            _unpadded(source, c.data.image_size))
+  np.testing.assert_allclose(np.load(path)["embeddings"], unpadded, atol=1e-5)
+  rng = np.random.default_rng(0)
+  whitening = whitening_lib.Whitening(rng.normal(size=16) / 4, rng.normal(size=(8, 16)), "pca")
+  whitening_lib.save_whitening(tmp_path / "w.npz", whitening)
+  c.eval.whitening = str(tmp_path / "w.npz")
+  path = modes.embed_split(c, workdir, split="train", output=str(tmp_path / "whitened.npz"))
+  np.testing.assert_allclose(np.load(path)["embeddings"], _whitened(unpadded, whitening),
+                             atol=1e-5)
+
+  # The same through the command line.
+  proc = _main("configs/gldv1_resnet101.py:smoke", workdir, data_root, "--mode=embed",
+               "--split=train", f"--output={tmp_path / 'cli.npz'}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  cli = np.load(tmp_path / "cli.npz")
+  np.testing.assert_allclose(cli["embeddings"], written["embeddings"], atol=1e-6)
+  np.testing.assert_array_equal(cli["ids"], written["ids"])
+
+
+def _write_gldv2_pairs(root: pathlib.Path, num_landmarks: int, per_landmark: int) -> None:
+  folder = root / "gldv2"
+  rows = ["landmark_id,images"]
+  for landmark in range(num_landmarks):
+    ids = [f"{landmark:03d}{n}abcdef" for n in range(per_landmark)]
+    for n, image_id in enumerate(ids):
+      _jpeg(folder / "train" / image_id[0] / image_id[1] / image_id[2] / f"{image_id}.jpg",
+            per_landmark * landmark + n)
+    rows.append(f"{landmark},{' '.join(ids)}")
+  (folder / "train_clean.csv").write_text("\n".join(rows) + "\n")
+
+
+def test_learned_whitening_of_full_rank_descriptors_end_to_end(tmp_path):
+  # 100 landmarks x 4 images: 300 independent pair differences for 256-d descriptors. Raising the
+  # last block's BatchNorm biases keeps its ReLUs on, so no descriptor channel is constant.
+  _write_gldv2_pairs(tmp_path / "data", 100, 4)
+  c = _config("gldv2_resnet101")
+  c.data.root = str(tmp_path / "data")
+  c.data.max_eval_images = None
+  c.model.embedding_dim = 256  # a D x D whitening FC, as the recipe's
+  workdir = tmp_path / "run"
+  model, frozen, params = _save_checkpoint(c, workdir, shift_last_block=2.0)
+  path = landmarks.learn_whitening_file(c, workdir, output=str(tmp_path / "w.npz"))
+  whitening = whitening_lib.load_whitening(path)
+  assert whitening.kind == "learned" and whitening.projection.shape == (256, 256)
+
+  # Independent float64 reference: the checkpoint's GeM descriptors of the unpadded images.
+  source = experiment.make_source(c, "train")
+  labels = np.array([source[i]["label"] for i in range(len(source))])
+  images = _unpadded(source, c.data.image_size)
+  gem = model.clone(whiten=False)
+  x = _apply_unpadded(gem, {"params": params, **frozen}, images)
+  queries, positives = whitening_lib.pairs_from_labels(labels, seed=c.seed)
+  diff = (x[queries] - x[positives]) @ whitening.projection.T
+  np.testing.assert_allclose(diff.T @ diff / len(diff), np.eye(256), atol=1e-3)
+  np.testing.assert_allclose(whitening.mean, x[queries].mean(axis=0), atol=1e-6)
+  projected = (x - whitening.mean) @ whitening.projection.T
+  second_moment = projected.T @ projected
+  variances = np.diag(second_moment)
+  assert np.all(np.diff(variances) <= 1e-6 * variances[0])  # by decreasing variance
+  np.testing.assert_allclose(second_moment - np.diag(variances), 0, atol=1e-4 * variances[0])
+
+  # model.whitening_init: the FC reproduces the test-time whitening of the GeM descriptors.
+  c.model.whitening_init = str(path)
+  whitened_model = experiment.make_model(c)
+  fc = experiment.make_variables(c, whitened_model)["params"]["landmark_head"]["whitening"]
+  with_fc = {**params, "landmark_head": {**params["landmark_head"], "whitening": fc}}
+  y = _apply_unpadded(whitened_model, {"params": with_fc, **frozen}, images)
+  c.model.whitening_init, c.model.whiten = None, False
+  c.eval.scales, c.eval.whitening = (1.0,), str(path)
+  embedded = np.load(modes.embed_split(c, workdir, split="train",
+                                       output=str(tmp_path / "test_time.npz")))["embeddings"]
+  test_time = _whitened(x, whitening)
+  np.testing.assert_allclose(embedded, test_time, atol=1e-4)
+  # The FC computes x W + b with |x W| ~ |b| ~ 800 |P (x - m)| here: float32 keeps ~4 digits.
+  np.testing.assert_allclose(y, test_time, atol=1e-3)
