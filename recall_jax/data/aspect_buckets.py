@@ -6,8 +6,8 @@ bucket shapes that holds it, with a (H, W) validity mask. A model compiles once 
 ResNet trunk zeroes the padding after input normalisation (so it is zero in normalised space
 whatever the stored pixels, which are 0 here) and GeM pools the real cells only.
 
-A mega-batch is split into chunks within a bucket (`chunk_by_bucket`), so every chunk of the
-two-pass step has one fixed shape; a bucket's last chunk is filled with empty slots (index -1).
+A training mega-batch holds each bucket's images in an array of fixed capacity
+(`bucket_plan`), so every chunk of the two-pass step has one fixed shape.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
-from typing import NamedTuple
 from collections.abc import Sequence
 
 import numpy as np
@@ -41,18 +40,6 @@ class BucketedImage:
   mask: np.ndarray
   bucket: int
   size: tuple[int, int]
-
-
-class Chunk(NamedTuple):
-  """A fixed-size group of mega-batch positions whose images share one bucket.
-
-  Attributes:
-    bucket: the bucket index.
-    indices: int64 (chunk_size,) positions in the mega-batch; -1 marks an empty slot.
-  """
-
-  bucket: int
-  indices: np.ndarray
 
 
 def _round_up(n: float, multiple: int) -> int:
@@ -174,29 +161,3 @@ def bucket_image(image: np.ndarray | bytes, image_size: int,
   bucket = assign_bucket(*size, shapes)
   padded, mask = pad_to_bucket(resized, shapes[bucket])
   return BucketedImage(padded, mask, bucket, (int(size[0]), int(size[1])))
-
-
-def chunk_by_bucket(buckets: Sequence[int] | np.ndarray, chunk_size: int) -> list[Chunk]:
-  """Splits mega-batch positions into fixed-size chunks whose images share a bucket.
-
-  Args:
-    buckets: (B,) int bucket index of each image of the mega-batch.
-    chunk_size: images per chunk.
-
-  Returns:
-    Chunks ordered by bucket, positions in mega-batch order within a bucket; every position
-    appears exactly once, and each bucket's last chunk is filled up with -1.
-
-  Raises:
-    ConfigError: chunk_size < 1.
-  """
-  if chunk_size < 1:
-    raise errors.ConfigError(f"chunk_size must be positive, got {chunk_size}")
-  buckets = np.asarray(buckets, np.int64)
-  chunks = []
-  for bucket in np.unique(buckets):
-    positions = np.flatnonzero(buckets == bucket)
-    padded = np.full(_round_up(len(positions), chunk_size), -1, np.int64)
-    padded[:len(positions)] = positions
-    chunks.extend(Chunk(int(bucket), part) for part in padded.reshape(-1, chunk_size))
-  return chunks

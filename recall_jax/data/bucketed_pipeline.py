@@ -7,10 +7,10 @@ so the training step, the mega-batch chunking and `extract_embeddings` carry it 
 the model's input function splits it off again (`split_mask_channel`) to pass `mask=` to the
 ResNet, whose GeM then pools the real pixels only.
 
-- Training (`make_padded_train_loader`): every image is padded to the square (S, S) bucket, so
-  every chunk of the two-pass mega-batch step has one shape. No crop; random horizontal flips.
-- Training in buckets (`make_bucketed_train_loader`): a batch is one array per aspect bucket,
-  of the fixed capacities of a `bucket_plan.BucketPlan`, and where each batch row sits.
+- Training (`make_bucketed_train_loader`): a batch is one array per aspect bucket, of the fixed
+  capacities of a `bucket_plan.BucketPlan`, and where each batch row sits; the mega-batch step
+  cuts its chunks within each bucket, so every chunk has one fixed shape and the step compiles
+  once. No crop; random horizontal flips.
 - Evaluation (`make_bucketed_eval_loader`): consecutive images in fixed-size batches; a batch
   is padded to the smallest bucket of `bucket_shapes(image_size, num_buckets=...)` that holds all
   of its images, so each bucket shape compiles once.
@@ -57,61 +57,6 @@ def _padded(record: dict[str, Any], what: str, image_size: int, shape: tuple[int
 def _name(source: Source, index: int, record: dict[str, Any]) -> str:
   where = f"{source.name}/{source.split}" if hasattr(source, "split") else type(source).__name__
   return f"{index} (id {record.get('id', '?')!r}) of {where}"
-
-
-class _PaddedTrainStep:
-  """Maps a global step to this process's slice of the batch, each image padded to (S, S)."""
-
-  def __init__(self, source: Source, sampler: sampler_lib.MPerClassSampler, *, image_size: int,
-               seed: int, process_index: int, process_count: int, channels: int, flip: bool):
-    self.source, self.sampler, self.image_size = source, sampler, image_size
-    self.seed, self.channels, self.flip = seed, channels, flip
-    self.process_index, self.process_count = process_index, process_count
-
-  def __call__(self, step: int) -> dict[str, np.ndarray]:
-    step = int(step)
-    indices = self.sampler.local_slice(self.sampler.batch_indices(step), self.process_index,
-                                       self.process_count)
-    offset = self.process_index * len(indices)
-    size = self.image_size
-    images = np.empty((len(indices), size, size, self.channels + 1), np.uint8)
-    labels = np.empty(len(indices), np.int32)
-    for k, (index, record) in enumerate(zip(indices, read_records(self.source, indices))):
-      flip = self.flip and np.random.default_rng([self.seed, step, offset + k]).random() < 0.5
-      images[k] = _padded(record, _name(self.source, index, record), size, (size, size),
-                          self.channels, flip)
-      labels[k] = record["label"]
-    return {"image": images, "label": labels}
-
-
-def make_padded_train_loader(source: Source, sampler: sampler_lib.MPerClassSampler, *,
-                             image_size: int, start_step: int = 0, seed: int,
-                             worker_count: int = 0, process_index: int = 0,
-                             process_count: int = 1, channels: int = 3,
-                             crop_scale: tuple[float, float] | None = None, flip: bool = True,
-                             num_steps: int | None = None, read_threads: int = 2,
-                             prefetch_batches: int = 2) -> Iterator[dict[str, np.ndarray]]:
-  """Training batches of whole images (longer side `image_size`), padded to the square bucket.
-
-  Takes the arguments of `pipeline.make_train_loader` (so either serves the training loop);
-  `crop_scale` is ignored, as nothing is cropped. A flip is drawn from
-  `default_rng([seed, step, global position])`, so batches depend only on (seed, step, sampler).
-
-  Returns:
-    An iterator of `{'image': uint8 (b, S, S, channels + 1), 'label': int32 (b,)}`, the last
-    channel being the validity mask (255 on real pixels; `split_mask_channel`), S = image_size.
-  """
-  del crop_scale  # Whole images: nothing is cropped.
-  if seed < 0 or start_step < 0:
-    raise ConfigError(f"seed {seed} and start_step {start_step} must be non-negative")
-  sampler.local_slice(np.zeros(sampler.batch_size, np.int64), process_index, process_count)
-  stop = start_step + (1 << 40 if num_steps is None else int(num_steps))
-  step_fn = _PaddedTrainStep(source, sampler, image_size=image_size, seed=seed,
-                             process_index=process_index, process_count=process_count,
-                             channels=channels, flip=flip)
-  batches = grain.MapDataset.range(start_step, stop).map(step_fn)
-  return iter(pipeline.ahead(batches, worker_count=worker_count, read_threads=read_threads,
-                             prefetch_batches=prefetch_batches))
 
 
 class _BucketedTrainStep:
@@ -173,7 +118,8 @@ def make_bucketed_train_loader(source: Source, sampler: sampler_lib.MPerClassSam
   one). A batch that does not fit `plan` grows a bucket, with a warning once per new capacities
   tuple (the training step compiles once more for it). Flips are drawn from
   `default_rng([seed, step, global position])`, so batches depend only on (seed, step, sampler,
-  plan). Takes the arguments of `make_padded_train_loader`, plus `plan`.
+  plan). Takes the arguments of `pipeline.make_train_loader` (so either serves the training
+  loop), plus `plan`.
 
   Args:
     source: records `{'image': encoded bytes or uint8 pixels, 'label': int, ...}`.
@@ -182,7 +128,7 @@ def make_bucketed_train_loader(source: Source, sampler: sampler_lib.MPerClassSam
       must hold an (image_size, image_size) image.
     image_size: the longer side of every image, in pixels.
     start_step, seed, worker_count, process_index, process_count, channels, flip, num_steps,
-      read_threads, prefetch_batches: as in `make_padded_train_loader`.
+      read_threads, prefetch_batches: as in `pipeline.make_train_loader`.
     crop_scale: ignored, as nothing is cropped.
 
   Returns:

@@ -219,8 +219,8 @@ def grouped_value_and_grad(
       embeddings, pullbacks = [], []
       for view, n, offset in zip(strided, counts, offsets):
         outputs, group_pullbacks = zip(*(
-            jax.vjp(lambda p, c=c, view=view: embed_chunk(p, chunk_of(view, c),
-                                                           key_of(offset + c)), params)
+            jax.vjp(lambda p, c=c, view=view, offset=offset: embed_chunk(
+                p, chunk_of(view, c), key_of(offset + c)), params)
             for c in range(n)))
         embeddings.append(from_chunks(jnp.stack(outputs)))
         pullbacks.append(group_pullbacks)

@@ -65,18 +65,3 @@ def test_bad_images_raise_data_errors():
     ab.pad_to_bucket(np.zeros((65, 10, 3), np.uint8), (64, 64))
   with pytest.raises(errors.ConfigError):
     ab.resize_longer_side(np.zeros((4, 4, 3), np.uint8), 64, channels=2)
-
-
-def test_chunks_share_a_bucket_and_cover_every_position_once():
-  buckets = np.array([2, 0, 2, 1, 0, 2, 2, 2, 0])
-  chunks = ab.chunk_by_bucket(buckets, 2)
-  assert [c.bucket for c in chunks] == [0, 0, 1, 2, 2, 2]
-  assert all(len(c.indices) == 2 for c in chunks)
-  np.testing.assert_array_equal(chunks[0].indices, [1, 4])
-  np.testing.assert_array_equal(chunks[1].indices, [8, -1])
-  positions = np.concatenate([c.indices for c in chunks])
-  np.testing.assert_array_equal(np.sort(positions[positions >= 0]), np.arange(len(buckets)))
-  for chunk in chunks:
-    assert np.all(buckets[chunk.indices[chunk.indices >= 0]] == chunk.bucket)
-  with pytest.raises(errors.ConfigError):
-    ab.chunk_by_bucket(buckets, 0)
