@@ -186,6 +186,7 @@ def main() -> None:
   parser.add_argument("--plan-batch", type=int, default=4096, help="rows of the plan study")
   parser.add_argument("--trials", type=int, default=1000)
   parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument("--json", help="also write the result to this file")
   args = parser.parse_args()
   mix = _mix(args.mix)
   shapes = aspect_buckets.bucket_shapes(args.image_size, num_buckets=args.num_buckets)
@@ -194,6 +195,9 @@ def main() -> None:
             "plan": plan_study(args, mix, shapes), "step": step_study(args, mix, shapes)}
   assert math.isfinite(result["step"]["plan"]["median_step_s"])
   print(json.dumps(result, indent=2))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":

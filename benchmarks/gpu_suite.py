@@ -20,6 +20,8 @@ every case has a time cap and the whole suite a budget, `--budget-s`, default 47
                  B = 65,536 when at least `--big-min-s` seconds remain.
   4. evaluation  benchmarks/evaluation.py: 60,502 x 512 exact retrieval metrics, k up to 1,000
                  (first call, compilation included, as that script times it).
+Optionally (`--bucketed`): benchmarks/bucketed_step.py, ResNet-101 landmark training gradients at
+1024 px in aspect buckets vs the square layout (B = 256, chunk 16).
 Optionally (`--data-pipeline`), last: benchmarks/data_pipeline.py on the host's CPU cores.
 
 Targets (one H100): loss B = 4,000 <= 5 ms; loss B = 10,000 (P = 9) peak
@@ -296,6 +298,26 @@ def stage_evaluation(suite: Suite, cfg: dict) -> None:
       suite.row("evaluation faiss IndexFlatIP (CPU)", f"{float(f.group(1)):.1f} s wall")
 
 
+def stage_bucketed(suite: Suite, cfg: dict) -> None:
+  out_json = os.path.join(suite.log_dir, "bucketed_step.json")
+  case = suite.run("bucketed", [os.path.join(HERE, "bucketed_step.py"), "--model",
+                                cfg["bk_model"], "--image-size", str(cfg["bk_image_size"]),
+                                "--batch", str(cfg["bk_batch"]), "--chunk", str(cfg["bk_chunk"]),
+                                "--steps", str(cfg["bk_steps"]), "--json", out_json],
+                   cfg["bk_cap"])
+  if not os.path.exists(out_json):
+    suite.error_row("bucketed", case)
+    return
+  with open(out_json) as f:
+    result = json.load(f)
+  suite.row("bucketed pixels", f"{result['plan']['pixels_vs_square']} of the square's pixels at "
+            f"B = {result['plan']['rows']}")
+  for name in ("square", "plan", "own_bucket"):
+    step = result["step"][name]
+    ratio = f" ({step['time_vs_square']} of square)" if "time_vs_square" in step else ""
+    suite.row(f"bucketed {name}", f"{step['median_step_s']} s per step{ratio}")
+
+
 def stage_data_pipeline(suite: Suite, cfg: dict) -> None:
   case = suite.run("data_pipeline", [os.path.join(HERE, "data_pipeline.py"), "--images", "100",
                                      "--seconds", str(cfg["dp_seconds"])], cfg["dp_cap"])
@@ -321,7 +343,8 @@ def config(smoke: bool) -> dict:
       mb_batches=(4000, 16000, 65536), mb_cap=110, mb_plain_cap=60, mb_target_ips=2600.0,
       mb_target_small_gib=16.0, mb_target_large_gib=24.0, big_min_s=100, reserve_s=50,
       ev_num=60502, ev_k=1000, ev_cap=60, ev_target_s=2.0, faiss=False,
-      dp_seconds=5, dp_cap=60)
+      dp_seconds=5, dp_cap=60, bk_model="resnet101_landmark", bk_image_size=1024,
+      bk_batch=256, bk_chunk=16, bk_steps=3, bk_cap=200)
   if smoke:  # Every size shrunk: proves the plumbing on a CPU in a few minutes.
     cfg.update(
         loss_sizes="200,200+simix", loss_repeats=2, loss_blocks="none,64", loss_max_gib=4,
@@ -330,7 +353,9 @@ def config(smoke: bool) -> dict:
         bb_steps=1, bb_cap=120, timm=False, vit="vit_tiny_test",
         mb_model="vit_tiny_test", mb_image_size=32, mb_embedding_dim=16, mb_chunk=16,
         mb_steps=1, mb_batches=(64, 128, 256), mb_cap=120, mb_plain_cap=120, big_min_s=30,
-        reserve_s=30, ev_num=2000, ev_k=100, ev_cap=120, dp_seconds=1, dp_cap=120)
+        reserve_s=30, ev_num=2000, ev_k=100, ev_cap=120, dp_seconds=1, dp_cap=120,
+        bk_model="resnet_tiny_landmark_test", bk_image_size=64, bk_batch=32, bk_chunk=8,
+        bk_steps=1, bk_cap=120)
   return cfg
 
 
@@ -359,6 +384,8 @@ def main(argv: list[str] | None = None) -> dict:
   parser.add_argument("--no-timm", action="store_true", help="skip the timm/PyTorch backbones")
   parser.add_argument("--no-65536", action="store_true", help="skip the B = 65,536 mega-batch")
   parser.add_argument("--faiss", action="store_true", help="also time faiss in the evaluation")
+  parser.add_argument("--bucketed", action="store_true",
+                      help="also the aspect-bucket training benchmark (ResNet-101, 1024 px)")
   parser.add_argument("--data-pipeline", action="store_true",
                       help="finally, the data pipeline benchmark on the host CPU")
   parser.add_argument("--log-dir", help="per-case logs (default: a temporary folder)")
@@ -390,6 +417,8 @@ def main(argv: list[str] | None = None) -> dict:
   skip = {s.strip() for s in args.skip.split(",") if s.strip()}
   stages = [("loss", stage_loss), ("backbones", stage_backbones),
             ("megabatch", stage_megabatch), ("evaluation", stage_evaluation)]
+  if args.bucketed:
+    stages.append(("bucketed", stage_bucketed))
   if args.data_pipeline:
     stages.append(("data_pipeline", stage_data_pipeline))
   for name, fn in stages:
