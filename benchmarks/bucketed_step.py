@@ -25,14 +25,14 @@ import argparse
 import functools
 import json
 import math
-import os
-import platform
 import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from descriptors import machine_name  # benchmarks/: the script's own folder
 
 from recall_jax import data
 from recall_jax import models
@@ -41,17 +41,6 @@ from recall_jax.losses import recall_at_k
 from recall_jax.train import megabatch
 
 DEFAULT_MIX = "4:3=0.5,3:4=0.2,1:1=0.1,16:9=0.1,2:3=0.1"
-
-
-def _machine() -> str:
-  if jax.default_backend() != "cpu":
-    return jax.devices()[0].device_kind
-  try:
-    with open("/proc/cpuinfo") as f:
-      name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-  except (OSError, StopIteration):
-    name = platform.processor() or "unknown CPU"
-  return f"{name}, {os.cpu_count()} cores"
 
 
 def _mix(text: str) -> tuple[np.ndarray, np.ndarray]:
@@ -190,7 +179,7 @@ def main() -> None:
   args = parser.parse_args()
   mix = _mix(args.mix)
   shapes = aspect_buckets.bucket_shapes(args.image_size, num_buckets=args.num_buckets)
-  result = {"machine": _machine(), "backend": jax.default_backend(), "jax": jax.__version__,
+  result = {"machine": machine_name(), "backend": jax.default_backend(), "jax": jax.__version__,
             "model": args.model, "image_size": args.image_size, "mix": args.mix,
             "plan": plan_study(args, mix, shapes), "step": step_study(args, mix, shapes)}
   assert math.isfinite(result["step"]["plan"]["median_step_s"])

@@ -27,7 +27,8 @@ from recall_jax import models
 from recall_jax.evaluation import multiscale
 
 
-def _machine() -> str:
+def machine_name() -> str:
+  """The GPU's kind, or the CPU's model name and core count."""
   if jax.default_backend() != "cpu":
     return jax.devices()[0].device_kind
   try:
@@ -81,7 +82,7 @@ def main() -> None:
   power = multiscale.multiscale_power(model, variables)
   multi = jax.jit(lambda x, m: multiscale.multiscale_descriptors(describe, x, m, power=power))
 
-  results = {"machine": _machine(), "backend": jax.default_backend(), "model": args.model,
+  results = {"machine": machine_name(), "backend": jax.default_backend(), "model": args.model,
              "dtype": args.dtype, "batch": args.images, "shape": [args.height, args.width]}
   runs = [("single_scale", single)] + ([] if args.skip_multiscale else [("multi_scale", multi)])
   for name, fn in runs:

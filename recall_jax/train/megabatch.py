@@ -131,15 +131,7 @@ def _accumulation_dtype(param: jax.Array) -> jnp.dtype:
 
 def _check_batch(images: Any, labels: Any) -> int:
   """Shape checks that need no tracing; returns B."""
-  leaves = jax.tree.leaves(images)
-  if not leaves:
-    raise ValueError("images is empty (no arrays)")
-  sizes = {np.shape(leaf)[0] if np.ndim(leaf) else None for leaf in leaves}
-  if len(sizes) != 1 or None in sizes:
-    raise ValueError(
-        f"every images array needs the same leading batch axis, got shapes "
-        f"{[np.shape(leaf) for leaf in leaves]}")
-  (batch_size,) = sizes
+  batch_size = _rows_of(images)
   if np.ndim(labels) != 1:
     raise ValueError(f"labels must have shape (B,), got shape {np.shape(labels)}")
   if np.shape(labels)[0] != batch_size:
