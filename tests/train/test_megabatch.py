@@ -469,9 +469,11 @@ def test_bucketed_one_bucket_equals_megabatch_with_keys():
   embed_fn, params, images, labels = _setup("vit", 0.2, jnp.float32)
   loss_fn = functools.partial(recall_at_k_surrogate, k_values=K_VALUES, max_positives=3)
   key = jax.random.key(3)
-  want = megabatch_value_and_grad(embed_fn, loss_fn, chunk_size=4)(params, images, labels, key)
-  got = bucketed_value_and_grad(embed_fn, loss_fn, chunk_size=4)(
-      params, BucketedBatch((images,), jnp.arange(len(labels))), labels, key)
+  want = _compile(megabatch_value_and_grad(embed_fn, loss_fn, chunk_size=4),
+                  params, images, labels, key)(params, images, labels, key)
+  batch = BucketedBatch((images,), jnp.arange(len(labels)))
+  got = _compile(bucketed_value_and_grad(embed_fn, loss_fn, chunk_size=4),
+                 params, batch, labels, key)(params, batch, labels, key)
   chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-7)
 
 
