@@ -4,24 +4,25 @@
 in `configs/` start from it (or from `paper_config(...)`, one row of the paper's table), change a
 few keys and return the result from `get_config(arg)`; `arg == "smoke"` shrinks any of them to a
 seconds-long run (`smoke(config)`). `validate(config)` reports every problem of a config as one
-`ConfigError`, before any data is prepared or anything compiles.
+`ConfigError`, before any data is prepared or anything compiles (the checks: `config_checks`).
+
+Serves both tasks. Imports no JAX, flax or optax (nor any loss or data implementation): a loss's
+config section and a dataset's protocol come from their specs (`losses.registry`,
+`data.registry`), so loading a config file costs no JAX start-up.
 """
 
 from __future__ import annotations
-
-import os
 
 import ml_collections
 
 from recall_jax import config_checks
 from recall_jax import errors
-from recall_jax import landmark_checks
-from recall_jax.evaluation import protocols
-from recall_jax.losses import LOSS_NAMES
-from recall_jax.train import sharding
+from recall_jax.config_checks import evaluated_sets
+from recall_jax.data import registry as datasets
+from recall_jax.losses import registry as losses
 
-_OPTIMIZERS = ("adam", "adamw", "sgd")
-_DTYPES = ("float32", "bfloat16", "float16")
+__all__ = ["base_config", "paper_config", "smoke", "parse_arg", "landmark_config",
+           "evaluated_sets", "eval_k_values", "validate", "loss_section"]
 
 
 def _optional(field_type: type) -> ml_collections.FieldReference:
@@ -35,7 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0  # parameters, batches, augmentations and dropout all follow from it
 
   c.data = ml_collections.ConfigDict()
-  c.data.name = "sop"  # dataset: sop, inat2018, cars196, cub200, vehicleid, omniglot, folder
+  c.data.name = "sop"  # a registered dataset (data.registry.DATASETS), e.g. omniglot, folder
   c.data.root = _optional(str)  # folder holding the datasets; None: $RECALL_JAX_DATA
   c.data.path = _optional(str)  # this dataset's folder, overriding <root>/<default folder>
   c.data.train_split = "train"  # split to train on
@@ -74,32 +75,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.batch_size = 4000  # global mega-batch B, images per step
   c.samples_per_class = 4  # m, images of each class in a batch
   c.chunk_size = 100  # images embedded / back-propagated at once per device
-  c.simix = False  # SiMix virtual samples (recall_at_k only)
+  c.simix = False  # SiMix virtual samples (losses whose spec allows it: recall_at_k)
 
   c.loss = ml_collections.ConfigDict()
-  c.loss.name = "recall_at_k"  # recall_at_k, smooth_ap, contrastive or multi_similarity
+  c.loss.name = "recall_at_k"  # a registered loss (losses.registry.LOSSES)
   c.loss.warmup_name = _optional(str)  # a loss for the first warmup_steps (cold starts); None: off
   c.loss.warmup_steps = 0  # steps trained with loss.warmup_name before switching to loss.name
-  c.loss.recall_at_k = ml_collections.ConfigDict()  # RS@k (losses.recall_at_k_surrogate)
-  c.loss.recall_at_k.k_values = (1, 2, 4, 8, 16)  # the k of the recall@k terms averaged
-  c.loss.recall_at_k.tau1 = 1.0  # temperature of the sigmoid on k - rank
-  c.loss.recall_at_k.tau2 = 0.01  # temperature of the sigmoid on similarity differences
-  c.loss.recall_at_k.count_query_in_rank = True  # the official code's rank, counting the query
-  c.loss.recall_at_k.query_block = _optional(int)  # queries per block; None: sized to the budget
-  c.loss.recall_at_k.memory_budget_bytes = 1 << 30  # the loss's temporaries when query_block=None
-  c.loss.smooth_ap = ml_collections.ConfigDict()  # Smooth-AP (losses.smooth_ap_loss)
-  c.loss.smooth_ap.temperature = 0.01  # temperature of the sigmoid on similarity differences
-  c.loss.smooth_ap.include_query = False  # count the query in the ranking as the official code
-  c.loss.smooth_ap.query_block = _optional(int)  # queries per block; None: sized to the budget
-  c.loss.smooth_ap.memory_budget_bytes = 1 << 30  # the loss's temporaries when query_block=None
-  c.loss.contrastive = ml_collections.ConfigDict()  # contrastive (losses.contrastive_loss)
-  c.loss.contrastive.pos_margin = 0.0  # positive pairs are pulled above 1 - pos_margin
-  c.loss.contrastive.neg_margin = 0.5  # negative pairs are pushed below this similarity
-  c.loss.multi_similarity = ml_collections.ConfigDict()  # (losses.multi_similarity_loss)
-  c.loss.multi_similarity.alpha = 2.0  # scale of the positive term
-  c.loss.multi_similarity.beta = 50.0  # scale of the negative term
-  c.loss.multi_similarity.base = 0.5  # similarity offset lambda
-  c.loss.multi_similarity.epsilon = 0.1  # margin of the pair mining
+  # One section per registered loss, `loss.<name>.<keyword>`: defaults and comments in its spec.
+  for spec in losses.LOSSES.values():
+    c.loss[spec.name] = loss_section(spec)
 
   c.eval = ml_collections.ConfigDict()
   c.eval.k_values = _optional(tuple)  # recall@k cut-offs; None: the dataset's, else (1, 2, 4, 8)
@@ -232,31 +216,29 @@ def landmark_config(dataset: str, arg: str | None = None) -> ml_collections.Conf
   return c
 
 
-def evaluated_sets(c: ml_collections.ConfigDict) -> tuple[str, ...]:
-  """Names of the evaluated sets, the prefixes of the evaluation keys ('test' in 'test/recall@1').
-
-  Each test split evaluated leave-one-out, or the query split when queries are searched in a
-  separate gallery (`data.query_split` and `data.gallery_split`).
-  """
-  if c.eval.get("datasets"):
-    return landmark_checks.revisited_settings(c)
-  if c.data.query_split and c.data.gallery_split:
-    return (c.data.query_split,)
-  return tuple(c.data.test_splits)
-
-
 def eval_k_values(c: ml_collections.ConfigDict) -> tuple[int, ...]:
   """The recall@k cut-offs: `eval.k_values`, else the dataset's protocol (else (1, 2, 4, 8))."""
   if c.eval.k_values:
     return tuple(int(k) for k in c.eval.k_values)
-  return tuple(protocols.protocol_for(c.data.name)["k_values"])
+  spec = datasets.dataset_spec(c.data.name)
+  return spec.k_values if spec is not None else datasets.DEFAULT_K_VALUES
+
+
+def loss_section(spec: losses.LossSpec) -> ml_collections.ConfigDict:
+  """A loss's config section: each keyword of its spec with its default (None defaults take
+  their `field_type` from the command line)."""
+  section = ml_collections.ConfigDict()
+  for keyword, option in spec.options.items():
+    section[keyword] = (_optional(option.field_type) if option.default is None
+                        and option.field_type is not None else option.default)
+  return section
 
 
 def validate(c: ml_collections.ConfigDict, num_devices: int = 1, num_processes: int = 1) -> None:
   """Reports every problem of a config at once, before anything is prepared or compiled.
 
-  Every numeric key is range-checked (`config_checks.config_problems`); relations between keys
-  are checked where the keys involved are in range.
+  Every numeric key is range-checked, and relations between keys are checked where the keys
+  involved are in range (`config_checks.problems`).
 
   Args:
     c: the experiment config.
@@ -266,69 +248,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1, num_processes: 
   Raises:
     ConfigError: naming every problem, one per line.
   """
-  # Ranges first: the relations between keys below assume their values are in range.
-  problems = config_checks.config_problems(c)
-  out_of_range = {p.split(" ", 1)[0] for p in problems}
-  in_range = lambda *keys: not out_of_range.intersection(keys)
-  if in_range("batch_size", "chunk_size", "samples_per_class"):
-    problems += sharding.batch_layout_problems(c.batch_size, c.chunk_size, num_devices,
-                                               num_processes, c.samples_per_class)
-  if c.loss.name not in LOSS_NAMES:
-    problems.append(f"loss.name {c.loss.name!r} is not one of {LOSS_NAMES}")
-  problems += _warmup_problems(c)
-  if c.data.decode_once and not c.data.in_memory:
-    problems.append("data.decode_once needs data.in_memory (it holds the decoded images)")
-  if c.simix and c.loss.name != "recall_at_k":
-    problems.append("simix is implemented for the recall_at_k loss only")
-  if c.loss.name == "recall_at_k" and c.batch_size > 0:
-    too_large = [k for k in c.loss.recall_at_k.k_values if k >= c.batch_size - 1]
-    if too_large:
-      problems.append(f"loss.recall_at_k.k_values {too_large} are not below batch_size - 1 = "
-                      f"{c.batch_size - 1}: such a k is met whatever the embeddings")
-  if c.optimizer.name not in _OPTIMIZERS:
-    problems.append(f"optimizer.name {c.optimizer.name!r} is not one of {_OPTIMIZERS}")
-  if c.model.dtype not in _DTYPES:
-    problems.append(f"model.dtype {c.model.dtype!r} is not one of {_DTYPES}")
-  if in_range("data.image_size", "data.resize_size") and c.data.image_size > c.data.resize_size:
-    problems.append(f"data.image_size {c.data.image_size} exceeds data.resize_size "
-                    f"{c.data.resize_size}")
-  if c.model.pretrained and not os.path.isfile(os.path.expanduser(c.model.pretrained)):
-    problems.append(f"model.pretrained weights file {c.model.pretrained} does not exist")
-  problems += _evaluation_problems(c)
-  problems += landmark_checks.landmark_problems(c)
+  problems = config_checks.problems(c, num_devices, num_processes)
   if len(problems) == 1:
     raise errors.ConfigError(f"invalid config: {problems[0]}")
   if problems:
     raise errors.ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
-
-
-def _warmup_problems(c: ml_collections.ConfigDict) -> list[str]:
-  name, steps = c.loss.warmup_name, c.loss.warmup_steps
-  if steps < 0:
-    return [f"loss.warmup_steps must be >= 0, got {steps}"]
-  if not name:
-    return ([f"loss.warmup_steps = {steps} needs loss.warmup_name (one of {LOSS_NAMES})"]
-            if steps else [])
-  if name not in LOSS_NAMES:
-    return [f"loss.warmup_name {name!r} is not one of {LOSS_NAMES}"]
-  if not steps:
-    return [f"loss.warmup_name {name!r} needs loss.warmup_steps > 0"]
-  return []
-
-
-def _evaluation_problems(c: ml_collections.ConfigDict) -> list[str]:
-  problems = []
-  if bool(c.data.query_split) != bool(c.data.gallery_split):
-    problems.append("data.query_split and data.gallery_split must be set together (or neither: "
-                    "leave-one-out on data.test_splits)")
-  elif not evaluated_sets(c):
-    problems.append("data.test_splits names no split to evaluate")
-  if c.eval.reid and protocols.protocol_for(c.data.name)["reid_k_values"] is None:
-    problems.append(f"eval.reid: dataset {c.data.name!r} has no re-identification protocol "
-                    "(VehicleID has)")
-  prefix = c.best_metric.split("/", 1)[0]
-  if evaluated_sets(c) and prefix not in evaluated_sets(c):
-    problems.append(f"best_metric {c.best_metric!r} names no evaluated set; evaluated: "
-                    f"{list(evaluated_sets(c))} (e.g. '{evaluated_sets(c)[0]}/"
-                    f"{'medium/map' if c.eval.get('datasets') else 'recall@1'}')")
-  return problems

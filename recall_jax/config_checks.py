@@ -1,10 +1,17 @@
-"""Range checks of a config's numeric keys, and the keys a resumed run must not change.
+"""Every check of a config, in one place: ranges, relations between keys, and resume safety.
 
-`config_problems(config)` names every key whose value is outside its range (a count of zero, a
-negative step, a NaN learning rate...), so a bad value is refused before anything is built
-instead of surfacing later as a ZeroDivisionError, a NaN loss or a run that silently does
-nothing. `config_differences(stored, config)` compares the config a run was started with
-(`<workdir>/config.json`) with the one resuming it, naming the keys the checkpoints depend on.
+Serves both tasks. Pure functions of the config, with no JAX or data import (the loss and dataset
+facts come from their registries' specs, the batch rules from `batch_layout`); a problem is a line
+of text, and `config.validate` reports every problem of a config at once.
+
+`problems(config, num_devices, num_processes)` is what `config.validate` reports: the ranges,
+then the relations between keys whose values are in range. `config_problems(config)` names every
+key whose value is outside its range (a count of zero, a negative step, a NaN learning rate...),
+so a bad value is refused before anything is built instead of surfacing later as a
+ZeroDivisionError, a NaN loss or a run that silently does nothing; a loss's keywords are checked
+by the rules of its spec (`losses.registry`). `config_differences(stored, config)` compares the
+config a run was started with (`<workdir>/config.json`) with the one resuming it, naming the keys
+the checkpoints depend on.
 
 Keys are looked up defensively: a key absent from the config is not checked, and loss options are
 found both directly under `loss` and in per-loss sections (`loss.recall_at_k.tau1`).
@@ -12,20 +19,21 @@ found both directly under `loss` and in per-loss sections (`loss.recall_at_k.tau
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
-import numbers
-from collections.abc import Callable, Mapping, Sequence
+import os
+from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
 
 from recall_jax import errors
+from recall_jax import ranges
+from recall_jax.batch_layout import batch_layout_problems
+from recall_jax.data import registry as datasets
+from recall_jax.losses import registry as losses
 
 _MISSING = object()
-
-Rule = Callable[[Any], "str | None"]
 
 
 def _lookup(tree: Any, dotted: str) -> Any:
@@ -38,133 +46,57 @@ def _lookup(tree: Any, dotted: str) -> Any:
   return node
 
 
-def _is_int(value: Any) -> bool:
-  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value: Any) -> bool:
-  return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _int_at_least(low: int, why: str = "") -> Rule:
-  def rule(value):
-    if not (_is_int(value) and value >= low):
-      return f"must be an integer >= {low}{why}, got {value!r}"
-    return None
-  return rule
-
-
-def _optional_int_at_least(low: int, none_means: str) -> Rule:
-  def rule(value):
-    if value is not None and not (_is_int(value) and value >= low):
-      return f"must be None ({none_means}) or an integer >= {low}, got {value!r}"
-    return None
-  return rule
-
-
-def _finite(*, above: float | None = None, at_least: float | None = None,
-            at_most: float | None = None) -> Rule:
-  bounds = " and ".join(b for b in (
-      f"> {above:g}" if above is not None else "",
-      f">= {at_least:g}" if at_least is not None else "",
-      f"<= {at_most:g}" if at_most is not None else "") if b)
-  wanted = f"a finite number{' ' + bounds if bounds else ''}"
-
-  def rule(value):
-    ok = _is_real(value) and math.isfinite(value)
-    ok = ok and (above is None or value > above) and (at_least is None or value >= at_least)
-    ok = ok and (at_most is None or value <= at_most)
-    return None if ok else f"must be {wanted}, got {value!r}"
-  return rule
-
-
-def _one_of(choices: Sequence[int]) -> Rule:
-  def rule(value):
-    return None if _is_int(value) and value in choices else \
-        f"must be one of {', '.join(map(str, choices))}, got {value!r}"
-  return rule
-
-
-def _increasing_positive_ints(what: str, *, allow_empty: bool) -> Rule:
-  def rule(value):
-    ok = isinstance(value, Sequence) and not isinstance(value, str) and \
-        (allow_empty or len(value) > 0) and all(_is_int(v) and v >= 1 for v in value) and \
-        all(a < b for a, b in itertools.pairwise(value))
-    return None if ok else f"must be {what}, got {value!r}"
-  return rule
-
-
-def _positive_ints(value) -> str | None:
-  ok = isinstance(value, Sequence) and not isinstance(value, str) and len(value) > 0 and \
-      all(_is_int(v) and v >= 1 for v in value)
-  return None if ok else f"must be a non-empty sequence of positive integers, got {value!r}"
-
-
-def _optional_positive_ints(value) -> str | None:
-  return None if value is None else _positive_ints(value)
-
-
-def _crop_scale(value) -> str | None:
-  ok = isinstance(value, Sequence) and len(value) == 2 and all(_is_real(v) for v in value) and \
-      0 < value[0] <= value[1] <= 1
-  return None if ok else f"must be (low, high) with 0 < low <= high <= 1, got {value!r}"
-
-
-_RANGES: tuple[tuple[str, Rule], ...] = (
-    ("seed", _int_at_least(0)),
-    ("batch_size", _int_at_least(1)),
-    ("samples_per_class", _int_at_least(2, " (with one image per class no query has a positive)")),
-    ("chunk_size", _int_at_least(1)),
-    ("epochs", _int_at_least(1)),
-    ("max_steps", _optional_int_at_least(1, "train for `epochs`")),
-    ("eval_every_epochs", _int_at_least(1)),
-    ("checkpoint_every_steps", _int_at_least(1)),
-    ("keep_checkpoints", _int_at_least(1, " (0 would delete every checkpoint)")),
-    ("log_every_steps", _int_at_least(1)),
-    ("num_grid_queries", _int_at_least(0)),
-    ("data.image_size", _int_at_least(1)),
-    ("data.resize_size", _int_at_least(1)),
-    ("data.channels", _one_of((1, 3))),
-    ("data.rotated_classes", _one_of((1, 2, 3, 4))),
-    ("data.crop_scale", _crop_scale),
-    ("data.worker_count", _int_at_least(0)),
-    ("data.eval_batch_size", _int_at_least(1)),
-    ("data.max_eval_images", _optional_int_at_least(1, "every image")),
-    ("model.embedding_dim", _int_at_least(1)),
-    ("optimizer.learning_rate", _finite(above=0)),
-    ("optimizer.weight_decay", _finite(at_least=0)),
-    ("optimizer.decay", _finite(above=0, at_most=1)),
-    ("optimizer.warmup_steps", _int_at_least(0)),
-    ("optimizer.milestones", _increasing_positive_ints(
+_RANGES: tuple[tuple[str, ranges.Rule], ...] = (
+    ("seed", ranges.int_at_least(0)),
+    ("batch_size", ranges.int_at_least(1)),
+    ("samples_per_class",
+     ranges.int_at_least(2, " (with one image per class no query has a positive)")),
+    ("chunk_size", ranges.int_at_least(1)),
+    ("epochs", ranges.int_at_least(1)),
+    ("max_steps", ranges.optional_int_at_least(1, "train for `epochs`")),
+    ("eval_every_epochs", ranges.int_at_least(1)),
+    ("checkpoint_every_steps", ranges.int_at_least(1)),
+    ("keep_checkpoints", ranges.int_at_least(1, " (0 would delete every checkpoint)")),
+    ("log_every_steps", ranges.int_at_least(1)),
+    ("num_grid_queries", ranges.int_at_least(0)),
+    ("data.image_size", ranges.int_at_least(1)),
+    ("data.resize_size", ranges.int_at_least(1)),
+    ("data.channels", ranges.one_of((1, 3))),
+    ("data.rotated_classes", ranges.one_of((1, 2, 3, 4))),
+    ("data.crop_scale", ranges.crop_scale),
+    ("data.worker_count", ranges.int_at_least(0)),
+    ("data.eval_batch_size", ranges.int_at_least(1)),
+    ("data.max_eval_images", ranges.optional_int_at_least(1, "every image")),
+    ("model.embedding_dim", ranges.int_at_least(1)),
+    ("optimizer.learning_rate", ranges.finite(above=0)),
+    ("optimizer.weight_decay", ranges.finite(at_least=0)),
+    ("optimizer.decay", ranges.finite(above=0, at_most=1)),
+    ("optimizer.warmup_steps", ranges.int_at_least(0)),
+    ("optimizer.milestones", ranges.increasing_positive_ints(
         "a strictly increasing sequence of positive epochs (may be empty)", allow_empty=True)),
-    ("eval.k_values", _optional_positive_ints),
-    ("data.aspect_buckets", _int_at_least(0)),
-    ("data.bucket_margin", _finite(at_least=0)),
-    ("eval.qe_k", _int_at_least(0)),
-    ("eval.qe_alpha", _finite(at_least=0)),
-    ("eval.dba_k", _int_at_least(0)),
-    ("eval.dba_alpha", _finite(at_least=0)),
+    ("eval.k_values", ranges.optional_positive_ints),
+    ("data.aspect_buckets", ranges.int_at_least(0)),
+    ("data.bucket_margin", ranges.finite(at_least=0)),
+    ("eval.qe_k", ranges.int_at_least(0)),
+    ("eval.qe_alpha", ranges.finite(at_least=0)),
+    ("eval.dba_k", ranges.int_at_least(0)),
+    ("eval.dba_alpha", ranges.finite(at_least=0)),
 )
 
-# Loss options by keyword name, wherever they sit under `loss`.
-_LOSS_RANGES: dict[str, Rule] = {
-    "k_values": _positive_ints,
-    "tau1": _finite(above=0),
-    "tau2": _finite(above=0),
-    "temperature": _finite(above=0),
-    "alpha": _finite(above=0),
-    "beta": _finite(above=0),
-    "base": _finite(),
-    "epsilon": _finite(at_least=0),
-    "pos_margin": _finite(),
-    "neg_margin": _finite(),
-    "query_block": _optional_int_at_least(1, "all queries at once"),
-    "max_positives": _optional_int_at_least(1, "from the labels"),
-}
+def _loss_rule(loss: str | None, keyword: str) -> ranges.Rule | None:
+  """The range rule of a loss keyword: from the loss's spec, else (a keyword of another loss, in
+  the flat layout) from the first registered loss taking it; None when none checks it."""
+  specs = [losses.LOSSES[loss]] if loss in losses.LOSSES else []
+  specs += list(losses.LOSSES.values())
+  for spec in specs:
+    if keyword in spec.options:
+      return spec.options[keyword].rule
+  return None
 
 
-def _loss_options(config: Any) -> list[tuple[str, Any]]:
-  """(dotted key, value) of every loss option: `loss.<kwarg>` and `loss.<section>.<kwarg>`."""
+def _loss_options(config: Any) -> list[tuple[str, Any, ranges.Rule]]:
+  """(dotted key, value, rule) of every range-checked loss option: `loss.<section>.<kwarg>`
+  by the spec of the loss `<section>`, and `loss.<kwarg>` by the spec of `loss.name`."""
   loss = _lookup(config, "loss")
   if not isinstance(loss, (Mapping, ml_collections.ConfigDict)):
     return []
@@ -172,9 +104,12 @@ def _loss_options(config: Any) -> list[tuple[str, Any]]:
   for name in loss:
     value = loss[name]
     if isinstance(value, (Mapping, ml_collections.ConfigDict)):
-      found += [(f"loss.{name}.{kw}", value[kw]) for kw in value if kw in _LOSS_RANGES]
-    elif name in _LOSS_RANGES:
-      found.append((f"loss.{name}", value))
+      spec = losses.LOSSES.get(name)
+      options = spec.options if spec is not None else {}
+      found += [(f"loss.{name}.{kw}", value[kw], options[kw].rule) for kw in value
+                if kw in options and options[kw].rule is not None]
+    elif (rule := _loss_rule(loss.get("name"), name)) is not None:
+      found.append((f"loss.{name}", value, rule))
   return found
 
 
@@ -196,10 +131,184 @@ def config_problems(config: ml_collections.ConfigDict | Mapping[str, Any]) -> li
     value = _lookup(config, key)
     if value is not _MISSING and (problem := rule(value)) is not None:
       problems.append(f"{key} {problem}")
-  for key, value in _loss_options(config):
-    if (problem := _LOSS_RANGES[key.rsplit(".", 1)[1]](value)) is not None:
+  for key, value, rule in _loss_options(config):
+    if (problem := rule(value)) is not None:
       problems.append(f"{key} {problem}")
   return problems
+
+
+_OPTIMIZERS = ("adam", "adamw", "sgd")
+_DTYPES = ("float32", "bfloat16", "float16")
+# The instance-level evaluation's names, kept here rather than imported so that validating a
+# config imports no data or JAX code; the tests check them against `data.landmarks` and
+# `evaluation.revisited`.
+REVISITED_DATASETS = ("roxford5k", "rparis6k")
+DISTRACTORS = ("revisitop1m",)
+PROTOCOLS = ("easy", "medium", "hard")
+HEADS = ("embedding", "landmark")
+# Models whose forward pass takes a pixel validity mask (`mask=`).
+_MASKED_MODEL_PREFIX = "resnet"
+
+
+def revisited_settings(c: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The prefixes of the revisited metrics: each dataset, then each with the distractors.
+
+  E.g. ('roxford5k', 'rparis6k', 'roxford5k+revisitop1m', 'rparis6k+revisitop1m').
+  """
+  names = tuple(c.eval.datasets)
+  if c.data.get("distractors"):
+    names += tuple(f"{n}+{c.data.distractors}" for n in names)
+  return names
+
+
+def evaluated_sets(c: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """Names of the evaluated sets, the prefixes of the evaluation keys ('test' in 'test/recall@1').
+
+  The revisited settings (`eval.datasets`), else each test split evaluated leave-one-out, or the
+  query split when queries are searched in a separate gallery (`data.query_split` and
+  `data.gallery_split`).
+  """
+  if c.eval.get("datasets"):
+    return revisited_settings(c)
+  if c.data.query_split and c.data.gallery_split:
+    return (c.data.query_split,)
+  return tuple(c.data.test_splits)
+
+
+def problems(c: ml_collections.ConfigDict, num_devices: int = 1,
+             num_processes: int = 1) -> list[str]:
+  """Every problem of a config, one line each: ranges first, then relations between keys.
+
+  Relations are checked where the keys involved are in range.
+
+  Args:
+    c: the experiment config.
+    num_devices: devices the global batch is split over (each needs whole chunks).
+    num_processes: processes feeding the batch (each needs whole classes).
+
+  Returns:
+    One line per problem; empty when the config is valid.
+  """
+  # Ranges first: the relations between keys below assume their values are in range.
+  found = config_problems(c)
+  out_of_range = {p.split(" ", 1)[0] for p in found}
+  in_range = lambda *keys: not out_of_range.intersection(keys)
+  if in_range("batch_size", "chunk_size", "samples_per_class"):
+    found += batch_layout_problems(c.batch_size, c.chunk_size, num_devices, num_processes,
+                                   c.samples_per_class)
+  found += _loss_problems(c)
+  if c.data.decode_once and not c.data.in_memory:
+    found.append("data.decode_once needs data.in_memory (it holds the decoded images)")
+  if c.optimizer.name not in _OPTIMIZERS:
+    found.append(f"optimizer.name {c.optimizer.name!r} is not one of {_OPTIMIZERS}")
+  if c.model.dtype not in _DTYPES:
+    found.append(f"model.dtype {c.model.dtype!r} is not one of {_DTYPES}")
+  if in_range("data.image_size", "data.resize_size") and c.data.image_size > c.data.resize_size:
+    found.append(f"data.image_size {c.data.image_size} exceeds data.resize_size "
+                 f"{c.data.resize_size}")
+  found += _file_problem("model.pretrained weights", c.model.pretrained)
+  found += _evaluation_problems(c)
+  found += _landmark_problems(c)
+  return found
+
+
+def _loss_problems(c: ml_collections.ConfigDict) -> list[str]:
+  names = losses.loss_names()
+  found = []
+  spec = losses.LOSSES.get(c.loss.name)
+  if spec is None:
+    found.append(f"loss.name {c.loss.name!r} is not one of {names}")
+  found += _warmup_problems(c)
+  simix_losses = [n for n, s in losses.LOSSES.items() if s.simix]
+  if c.simix and (spec is None or not spec.simix):
+    found.append(f"simix is implemented for the {' / '.join(simix_losses)} loss only")
+  if spec is not None and "k_values" in spec.options and c.batch_size > 0:
+    too_large = [k for k in c.loss[c.loss.name].k_values if k >= c.batch_size - 1]
+    if too_large:
+      found.append(f"loss.{c.loss.name}.k_values {too_large} are not below batch_size - 1 = "
+                   f"{c.batch_size - 1}: such a k is met whatever the embeddings")
+  return found
+
+
+def _warmup_problems(c: ml_collections.ConfigDict) -> list[str]:
+  name, steps, names = c.loss.warmup_name, c.loss.warmup_steps, losses.loss_names()
+  if steps < 0:
+    return [f"loss.warmup_steps must be >= 0, got {steps}"]
+  if not name:
+    return ([f"loss.warmup_steps = {steps} needs loss.warmup_name (one of {names})"]
+            if steps else [])
+  if name not in names:
+    return [f"loss.warmup_name {name!r} is not one of {names}"]
+  if not steps:
+    return [f"loss.warmup_name {name!r} needs loss.warmup_steps > 0"]
+  return []
+
+
+def _evaluation_problems(c: ml_collections.ConfigDict) -> list[str]:
+  found = []
+  if bool(c.data.query_split) != bool(c.data.gallery_split):
+    found.append("data.query_split and data.gallery_split must be set together (or neither: "
+                 "leave-one-out on data.test_splits)")
+  elif not evaluated_sets(c):
+    found.append("data.test_splits names no split to evaluate")
+  spec = datasets.dataset_spec(c.data.name)
+  if c.eval.reid and (spec is None or spec.reid_k_values is None):
+    with_reid = [n for n, s in datasets.DATASETS.items() if s.reid_k_values is not None]
+    found.append(f"eval.reid: dataset {c.data.name!r} has no re-identification protocol "
+                 f"({' / '.join(with_reid)} has)")
+  prefix = c.best_metric.split("/", 1)[0]
+  if evaluated_sets(c) and prefix not in evaluated_sets(c):
+    found.append(f"best_metric {c.best_metric!r} names no evaluated set; evaluated: "
+                 f"{list(evaluated_sets(c))} (e.g. '{evaluated_sets(c)[0]}/"
+                 f"{'medium/map' if c.eval.get('datasets') else 'recall@1'}')")
+  return found
+
+
+def _file_problem(key: str, value: str | None) -> list[str]:
+  if value and not os.path.isfile(os.path.expanduser(value)):
+    return [f"{key} file {value} does not exist"]
+  return []
+
+
+def _landmark_problems(c: ml_collections.ConfigDict) -> list[str]:
+  """Every problem of the instance-level keys (revisited evaluation, aspect buckets, heads)."""
+  found = []
+  eval_datasets = tuple(c.eval.get("datasets", ()))
+  unknown = [d for d in eval_datasets if d not in REVISITED_DATASETS]
+  if unknown:
+    found.append(f"eval.datasets {unknown} are not among {REVISITED_DATASETS}")
+  protocols = tuple(c.eval.get("protocols", PROTOCOLS))
+  if not protocols or any(p not in PROTOCOLS for p in protocols):
+    found.append(f"eval.protocols must name some of {PROTOCOLS}, got {protocols}")
+  distractors = c.data.get("distractors")
+  if distractors is not None and distractors not in DISTRACTORS:
+    found.append(f"data.distractors must be None or one of {DISTRACTORS}, got "
+                 f"{distractors!r}")
+  if distractors and not eval_datasets:
+    found.append("data.distractors extends the revisited databases: set eval.datasets too")
+  scales = c.eval.get("scales", (1.0,))
+  if not scales or any(isinstance(s, bool) or not isinstance(s, (int, float))
+                       or not math.isfinite(s) or s <= 0 for s in scales):
+    found.append(f"eval.scales must be positive numbers, got {scales}")
+  buckets = c.data.get("aspect_buckets", 0)
+  if (buckets or eval_datasets) and not c.model.name.startswith(_MASKED_MODEL_PREFIX):
+    found.append(f"data.aspect_buckets and eval.datasets need a model taking a pixel mask (a "
+                 f"ResNet), not {c.model.name!r}")
+  if buckets and c.model.get("center_head_init"):
+    found.append("model.center_head_init is not available with data.aspect_buckets")
+  head = c.model.get("head")
+  if head is not None and head not in HEADS:
+    found.append(f"model.head must be None or one of {HEADS}, got {head!r}")
+  if head is not None and not c.model.name.startswith(_MASKED_MODEL_PREFIX):
+    found.append(f"model.head applies to ResNets, not {c.model.name!r}")
+  if c.model.get("whitening_init") and (head or ("landmark" if "landmark" in c.model.name
+                                                 else "embedding")) != "landmark":
+    found.append("model.whitening_init needs the landmark head (model.head='landmark')")
+  if c.model.get("whitening_init") and not c.model.get("whiten", True):
+    found.append("model.whitening_init needs the whitening FC (model.whiten=True)")
+  found += _file_problem("model.whitening_init", c.model.get("whitening_init"))
+  found += _file_problem("eval.whitening", c.eval.get("whitening"))
+  return found
 
 
 # What the checkpoints and the batch sequence of a run depend on: the state's structure and

@@ -44,10 +44,10 @@ import PIL.Image
 import tensorflow_datasets as tfds
 import tqdm
 
-from recall_jax.data import download as download_lib
-from recall_jax.data import landmarks
 from recall_jax.data import parsing
 from recall_jax.data import paths
+from recall_jax.data import registry
+from recall_jax.lazy import load_function
 from recall_jax.errors import ConfigError, DataError, MissingFileError
 
 # Bump when the prepared layout or the parsing rules change, so stale copies are not reused.
@@ -56,34 +56,14 @@ _PREP_FORMAT = 2
 # Leftover partial folders of another host (or of unknown owner) older than this are removed.
 _STALE_PARTIAL_S = 24 * 3600
 
-# Folder under the data root holding each dataset by default.
-DEFAULT_FOLDERS = {
-    "sop": "Stanford_Online_Products",
-    "inat2018": "inaturalist2018",
-    "vehicleid": "VehicleID_V1.0",
-    "cars196": "cars196",
-    "cub200": "CUB_200_2011",
-    "omniglot": "omniglot",
-    "folder": "folder",
-    # Landmark training sets (classes: landmarks / 3D models); see data/landmarks.py.
-    **{name: landmarks.LANDMARK_FOLDERS[name] for name in landmarks.TRAINING_READERS},
-}
-SPLITS = {
-    "sop": ("train", "test"),
-    "inat2018": ("train", "test"),
-    "vehicleid": tuple(parsing.VEHICLEID_LISTS),
-    "cars196": ("train", "test"),
-    "cub200": ("train", "test"),
-    "omniglot": ("train", "test"),
-    "gldv2_clean": ("train",),
-    "gldv1": ("train",),
-    "sfm120k": ("train", "val"),
-}
-# The annotation files a landmark training set is read from (1.5M images are never walked).
-_LANDMARK_ANNOTATIONS = {"gldv2_clean": ("train_clean.csv",), "gldv1": ("train.csv", "train"),
-                         "sfm120k": ("retrieval-SfM-120k.pkl",)}
-# Omniglot characters are 1-bit strokes: store and decode them as single-channel images.
-CHANNELS = {"omniglot": 1}
+
+
+def _spec(name: str) -> registry.DatasetSpec:
+  """The registered dataset `name`; ConfigError naming the registered ones otherwise."""
+  spec = registry.dataset_spec(name)
+  if spec is None:
+    raise ConfigError(f"Unknown dataset {name!r}; expected one of {sorted(registry.DATASETS)}")
+  return spec
 
 
 def check_image(data: bytes) -> str | None:
@@ -105,10 +85,11 @@ class RecallJaxRetrieval(tfds.core.GeneratorBasedBuilder):
   """Class-disjoint retrieval splits of a benchmark, read from its manually downloaded files."""
 
   VERSION = tfds.core.Version("1.0.0")
-  BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=name) for name in DEFAULT_FOLDERS]
+  # The registered datasets; one registered later (a test's, say) gets a config of its own.
+  BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=name) for name in registry.DATASETS]
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       "Download the benchmark's official files by hand and place them in the manual folder "
-      "(`<data root>/<dataset folder>`, see recall_jax.data.DEFAULT_FOLDERS).")
+      "(`<data root>/<dataset folder>`, see recall_jax.data.registry.DATASETS).")
 
   # tfds locates a checksums file next to the builder's code through `importlib_resources`, which
   # is not installed with it; a manual-download builder has no checksums, so it has no code path.
@@ -117,13 +98,13 @@ class RecallJaxRetrieval(tfds.core.GeneratorBasedBuilder):
   def code_path(cls) -> None:
     return None
 
-  def __init__(self, *, folder_split: str | None = None, folder_path: str | None = None,
-               label_splits: Sequence[str] = (), progress: bool = True, **kwargs):
-    # A user's `folder` dataset prepares one split, `folder_split`, from `folder_path` (a folder
-    # or a CSV file; tfds's manual dir must be a folder), labelled over `label_splits`.
-    self._folder_split, self._folder_path = folder_split, folder_path
-    self._label_splits, self._progress = tuple(label_splits), progress
-    super().__init__(**kwargs)
+  def __init__(self, *, name: str, plans: dict[str, parsing.SplitPlan] | None = None,
+               progress: bool = True, **kwargs):
+    # `plans`: the parsed splits to prepare (None when only reading a prepared copy).
+    self._plans, self._progress = plans, progress
+    config = self.get_builder_config(name) or tfds.core.BuilderConfig(name=name,
+                                                                      version=self.VERSION)
+    super().__init__(config=config, **kwargs)
 
   # tfds prints "Downloading and preparing dataset Unknown size ..." and "... Subsequent calls
   # will reuse this data." to stdout; nothing is downloaded here, and our own bar says enough.
@@ -134,7 +115,7 @@ class RecallJaxRetrieval(tfds.core.GeneratorBasedBuilder):
     pass
 
   def _info(self) -> tfds.core.DatasetInfo:
-    channels = CHANNELS.get(self.builder_config.name, 3)
+    channels = _spec(self.builder_config.name).channels
     return tfds.core.DatasetInfo(
         builder=self,
         description=f"{self.builder_config.name}: encoded images with contiguous class labels.",
@@ -150,14 +131,8 @@ class RecallJaxRetrieval(tfds.core.GeneratorBasedBuilder):
     )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-    name = self.builder_config.name
-    folder = pathlib.Path(dl_manager.manual_dir)
-    if name == "folder":
-      plans = parsing.parse_folder(pathlib.Path(self._folder_path or folder),
-                                   self._folder_split or "train", self._label_splits)
-    else:
-      plans = parsing.PARSERS[name](folder)
-    return {split: self._generate_examples(split, plan) for split, plan in plans.items()}
+    del dl_manager  # The splits were parsed before preparing (`load_split`).
+    return {split: self._generate_examples(split, plan) for split, plan in self._plans.items()}
 
   def _generate_examples(self, split: str,
                          plan: parsing.SplitPlan) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -206,31 +181,34 @@ class RetrievalSource:
       a query or gallery split's C counts the classes of both.
     class_names: the dataset's class names in label order.
     num_classes: C.
-    channels: 1 for Omniglot, else 3 (what the images decode to by default).
+    channels: the dataset's `channels` (what the images decode to by default).
     skipped: origins (with the reason) of the images skipped as unreadable at preparation.
     listed: images the split lists, `len(source) + len(skipped)`.
   """
 
   def __init__(self, name: str, split: str, prepared_dir: pathlib.Path):
     self.name, self.split, self.prepared_dir = name, split, prepared_dir
-    builder = RecallJaxRetrieval(config=name, data_dir=os.fspath(prepared_dir),
+    builder = RecallJaxRetrieval(name=name, data_dir=os.fspath(prepared_dir),
                                  file_format="array_record")
+    if split not in builder.info.metadata:
+      raise ConfigError(f"Unknown split {split!r} of {name}; expected one of "
+                        f"{tuple(builder.info.metadata)}")
     meta = builder.info.metadata[split]
     self.labels = np.asarray(meta["labels"], dtype=np.int64)
     self.class_names: list[str] = meta["class_names"]
     self.skipped: list[str] = meta["skipped"]
     self.listed = int(meta["listed"])
     self.num_classes = len(self.class_names)
-    self.channels = CHANNELS.get(name, 3)
+    self.channels = _spec(name).channels
     self._source = None
 
   def _tfds_source(self):
     # Opened lazily so that the object pickles cheaply into grain worker processes.
     if self._source is None:
-      self._source = tfds.data_source(
-          f"recall_jax_retrieval/{self.name}", split=self.split,
-          data_dir=os.fspath(self.prepared_dir), download=False,
-          decoders={"image": tfds.decode.SkipDecoding()})
+      builder = RecallJaxRetrieval(name=self.name, data_dir=os.fspath(self.prepared_dir),
+                                   file_format="array_record")
+      self._source = builder.as_data_source(split=self.split,
+                                            decoders={"image": tfds.decode.SkipDecoding()})
     return self._source
 
   def __getstate__(self) -> dict[str, Any]:
@@ -258,20 +236,12 @@ class RetrievalSource:
             f"at {self.prepared_dir})")
 
 
-def _fingerprint(name: str, folder: pathlib.Path, splits: Sequence[str] | None) -> str:
+def _fingerprint(spec: registry.DatasetSpec, folder: pathlib.Path,
+                 splits: Sequence[str]) -> str:
   """Hashes what defines a prepared copy: the dataset, its folder and the files it is made of."""
-  if name == "folder":
-    files = parsing.folder_inputs(folder, splits or ())
-  elif name == "omniglot":
-    files = [folder / f"{stem}.zip" for stem in parsing.OMNIGLOT_SPLITS.values()]
-  elif name in _LANDMARK_ANNOTATIONS:
-    # GLDv1 skips missing images: the `train` folder's own mtime changes when images are added.
-    files = [folder / f for f in _LANDMARK_ANNOTATIONS[name]]
-  else:
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in (".txt", ".mat")
-                   and p.parent in (folder, folder / "train_test_split"))
+  files = spec.fingerprint_files(folder, splits)
   stats = [(os.fspath(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files if p.exists()]
-  blob = json.dumps([_PREP_FORMAT, name, os.fspath(folder.resolve()), list(splits or ()), stats])
+  blob = json.dumps([_PREP_FORMAT, spec.name, os.fspath(folder.resolve()), list(splits), stats])
   return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -330,18 +300,16 @@ def _quiet_tfds() -> Iterator[None]:
       logger.setLevel(level)
 
 
-def _prepare(target: pathlib.Path, name: str, folder: pathlib.Path, split_key: str | None,
-             label_splits: Sequence[str], progress: bool) -> None:
+def _prepare(target: pathlib.Path, name: str, folder: pathlib.Path,
+             plans: dict[str, parsing.SplitPlan], progress: bool) -> None:
   """Builds the prepared copy in a partial folder beside `target` and renames it into place."""
   target.parent.mkdir(parents=True, exist_ok=True)
   _remove_leftovers(target, name)
   partial = target.parent / (f".{target.name}.partial-{socket.gethostname()}-{os.getpid()}-"
                              f"{uuid.uuid4().hex[:8]}")
   try:
-    builder = RecallJaxRetrieval(
-        config=name, data_dir=os.fspath(partial), file_format="array_record",
-        folder_split=split_key, folder_path=os.fspath(folder) if split_key else None,
-        label_splits=label_splits, progress=progress)
+    builder = RecallJaxRetrieval(name=name, plans=plans, data_dir=os.fspath(partial),
+                                 file_format="array_record", progress=progress)
     manual_dir = folder.parent if folder.is_file() else folder
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir)))
@@ -395,25 +363,26 @@ def load_split(name: str, split: str, *, data_root: str | os.PathLike[str] | Non
     DataError: malformed annotation files, empty or unreadable classes.
     MissingFileError: missing annotation files or images.
   """
-  if name not in DEFAULT_FOLDERS:
-    raise ConfigError(f"Unknown dataset {name!r}; expected one of {sorted(DEFAULT_FOLDERS)}")
-  if name in SPLITS and split not in SPLITS[name]:
-    raise ConfigError(f"Unknown split {split!r} of {name}; expected one of {SPLITS[name]}")
-  if label_splits and name != "folder":
+  spec = _spec(name)
+  if label_splits and not spec.user_splits:
     raise ConfigError(f"label_splits applies to `folder` data only, not {name}")
   root = paths.data_root(data_root)
-  folder = pathlib.Path(path).expanduser() if path else root / DEFAULT_FOLDERS[name]
-  if name == "omniglot":
-    download_lib.ensure_omniglot(folder, url_base=url_base, download=download)
+  folder = pathlib.Path(path).expanduser() if path else root / spec.folder
+  if spec.fetch is not None:
+    load_function(spec.fetch)(folder, url_base=url_base, download=download)
   elif not folder.exists():
     raise MissingFileError(f"{name}: dataset folder {folder} does not exist (download the official "
                            f"files by hand, or pass path= / set {paths.DATA_ENV_VAR})")
-  split_key = split if name == "folder" else None
-  shared = parsing.label_splits(folder, split, label_splits) if split_key else ()
-  target = paths.prepared_root(root, prepared_dir) / f"{name}-{_fingerprint(name, folder, shared)}"
+  shared = parsing.label_splits(folder, split, label_splits) if spec.user_splits else ()
+  target = paths.prepared_root(root, prepared_dir) / f"{name}-{_fingerprint(spec, folder, shared)}"
   with _quiet_tfds():
     if not _is_prepared(target, name):
-      _prepare(target, name, folder, split_key, shared, progress)
+      # The splits are what the parser returns: an unknown one is refused before any image is
+      # checked or written.
+      plans = spec.parse(folder, split, shared)
+      if split not in plans:
+        raise ConfigError(f"Unknown split {split!r} of {name}; expected one of {tuple(plans)}")
+      _prepare(target, name, folder, plans, progress)
     source = RetrievalSource(name, split, target)
   _warn_skipped(source)
   return source

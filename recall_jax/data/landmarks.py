@@ -1,4 +1,4 @@
-"""Landmark retrieval data in the official layouts: the revisited benchmarks and the training sets.
+"""Landmark retrieval data in the official layouts: the revisited benchmarks and distractors.
 
 Evaluation (`load_revisited`, `RevisitedSource`, `read_distractors`):
   <root>/roxford5k/gnd_roxford5k.pkl (or .mat) + jpg/<name>.jpg     4,993 images, 70 queries
@@ -10,19 +10,12 @@ x2, y2) in pixels. Queries are not part of the database, and a query image is cr
 full resolution before any resizing (the protocol's rule); database images are used whole. Pickles
 are read with `safe_pickle` (no code can run); the `.mat` files with scipy (1-based indices there).
 
-Training (`read_gldv2_clean`, `read_gldv1`, `read_sfm120k`): the class of an image is its landmark
-(Google Landmarks v1 / v2-clean) or 3D model (`cluster`, SfM-120k):
-  <root>/gldv2/train_clean.csv       `landmark_id,images` (space-separated ids);
-                                     images train/<id[0]>/<id[1]>/<id[2]>/<id>.jpg
-  <root>/gldv1/train.csv             `id,url,landmark_id`; images train/<id>.jpg, missing skipped
-  <root>/retrieval-SfM-120k/retrieval-SfM-120k.pkl   {'train'|'val': {'cids', 'cluster', ...}};
-                                     images ims/<cid[-2:]>/<cid[-4:-2]>/<cid[-6:-4]>/<cid>
-Each reader returns per split a list of `LandmarkImage`s; nothing here decodes an image.
+The landmark training sets (Google Landmarks v1 / v2-clean, SfM-120k) are datasets like the
+others: their parsers are in `parsing.py`, their specs in `registry.py`.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import hashlib
 import io
@@ -45,9 +38,6 @@ LANDMARK_FOLDERS = {
     "roxford5k": "roxford5k",
     "rparis6k": "rparis6k",
     "revisitop1m": "revisitop1m",
-    "gldv2_clean": "gldv2",
-    "gldv1": "gldv1",
-    "sfm120k": "retrieval-SfM-120k",
 }
 # (database images, queries) of the official revisited benchmarks.
 REVISITED_SIZES = {"roxford5k": (4993, 70), "rparis6k": (6322, 70)}
@@ -58,22 +48,6 @@ REVISITOP1M_SIZE = 1_001_001
 KNOWN_SHA256: dict[str, str] = {}
 
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-
-
-@dataclasses.dataclass(frozen=True)
-class LandmarkImage:
-  """One training image.
-
-  Attributes:
-    file: the image file.
-    class_name: the landmark id (int) or SfM-120k cluster (int).
-    image_id: the dataset's identifier of the image.
-    origin: where it was listed (`train_clean.csv:17`), for error messages.
-  """
-  file: pathlib.Path
-  class_name: int
-  image_id: str
-  origin: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -389,152 +363,3 @@ class DistractorSource:
     index = source_lib.check_index(index, len(self))
     return {"image": self._files[index].read_bytes(), "label": index,
             "id": self._files[index].stem}
-
-
-# ---------------------------------------------------------------------------------------------
-# Training sets.
-
-
-def _folder(name: str, data_root, path) -> pathlib.Path:
-  return (pathlib.Path(path).expanduser() if path
-          else paths.data_root(data_root) / LANDMARK_FOLDERS[name])
-
-
-def _landmark_id(value: str, where: str) -> int:
-  try:
-    return int(value)
-  except ValueError:
-    raise DataError(f"{where}: landmark_id {value!r} is not an integer") from None
-
-
-def _csv_rows(listing: pathlib.Path, header: Sequence[str]) -> list[tuple[int, list[str]]]:
-  if not listing.is_file():
-    raise MissingFileError(f"{listing} not found")
-  with open(listing, encoding="utf-8", newline="") as f:
-    rows = [(n, row) for n, row in enumerate(csv.reader(f), 1) if row and "".join(row).strip()]
-  if not rows or [c.strip() for c in rows[0][1]] != list(header):
-    raise DataError(f"{listing}:1: expected the header `{','.join(header)}`")
-  return rows[1:]
-
-
-def read_gldv2_clean(*, data_root: str | os.PathLike[str] | None = None,
-                     path: str | os.PathLike[str] | None = None,
-                     check_images: bool = True) -> dict[str, list[LandmarkImage]]:
-  """Google Landmarks v2-clean: `train_clean.csv` rows `landmark_id,<id> <id> ...`.
-
-  Returns:
-    {'train': images}, image `<id>` at `train/<id[0]>/<id[1]>/<id[2]>/<id>.jpg`.
-
-  Raises:
-    MissingFileError: no `train_clean.csv`, or (with `check_images`) listed images missing.
-    DataError: malformed rows.
-  """
-  folder = _folder("gldv2_clean", data_root, path)
-  listing = folder / "train_clean.csv"
-  images = []
-  for lineno, row in _csv_rows(listing, ("landmark_id", "images")):
-    where = f"{listing.name}:{lineno}"
-    if len(row) != 2 or not row[1].split():
-      raise DataError(f"{listing}:{lineno}: malformed row, expected `landmark_id,<id> <id> ...`")
-    landmark = _landmark_id(row[0].strip(), where)
-    for image_id in row[1].split():
-      if len(image_id) < 3:
-        raise DataError(f"{listing}:{lineno}: image id {image_id!r} is shorter than 3 characters")
-      file = folder / "train" / image_id[0] / image_id[1] / image_id[2] / f"{image_id}.jpg"
-      images.append(LandmarkImage(file, landmark, image_id, where))
-  if not images:
-    raise DataError(f"{listing}: lists no images")
-  if check_images:
-    _require_images([i.file for i in images], f"gldv2_clean ({folder / 'train'})")
-  return {"train": images}
-
-
-def read_gldv1(*, data_root: str | os.PathLike[str] | None = None,
-               path: str | os.PathLike[str] | None = None) -> dict[str, list[LandmarkImage]]:
-  """Google Landmarks v1: `train.csv` rows `id,url,landmark_id`, images `train/<id>.jpg`.
-
-  Many of the listed URLs no longer resolve, so images missing on disk are skipped and counted
-  (one warning); rows whose landmark_id is `None` (unlabelled) are skipped likewise.
-
-  Returns:
-    {'train': the images present}.
-
-  Raises:
-    MissingFileError: no `train.csv`.
-    DataError: malformed rows, or no listed image present.
-  """
-  folder = _folder("gldv1", data_root, path)
-  listing = folder / "train.csv"
-  images, missing, unlabelled = [], 0, 0
-  for lineno, row in _csv_rows(listing, ("id", "url", "landmark_id")):
-    where = f"{listing.name}:{lineno}"
-    if len(row) != 3 or not row[0].strip():
-      raise DataError(f"{listing}:{lineno}: malformed row, expected `id,url,landmark_id`")
-    image_id, landmark = row[0].strip(), row[2].strip()
-    if landmark in ("", "None"):
-      unlabelled += 1
-      continue
-    landmark = _landmark_id(landmark, where)
-    file = folder / "train" / f"{image_id}.jpg"
-    if not file.is_file():
-      missing += 1
-      continue
-    images.append(LandmarkImage(file, landmark, image_id, where))
-  if missing or unlabelled:
-    warnings.warn(f"gldv1: skipped {missing} listed image(s) missing under {folder / 'train'} and "
-                  f"{unlabelled} row(s) without a landmark_id; {len(images)} kept", stacklevel=2)
-  if not images:
-    raise DataError(f"gldv1: none of the images listed in {listing} is present")
-  return {"train": images}
-
-
-def sfm120k_image_file(images: pathlib.Path, cid: str) -> pathlib.Path:
-  """`<images>/<cid[-2:]>/<cid[-4:-2]>/<cid[-6:-4]>/<cid>`: where SfM-120k stores an image."""
-  return images / cid[-2:] / cid[-4:-2] / cid[-6:-4] / cid
-
-
-def read_sfm120k(*, data_root: str | os.PathLike[str] | None = None,
-                 path: str | os.PathLike[str] | None = None,
-                 check_images: bool = True) -> dict[str, list[LandmarkImage]]:
-  """retrieval-SfM-120k: `retrieval-SfM-120k.pkl` {'train'|'val': {'cids': [...], 'cluster':
-  [...], ...}}, read with the plain-data unpickler; class = cluster (3D model).
-
-  Returns:
-    {'train': images, 'val': images} (the splits the file holds).
-
-  Raises:
-    MissingFileError: no pickle, or (with `check_images`) listed images missing.
-    UnsafePickleError: the pickle imports anything.
-    DataError: missing keys, lists of different lengths, non-integer clusters.
-  """
-  folder = _folder("sfm120k", data_root, path)
-  listing = folder / "retrieval-SfM-120k.pkl"
-  data = safe_pickle.load(listing)
-  if not isinstance(data, dict) or not any(s in data for s in ("train", "val")):
-    raise DataError(f"{listing}: expected a dict with 'train' and 'val' entries")
-  out = {}
-  for split in ("train", "val"):
-    if split not in data:
-      continue
-    db = data[split]
-    if not isinstance(db, dict) or "cids" not in db or "cluster" not in db:
-      raise DataError(f"{listing}: ['{split}'] must hold 'cids' and 'cluster'")
-    cids, clusters = list(db["cids"]), list(db["cluster"])
-    if len(cids) != len(clusters):
-      raise DataError(f"{listing}: ['{split}'] has {len(cids)} cids but {len(clusters)} clusters")
-    images = []
-    for n, (cid, cluster) in enumerate(zip(cids, clusters)):
-      where = f"{listing.name}:{split}[{n}]"
-      if not isinstance(cid, str) or len(cid) < 6:
-        raise DataError(f"{where}: cid {cid!r} is not an image name of at least 6 characters")
-      if isinstance(cluster, bool) or not isinstance(cluster, (int, np.integer)):
-        raise DataError(f"{where}: cluster {cluster!r} is not an integer")
-      images.append(LandmarkImage(sfm120k_image_file(folder / "ims", cid), int(cluster), cid,
-                                  where))
-    if check_images:
-      _require_images([i.file for i in images], f"sfm120k/{split} ({folder / 'ims'})")
-    out[split] = images
-  return out
-
-
-TRAINING_READERS = {"gldv2_clean": read_gldv2_clean, "gldv1": read_gldv1, "sfm120k": read_sfm120k}

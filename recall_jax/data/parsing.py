@@ -21,12 +21,13 @@ import decimal
 import os
 import pathlib
 import re
+import warnings
 import zipfile
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Hashable, Sequence
 
 import numpy as np
 
-from recall_jax.data import landmarks
+from recall_jax.data import safe_pickle
 from recall_jax.errors import ConfigError, DataError, MissingFileError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -466,31 +467,105 @@ def parse_folder(folder: pathlib.Path, split: str,
           for name, (_, entries) in per_split.items()}
 
 
-Parser = Callable[..., dict[str, SplitPlan]]
-PARSERS: dict[str, Parser] = {
-    "sop": parse_sop,
-    "inat2018": parse_inat2018,
-    "vehicleid": parse_vehicleid,
-    "cars196": parse_cars196,
-    "cub200": parse_cub200,
-    "omniglot": parse_omniglot,
-}
-
-
 # ---------------------------------------------------------------------------------------------
-# Landmark training sets (Google Landmarks v1 / v2-clean, SfM-120k): read by `landmarks`.
+# Landmark training sets: the class of an image is its landmark (Google Landmarks v1 / v2-clean)
+# or its 3D model (`cluster`, SfM-120k).
 
 
-def _landmark_parser(reader: Callable[..., dict[str, list[landmarks.LandmarkImage]]]) -> Parser:
-  """A parser over one of `landmarks.TRAINING_READERS`: class = landmark id or 3D model."""
+def _landmark_rows(listing: pathlib.Path, header: Sequence[str]) -> list[tuple[int, list[str]]]:
+  """The CSV rows after the header `header` (checked), with their 1-based line numbers."""
+  _require_file(listing)
+  with open(listing, encoding="utf-8", newline="") as f:
+    rows = [(n, row) for n, row in enumerate(csv.reader(f), 1) if row and "".join(row).strip()]
+  if not rows or [c.strip() for c in rows[0][1]] != list(header):
+    raise DataError(f"{listing}:1: expected the header `{','.join(header)}`")
+  return rows[1:]
 
-  def parse(folder: pathlib.Path) -> dict[str, SplitPlan]:
-    return {split: _plan([(i.file, None, i.class_name, i.image_id, i.origin) for i in images],
-                         f"{folder.name}/{split}")
-            for split, images in reader(path=folder).items()}
 
-  return parse
+def _landmark_id(listing: pathlib.Path, lineno: int, value: str) -> int:
+  try:
+    return int(value)
+  except ValueError:
+    raise DataError(f"{listing.name}:{lineno}: landmark_id {value!r} is not an integer") from None
 
 
-PARSERS.update({name: _landmark_parser(reader)
-                for name, reader in landmarks.TRAINING_READERS.items()})
+def parse_gldv2_clean(folder: pathlib.Path) -> dict[str, SplitPlan]:
+  """`train_clean.csv` rows `landmark_id,<id> <id> ...`; image `<id>` at
+  `train/<id[0]>/<id[1]>/<id[2]>/<id>.jpg`; one split, `train`."""
+  listing = folder / "train_clean.csv"
+  entries = []
+  for lineno, row in _landmark_rows(listing, ("landmark_id", "images")):
+    if len(row) != 2 or not row[1].split():
+      raise DataError(f"{listing}:{lineno}: malformed row, expected `landmark_id,<id> <id> ...`")
+    landmark = _landmark_id(listing, lineno, row[0].strip())
+    for image_id in row[1].split():
+      if len(image_id) < 3:
+        raise DataError(f"{listing}:{lineno}: image id {image_id!r} is shorter than 3 characters")
+      file = folder / "train" / image_id[0] / image_id[1] / image_id[2] / f"{image_id}.jpg"
+      entries.append((file, None, landmark, image_id, f"{listing.name}:{lineno}"))
+  _check_images_exist(entries, f"gldv2_clean ({folder / 'train'})")
+  return {"train": _plan(entries, f"gldv2_clean/train ({listing})")}
+
+
+def parse_gldv1(folder: pathlib.Path) -> dict[str, SplitPlan]:
+  """`train.csv` rows `id,url,landmark_id`, images `train/<id>.jpg`; one split, `train`.
+
+  Many of the listed URLs no longer resolve, so images missing on disk are skipped and counted
+  (one warning); rows whose landmark_id is `None` (unlabelled) are skipped likewise.
+  """
+  listing = folder / "train.csv"
+  entries, missing, unlabelled = [], 0, 0
+  for lineno, row in _landmark_rows(listing, ("id", "url", "landmark_id")):
+    if len(row) != 3 or not row[0].strip():
+      raise DataError(f"{listing}:{lineno}: malformed row, expected `id,url,landmark_id`")
+    image_id, landmark = row[0].strip(), row[2].strip()
+    if landmark in ("", "None"):
+      unlabelled += 1
+      continue
+    landmark = _landmark_id(listing, lineno, landmark)
+    file = folder / "train" / f"{image_id}.jpg"
+    if not file.is_file():
+      missing += 1
+      continue
+    entries.append((file, None, landmark, image_id, f"{listing.name}:{lineno}"))
+  if missing or unlabelled:
+    warnings.warn(f"gldv1: skipped {missing} listed image(s) missing under {folder / 'train'} and "
+                  f"{unlabelled} row(s) without a landmark_id; {len(entries)} kept", stacklevel=2)
+  if not entries:
+    raise DataError(f"gldv1: none of the images listed in {listing} is present")
+  return {"train": _plan(entries, f"gldv1/train ({listing})")}
+
+
+def sfm120k_image_file(images: pathlib.Path, cid: str) -> pathlib.Path:
+  """`<images>/<cid[-2:]>/<cid[-4:-2]>/<cid[-6:-4]>/<cid>`: where SfM-120k stores an image."""
+  return images / cid[-2:] / cid[-4:-2] / cid[-6:-4] / cid
+
+
+def parse_sfm120k(folder: pathlib.Path) -> dict[str, SplitPlan]:
+  """`retrieval-SfM-120k.pkl` {'train'|'val': {'cids': [...], 'cluster': [...], ...}}, read with
+  the plain-data unpickler (`safe_pickle`); class = cluster; the splits the file holds."""
+  listing = folder / "retrieval-SfM-120k.pkl"
+  data = safe_pickle.load(listing)
+  if not isinstance(data, dict) or not any(s in data for s in ("train", "val")):
+    raise DataError(f"{listing}: expected a dict with 'train' and 'val' entries")
+  plans = {}
+  for split in ("train", "val"):
+    if split not in data:
+      continue
+    db = data[split]
+    if not isinstance(db, dict) or "cids" not in db or "cluster" not in db:
+      raise DataError(f"{listing}: ['{split}'] must hold 'cids' and 'cluster'")
+    cids, clusters = list(db["cids"]), list(db["cluster"])
+    if len(cids) != len(clusters):
+      raise DataError(f"{listing}: ['{split}'] has {len(cids)} cids but {len(clusters)} clusters")
+    entries = []
+    for n, (cid, cluster) in enumerate(zip(cids, clusters)):
+      where = f"{listing.name}:{split}[{n}]"
+      if not isinstance(cid, str) or len(cid) < 6:
+        raise DataError(f"{where}: cid {cid!r} is not an image name of at least 6 characters")
+      if isinstance(cluster, bool) or not isinstance(cluster, (int, np.integer)):
+        raise DataError(f"{where}: cluster {cluster!r} is not an integer")
+      entries.append((sfm120k_image_file(folder / "ims", cid), None, int(cluster), cid, where))
+    _check_images_exist(entries, f"sfm120k/{split} ({folder / 'ims'})")
+    plans[split] = _plan(entries, f"sfm120k/{split} ({listing})")
+  return plans

@@ -1,23 +1,19 @@
 """Evaluation protocol (Recall@k cut-offs) of each benchmark, as in the paper and Smooth-AP.
 
-Datasets without a published protocol (a user's own `folder` or CSV data) get `DEFAULT_K_VALUES`.
+Serves the category-level task. Each dataset's protocol is part of its spec
+(`data.registry.DATASETS`); datasets without a published protocol (a user's own `folder` or CSV
+data, an unregistered name) get `DEFAULT_K_VALUES`. All are leave-one-out over the test split
+("all-vs-all"); VehicleID's three test lists are evaluated separately, and it also supports the
+re-identification protocol (`vehicleid_reid_metrics`).
 """
 
 from typing import Any
 
-DEFAULT_K_VALUES = (1, 2, 4, 8)
+from recall_jax.data.registry import DEFAULT_K_VALUES
+from recall_jax.data.registry import dataset_spec
 
-# Dataset name (`config.data.name`) -> protocol. All are leave-one-out over the test split
-# ("all-vs-all"); VehicleID's three test lists are evaluated separately, and it also supports the
-# re-identification protocol (`vehicleid_reid_metrics`).
-_PROTOCOLS: dict[str, dict[str, Any]] = {
-    "sop": {"k_values": (1, 10, 100, 1000)},
-    "inat2018": {"k_values": (1, 4, 16, 32)},
-    "cars196": {"k_values": (1, 2, 4, 8, 16)},
-    "cub200": {"k_values": (1, 2, 4, 8, 16)},
-    "omniglot": {"k_values": (1, 2, 4, 8)},
-    "vehicleid": {"k_values": (1, 5), "reid_k_values": (1, 5)},
-}
+__all__ = ["DEFAULT_K_VALUES", "protocol_for"]
+
 
 def protocol_for(dataset_name: str) -> dict[str, Any]:
   """{'name': dataset name, 'k_values': recall@k cut-offs, 'reid_k_values': cut-offs of the
@@ -25,6 +21,7 @@ def protocol_for(dataset_name: str) -> dict[str, Any]:
 
   A dataset without a published protocol gets `DEFAULT_K_VALUES` and no re-identification.
   """
-  protocol = _PROTOCOLS.get(dataset_name, {"k_values": DEFAULT_K_VALUES})
-  return {"name": dataset_name, "k_values": protocol["k_values"],
-          "reid_k_values": protocol.get("reid_k_values")}
+  spec = dataset_spec(dataset_name)
+  if spec is None:
+    return {"name": dataset_name, "k_values": DEFAULT_K_VALUES, "reid_k_values": None}
+  return {"name": dataset_name, "k_values": spec.k_values, "reid_k_values": spec.reid_k_values}

@@ -1,29 +1,42 @@
 """Retrieval losses. Every loss is called as `loss(embeddings, labels, **kwargs) -> scalar`.
 
-RS@k and Smooth-AP take the batch layout (`samples_per_class`, or `max_positives`) that fixes
-their static sizes; contrastive and multi-similarity need none.
-"""
+Serves both tasks. RS@k and Smooth-AP take the batch layout (`samples_per_class`, or
+`max_positives`) that fixes their static sizes; contrastive and multi-similarity need none. Each
+loss's facts (config section, layout, SiMix, cold-start check) are its spec in `registry`.
 
-from recall_jax.losses.recall_at_k import recall_at_k_loss
-from recall_jax.losses.recall_at_k import recall_at_k_loss_from_similarity
-from recall_jax.losses.recall_at_k import recall_at_k_surrogate
-from recall_jax.losses.recall_at_k import recall_at_k_surrogate_from_similarity
-from recall_jax.losses.contrastive import contrastive_loss
-from recall_jax.losses.multi_similarity import multi_similarity_loss
-from recall_jax.losses.multi_similarity import multi_similarity_pairs
-from recall_jax.losses.smooth_ap import smooth_ap_loss
+Importing this package imports no JAX: the loss modules are imported on first use, when one of
+the names below (or `get_loss(name)`) is first asked for.
+"""
 
 import importlib as _importlib
 from collections.abc import Callable as _Callable
 
-# name -> (module, function); modules are imported on first use.
-_LOSSES = {
-    "recall_at_k": ("recall_jax.losses.recall_at_k", "recall_at_k_loss"),
-    "smooth_ap": ("recall_jax.losses.smooth_ap", "smooth_ap_loss"),
-    "contrastive": ("recall_jax.losses.contrastive", "contrastive_loss"),
-    "multi_similarity": ("recall_jax.losses.multi_similarity", "multi_similarity_loss"),
+from recall_jax.losses.registry import LOSSES, LossSpec, loss_names, loss_spec
+
+# Public name -> the module defining it, imported when the name is first looked up.
+_LAZY = {
+    "recall_at_k_loss": "recall_jax.losses.recall_at_k",
+    "recall_at_k_loss_from_similarity": "recall_jax.losses.recall_at_k",
+    "recall_at_k_surrogate": "recall_jax.losses.recall_at_k",
+    "recall_at_k_surrogate_from_similarity": "recall_jax.losses.recall_at_k",
+    "contrastive_loss": "recall_jax.losses.contrastive",
+    "multi_similarity_loss": "recall_jax.losses.multi_similarity",
+    "multi_similarity_pairs": "recall_jax.losses.multi_similarity",
+    "smooth_ap_loss": "recall_jax.losses.smooth_ap",
 }
-LOSS_NAMES = tuple(_LOSSES)
+LOSS_NAMES = loss_names()
+
+__all__ = ["LOSSES", "LOSS_NAMES", "LossSpec", "get_loss", "loss_names", "loss_spec", *_LAZY]
+
+
+def __getattr__(name: str):
+  if name in _LAZY:
+    return getattr(_importlib.import_module(_LAZY[name]), name)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+  return sorted(set(globals()) | set(_LAZY))
 
 
 def get_loss(name: str) -> _Callable:
@@ -34,7 +47,4 @@ def get_loss(name: str) -> _Callable:
   Raises:
     ValueError: if `name` is not one of `LOSS_NAMES`.
   """
-  if name not in _LOSSES:
-    raise ValueError(f"unknown loss {name!r}; valid names: {', '.join(LOSS_NAMES)}")
-  module, function = _LOSSES[name]
-  return getattr(_importlib.import_module(module), function)
+  return loss_spec(name).load()

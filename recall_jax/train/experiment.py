@@ -37,9 +37,6 @@ from recall_jax.train import train_step as train_step_lib
 PyTree = Any
 LossFn = Callable[..., jax.Array]
 
-# Losses whose static sizes come from the batch layout: each query has at most m - 1 positives.
-_LOSSES_WITH_LAYOUT = ("recall_at_k", "smooth_ap")
-
 
 class EvalSet(NamedTuple):
   """The sources of one evaluated set.
@@ -124,14 +121,15 @@ def make_loss_fn(c: ml_collections.ConfigDict, name: str | None = None) -> tuple
     (loss_fn, uses_rng): uses_rng is True when SiMix draws mixing weights from the step's key.
   """
   name = name or c.loss.name
-  loss = losses.get_loss(name)
+  spec = losses.loss_spec(name)
+  loss = spec.load()
   kwargs = {k: (tuple(v) if isinstance(v, (list, tuple)) else v)
             for k, v in c.loss[name].items()}
   m = c.samples_per_class
   # The batch layout fixes the losses' static sizes (positive slots, SiMix pairs); SiMix goes
   # with the main loss only.
   if not c.simix or name != c.loss.name:
-    if name in _LOSSES_WITH_LAYOUT:
+    if spec.takes_layout:
       kwargs["samples_per_class"] = m
     return functools.partial(loss, **kwargs), False
   kwargs["samples_per_class"] = simix_lib.samples_per_class_after_simix(m)

@@ -31,6 +31,7 @@ from recall_jax import config_checks
 from recall_jax import errors
 from recall_jax import data
 from recall_jax import evaluation
+from recall_jax import losses
 from recall_jax.train import checkpointing
 from recall_jax.train import cold_start
 from recall_jax.train import experiment as experiment_lib
@@ -183,7 +184,7 @@ def _require_finite(checkpoints: checkpointing.Checkpoints,
 def _cold_start_monitor(exp: experiment_lib.Experiment) -> cold_start.ColdStartMonitor | None:
   """Process 0's checks of the first RS@k steps (`cold_start_checks`), else None."""
   c = exp.config
-  if not (c.cold_start_checks and c.loss.name == "recall_at_k" and _is_main()):
+  if not (c.cold_start_checks and losses.loss_spec(c.loss.name).cold_start_check and _is_main()):
     return None
   first = c.loss.warmup_steps if c.loss.warmup_name else 0
   steps = {s for s in cold_start.DEFAULT_CHECK_STEPS if s >= first} | {first}

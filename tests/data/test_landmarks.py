@@ -8,7 +8,7 @@ import PIL.Image
 import pytest
 import scipy.io
 
-from recall_jax.data import landmarks, safe_pickle
+from recall_jax.data import landmarks, parsing, safe_pickle
 from recall_jax.errors import ConfigError, DataError, MissingFileError
 
 DATABASE = ["all_souls_000001", "ashmolean_000007", "balliol_000012", "bodleian_000030",
@@ -169,18 +169,18 @@ def test_gldv2_clean(tmp_path):
       write_jpeg(folder / "train" / image_id[0] / image_id[1] / image_id[2] / f"{image_id}.jpg", 0)
   (folder / "train_clean.csv").write_text(
       "landmark_id,images\n" + "".join(f"{k},{' '.join(v)}\n" for k, v in rows.items()))
-  images = landmarks.read_gldv2_clean(data_root=tmp_path)["train"]
-  assert [(i.class_name, i.image_id) for i in images] == [
-      (1, "6e158a47eb2ca3f6"), (1, "202cd79556f30760"), (7, "3ad87684c99c06e1")]
-  assert images[0].file == folder / "train/6/e/1/6e158a47eb2ca3f6.jpg"
-  assert images[2].origin == "train_clean.csv:3"
-  images[1].file.unlink()
+  plan = parsing.parse_gldv2_clean(folder)["train"]
+  assert plan.class_names == ["1", "7"]
+  assert [(r.label, r.image_id) for r in plan.records] == [
+      (0, "6e158a47eb2ca3f6"), (0, "202cd79556f30760"), (1, "3ad87684c99c06e1")]
+  assert plan.records[0].file == folder / "train/6/e/1/6e158a47eb2ca3f6.jpg"
+  assert plan.records[2].origin == "train_clean.csv:3"
+  plan.records[1].file.unlink()
   with pytest.raises(MissingFileError, match="202cd79556f30760"):
-    landmarks.read_gldv2_clean(data_root=tmp_path)
-  assert len(landmarks.read_gldv2_clean(data_root=tmp_path, check_images=False)["train"]) == 3
+    parsing.parse_gldv2_clean(folder)
   (folder / "train_clean.csv").write_text("landmark_id,images\nx,6e158a47eb2ca3f6\n")
   with pytest.raises(DataError, match="landmark_id 'x'"):
-    landmarks.read_gldv2_clean(data_root=tmp_path, check_images=False)
+    parsing.parse_gldv2_clean(folder)
 
 
 def test_gldv1_skips_and_counts_missing_images(tmp_path):
@@ -196,12 +196,13 @@ def test_gldv1_skips_and_counts_missing_images(tmp_path):
     write_jpeg(folder / "train" / f"{image_id}.jpg", 1)
   with pytest.warns(UserWarning, match=r"skipped 1 listed image\(s\) missing.* 1 row\(s\) "
                     r"without a landmark_id; 2 kept"):
-    images = landmarks.read_gldv1(data_root=tmp_path)["train"]
-  assert [(i.class_name, i.image_id) for i in images] == [(6347, "97c0a12e07ae8dd5"),
-                                                           (6347, "a1a2a3a4a5a6a7a8")]
+    plan = parsing.parse_gldv1(folder)["train"]
+  assert plan.class_names == ["6347"]
+  assert [(r.label, r.image_id) for r in plan.records] == [(0, "97c0a12e07ae8dd5"),
+                                                           (0, "a1a2a3a4a5a6a7a8")]
   (folder / "train.csv").write_text("id,landmark_id\n")
   with pytest.raises(DataError, match="header"):
-    landmarks.read_gldv1(data_root=tmp_path)
+    parsing.parse_gldv1(folder)
 
 
 def write_sfm120k(root, payload=None):
@@ -213,20 +214,21 @@ def write_sfm120k(root, payload=None):
                   "bbxs": [None, None]},
         "val": {"cids": cids[2:], "cluster": [40], "qidxs": [], "pidxs": [], "bbxs": [None]}}
   for n, cid in enumerate(cids):
-    write_jpeg(landmarks.sfm120k_image_file(folder / "ims", cid), n)
+    write_jpeg(parsing.sfm120k_image_file(folder / "ims", cid), n)
   (folder / "retrieval-SfM-120k.pkl").write_bytes(pickle.dumps(db if payload is None else payload))
   return folder, cids
 
 
 def test_sfm120k(tmp_path):
   folder, cids = write_sfm120k(tmp_path)
-  splits = landmarks.read_sfm120k(data_root=tmp_path)
-  assert [(i.class_name, i.image_id) for i in splits["train"]] == [(12, cids[0]), (12, cids[1])]
-  assert [(i.class_name, i.image_id) for i in splits["val"]] == [(40, cids[2])]
-  assert splits["train"][0].file == folder / "ims/17/4a/8c" / cids[0]
-  splits["val"][0].file.unlink()
+  splits = parsing.parse_sfm120k(folder)
+  assert splits["train"].class_names == ["12"] and splits["val"].class_names == ["40"]
+  assert [r.image_id for r in splits["train"].records] == cids[:2]
+  assert [r.image_id for r in splits["val"].records] == [cids[2]]
+  assert splits["train"].records[0].file == folder / "ims/17/4a/8c" / cids[0]
+  splits["val"].records[0].file.unlink()
   with pytest.raises(MissingFileError):
-    landmarks.read_sfm120k(data_root=tmp_path)
+    parsing.parse_sfm120k(folder)
 
 
 def test_sfm120k_pickle_is_read_safely(tmp_path):
@@ -237,10 +239,10 @@ def test_sfm120k_pickle_is_read_safely(tmp_path):
       import os
       return (os.system, (f"touch {marker}",))
 
-  write_sfm120k(tmp_path, {"train": {"cids": RunsShell(), "cluster": []}})
+  folder, _ = write_sfm120k(tmp_path, {"train": {"cids": RunsShell(), "cluster": []}})
   with pytest.raises(safe_pickle.UnsafePickleError):
-    landmarks.read_sfm120k(data_root=tmp_path)
+    parsing.parse_sfm120k(folder)
   assert not marker.exists()
   write_sfm120k(tmp_path, {"train": {"cids": ["abcdefgh"], "cluster": [1, 2]}})
   with pytest.raises(DataError, match="1 cids but 2 clusters"):
-    landmarks.read_sfm120k(data_root=tmp_path, check_images=False)
+    parsing.parse_sfm120k(folder)

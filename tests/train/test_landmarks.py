@@ -21,7 +21,7 @@ import pytest
 from recall_jax import config as config_lib
 from recall_jax import data
 from recall_jax import errors
-from recall_jax import landmark_checks
+from recall_jax import config_checks
 from recall_jax.data import aspect_buckets
 from recall_jax.data import landmarks as landmark_data
 from recall_jax.evaluation import revisited
@@ -187,9 +187,9 @@ def test_landmark_keys_are_validated(tmp_path):
 
 
 def test_check_constants_match_the_packages():
-  assert landmark_checks.REVISITED_DATASETS == tuple(sorted(landmark_data.REVISITED_SIZES))
-  assert landmark_checks.PROTOCOLS == revisited.PROTOCOLS
-  assert landmark_checks.DISTRACTORS == ("revisitop1m",)
+  assert config_checks.REVISITED_DATASETS == tuple(sorted(landmark_data.REVISITED_SIZES))
+  assert config_checks.PROTOCOLS == revisited.PROTOCOLS
+  assert config_checks.DISTRACTORS == ("revisitop1m",)
 
 
 def _config(name: str, arg: str | None = "smoke"):
