@@ -196,7 +196,7 @@ def problems(c: ml_collections.ConfigDict, num_devices: int = 1,
   if in_range("batch_size", "chunk_size", "samples_per_class"):
     found += batch_layout_problems(c.batch_size, c.chunk_size, num_devices, num_processes,
                                    c.samples_per_class)
-  found += _loss_problems(c)
+  found += _loss_problems(c, in_range)
   if c.data.decode_once and not c.data.in_memory:
     found.append("data.decode_once needs data.in_memory (it holds the decoded images)")
   if c.optimizer.name not in _OPTIMIZERS:
@@ -212,7 +212,7 @@ def problems(c: ml_collections.ConfigDict, num_devices: int = 1,
   return found
 
 
-def _loss_problems(c: ml_collections.ConfigDict) -> list[str]:
+def _loss_problems(c: ml_collections.ConfigDict, in_range) -> list[str]:
   names = losses.loss_names()
   found = []
   spec = losses.LOSSES.get(c.loss.name)
@@ -222,7 +222,8 @@ def _loss_problems(c: ml_collections.ConfigDict) -> list[str]:
   simix_losses = [n for n, s in losses.LOSSES.items() if s.simix]
   if c.simix and (spec is None or not spec.simix):
     found.append(f"simix is implemented for the {' / '.join(simix_losses)} loss only")
-  if spec is not None and "k_values" in spec.options and c.batch_size > 0:
+  if (spec is not None and "k_values" in spec.options
+      and in_range("batch_size", f"loss.{c.loss.name}.k_values")):
     too_large = [k for k in c.loss[c.loss.name].k_values if k >= c.batch_size - 1]
     if too_large:
       found.append(f"loss.{c.loss.name}.k_values {too_large} are not below batch_size - 1 = "

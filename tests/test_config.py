@@ -2,7 +2,10 @@
 
 import importlib.util
 import inspect
+import json
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -18,6 +21,34 @@ def load_config(name="omniglot", arg="smoke"):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg)
+
+
+_HEAVY = ("jax", "flax", "optax", "tensorflow", "tensorflow_datasets", "grain", "torch")
+
+
+def test_the_config_and_every_config_file_load_without_jax():
+  # A fresh interpreter: what `import recall_jax.config` and loading each configs/*.py (as
+  # main.py's config flag does, with and without `smoke`) bring into sys.modules.
+  files = sorted(str(p) for p in (REPO / "configs").glob("*.py") if p.name != "__init__.py")
+  code = f"""
+import importlib.util, json, sys
+heavy = {_HEAVY!r}
+import recall_jax.config
+found = {{"recall_jax.config": [m for m in heavy if m in sys.modules]}}
+for path in {files!r}:
+  spec = importlib.util.spec_from_file_location("config_file", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  module.get_config(None)
+  module.get_config("smoke")
+  found[path] = [m for m in heavy if m in sys.modules]
+print(json.dumps(found))
+"""
+  out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                       check=True, timeout=120)
+  found = json.loads(out.stdout)
+  assert len(found) == len(files) + 1 and len(files) > 10
+  assert found == {name: [] for name in found}
 
 
 def test_validation_names_every_problem():

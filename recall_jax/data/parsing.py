@@ -6,6 +6,11 @@ labels 0..C-1 within each split (sorted numerically when the names are integers,
 lexicographically), so a label never depends on file order. A user's query and gallery splits
 share one mapping, built over the class names of both.
 
+Serves both tasks: the category-level benchmarks, a user's `folder` data and the instance-level
+training sets (Google Landmarks v1 / v2-clean, SfM-120k). A parser is `parse(folder) -> {split:
+SplitPlan}`, built with `split_plan`, `require_file` and `check_images_exist`; the dataset's
+spec (`registry.DATASETS`) names it.
+
 A user's CSV labels are class names, with one normalisation: when every label of the CSV(s)
 parses as a decimal number (`1`, `01`, `1.0`, `+1`, `1e0`), each is the integer it equals, so
 `1`, `01` and `1.0` are one class; a number that is not whole (`1.5`) is refused, and so is a
@@ -72,9 +77,9 @@ def _sorted_names(names: Sequence[Hashable]) -> list[Hashable]:
   return sorted(set(names), key=_sort_key)
 
 
-def _plan(entries: list[Entry], what: str,
-          class_names: Sequence[Hashable] | None = None) -> SplitPlan:
-  """Builds a split from its entries.
+def split_plan(entries: list[Entry], what: str,
+               class_names: Sequence[Hashable] | None = None) -> SplitPlan:
+  """Builds a split from its entries (what every parser returns, per split).
 
   Args:
     entries: (file, member, class name, image id, origin) of each image.
@@ -91,13 +96,14 @@ def _plan(entries: list[Entry], what: str,
   return SplitPlan(records, [str(n) for n in names])
 
 
-def _require_file(path: pathlib.Path, hint: str = "") -> pathlib.Path:
+def require_file(path: pathlib.Path, hint: str = "") -> pathlib.Path:
+  """`path`, or MissingFileError naming it (and `hint`: how to get it) when it is no file."""
   if not path.is_file():
     raise MissingFileError(f"{path} not found{': ' + hint if hint else ''}")
   return path
 
 
-def _check_images_exist(entries: list[Entry], what: str) -> None:
+def check_images_exist(entries: list[Entry], what: str) -> None:
   """Raises MissingFileError naming the first missing image, its origin and the count."""
   missing = [e for e in entries if e[1] is None and not e[0].is_file()]
   if missing:
@@ -135,7 +141,7 @@ def parse_sop(folder: pathlib.Path) -> dict[str, SplitPlan]:
   """`Ebay_{train,test}.txt`: header, then `image_id class_id super_class_id path`."""
   plans = {}
   for split in ("train", "test"):
-    listing = _require_file(folder / f"Ebay_{split}.txt", "download Stanford_Online_Products")
+    listing = require_file(folder / f"Ebay_{split}.txt", "download Stanford_Online_Products")
     lines = _read_lines(listing)
     if not lines or lines[0][1].split()[:2] != ["image_id", "class_id"]:
       raise DataError(f"{listing}:1: expected the header `image_id class_id super_class_id path`")
@@ -146,8 +152,8 @@ def parse_sop(folder: pathlib.Path) -> dict[str, SplitPlan]:
       _int_field(listing, lineno, super_id, "super_class_id")  # Checked, not kept.
       entries.append((folder / rel, None, _int_field(listing, lineno, class_id, "class_id"),
                       image_id, f"{listing.name}:{lineno}"))
-    _check_images_exist(entries, f"sop/{split}")
-    plans[split] = _plan(entries, f"sop/{split} ({listing})")
+    check_images_exist(entries, f"sop/{split}")
+    plans[split] = split_plan(entries, f"sop/{split} ({listing})")
   return plans
 
 
@@ -159,7 +165,7 @@ def parse_inat2018(folder: pathlib.Path) -> dict[str, SplitPlan]:
   """`Inaturalist_{train,test}_set1.txt`: one `train_val2018/<Super>/<id>/<file>.jpg` per line."""
   plans = {}
   for split in ("train", "test"):
-    listing = _require_file(folder / f"Inaturalist_{split}_set1.txt",
+    listing = require_file(folder / f"Inaturalist_{split}_set1.txt",
                             "get the Smooth-AP split lists (github.com/Andrew-Brown1/Smooth_AP)")
     entries = []
     for lineno, line in _read_lines(listing):
@@ -170,8 +176,8 @@ def parse_inat2018(folder: pathlib.Path) -> dict[str, SplitPlan]:
       _, super_name, class_id, _ = parts
       entries.append((folder / line, None, f"{super_name}/{class_id}", line,
                       f"{listing.name}:{lineno}"))
-    _check_images_exist(entries, f"inat2018/{split}")
-    plans[split] = _plan(entries, f"inat2018/{split} ({listing})")
+    check_images_exist(entries, f"inat2018/{split}")
+    plans[split] = split_plan(entries, f"inat2018/{split} ({listing})")
   return plans
 
 
@@ -190,15 +196,15 @@ def parse_vehicleid(folder: pathlib.Path) -> dict[str, SplitPlan]:
   """`train_test_split/<list>.txt`: `image_id vehicle_id`; images are `image/<image_id>.jpg`."""
   plans = {}
   for split, name in VEHICLEID_LISTS.items():
-    listing = _require_file(folder / "train_test_split" / name, "download VehicleID_V1.0")
+    listing = require_file(folder / "train_test_split" / name, "download VehicleID_V1.0")
     entries = []
     for lineno, line in _read_lines(listing):
       image_id, vehicle_id = _fields(listing, lineno, line, 2, "image_id vehicle_id")
       entries.append((folder / "image" / f"{image_id}.jpg", None,
                       _int_field(listing, lineno, vehicle_id, "vehicle_id"), image_id,
                       f"{listing.name}:{lineno}"))
-    _check_images_exist(entries, f"vehicleid/{split}")
-    plans[split] = _plan(entries, f"vehicleid/{split} ({listing})")
+    check_images_exist(entries, f"vehicleid/{split}")
+    plans[split] = split_plan(entries, f"vehicleid/{split} ({listing})")
   return plans
 
 
@@ -210,7 +216,7 @@ def parse_cars196(folder: pathlib.Path) -> dict[str, SplitPlan]:
   """`cars_annos.mat` (`annotations` struct: `relative_im_path`, `class` 1-196); train = 1-98."""
   import scipy.io  # Only this dataset needs scipy; keep the import local.
 
-  mat_path = _require_file(folder / "cars_annos.mat", "download CARS196 (cars_annos.mat + car_ims)")
+  mat_path = require_file(folder / "cars_annos.mat", "download CARS196 (cars_annos.mat + car_ims)")
   try:
     mat = scipy.io.loadmat(mat_path, squeeze_me=True, struct_as_record=True)
   except Exception as e:
@@ -238,8 +244,8 @@ def parse_cars196(folder: pathlib.Path) -> dict[str, SplitPlan]:
                             f"{mat_path.name}:annotations[{n}]"))
   plans = {}
   for split, entries in by_split.items():
-    _check_images_exist(entries, f"cars196/{split}")
-    plans[split] = _plan(entries, f"cars196/{split} ({mat_path})")
+    check_images_exist(entries, f"cars196/{split}")
+    plans[split] = split_plan(entries, f"cars196/{split} ({mat_path})")
   return plans
 
 
@@ -249,7 +255,7 @@ def parse_cars196(folder: pathlib.Path) -> dict[str, SplitPlan]:
 
 def parse_cub200(folder: pathlib.Path) -> dict[str, SplitPlan]:
   """`images.txt`: `image_id <NNN>.<Name>/<file>.jpg`; class = NNN; train = 1-100."""
-  listing = _require_file(folder / "images.txt", "download CUB_200_2011")
+  listing = require_file(folder / "images.txt", "download CUB_200_2011")
   by_split = {"train": [], "test": []}
   for lineno, line in _read_lines(listing):
     image_id, rel = _fields(listing, lineno, line, 2, "image_id <NNN>.<Class>/<file>.jpg")
@@ -264,8 +270,8 @@ def parse_cub200(folder: pathlib.Path) -> dict[str, SplitPlan]:
                             f"{listing.name}:{lineno}"))
   plans = {}
   for split, entries in by_split.items():
-    _check_images_exist(entries, f"cub200/{split}")
-    plans[split] = _plan(entries, f"cub200/{split} ({listing})")
+    check_images_exist(entries, f"cub200/{split}")
+    plans[split] = split_plan(entries, f"cub200/{split} ({listing})")
   return plans
 
 
@@ -280,7 +286,7 @@ def parse_omniglot(folder: pathlib.Path) -> dict[str, SplitPlan]:
   """`images_{background,evaluation}.zip`; class = `<Alphabet>/character<NN>`."""
   plans = {}
   for split, stem in OMNIGLOT_SPLITS.items():
-    archive = _require_file(folder / f"{stem}.zip", "run with download=True or copy the archive")
+    archive = require_file(folder / f"{stem}.zip", "run with download=True or copy the archive")
     try:
       with zipfile.ZipFile(archive) as z:
         members = [m for m in z.namelist() if not m.endswith("/")]
@@ -297,7 +303,7 @@ def parse_omniglot(folder: pathlib.Path) -> dict[str, SplitPlan]:
       _, alphabet, character, _ = match.groups()
       entries.append((archive, member, f"{alphabet}/{character}", member,
                       f"{archive.name}:{member}"))
-    plans[split] = _plan(entries, f"omniglot/{split} ({archive})")
+    plans[split] = split_plan(entries, f"omniglot/{split} ({archive})")
   return plans
 
 
@@ -350,7 +356,7 @@ def _csv_entries(listing: pathlib.Path, what: str) -> list[Entry]:
       raise DataError(f"{listing}:{lineno}: malformed row {row!r}, expected `path,label`")
     rel, label = row[0].strip(), row[1].strip()
     entries.append((listing.parent / rel, None, label, rel, f"{listing.name}:{lineno}"))
-  _check_images_exist(entries, what)
+  check_images_exist(entries, what)
   return entries
 
 
@@ -463,7 +469,7 @@ def parse_folder(folder: pathlib.Path, split: str,
     per_split = {n: (k, [next(normalised) for _ in e] if k == "csv" else e)
                  for n, (k, e) in per_split.items()}
   class_names = _sorted_names([e[2] for _, entries in per_split.values() for e in entries])
-  return {name: _plan(entries, f"folder/{name}", class_names)
+  return {name: split_plan(entries, f"folder/{name}", class_names)
           for name, (_, entries) in per_split.items()}
 
 
@@ -474,7 +480,7 @@ def parse_folder(folder: pathlib.Path, split: str,
 
 def _landmark_rows(listing: pathlib.Path, header: Sequence[str]) -> list[tuple[int, list[str]]]:
   """The CSV rows after the header `header` (checked), with their 1-based line numbers."""
-  _require_file(listing)
+  require_file(listing)
   with open(listing, encoding="utf-8", newline="") as f:
     rows = [(n, row) for n, row in enumerate(csv.reader(f), 1) if row and "".join(row).strip()]
   if not rows or [c.strip() for c in rows[0][1]] != list(header):
@@ -503,8 +509,8 @@ def parse_gldv2_clean(folder: pathlib.Path) -> dict[str, SplitPlan]:
         raise DataError(f"{listing}:{lineno}: image id {image_id!r} is shorter than 3 characters")
       file = folder / "train" / image_id[0] / image_id[1] / image_id[2] / f"{image_id}.jpg"
       entries.append((file, None, landmark, image_id, f"{listing.name}:{lineno}"))
-  _check_images_exist(entries, f"gldv2_clean ({folder / 'train'})")
-  return {"train": _plan(entries, f"gldv2_clean/train ({listing})")}
+  check_images_exist(entries, f"gldv2_clean ({folder / 'train'})")
+  return {"train": split_plan(entries, f"gldv2_clean/train ({listing})")}
 
 
 def parse_gldv1(folder: pathlib.Path) -> dict[str, SplitPlan]:
@@ -533,7 +539,7 @@ def parse_gldv1(folder: pathlib.Path) -> dict[str, SplitPlan]:
                   f"{unlabelled} row(s) without a landmark_id; {len(entries)} kept", stacklevel=2)
   if not entries:
     raise DataError(f"gldv1: none of the images listed in {listing} is present")
-  return {"train": _plan(entries, f"gldv1/train ({listing})")}
+  return {"train": split_plan(entries, f"gldv1/train ({listing})")}
 
 
 def sfm120k_image_file(images: pathlib.Path, cid: str) -> pathlib.Path:
@@ -566,6 +572,6 @@ def parse_sfm120k(folder: pathlib.Path) -> dict[str, SplitPlan]:
       if isinstance(cluster, bool) or not isinstance(cluster, (int, np.integer)):
         raise DataError(f"{where}: cluster {cluster!r} is not an integer")
       entries.append((sfm120k_image_file(folder / "ims", cid), None, int(cluster), cid, where))
-    _check_images_exist(entries, f"sfm120k/{split} ({folder / 'ims'})")
-    plans[split] = _plan(entries, f"sfm120k/{split} ({listing})")
+    check_images_exist(entries, f"sfm120k/{split} ({folder / 'ims'})")
+    plans[split] = split_plan(entries, f"sfm120k/{split} ({listing})")
   return plans

@@ -17,6 +17,8 @@ from typing import Any
 
 from recall_jax.lazy import load_function
 
+__all__ = ["DATASETS", "DEFAULT_K_VALUES", "DatasetSpec", "dataset_spec", "load_function"]
+
 # Recall@k cut-offs of a dataset without a published protocol (a user's own data).
 DEFAULT_K_VALUES = (1, 2, 4, 8)
 

@@ -103,13 +103,13 @@ MULTI_SIMILARITY = LossSpec(
         "epsilon": Option(0.1, "margin of the pair mining", ranges.finite(at_least=0)),
     })
 
-# The registered losses, one entry each: config name -> spec.
-LOSSES: dict[str, LossSpec] = {
-    "recall_at_k": RECALL_AT_K,
-    "smooth_ap": SMOOTH_AP,
-    "contrastive": CONTRASTIVE,
-    "multi_similarity": MULTI_SIMILARITY,
-}
+# The registered losses, one entry each (a spec, or a name above): config name -> spec.
+LOSSES: dict[str, LossSpec] = {spec.name: spec for spec in (
+    RECALL_AT_K,
+    SMOOTH_AP,
+    CONTRASTIVE,
+    MULTI_SIMILARITY,
+)}
 
 
 def loss_names() -> tuple[str, ...]:
