@@ -1,14 +1,16 @@
 """Prepared dataset splits: a tensorflow-datasets builder writing ArrayRecord files of encoded
 images.
 
-`load_split(name, split)` parses the official files (see `parsing.py`), checks every image once,
+Serves both tasks. `load_split(name, split)` parses the official files with the dataset's parser
+(its spec in `registry.py`; the splits are what the parser returns), checks every image once,
 writes all splits of the dataset as ArrayRecord files of the *encoded* image bytes (no
-re-encoding, so no TensorFlow is needed) and reads them back with `tfds.data_source`. The labels
+re-encoding, so no TensorFlow is needed) and reads them back as a tfds data source. The labels
 of a split are stored in the prepared folder's `metadata.json`, so `source.labels` never touches
 an image. Preparation happens once per dataset folder: the prepared copy lives in
 `<data root>/prepared/<name>-<fingerprint>/` (or the user cache when the data root is
-read-only), where the fingerprint covers the annotation files' sizes and modification times
-(for a user's `folder` data: every image of the split, whether listed by a tree or a CSV).
+read-only), where the fingerprint covers the sizes and modification times of the annotation files
+the spec names (for a user's `folder` data: every image of the split, whether listed by a tree or
+a CSV).
 
 Preparation is atomic: the copy is built in a hidden `.<name>-<fingerprint>.partial-...` folder
 beside its final place and renamed into it when complete, so a run killed while preparing leaves
@@ -337,13 +339,15 @@ def load_split(name: str, split: str, *, data_root: str | os.PathLike[str] | Non
   """Prepares (once) and opens one split of a dataset.
 
   Args:
-    name: `sop`, `inat2018`, `vehicleid`, `cars196`, `cub200`, `omniglot`, `folder`, or a
-      landmark training set: `gldv2_clean`, `gldv1`, `sfm120k` (`val` too).
-    split: `train` / `test`; VehicleID has `train`, `test_800`, `test_1600`, `test_2400`; a
-      `folder` dataset accepts any name (`<path>/<split>.csv` or `<path>/<split>/`).
+    name: a registered dataset (`registry.DATASETS`): `sop`, `inat2018`, `vehicleid`,
+      `cars196`, `cub200`, `omniglot`, `folder`, or a landmark training set: `gldv2_clean`,
+      `gldv1`, `sfm120k` (`val` too).
+    split: one the dataset's parser returns: `train` / `test`; VehicleID has `train`,
+      `test_800`, `test_1600`, `test_2400`; a `folder` dataset accepts any name
+      (`<path>/<split>.csv` or `<path>/<split>/`).
     data_root: the data root (see `paths.data_root`).
     path: the dataset folder (or, for `folder`, a CSV file); default
-      `<data root>/<DEFAULT_FOLDERS[name]>`.
+      `<data root>/<the spec's folder>`.
     prepared_dir: where prepared copies go; default `<data root>/prepared` or the user cache.
     download: Omniglot only: fetch missing archives from `url_base` (default: the official
       repository).
