@@ -1,0 +1,48 @@
+"""The batch layout rules (recall_jax.batch_layout), against a brute-force reading of the rule."""
+
+import itertools
+import subprocess
+import sys
+
+import pytest
+
+from recall_jax import batch_layout
+from recall_jax import errors
+
+
+def _fits(batch: int, chunk: int, devices: int, processes: int, m: int) -> bool:
+  """Whether the batch can be cut as the sharded step cuts it, by trying every cut."""
+  chunks_ok = any(chunk * devices * n == batch for n in range(1, batch + 1))
+  classes_ok = any(m * n == batch for n in range(1, batch + 1))
+  process_rows = batch // processes if batch % processes == 0 else None
+  slices_ok = processes == 1 or (process_rows is not None
+                                 and any(m * n == process_rows for n in range(1, batch + 1)))
+  return chunks_ok and classes_ok and devices % processes == 0 and slices_ok
+
+
+@pytest.mark.parametrize("batch, chunk, devices, processes, m", list(itertools.product(
+    (8, 12, 16, 24), (1, 2, 3, 4), (1, 2, 4), (1, 2), (2, 3, 4))))
+def test_problems_are_found_exactly_when_the_batch_does_not_fit(batch, chunk, devices,
+                                                                processes, m):
+  problems = batch_layout.batch_layout_problems(batch, chunk, devices, processes, m)
+  assert (problems == []) == _fits(batch, chunk, devices, processes, m), problems
+  if problems:
+    with pytest.raises(errors.ConfigError):
+      batch_layout.check_batch_layout(batch, chunk, devices, processes, m)
+  else:
+    assert batch_layout.check_batch_layout(batch, chunk, devices, processes, m) == (
+        batch // (chunk * devices))
+
+
+def test_bad_sizes_are_named():
+  assert batch_layout.batch_layout_problems(8, 0, 1) == [
+      "chunk_size_per_device must be a positive integer, got 0"]
+
+
+def test_the_rules_import_no_jax_and_the_sharded_step_uses_them():
+  code = "import sys, recall_jax.batch_layout; print('jax' in sys.modules)"
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "False"
+  from recall_jax.train import sharding  # noqa: PLC0415 (imports JAX; after the check above)
+  assert sharding.batch_layout_problems is batch_layout.batch_layout_problems
+  assert sharding.check_batch_layout is batch_layout.check_batch_layout
