@@ -220,8 +220,7 @@ def eval_k_values(c: ml_collections.ConfigDict) -> tuple[int, ...]:
   """The recall@k cut-offs: `eval.k_values`, else the dataset's protocol (else (1, 2, 4, 8))."""
   if c.eval.k_values:
     return tuple(int(k) for k in c.eval.k_values)
-  spec = datasets.dataset_spec(c.data.name)
-  return spec.k_values if spec is not None else datasets.DEFAULT_K_VALUES
+  return tuple(datasets.protocol_for(c.data.name)["k_values"])
 
 
 def loss_section(spec: losses.LossSpec) -> ml_collections.ConfigDict:

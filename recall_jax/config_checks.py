@@ -252,8 +252,7 @@ def _evaluation_problems(c: ml_collections.ConfigDict) -> list[str]:
                  "leave-one-out on data.test_splits)")
   elif not evaluated_sets(c):
     found.append("data.test_splits names no split to evaluate")
-  spec = datasets.dataset_spec(c.data.name)
-  if c.eval.reid and (spec is None or spec.reid_k_values is None):
+  if c.eval.reid and datasets.protocol_for(c.data.name)["reid_k_values"] is None:
     with_reid = [n for n, s in datasets.DATASETS.items() if s.reid_k_values is not None]
     found.append(f"eval.reid: dataset {c.data.name!r} has no re-identification protocol "
                  f"({' / '.join(with_reid)} has)")

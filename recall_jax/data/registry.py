@@ -17,7 +17,8 @@ from typing import Any
 
 from recall_jax.lazy import load_function
 
-__all__ = ["DATASETS", "DEFAULT_K_VALUES", "DatasetSpec", "dataset_spec", "load_function"]
+__all__ = ["DATASETS", "DEFAULT_K_VALUES", "DatasetSpec", "dataset_spec", "load_function",
+           "protocol_for"]
 
 # Recall@k cut-offs of a dataset without a published protocol (a user's own data).
 DEFAULT_K_VALUES = (1, 2, 4, 8)
@@ -104,3 +105,16 @@ DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in (
 def dataset_spec(name: str) -> DatasetSpec | None:
   """The spec registered as `name`, or None for an unregistered name."""
   return DATASETS.get(name)
+
+
+def protocol_for(dataset_name: str) -> dict[str, Any]:
+  """{'name': dataset name, 'k_values': recall@k cut-offs, 'reid_k_values': cut-offs of the
+  optional re-identification protocol or None}. A fresh dict each call.
+
+  A dataset without a published protocol (unregistered) gets `DEFAULT_K_VALUES` and no
+  re-identification.
+  """
+  spec = dataset_spec(dataset_name)
+  if spec is None:
+    return {"name": dataset_name, "k_values": DEFAULT_K_VALUES, "reid_k_values": None}
+  return {"name": dataset_name, "k_values": spec.k_values, "reid_k_values": spec.reid_k_values}
