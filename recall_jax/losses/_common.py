@@ -19,7 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from recall_jax.numerics import compute_dtype
 from recall_jax.numerics import is_concrete
+from recall_jax.numerics import similarity
 
 # Fixed budget for the temporaries of the losses that rank positives against the batch
 # (RS@k, Smooth-AP) when the caller gives no `query_block`.
@@ -302,3 +304,69 @@ def mean_over_queries(per_query_loss: jax.Array, num_positives: jax.Array,
           / jnp.maximum(num_queries, 1).astype(per_query_loss.dtype))
   usable = (num_queries > 0) & ~jnp.any(num_positives > slots)
   return jnp.where(usable, loss, jnp.nan).astype(per_query_loss.dtype)
+
+
+def unit_rows(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+  """`x / max(||x||_2, eps)` along the last axis in x's own dtype (torch's `F.normalize`).
+
+  Unlike `numerics.l2_normalize` (float32 always), float64 stays float64, so the proxy losses
+  can be compared with reference libraries in float64.
+  """
+  norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
+  return x / jnp.maximum(norm, eps)
+
+
+def check_class_parameters(name: str, parameters, dim: int):
+  """`parameters` as an array; ValueError unless (C, dim) floats with C >= 1."""
+  parameters = as_array(parameters)
+  if parameters.ndim != 2 or parameters.shape[0] < 1 or parameters.shape[1] != dim:
+    raise ValueError(f"{name} must have shape (C, {dim}) (one row per class, the embedding "
+                     f"size), got shape {parameters.shape}")
+  if not jnp.issubdtype(parameters.dtype, jnp.floating):
+    raise ValueError(f"{name} must be floating point, got dtype {parameters.dtype}")
+  return parameters
+
+
+def check_labels_below(labels, num_classes: int, name: str) -> None:
+  """ValueError when concrete `labels` fall outside [0, num_classes) (traced ones are not read)."""
+  if not is_concrete(labels):
+    return
+  values = np.asarray(labels)
+  if values.min() < 0 or values.max() >= num_classes:
+    raise ValueError(
+        f"labels must lie in [0, {num_classes}) (one row of {name} per class), got labels from "
+        f"{values.min()} to {values.max()}")
+
+
+def nan_unless_labels_below(loss: jax.Array, labels: jax.Array, num_classes: int) -> jax.Array:
+  """`loss`, or NaN when some label lies outside [0, num_classes) (the traced form of
+  `check_labels_below`, so a training loop's non-finite check stops)."""
+  in_range = jnp.all((labels >= 0) & (labels < num_classes))
+  return jnp.where(in_range, loss, jnp.nan).astype(loss.dtype)
+
+
+def log1p_sum_exp(x: jax.Array, mask: jax.Array, axis: int = 1) -> jax.Array:
+  """log(1 + sum_{mask} exp(x)) along `axis`, stable, exactly 0 where the mask is empty."""
+  chex.assert_equal_shape([x, mask])
+  x = jnp.where(mask, x, -jnp.inf)
+  zeros = jnp.zeros_like(jnp.take(x, jnp.arange(1), axis=axis))
+  return jax.nn.logsumexp(jnp.concatenate([x, zeros], axis=axis), axis=axis)
+
+
+def cosine_to_classes(embeddings, labels, parameters, name: str) -> tuple[jax.Array, jax.Array]:
+  """Validated labels and the (B, C) cosines of the embeddings to per-class parameters.
+
+  Both sides are L2-normalised in their promoted compute dtype (float64 stays float64).
+
+  Raises:
+    ValueError: unless embeddings are (B, D) floats, labels (B,) integers, `parameters` (C, D)
+      floats, and concrete labels lie in [0, C).
+  """
+  embeddings, labels = check_batch(embeddings, labels)
+  parameters = check_class_parameters(name, parameters, embeddings.shape[1])
+  check_labels_below(labels, parameters.shape[0], name)
+  dtype = jnp.promote_types(compute_dtype(embeddings), compute_dtype(parameters))
+  cosines = similarity(unit_rows(jnp.asarray(embeddings, dtype)),
+                       unit_rows(jnp.asarray(parameters, dtype)))
+  chex.assert_shape(cosines, (labels.shape[0], parameters.shape[0]))
+  return jnp.asarray(labels), cosines

@@ -72,13 +72,6 @@ def multi_similarity_pairs(
   return pos_mask & anything, neg_mask & anything
 
 
-def _log1p_sum_exp(x: jax.Array, mask: jax.Array) -> jax.Array:
-  """Row-wise log(1 + sum_{mask} exp(x)), stable, exactly 0 for rows with an empty mask."""
-  x = jnp.where(mask, x, -jnp.inf)
-  zeros = jnp.zeros_like(x[:, :1])
-  return jax.nn.logsumexp(jnp.concatenate([x, zeros], axis=1), axis=1)
-
-
 def multi_similarity_loss(
     embeddings: jax.Array,
     labels: jax.Array,
@@ -132,7 +125,7 @@ def multi_similarity_loss(
 
   sim = similarity(embeddings, embeddings)  # (B, B)
   pos_mask, neg_mask = multi_similarity_pairs(sim, labels, epsilon=epsilon)
-  pos_loss = _log1p_sum_exp(-alpha * (sim - base), pos_mask) / alpha
-  neg_loss = _log1p_sum_exp(beta * (sim - base), neg_mask) / beta
+  pos_loss = _common.log1p_sum_exp(-alpha * (sim - base), pos_mask) / alpha
+  neg_loss = _common.log1p_sum_exp(beta * (sim - base), neg_mask) / beta
   chex.assert_shape([pos_loss, neg_loss], (num_rows,))
   return jnp.mean(pos_loss + neg_loss).astype(dtype)
