@@ -158,7 +158,17 @@ def largest_class(labels) -> int:
   return int(counts.max())
 
 
-def positive_slots(labels, *, samples_per_class: int | None, max_positives: int | None) -> int:
+def _most_database_positives(labels, num_queries: int | None, valid) -> int:
+  """The most positives (valid rows of its label, other than itself) of any query."""
+  values = np.asarray(labels)
+  kept = values if valid is None else values[np.asarray(valid, bool)]
+  classes, counts = np.unique(kept, return_counts=True)
+  queries = values[:num_queries]
+  return int(counts[np.searchsorted(classes, queries)].max()) - 1
+
+
+def positive_slots(labels, *, samples_per_class: int | None, max_positives: int | None,
+                   num_queries: int | None = None, valid=None) -> int:
   """The static number P of positive slots per query, from the batch layout.
 
   `samples_per_class = m` gives P = m - 1; `max_positives` gives P directly. With neither, P is
@@ -173,6 +183,9 @@ def positive_slots(labels, *, samples_per_class: int | None, max_positives: int 
     samples_per_class: the most rows any class has in the batch (SiMix's virtual rows
       included), >= 2.
     max_positives: the most positives (same label, other rows) of any query, >= 1.
+    num_queries: for a query/database loss, B: the queries are the first B of the `labels`
+      rows (the database's). None: every row is a query.
+    valid: (N,) bool, the database rows that count (None: all).
 
   Returns:
     P, between 1 and B - 1.
@@ -194,8 +207,11 @@ def positive_slots(labels, *, samples_per_class: int | None, max_positives: int 
   else:
     slots, source = None, None
 
-  if is_concrete(labels):
-    needed = largest_class(labels) - 1
+  if is_concrete(labels) and (valid is None or is_concrete(valid)):
+    if num_queries is None and valid is None:
+      needed = largest_class(labels) - 1
+    else:
+      needed = _most_database_positives(labels, num_queries, valid)
     if needed == 0:
       raise ValueError(NO_POSITIVE_MESSAGE)
     if slots is None:
@@ -212,18 +228,20 @@ def positive_slots(labels, *, samples_per_class: int | None, max_positives: int 
 
 
 def query_block_for(num_rows: int, slots: int, itemsize: int, memory_budget_bytes,
-                    query_block) -> int | None:
+                    query_block, num_columns: int | None = None) -> int | None:
   """The query block: the caller's, or the largest whose temporaries fit the budget.
 
   A block of Q queries ranks P slots against N rows, so the backward pass holds about
   Q * N * (3 P + 2) elements. Blocks are balanced: B is split into the fewest blocks that fit,
   of equal size, so padding stays below one row per block. None means one block of all queries.
+  `num_columns` is N when the B = `num_rows` queries rank against a larger database.
   """
   query_block = check_query_block(query_block)
   if query_block is not None:
     return None if query_block >= num_rows else query_block
   budget = positive_int("memory_budget_bytes", memory_budget_bytes)
-  per_query = num_rows * (_ARRAYS_PER_TERM * slots + _ARRAYS_PER_SIMILARITY) * itemsize
+  num_columns = num_rows if num_columns is None else num_columns
+  per_query = num_columns * (_ARRAYS_PER_TERM * slots + _ARRAYS_PER_SIMILARITY) * itemsize
   largest = max(1, budget // per_query)
   if largest >= num_rows:
     return None
@@ -252,12 +270,16 @@ def class_groups(labels: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, ja
   return order, start, end - start, inverse - start
 
 
-def positive_indices(labels: jax.Array, slots: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+def positive_indices(labels: jax.Array, slots: int,
+                     valid: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Each row's positives (same label, other row), in row order, in `slots` static slots.
 
   Args:
     labels: (B,) integers.
     slots: P, the static number of slots.
+    valid: (B,) bool or None. Invalid rows are nobody's positive: they are given one label
+      above every label (so labels must stay below the dtype's largest value); their own slots
+      are meaningless.
 
   Returns:
     indices: (B, P) int32 row indices of the positives; padding slots point at row 0.
@@ -265,6 +287,8 @@ def positive_indices(labels: jax.Array, slots: int) -> tuple[jax.Array, jax.Arra
       first P; `overflow` says so.
     num_positives: (B,) int, each row's true number of positives.
   """
+  if valid is not None:
+    labels = jnp.where(valid, labels, jnp.max(labels) + 1)
   order, start, count, position = class_groups(labels)
   slot = jnp.arange(slots)[None, :]
   # Skip the row itself: slots before its own position map to the same position, after it +1.
@@ -370,3 +394,44 @@ def cosine_to_classes(embeddings, labels, parameters, name: str) -> tuple[jax.Ar
                        unit_rows(jnp.asarray(parameters, dtype)))
   chex.assert_shape(cosines, (labels.shape[0], parameters.shape[0]))
   return jnp.asarray(labels), cosines
+
+
+def check_database(queries, query_labels, database, database_labels, database_valid):
+  """The arguments of a query/database loss as arrays, checked.
+
+  The database's first B rows must be the B queries themselves (same labels; same embeddings
+  and valid where concrete): that is how a query's own row is found and left out.
+
+  Returns:
+    (queries (B, D), query_labels (B,), database (N, D), database_labels (N,),
+    database_valid (N,) bool or None).
+
+  Raises:
+    ValueError: on shapes or dtypes that do not fit, a database shorter than the queries, or
+      (where concrete) a database whose first B rows are not the queries, or are masked out.
+  """
+  queries, query_labels = check_batch(queries, query_labels)
+  database, database_labels = check_batch(database, database_labels)
+  num_queries, dim = queries.shape
+  if database.shape[1] != dim:
+    raise ValueError(f"queries are {dim}-d but the database is {database.shape[1]}-d")
+  if database.shape[0] < num_queries:
+    raise ValueError(f"the database ({database.shape[0]} rows) must start with the "
+                     f"{num_queries} queries")
+  if database_valid is not None:
+    database_valid = as_array(database_valid)
+    if database_valid.shape != database_labels.shape or database_valid.dtype != bool:
+      raise ValueError(f"database_valid must be a ({database.shape[0]},) bool mask, got "
+                       f"{database_valid.dtype} of shape {database_valid.shape}")
+  head = lambda x: np.asarray(x[:num_queries])
+  if is_concrete(query_labels) and is_concrete(database_labels):
+    if not np.array_equal(head(database_labels), np.asarray(query_labels)):
+      raise ValueError("the database's first B labels must be the query labels (the database "
+                       "starts with the queries)")
+  if is_concrete(queries) and is_concrete(database):
+    if not np.array_equal(head(database), np.asarray(queries)):
+      raise ValueError("the database's first B rows must be the queries themselves")
+  if database_valid is not None and is_concrete(database_valid):
+    if not head(database_valid).all():
+      raise ValueError("the database's first B rows (the queries) must be valid")
+  return queries, query_labels, database, database_labels, database_valid
