@@ -435,3 +435,38 @@ def check_database(queries, query_labels, database, database_labels, database_va
     if not head(database_valid).all():
       raise ValueError("the database's first B rows (the queries) must be valid")
   return queries, query_labels, database, database_labels, database_valid
+
+
+def pair_masks(query_labels: jax.Array, database_labels: jax.Array,
+               database_valid: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+  """The positive and negative pairs of queries and a database that starts with the queries.
+
+  Args:
+    query_labels: (B,) integers.
+    database_labels: (N,) integers, N >= B, the first B being `query_labels`.
+    database_valid: (N,) bool or None (all rows valid).
+
+  Returns:
+    positive: (B, N) bool, same label, valid, and not the query's own row (row q of the
+      database).
+    negative: (B, N) bool, different label and valid.
+  """
+  num_queries, num_rows = query_labels.shape[0], database_labels.shape[0]
+  same = query_labels[:, None] == database_labels[None, :]
+  own_row = jnp.arange(num_queries)[:, None] == jnp.arange(num_rows)[None, :]
+  valid = (jnp.ones((1, num_rows), bool) if database_valid is None
+           else database_valid[None, :])
+  chex.assert_shape(same, (num_queries, num_rows))
+  return same & ~own_row & valid, ~same & valid
+
+
+def database_pairs(queries, query_labels, database, database_labels,
+                   database_valid) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(B, N) similarities of checked queries to a database starting with them, and the positive
+  and negative pairs of `pair_masks`; float64 inputs stay float64, others compute in float32."""
+  dtype = jnp.promote_types(compute_dtype(queries), compute_dtype(database))
+  valid = None if database_valid is None else jnp.asarray(database_valid)
+  positive, negative = pair_masks(jnp.asarray(query_labels), jnp.asarray(database_labels), valid)
+  sim = similarity(jnp.asarray(queries, dtype), jnp.asarray(database, dtype))
+  chex.assert_equal_shape([sim, positive, negative])
+  return sim, positive, negative

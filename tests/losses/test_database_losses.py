@@ -1,4 +1,4 @@
-"""RS@k and Smooth-AP in query/database form (batch + memory) against float64 brute force."""
+"""The pair-based losses in query/database form (batch + memory) against float64 brute force."""
 
 import functools
 import math
@@ -9,6 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from recall_jax.losses.contrastive import contrastive_database_loss
+from recall_jax.losses.contrastive import contrastive_loss
+from recall_jax.losses.multi_similarity import multi_similarity_database_loss
+from recall_jax.losses.multi_similarity import multi_similarity_loss
 from recall_jax.losses.recall_at_k import recall_at_k_database_loss
 from recall_jax.losses.recall_at_k import recall_at_k_loss
 from recall_jax.losses.smooth_ap import smooth_ap_database_loss
@@ -184,3 +188,77 @@ def test_bad_input(loss_fn):
   for args, kwargs, match in bad:
     with pytest.raises(ValueError, match=match):
       loss_fn(*args, **kwargs)
+
+
+def reference_contrastive(queries, query_labels, database, database_labels, valid,
+                          pos_margin=0.0, neg_margin=0.5):
+  s = np.asarray(queries, np.float64) @ np.asarray(database, np.float64).T
+  pos, neg = [], []
+  for q in range(len(query_labels)):
+    for j in range(len(database_labels)):
+      if not valid[j] or j == q:
+        continue
+      if database_labels[j] == query_labels[q]:
+        pos.append(max(0.0, (1 - pos_margin) - s[q, j]))
+      else:
+        neg.append(max(0.0, s[q, j] - (1 - neg_margin)))
+  mean_nonzero = lambda xs: sum(xs) / max(1, sum(x > 0 for x in xs))
+  return mean_nonzero(pos) + mean_nonzero(neg)
+
+
+def reference_multi_similarity(queries, query_labels, database, database_labels, valid,
+                               alpha=2.0, beta=50.0, base=0.5, epsilon=0.1):
+  s = np.asarray(queries, np.float64) @ np.asarray(database, np.float64).T
+  rows = [j for j in range(len(database_labels)) if valid[j]]
+  candidates = [([j for j in rows if j != q and database_labels[j] == query_labels[q]],
+                 [j for j in rows if database_labels[j] != query_labels[q]])
+                for q in range(len(query_labels))]
+  if not any(p for p, _ in candidates) or not any(n for _, n in candidates):
+    return 0.0
+  total = 0.0
+  for q, (positives, negatives) in enumerate(candidates):
+    hard_pos = [p for p in positives if negatives and s[q, p] - epsilon < max(s[q, negatives])]
+    hard_neg = [n for n in negatives if positives and s[q, n] + epsilon > min(s[q, positives])]
+    total += math.log1p(sum(math.exp(-alpha * (s[q, p] - base)) for p in hard_pos)) / alpha
+    total += math.log1p(sum(math.exp(beta * (s[q, n] - base)) for n in hard_neg)) / beta
+  return total / len(query_labels)
+
+
+PAIR_LOSSES = [
+    (contrastive_database_loss, contrastive_loss, reference_contrastive,
+     dict(pos_margin=0.1, neg_margin=0.6)),
+    (multi_similarity_database_loss, multi_similarity_loss, reference_multi_similarity,
+     dict(alpha=3.0, epsilon=0.2)),
+]
+
+
+@pytest.mark.usefixtures("x64")  # float64 references
+class PairLossDatabaseFormTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_batch_and_memory_match_brute_force(self):
+    for database_fn, _, reference, kwargs in PAIR_LOSSES:
+      fn = self.variant(functools.partial(database_fn, **kwargs))
+      for seed in range(2):
+        q, ql, db, dbl, valid = _batch_and_memory(seed)
+        got = fn(jnp.asarray(q), jnp.asarray(ql), jnp.asarray(db), jnp.asarray(dbl),
+                 database_valid=jnp.asarray(valid))
+        np.testing.assert_allclose(float(got), reference(q, ql, db, dbl, valid, **kwargs),
+                                   rtol=1e-10)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_batch_as_database_equals_batch_loss(self):
+    for database_fn, batch_fn, _, kwargs in PAIR_LOSSES:
+      e, labels = (jnp.asarray(x) for x in _batch_and_memory(7)[:2])
+      as_database = lambda e, y, f=database_fn, kw=kwargs: f(e, y, e, y, **kw)
+      got, got_grad = self.variant(jax.value_and_grad(as_database))(e, labels)
+      want, want_grad = jax.value_and_grad(functools.partial(batch_fn, **kwargs))(e, labels)
+      np.testing.assert_allclose(float(got), float(want), rtol=1e-12)
+      np.testing.assert_allclose(np.asarray(got_grad), np.asarray(want_grad), atol=1e-12)
+
+
+@pytest.mark.parametrize("loss_fn", [contrastive_database_loss, multi_similarity_database_loss])
+def test_pair_losses_reject_a_database_without_the_queries(loss_fn):
+  q, ql, db, dbl, _ = _batch_and_memory(8)
+  with pytest.raises(ValueError, match="first B"):
+    loss_fn(q.astype(np.float32), ql, db[::-1].astype(np.float32), dbl)
