@@ -429,7 +429,7 @@ def check_database(queries, query_labels, database, database_labels, database_va
       raise ValueError("the database's first B labels must be the query labels (the database "
                        "starts with the queries)")
   if is_concrete(queries) and is_concrete(database):
-    if not np.array_equal(head(database), np.asarray(queries)):
+    if not np.array_equal(head(database), np.asarray(queries), equal_nan=True):
       raise ValueError("the database's first B rows must be the queries themselves")
   if database_valid is not None and is_concrete(database_valid):
     if not head(database_valid).all():
