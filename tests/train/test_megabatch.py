@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from recall_jax.losses.contrastive import contrastive_database_loss
 from recall_jax.losses.normalized_softmax import normalized_softmax_loss
 from recall_jax.losses.proxy_anchor import init_proxies
 from recall_jax.losses.proxy_anchor import proxy_anchor_loss
@@ -581,3 +582,35 @@ def test_loss_parameters_must_match_the_step():
   without = megabatch_value_and_grad(embed_fn, _contrastive, chunk_size=4)
   with pytest.raises(ValueError, match="loss_params"):
     without(params, images, labels, loss_params=jnp.ones((4, 8)))
+
+
+def test_bucketed_loss_parameters_and_memory_equal_plain_backprop(x64):
+  """Aspect buckets with a loss that has proxies and reads a memory: row-by-row backprop."""
+  params, buckets, slots, labels, rows = _bucketed_problem(jnp.float64)
+  rng = np.random.default_rng(5)
+  proxies = init_proxies(jax.random.key(4), 5, 6, jnp.float64)  # class 4 absent from the batch
+  memory = cross_batch_memory.update(cross_batch_memory.init(8, 6, jnp.float64),
+                                     rng.normal(size=(5, 6)), rng.integers(0, 5, 5))
+
+  def loss_fn(embeddings, labels, proxies, memory):
+    database, database_labels, valid = cross_batch_memory.database(memory, embeddings, labels)
+    return (proxy_anchor_loss(embeddings, labels, proxies)
+            + contrastive_database_loss(embeddings, labels, database, database_labels,
+                                        database_valid=valid))
+
+  step = jax.jit(bucketed_value_and_grad(_masked_embed, loss_fn, chunk_size=2,
+                                         loss_has_params=True))
+  loss, (grads, proxy_grads) = step(params, BucketedBatch(buckets, jnp.asarray(slots)), labels,
+                                    loss_params=proxies, loss_inputs=(memory,))
+
+  def whole_batch_loss(p, proxies):
+    embeddings = jnp.concatenate([_masked_embed(p, jnp.asarray(row)[None], None)
+                                  for row in rows])
+    return loss_fn(embeddings, labels, proxies, memory)
+
+  want_loss, (want_grads, want_proxy_grads) = jax.value_and_grad(
+      whole_batch_loss, argnums=(0, 1))(params, proxies)
+  np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-10)
+  assert float(jnp.max(jnp.abs(want_proxy_grads[4]))) > 0.0
+  chex.assert_trees_all_close((grads, proxy_grads), (want_grads, want_proxy_grads), rtol=1e-9,
+                              atol=1e-12)
