@@ -18,17 +18,18 @@ two averages are added. Ordered pairs are used as in pytorch-metric-learning; si
 symmetric this equals averaging over unordered pairs. Rows without a positive still contribute
 their negative pairs. Unlike pytorch-metric-learning, a batch with at most one positive and at
 most one negative ordered pair is not special-cased to zero.
+
+Query/database form (`contrastive_database_loss`): the pairs are (query, database row) with the
+batch as queries and the batch followed by a cross-batch memory as database (category-level
+task).
 """
 
 from __future__ import annotations
 
-import chex
 import jax
 import jax.numpy as jnp
 
 from recall_jax.losses import _common
-from recall_jax.numerics import compute_dtype
-from recall_jax.numerics import similarity
 
 DEFAULT_POS_MARGIN = 0.0
 DEFAULT_NEG_MARGIN = 0.5
@@ -79,6 +80,49 @@ def contrastive_loss(
     0.7533 (4, 2)
   """
   embeddings, labels = _common.check_batch(embeddings, labels)
+  return _loss(embeddings, labels, embeddings, labels, None, pos_margin, neg_margin)
+
+
+def contrastive_database_loss(
+    queries: jax.Array,
+    query_labels: jax.Array,
+    database: jax.Array,
+    database_labels: jax.Array,
+    *,
+    database_valid: jax.Array | None = None,
+    pos_margin: float = DEFAULT_POS_MARGIN,
+    neg_margin: float = DEFAULT_NEG_MARGIN,
+) -> jax.Array:
+  """The contrastive loss of query/database pairs (e.g. the batch against batch + memory).
+
+  The pairs are (query q, valid database row j), j not q's own row; the reduction is the
+  module docstring's. The database must start with the queries (its first B rows are the
+  queries themselves); with the batch as the whole database this is `contrastive_loss`.
+
+  Args:
+    queries: (B, D) float query embeddings.
+    query_labels: (B,) integer labels.
+    database: (N, D) float database embeddings, N >= B, rows [0, B) being `queries`.
+    database_labels: (N,) integer labels, the first B being `query_labels`.
+    database_valid: (N,) bool, False on rows to ignore (a memory not yet full); None: all.
+    pos_margin, neg_margin: as in `contrastive_loss`.
+
+  Returns:
+    Scalar loss >= 0, float32 (float64 for float64 inputs).
+
+  Raises:
+    ValueError: as `contrastive_loss`, and when the database does not start with the queries
+      (where concrete), the dimensions differ, or the mask is not (N,) bool.
+  """
+  queries, query_labels, database, database_labels, database_valid = _common.check_database(
+      queries, query_labels, database, database_labels, database_valid)
+  return _loss(queries, query_labels, database, database_labels, database_valid, pos_margin,
+               neg_margin)
+
+
+def _loss(queries, query_labels, database, database_labels, database_valid, pos_margin,
+          neg_margin) -> jax.Array:
+  """The loss of checked arrays: queries (B, D) against a database (N, D) starting with them."""
   pos_margin = _common.finite_number("pos_margin", pos_margin)
   neg_margin = _common.finite_number("neg_margin", neg_margin)
   if pos_margin < 0:
@@ -86,16 +130,10 @@ def contrastive_loss(
   if neg_margin < pos_margin:
     raise ValueError(
         f"neg_margin ({neg_margin}) must be >= pos_margin ({pos_margin})")
-  dtype = compute_dtype(embeddings)
-  embeddings, labels = jnp.asarray(embeddings, dtype), jnp.asarray(labels)
-  num_rows = labels.shape[0]
-
-  sim = similarity(embeddings, embeddings)  # (B, B)
-  chex.assert_shape(sim, (num_rows, num_rows))
-  same = labels[:, None] == labels[None, :]
-  off_diagonal = ~jnp.eye(num_rows, dtype=bool)
+  sim, positive, negative = _common.database_pairs(queries, query_labels, database,
+                                                   database_labels, database_valid)
+  dtype = sim.dtype
   pos_losses = jax.nn.relu((1.0 - pos_margin) - sim)
   neg_losses = jax.nn.relu(sim - (1.0 - neg_margin))
-  loss = (_mean_of_nonzero(pos_losses, same & off_diagonal)
-          + _mean_of_nonzero(neg_losses, ~same))
+  loss = _mean_of_nonzero(pos_losses, positive) + _mean_of_nonzero(neg_losses, negative)
   return loss.astype(dtype)

@@ -26,6 +26,9 @@ pytorch-metric-learning: the authors skip an anchor unless both its mined sets a
 pick positives as same-label similarities below 1 - 1e-5 rather than by row index. Unlike
 pytorch-metric-learning, a batch that mines at most one positive and at most one negative pair is
 not special-cased to zero.
+
+Query/database form (`multi_similarity_database_loss`): the batch's rows are the anchors and
+their candidates are the batch followed by a cross-batch memory (category-level task).
 """
 
 from __future__ import annotations
@@ -35,8 +38,6 @@ import jax
 import jax.numpy as jnp
 
 from recall_jax.losses import _common
-from recall_jax.numerics import compute_dtype
-from recall_jax.numerics import similarity
 
 DEFAULT_ALPHA = 2.0
 DEFAULT_BETA = 50.0
@@ -60,23 +61,20 @@ def multi_similarity_pairs(
   """
   num_rows = labels.shape[0]
   chex.assert_shape(similarities, (num_rows, num_rows))
+  return _mine(similarities, *_common.pair_masks(labels, labels, None), epsilon=epsilon)
+
+
+def _mine(similarities: jax.Array, positive: jax.Array, negative: jax.Array, *,
+          epsilon: float) -> tuple[jax.Array, jax.Array]:
+  """The hard pairs among (B, N) `positive` / `negative` pairs of queries and a database."""
+  chex.assert_equal_shape([similarities, positive, negative])
   sim = jax.lax.stop_gradient(similarities)
-  same = labels[:, None] == labels[None, :]
-  positive = same & ~jnp.eye(num_rows, dtype=bool)
-  negative = ~same
   hardest_pos = jnp.min(jnp.where(positive, sim, jnp.inf), axis=1, keepdims=True)
   hardest_neg = jnp.max(jnp.where(negative, sim, -jnp.inf), axis=1, keepdims=True)
   pos_mask = positive & (sim - epsilon < hardest_neg)
   neg_mask = negative & (sim + epsilon > hardest_pos)
   anything = jnp.any(positive) & jnp.any(negative)
   return pos_mask & anything, neg_mask & anything
-
-
-def _log1p_sum_exp(x: jax.Array, mask: jax.Array) -> jax.Array:
-  """Row-wise log(1 + sum_{mask} exp(x)), stable, exactly 0 for rows with an empty mask."""
-  x = jnp.where(mask, x, -jnp.inf)
-  zeros = jnp.zeros_like(x[:, :1])
-  return jax.nn.logsumexp(jnp.concatenate([x, zeros], axis=1), axis=1)
 
 
 def multi_similarity_loss(
@@ -120,19 +118,64 @@ def multi_similarity_loss(
     (4, 2)
   """
   embeddings, labels = _common.check_batch(embeddings, labels)
+  return _loss(embeddings, labels, embeddings, labels, None, alpha=alpha, beta=beta, base=base,
+               epsilon=epsilon)
+
+
+def multi_similarity_database_loss(
+    queries: jax.Array,
+    query_labels: jax.Array,
+    database: jax.Array,
+    database_labels: jax.Array,
+    *,
+    database_valid: jax.Array | None = None,
+    alpha: float = DEFAULT_ALPHA,
+    beta: float = DEFAULT_BETA,
+    base: float = DEFAULT_BASE,
+    epsilon: float = DEFAULT_EPSILON,
+) -> jax.Array:
+  """The multi-similarity loss of query anchors against a database (e.g. batch + memory).
+
+  Mining and loss are the module docstring's with the valid database rows (other than the
+  anchor's own) as each anchor's candidates; the mean runs over the B queries. The database
+  must start with the queries (its first B rows are the queries themselves); with the batch as
+  the whole database this is `multi_similarity_loss`.
+
+  Args:
+    queries: (B, D) float query embeddings.
+    query_labels: (B,) integer labels.
+    database: (N, D) float database embeddings, N >= B, rows [0, B) being `queries`.
+    database_labels: (N,) integer labels, the first B being `query_labels`.
+    database_valid: (N,) bool, False on rows to ignore (a memory not yet full); None: all.
+    alpha, beta, base, epsilon: as in `multi_similarity_loss`.
+
+  Returns:
+    Scalar loss >= 0, float32 (float64 for float64 inputs).
+
+  Raises:
+    ValueError: as `multi_similarity_loss`, and when the database does not start with the
+      queries (where concrete), the dimensions differ, or the mask is not (N,) bool.
+  """
+  queries, query_labels, database, database_labels, database_valid = _common.check_database(
+      queries, query_labels, database, database_labels, database_valid)
+  return _loss(queries, query_labels, database, database_labels, database_valid, alpha=alpha,
+               beta=beta, base=base, epsilon=epsilon)
+
+
+def _loss(queries, query_labels, database, database_labels, database_valid, *, alpha, beta,
+          base, epsilon) -> jax.Array:
+  """The loss of checked arrays: queries (B, D) against a database (N, D) starting with them."""
   alpha = _common.positive_number("alpha", alpha)
   beta = _common.positive_number("beta", beta)
   base = _common.finite_number("base", base)
   epsilon = _common.finite_number("epsilon", epsilon)
   if epsilon < 0:
     raise ValueError(f"epsilon must be >= 0, got {epsilon}")
-  dtype = compute_dtype(embeddings)
-  embeddings, labels = jnp.asarray(embeddings, dtype), jnp.asarray(labels)
-  num_rows = labels.shape[0]
-
-  sim = similarity(embeddings, embeddings)  # (B, B)
-  pos_mask, neg_mask = multi_similarity_pairs(sim, labels, epsilon=epsilon)
-  pos_loss = _log1p_sum_exp(-alpha * (sim - base), pos_mask) / alpha
-  neg_loss = _log1p_sum_exp(beta * (sim - base), neg_mask) / beta
-  chex.assert_shape([pos_loss, neg_loss], (num_rows,))
+  sim, positive, negative = _common.database_pairs(queries, query_labels, database,
+                                                   database_labels, database_valid)
+  dtype = sim.dtype
+  pos_mask, neg_mask = _mine(sim, positive, negative, epsilon=epsilon)
+  pos_loss = _common.log1p_sum_exp(-alpha * (sim - base), pos_mask) / alpha
+  neg_loss = _common.log1p_sum_exp(beta * (sim - base), neg_mask) / beta
+  chex.assert_shape([pos_loss, neg_loss], (query_labels.shape[0],))
   return jnp.mean(pos_loss + neg_loss).astype(dtype)

@@ -21,6 +21,10 @@ Rank convention (`count_query_in_rank`):
 
 Both sigmoid arguments are clipped to [-50, 50] before the sigmoid, as in the official code.
 
+Query/database form (`recall_at_k_database_loss`): the batch's rows are the queries and the
+database is the batch followed by more rows, e.g. a cross-batch memory of earlier embeddings
+(category-level task); positives and ranks then run over the valid database rows.
+
 Cost: O(B * P * B) time, where P is the number of positive slots per query, never O(B^3) when
 the caller gives the batch layout: each query gathers its positives into P static slots
 (`samples_per_class - 1`, or `max_positives`). Queries are processed in blocks of `query_block`
@@ -61,6 +65,7 @@ def _per_query_loss(
     tau1: float,
     tau2: float,
     count_query_in_rank: bool,
+    column_valid: jax.Array | None,
 ) -> jax.Array:
   """`1 - mean_k R_qk` for a block of queries.
 
@@ -69,6 +74,7 @@ def _per_query_loss(
     query_idx: (Q,) row index of each query (its own column in `sim_rows`).
     pos_idx, pos_valid: (Q, P) positive slots of each query.
     num_positives: (Q,) |P_q|.
+    column_valid: (N,) bool, the rows that count in ranks (None: all).
 
   Returns:
     (Q,) per-query loss (meaningless where num_positives == 0; the caller masks it).
@@ -81,6 +87,8 @@ def _per_query_loss(
   keep = column != pos_idx[:, :, None]
   if not count_query_in_rank:
     keep &= column != query_idx[:, None, None]
+  if column_valid is not None:
+    keep &= column_valid[None, None, :]
   rank = 1.0 + jnp.sum(jnp.where(keep, terms, 0.0), axis=-1)  # (Q, P)
 
   recalls = []
@@ -93,12 +101,15 @@ def _per_query_loss(
 
 @functools.partial(
     jax.jit,
-    static_argnames=("from_similarity", "k_values", "tau1", "tau2", "count_query_in_rank",
-                     "slots", "query_block"))
+    static_argnames=("num_queries", "from_similarity", "k_values", "tau1", "tau2",
+                     "count_query_in_rank", "slots", "query_block"))
 def _loss(
     x: jax.Array,
+    database: jax.Array | None,
     labels: jax.Array,
+    valid: jax.Array | None,
     *,
+    num_queries: int,
     from_similarity: bool,
     k_values: tuple[int, ...],
     tau1: float,
@@ -107,38 +118,43 @@ def _loss(
     slots: int,
     query_block: int | None,
 ) -> jax.Array:
-  """RS@k of embeddings x (B, D), or of a similarity matrix x (B, B) when from_similarity."""
+  """RS@k of queries x (B, D) against a database (N, D) whose first B rows are the queries, or
+  of a similarity matrix x (B, N) when from_similarity; labels and valid are the database's."""
   dtype = x.dtype
-  num_rows = labels.shape[0]
   if from_similarity:
     row_fn = lambda idx: x[idx]
   else:
-    row_fn = lambda idx: similarity(x[idx], x)
-  pos_idx, pos_valid, num_positives = _common.positive_indices(labels, slots)
+    row_fn = lambda idx: similarity(x[idx], database)
+  pos_idx, pos_valid, num_positives = (
+      a[:num_queries] for a in _common.positive_indices(labels, slots, valid))
 
   def block_loss(query_idx):
     loss = _per_query_loss(
         row_fn(query_idx), query_idx, pos_idx[query_idx], pos_valid[query_idx],
-        num_positives[query_idx], k_values, tau1, tau2, count_query_in_rank)
+        num_positives[query_idx], k_values, tau1, tau2, count_query_in_rank, valid)
     return loss.astype(dtype)
 
-  per_query = _common.map_query_blocks(block_loss, num_rows, query_block)
+  per_query = _common.map_query_blocks(block_loss, num_queries, query_block)
   return _common.mean_over_queries(per_query, num_positives, slots)
 
 
 def _prepare(x, labels, *, k_values, tau1, tau2, samples_per_class, max_positives, query_block,
-             memory_budget_bytes) -> dict:
-  """Validated static arguments of `_loss` (x and labels already shape-checked)."""
+             memory_budget_bytes, num_queries=None, valid=None) -> dict:
+  """Validated static arguments of `_loss` (x and labels already shape-checked); `labels` and
+  `valid` are the database's, whose first `num_queries` rows are the queries (None: all)."""
   num_rows = labels.shape[0]
   k_values = _common.check_k_values(k_values, num_rows, DEFAULT_K_VALUES)
   tau1 = _common.positive_number("tau1", tau1)
   tau2 = _common.positive_number("tau2", tau2)
   query_block = _common.check_query_block(query_block)
   slots = _common.positive_slots(labels, samples_per_class=samples_per_class,
-                                 max_positives=max_positives)
-  query_block = _common.query_block_for(num_rows, slots, jnp.dtype(compute_dtype(x)).itemsize,
-                                        memory_budget_bytes, query_block)
-  return dict(k_values=k_values, tau1=tau1, tau2=tau2, slots=slots, query_block=query_block)
+                                 max_positives=max_positives, num_queries=num_queries,
+                                 valid=valid)
+  num_queries = num_rows if num_queries is None else num_queries
+  query_block = _common.query_block_for(num_queries, slots, jnp.dtype(compute_dtype(x)).itemsize,
+                                        memory_budget_bytes, query_block, num_columns=num_rows)
+  return dict(k_values=k_values, tau1=tau1, tau2=tau2, slots=slots, query_block=query_block,
+              num_queries=num_queries)
 
 
 def recall_at_k_loss(
@@ -211,8 +227,9 @@ def recall_at_k_loss(
   static = _prepare(embeddings, labels, k_values=k_values, tau1=tau1, tau2=tau2,
                     samples_per_class=samples_per_class, max_positives=max_positives,
                     query_block=query_block, memory_budget_bytes=memory_budget_bytes)
-  return _loss(jnp.asarray(embeddings, compute_dtype(embeddings)), jnp.asarray(labels),
-               from_similarity=False, count_query_in_rank=bool(count_query_in_rank), **static)
+  embeddings = jnp.asarray(embeddings, compute_dtype(embeddings))
+  return _loss(embeddings, embeddings, jnp.asarray(labels), None, from_similarity=False,
+               count_query_in_rank=bool(count_query_in_rank), **static)
 
 
 def recall_at_k_loss_from_similarity(
@@ -248,8 +265,82 @@ def recall_at_k_loss_from_similarity(
   static = _prepare(similarities, labels, k_values=k_values, tau1=tau1, tau2=tau2,
                     samples_per_class=samples_per_class, max_positives=max_positives,
                     query_block=query_block, memory_budget_bytes=memory_budget_bytes)
-  return _loss(jnp.asarray(similarities, compute_dtype(similarities)), jnp.asarray(labels),
-               from_similarity=True, count_query_in_rank=bool(count_query_in_rank), **static)
+  return _loss(jnp.asarray(similarities, compute_dtype(similarities)), None, jnp.asarray(labels),
+               None, from_similarity=True, count_query_in_rank=bool(count_query_in_rank),
+               **static)
+
+
+def recall_at_k_database_loss(
+    queries: jax.Array,
+    query_labels: jax.Array,
+    database: jax.Array,
+    database_labels: jax.Array,
+    *,
+    database_valid: jax.Array | None = None,
+    k_values: Sequence[int] | None = DEFAULT_K_VALUES,
+    tau1: float = 1.0,
+    tau2: float = 0.01,
+    count_query_in_rank: bool = True,
+    max_positives: int | None = None,
+    query_block: int | None = None,
+    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+) -> jax.Array:
+  """RS@k of a batch of queries ranked against a larger database (e.g. batch + memory).
+
+  The formula is the module docstring's with the database in place of the batch: for query q,
+  P_q is the valid database rows of its label other than its own row, and ranks sum over the
+  valid database rows. The database must START with the queries: its first B rows are the
+  queries themselves (`cross_batch_memory.database` builds it so), which is how a query's own
+  row is found; with the batch as the whole database this is `recall_at_k_loss` exactly.
+
+  Args:
+    queries: (B, D) float query embeddings (the batch), used as given.
+    query_labels: (B,) integer labels of the queries.
+    database: (N, D) float database embeddings, N >= B, rows [0, B) being `queries`. Gradients
+      flow through it as given (the memory's rows are constants when built by
+      `cross_batch_memory.database`).
+    database_labels: (N,) integer labels, the first B being `query_labels`.
+    database_valid: (N,) bool, False on rows to ignore (a memory not yet full); None: all rows.
+      Labels of valid rows must be below the labels dtype's largest value.
+    k_values, tau1, tau2, count_query_in_rank, query_block, memory_budget_bytes: as in
+      `recall_at_k_loss`, with N in place of B (each k below N - 1).
+    max_positives: the static number of positive slots per query: the most valid database
+      rows of a query's class, less one. A memory holds rows of the batch's classes from
+      earlier steps, so the batch layout no longer bounds this. None: from concrete labels, or
+      N - 1 slots for traced labels (with a warning).
+
+  Returns:
+    Scalar loss in [0, 1], float32 (float64 for float64 inputs); NaN when traced labels give a
+    query more positives than its slots, or no query has a positive.
+
+  Raises:
+    ValueError: as `recall_at_k_loss`, and when the database does not start with the queries
+      (where concrete), the dimensions differ, or the mask is not (N,) bool.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from recall_jax.losses.recall_at_k import recall_at_k_database_loss
+    >>> labels = jnp.array([0, 0, 1, 1, 2, 2])
+    >>> embeddings = jnp.eye(3)[labels] + 0.1 * jnp.eye(3)[jnp.array([1, 2, 0, 2, 0, 1])]
+    >>> memory = jnp.eye(3)[jnp.array([0, 1])]
+    >>> database = jnp.concatenate([embeddings, memory])
+    >>> database_labels = jnp.concatenate([labels, jnp.array([0, 1])])
+    >>> loss = recall_at_k_database_loss(embeddings, labels, database, database_labels,
+    ...                                  k_values=(1, 2))
+    >>> print(f"{loss:.4f}")
+    0.5532
+  """
+  queries, query_labels, database, database_labels, database_valid = _common.check_database(
+      queries, query_labels, database, database_labels, database_valid)
+  static = _prepare(database, database_labels, k_values=k_values, tau1=tau1, tau2=tau2,
+                    samples_per_class=None, max_positives=max_positives,
+                    query_block=query_block, memory_budget_bytes=memory_budget_bytes,
+                    num_queries=queries.shape[0], valid=database_valid)
+  dtype = jnp.promote_types(compute_dtype(queries), compute_dtype(database))
+  valid = None if database_valid is None else jnp.asarray(database_valid)
+  return _loss(jnp.asarray(queries, dtype), jnp.asarray(database, dtype),
+               jnp.asarray(database_labels), valid, from_similarity=False,
+               count_query_in_rank=bool(count_query_in_rank), **static)
 
 
 # The name the project has always exported; the same function.

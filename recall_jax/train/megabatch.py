@@ -23,6 +23,12 @@ i.e. `x.reshape(chunk_size, n, ...).swapaxes(0, 1)`, as `optax.microbatching` do
 is sharded over devices along its leading axis, every chunk then holds an equal, contiguous share
 of every device's rows, so all devices work in every chunk and no data moves to form chunks.
 
+Losses with parameters of their own (ProxyAnchor's proxies, normalized softmax's class weights):
+step 2 differentiates the loss with respect to E and those parameters θ_loss together; θ_loss
+never meets the model, so its gradient is exact after the first pass and only dL/dE goes on to
+step 3. Inputs the loss reads but does not differentiate (a cross-batch memory) travel as
+`loss_inputs`.
+
 Randomness: `rng` is split once into an embedding key and a loss key,
 `embed_rng, loss_rng = jax.random.split(rng)`; chunk c is embedded with
 `jax.random.fold_in(embed_rng, c)` in both passes (otherwise dropout masks differ between the
@@ -147,6 +153,7 @@ def grouped_value_and_grad(
     chunk_size: int,
     loss_uses_rng: bool = False,
     keep_activations: bool = False,
+    loss_has_params: bool = False,
 ) -> Callable[..., tuple[jax.Array, PyTree]]:
   """The two-pass `value_and_grad` over several groups of images, each with its own shape.
 
@@ -157,21 +164,27 @@ def grouped_value_and_grad(
   Args:
     embed_fn, chunk_size, loss_uses_rng, keep_activations: as in `megabatch_value_and_grad`.
     loss_fn: `loss_fn(embeddings, *loss_args)` (with `loss_uses_rng`, then the loss key), where
-      `embeddings` is a tuple holding each group's (S_g, D) embeddings in row order.
+      `embeddings` is a tuple holding each group's (S_g, D) embeddings in row order; with
+      `loss_has_params`, `loss_fn(embeddings, loss_params, *loss_args)`.
+    loss_has_params: the loss has parameters of its own (e.g. proxies), differentiated in the
+      first pass together with the embeddings.
 
   Returns:
-    `step_fn(params, groups, loss_args=(), rng=None) -> (loss, grads)`: `groups` a non-empty
-    tuple of image arrays (or pytrees), each with a leading axis S_g divisible by `chunk_size`;
-    `loss_args` passed to `loss_fn` after the embeddings. Chunks are numbered group by group
-    (group g's chunk c is `sum(n_h for h < g) + c`), which fixes their keys (`chunk_rngs`).
+    `step_fn(params, groups, loss_args=(), rng=None, loss_params=None) -> (loss, grads)`:
+    `groups` a non-empty tuple of image arrays (or pytrees), each with a leading axis S_g
+    divisible by `chunk_size`; `loss_args` passed to `loss_fn` after the embeddings (and the
+    loss's parameters). Chunks are numbered group by group (group g's chunk c is
+    `sum(n_h for h < g) + c`), which fixes their keys (`chunk_rngs`). With `loss_has_params`,
+    `grads` is the pair `(model grads, loss_params grads)`.
   """
   if int(chunk_size) != chunk_size or chunk_size < 1:
     raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
   chunk_size = int(chunk_size)
 
-  def compute_loss(embeddings, loss_args, loss_rng):
+  def compute_loss(embeddings, loss_params, loss_args, loss_rng):
     extra = (loss_rng,) if loss_uses_rng else ()
-    loss = jnp.asarray(loss_fn(embeddings, *loss_args, *extra))
+    own = (loss_params,) if loss_has_params else ()
+    loss = jnp.asarray(loss_fn(embeddings, *own, *loss_args, *extra))
     if loss.shape != ():
       raise ValueError(f"loss_fn must return a scalar, got shape {loss.shape}")
     return loss
@@ -179,23 +192,32 @@ def grouped_value_and_grad(
   def embed_chunk(params, images_chunk, key):
     return _checked_embeddings(embed_fn(params, images_chunk, key), chunk_size)
 
+  # With loss parameters the first pass differentiates them too: (d/dE, d/dθ_loss).
+  argnums = (0, 1) if loss_has_params else 0
+
   def step_fn(params: PyTree, groups: tuple[Any, ...], loss_args: tuple[Any, ...] = (),
-              rng: jax.Array | None = None):
+              rng: jax.Array | None = None, loss_params: PyTree = None):
     if not groups:
       raise ValueError("groups is empty: no images")
+    if loss_has_params != (loss_params is not None):
+      raise ValueError("loss_params must be given exactly when the loss has parameters "
+                       f"(loss_has_params={loss_has_params})")
     counts = [num_chunks_of(_rows_of(group), chunk_size) for group in groups]
     offsets = np.cumsum([0] + counts[:-1]).tolist()
     chunk_keys, loss_rng = chunk_rngs(rng, sum(counts))
     key_of = (lambda c: None) if rng is None else (lambda c: chunk_keys[c])
-    loss_of = lambda embeddings: compute_loss(embeddings, loss_args, loss_rng)
+    loss_of = lambda embeddings, own: compute_loss(embeddings, own, loss_args, loss_rng)
+    # (loss, grads) as the caller gets them: the loss's parameters' gradient rides along.
+    result = lambda loss, grads, own_grads: (
+        (loss, (grads, own_grads)) if loss_has_params else (loss, grads))
 
     if all(n == 1 for n in counts):
       # One chunk per group: plain backprop holds the same activations as pass 2 and skips a
       # forward.
-      def full_loss(p):
+      def full_loss(p, own):
         return loss_of(tuple(embed_chunk(p, group, key_of(offset))
-                             for group, offset in zip(groups, offsets)))
-      return jax.value_and_grad(full_loss)(params)
+                             for group, offset in zip(groups, offsets)), own)
+      return jax.value_and_grad(full_loss, argnums)(params, loss_params)
 
     # (S, ...) -> (chunk_size, n, ...) is free (a bitcast); chunk c is then index c of axis 1, a
     # strided read of one chunk, so the batch is never copied into chunk order (at B = 65,536 of
@@ -216,14 +238,15 @@ def grouped_value_and_grad(
             for c in range(n)))
         embeddings.append(from_chunks(jnp.stack(outputs)))
         pullbacks.append(group_pullbacks)
-      loss, cotangents = jax.value_and_grad(loss_of)(tuple(embeddings))
+      loss, cotangents = jax.value_and_grad(loss_of, argnums)(tuple(embeddings), loss_params)
+      cotangents, own_grads = cotangents if loss_has_params else (cotangents, None)
       grads = [pullback(chunk_of(_strided_view(cotangent, n), c))[0]
                for cotangent, n, group_pullbacks in zip(cotangents, counts, pullbacks)
                for c, pullback in enumerate(group_pullbacks)]
       total = jax.tree.map(
           lambda p, *g: sum(x.astype(_accumulation_dtype(p)) for x in g).astype(p.dtype),
           params, *grads)
-      return loss, total
+      return result(loss, total, own_grads)
 
     # Pass 1: forward only; nothing is differentiated here, so no activations are stored.
     embeddings = tuple(
@@ -233,7 +256,8 @@ def grouped_value_and_grad(
             jnp.arange(n)))
         for view, n, offset in zip(strided, counts, offsets))
 
-    loss, cotangents = jax.value_and_grad(loss_of)(embeddings)
+    loss, cotangents = jax.value_and_grad(loss_of, argnums)(embeddings, loss_params)
+    cotangents, own_grads = cotangents if loss_has_params else (cotangents, None)
     chex.assert_trees_all_equal_shapes(cotangents, embeddings)
 
     # Pass 2: re-run each chunk and pull its slice of dL/dE back to the parameters. Accumulate in
@@ -250,7 +274,7 @@ def grouped_value_and_grad(
 
       grads, _ = jax.lax.scan(backward_chunk, grads, jnp.arange(n))
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
-    return loss, grads
+    return result(loss, grads, own_grads)
 
   return step_fn
 
@@ -276,6 +300,7 @@ def megabatch_value_and_grad(
     chunk_size: int,
     loss_uses_rng: bool = False,
     keep_activations: bool = False,
+    loss_has_params: bool = False,
 ) -> StepFn:
   """Builds an exact, memory-flat `value_and_grad` of `loss_fn(embed_fn(params, images), labels)`.
 
@@ -286,7 +311,9 @@ def megabatch_value_and_grad(
       rngs={'dropout': r})`.
     loss_fn: `loss_fn(embeddings (B, D), labels (B,)) -> scalar`, or with `loss_uses_rng=True`
       `loss_fn(embeddings, labels, rng)` (rng: the step's loss key, for SiMix). Runs under jit, so
-      static sizes must be bound in (RS@k's `max_positives`, SiMix's `num_pairs`).
+      static sizes must be bound in (RS@k's `max_positives`, SiMix's `num_pairs`). With
+      `loss_has_params`, `loss_fn(embeddings, labels, loss_params, ...)`; the step's
+      `loss_inputs` (e.g. a cross-batch memory) follow, then the key.
     chunk_size: rows per chunk; must divide B. Memory grows with it, the gradient does not change.
     loss_uses_rng: pass a PRNG key to `loss_fn` as third argument.
     keep_activations: run the chunks as straight-line code that keeps each chunk's forward
@@ -295,9 +322,14 @@ def megabatch_value_and_grad(
       convolution gradients inside a while loop far slower than straight-line code, and skipping
       the recomputation saves more there (figures: benchmarks/README.md). The trainer turns it on
       for the CPU backend only; on accelerators the memory-flat two-pass form is the point.
+    loss_has_params: the loss has learned parameters of its own (ProxyAnchor's proxies): the
+      first pass differentiates the loss with respect to them as well as the embeddings.
 
   Returns:
-    `step_fn(params, images, labels, rng=None) -> (loss, grads)`, a pure function to `jax.jit`.
+    `step_fn(params, images, labels, rng=None, *, loss_params=None, loss_inputs=()) ->
+    (loss, grads)`, a pure function to `jax.jit`; with `loss_has_params`, `loss_params` is
+    required and `grads` is the pair `(model grads, loss_params grads)`. `loss_inputs` is a
+    tuple of pytrees passed to `loss_fn` and not differentiated.
     `images` is an array (or a pytree of arrays) with leading axis B, any dtype `embed_fn`
     accepts (uint8 keeps a 16,000-image 224 px batch at 2.4 GB); `labels` is (B,). The loss is
     `loss_fn`'s scalar; `grads` has the structure and dtypes of `params` and equals
@@ -309,13 +341,19 @@ def megabatch_value_and_grad(
       `embed_fn` returning anything but a (chunk, D) float array, in particular updated
       BatchNorm statistics.
   """
+  if loss_has_params:
+    grouped_loss = lambda embeddings, own, labels, *args: loss_fn(embeddings[0], labels, own,
+                                                                   *args)
+  else:
+    grouped_loss = lambda embeddings, *args: loss_fn(embeddings[0], *args)
   grouped = grouped_value_and_grad(
-      embed_fn, lambda embeddings, *args: loss_fn(embeddings[0], *args), chunk_size=chunk_size,
-      loss_uses_rng=loss_uses_rng, keep_activations=keep_activations)
+      embed_fn, grouped_loss, chunk_size=chunk_size, loss_uses_rng=loss_uses_rng,
+      keep_activations=keep_activations, loss_has_params=loss_has_params)
 
-  def step_fn(params: PyTree, images: Any, labels: jax.Array, rng: jax.Array | None = None):
+  def step_fn(params: PyTree, images: Any, labels: jax.Array, rng: jax.Array | None = None, *,
+              loss_params: PyTree = None, loss_inputs: tuple[Any, ...] = ()):
     _check_batch(images, labels)
-    return grouped(params, (images,), (labels,), rng)
+    return grouped(params, (images,), (labels, *loss_inputs), rng, loss_params)
 
   return step_fn
 
@@ -342,6 +380,7 @@ def bucketed_value_and_grad(
     chunk_size: int,
     loss_uses_rng: bool = False,
     keep_activations: bool = False,
+    loss_has_params: bool = False,
 ) -> StepFn:
   """`megabatch_value_and_grad` for a batch held in several fixed shapes (`BucketedBatch`).
 
@@ -351,26 +390,33 @@ def bucketed_value_and_grad(
   no cotangent, so the gradient is exactly that of the B real rows.
 
   Args:
-    embed_fn, loss_fn, chunk_size, loss_uses_rng, keep_activations: as in
+    embed_fn, loss_fn, chunk_size, loss_uses_rng, keep_activations, loss_has_params: as in
       `megabatch_value_and_grad`; `chunk_size` must divide every bucket's slot count.
 
   Returns:
-    `step_fn(params, batch: BucketedBatch, labels (B,), rng=None) -> (loss, grads)`, equal to
+    `step_fn(params, batch: BucketedBatch, labels (B,), rng=None, *, loss_params=None,
+    loss_inputs=()) -> (loss, grads)`, equal to
     `megabatch_value_and_grad`'s on the rows' images in row order, up to float rounding (the
     embeddings do not depend on the bucket a row sits in: the model masks the padding).
 
   Raises (at call/trace time): as `megabatch_value_and_grad`, and ValueError when `slots` and
     `labels` differ in length, or (concrete slots) a slot repeats or lies outside the buckets.
   """
+  if loss_has_params:
+    grouped_loss = lambda embeddings, own, slots, labels, *args: loss_fn(
+        jnp.concatenate(embeddings)[slots], labels, own, *args)
+  else:
+    grouped_loss = lambda embeddings, slots, *args: loss_fn(
+        jnp.concatenate(embeddings)[slots], *args)
   grouped = grouped_value_and_grad(
-      embed_fn,
-      lambda embeddings, slots, *args: loss_fn(jnp.concatenate(embeddings)[slots], *args),
-      chunk_size=chunk_size, loss_uses_rng=loss_uses_rng, keep_activations=keep_activations)
+      embed_fn, grouped_loss, chunk_size=chunk_size, loss_uses_rng=loss_uses_rng,
+      keep_activations=keep_activations, loss_has_params=loss_has_params)
 
   def step_fn(params: PyTree, batch: BucketedBatch, labels: jax.Array,
-              rng: jax.Array | None = None):
+              rng: jax.Array | None = None, *, loss_params: PyTree = None,
+              loss_inputs: tuple[Any, ...] = ()):
     buckets = check_bucketed_batch(batch, labels)
-    return grouped(params, buckets, (batch.slots, labels), rng)
+    return grouped(params, buckets, (batch.slots, labels, *loss_inputs), rng, loss_params)
 
   return step_fn
 

@@ -10,6 +10,8 @@ MODULES = [
     "recall_jax.losses.smooth_ap",
     "recall_jax.losses.contrastive",
     "recall_jax.losses.multi_similarity",
+    "recall_jax.losses.proxy_anchor",
+    "recall_jax.losses.normalized_softmax",
     "recall_jax.simix",
 ]
 

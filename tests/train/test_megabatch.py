@@ -20,9 +20,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from recall_jax.losses.contrastive import contrastive_database_loss
+from recall_jax.losses.normalized_softmax import normalized_softmax_loss
+from recall_jax.losses.proxy_anchor import init_proxies
+from recall_jax.losses.proxy_anchor import proxy_anchor_loss
+from recall_jax.losses.recall_at_k import recall_at_k_database_loss
 from recall_jax.losses.recall_at_k import recall_at_k_surrogate
+from recall_jax.losses.smooth_ap import smooth_ap_database_loss
 from recall_jax.simix import num_simix_pairs
 from recall_jax.simix import simix
+from recall_jax.train import cross_batch_memory
 from recall_jax.train.megabatch import BucketedBatch
 from recall_jax.train.megabatch import bucketed_value_and_grad
 from recall_jax.train.megabatch import from_chunks
@@ -492,3 +499,118 @@ def test_bucketed_bad_batches(change, message):
   step = bucketed_value_and_grad(_masked_embed, loss_fn, chunk_size=2)
   with pytest.raises(ValueError, match=message):
     step(params, BucketedBatch(buckets, slots), labels)
+
+
+# ---- Losses with parameters of their own, and a cross-batch memory in the database. ----
+
+
+def _proxy_anchor(embeddings, labels, proxies):
+  return proxy_anchor_loss(embeddings, labels, proxies)
+
+
+def _recall_with_memory(embeddings, labels, memory):
+  database, database_labels, valid = cross_batch_memory.database(memory, embeddings, labels)
+  # 3 batch positives plus at most 8 stored rows of the class.
+  return recall_at_k_database_loss(embeddings, labels, database, database_labels,
+                                   database_valid=valid, k_values=K_VALUES, max_positives=11)
+
+
+def _softmax_and_smooth_ap_with_memory(embeddings, labels, weights, memory):
+  database, database_labels, valid = cross_batch_memory.database(memory, embeddings, labels)
+  return (normalized_softmax_loss(embeddings, labels, weights)
+          + smooth_ap_database_loss(embeddings, labels, database, database_labels,
+                                    database_valid=valid, max_positives=11, temperature=0.05))
+
+
+@pytest.mark.parametrize("case,keep_activations,chunk_size", [
+    ("proxy_anchor", False, 4), ("proxy_anchor", True, 4), ("proxy_anchor", False, 16),
+    ("softmax_smooth_ap_memory", False, 4), ("recall_memory", True, 4)])
+def test_loss_parameters_and_memory_equal_full_batch_value_and_grad(x64, case, keep_activations,
+                                                                    chunk_size):
+  """Two-pass gradients for the model and the loss's own parameters equal plain backprop
+  (4 chunks of 4 rows, or the whole batch as one chunk)."""
+  embed_fn, params, images, labels = _setup("cnn", 0.0, jnp.float64)
+  rng = np.random.default_rng(3)
+  num_classes, dim = 6, 8  # classes 4 and 5 are absent from the batch
+  memory = cross_batch_memory.init(12, dim, jnp.float64)
+  stored = rng.normal(size=(8, dim))
+  memory = cross_batch_memory.update(memory, stored / np.linalg.norm(stored, axis=1)[:, None],
+                                     rng.integers(0, num_classes, 8).astype(np.int32))
+  loss_fn, loss_params, loss_inputs = {
+      "proxy_anchor": (_proxy_anchor, init_proxies(jax.random.key(2), num_classes, dim,
+                                                   jnp.float64), ()),
+      "recall_memory": (_recall_with_memory, None, (memory,)),
+      "softmax_smooth_ap_memory": (_softmax_and_smooth_ap_with_memory,
+                                   init_proxies(jax.random.key(3), num_classes, dim,
+                                                jnp.float64), (memory,)),
+  }[case]
+  has_params = loss_params is not None
+  step = megabatch_value_and_grad(embed_fn, loss_fn, chunk_size=chunk_size,
+                                  keep_activations=keep_activations, loss_has_params=has_params)
+
+  def both(params, loss_params, images, labels, loss_inputs):
+    actual = step(params, images, labels, loss_params=loss_params, loss_inputs=loss_inputs)
+
+    def whole_batch_loss(p, own):
+      own = (own,) if has_params else ()
+      return loss_fn(embed_fn(p, images, None), labels, *own, *loss_inputs)
+
+    expected = jax.value_and_grad(whole_batch_loss, argnums=(0, 1) if has_params else 0)(
+        params, loss_params)
+    return actual, expected
+
+  (loss, grads), (want_loss, want_grads) = _compile(both, params, loss_params, images, labels,
+                                                    loss_inputs)(params, loss_params, images,
+                                                                 labels, loss_inputs)
+  assert loss.dtype == jnp.float64 and np.isfinite(float(want_loss))
+  np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-10)
+  if has_params:
+    assert len(grads) == 2  # (model, loss parameters)
+    assert float(jnp.max(jnp.abs(want_grads[1]))) > 0.0
+  for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
+    scale = float(jnp.max(jnp.abs(r)))
+    assert scale > 0.0
+    np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-9, atol=1e-9 * scale)
+
+
+def test_loss_parameters_must_match_the_step():
+  embed_fn, params, images, labels = _setup("cnn", 0.0, jnp.float32)
+  with_params = megabatch_value_and_grad(embed_fn, _proxy_anchor, chunk_size=4,
+                                         loss_has_params=True)
+  with pytest.raises(ValueError, match="loss_params"):
+    with_params(params, images, labels)
+  without = megabatch_value_and_grad(embed_fn, _contrastive, chunk_size=4)
+  with pytest.raises(ValueError, match="loss_params"):
+    without(params, images, labels, loss_params=jnp.ones((4, 8)))
+
+
+def test_bucketed_loss_parameters_and_memory_equal_plain_backprop(x64):
+  """Aspect buckets with a loss that has proxies and reads a memory: row-by-row backprop."""
+  params, buckets, slots, labels, rows = _bucketed_problem(jnp.float64)
+  rng = np.random.default_rng(5)
+  proxies = init_proxies(jax.random.key(4), 5, 6, jnp.float64)  # class 4 absent from the batch
+  memory = cross_batch_memory.update(cross_batch_memory.init(8, 6, jnp.float64),
+                                     rng.normal(size=(5, 6)), rng.integers(0, 5, 5))
+
+  def loss_fn(embeddings, labels, proxies, memory):
+    database, database_labels, valid = cross_batch_memory.database(memory, embeddings, labels)
+    return (proxy_anchor_loss(embeddings, labels, proxies)
+            + contrastive_database_loss(embeddings, labels, database, database_labels,
+                                        database_valid=valid))
+
+  step = jax.jit(bucketed_value_and_grad(_masked_embed, loss_fn, chunk_size=2,
+                                         loss_has_params=True))
+  loss, (grads, proxy_grads) = step(params, BucketedBatch(buckets, jnp.asarray(slots)), labels,
+                                    loss_params=proxies, loss_inputs=(memory,))
+
+  def whole_batch_loss(p, proxies):
+    embeddings = jnp.concatenate([_masked_embed(p, jnp.asarray(row)[None], None)
+                                  for row in rows])
+    return loss_fn(embeddings, labels, proxies, memory)
+
+  want_loss, (want_grads, want_proxy_grads) = jax.value_and_grad(
+      whole_batch_loss, argnums=(0, 1))(params, proxies)
+  np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-10)
+  assert float(jnp.max(jnp.abs(want_proxy_grads[4]))) > 0.0
+  chex.assert_trees_all_close((grads, proxy_grads), (want_grads, want_proxy_grads), rtol=1e-9,
+                              atol=1e-12)
