@@ -129,6 +129,7 @@ _RANGES: tuple[tuple[str, Rule], ...] = (
     ("data.crop_scale", _crop_scale),
     ("data.worker_count", _int_at_least(0)),
     ("data.eval_batch_size", _int_at_least(1)),
+    ("data.max_image_pixels", _int_at_least(1)),
     ("data.max_eval_images", _optional_int_at_least(1, "every image")),
     ("model.embedding_dim", _int_at_least(1)),
     ("optimizer.learning_rate", _finite(above=0)),

@@ -68,6 +68,17 @@ DEFAULT_FOLDERS = {
     # Landmark training sets (classes: landmarks / 3D models); see data/landmarks.py.
     **{name: landmarks.LANDMARK_FOLDERS[name] for name in landmarks.TRAINING_READERS},
 }
+# Where each benchmark's official files are published (named in the missing-dataset message).
+OFFICIAL_PAGES = {
+    "sop": "https://cvgl.stanford.edu/projects/lifted_struct/",
+    "inat2018": "https://github.com/visipedia/inat_comp/tree/master/2018",
+    "vehicleid": "https://www.pkuml.org/resources/pku-vehicleid.html",
+    "cars196": "https://ai.stanford.edu/~jkrause/cars/car_dataset.html",
+    "cub200": "https://www.vision.caltech.edu/datasets/cub_200_2011/",
+    "gldv2_clean": "https://github.com/cvdfoundation/google-landmark",
+    "gldv1": "https://www.kaggle.com/c/landmark-retrieval-challenge",
+    "sfm120k": "http://cmp.felk.cvut.cz/cnnimageretrieval/",
+}
 SPLITS = {
     "sop": ("train", "test"),
     "inat2018": ("train", "test"),
@@ -406,8 +417,11 @@ def load_split(name: str, split: str, *, data_root: str | os.PathLike[str] | Non
   if name == "omniglot":
     download_lib.ensure_omniglot(folder, url_base=url_base, download=download)
   elif not folder.exists():
-    raise MissingFileError(f"{name}: dataset folder {folder} does not exist (download the official "
-                           f"files by hand, or pass path= / set {paths.DATA_ENV_VAR})")
+    page = OFFICIAL_PAGES.get(name)
+    raise MissingFileError(
+        f"{name}: dataset folder {folder} does not exist; download the official files by hand"
+        + (f" ({page})" if page else "") + f" and pass --config.data.path=FOLDER or set "
+        f"{paths.DATA_ENV_VAR} to the folder above it (see docs/data.md)")
   split_key = split if name == "folder" else None
   shared = parsing.label_splits(folder, split, label_splits) if split_key else ()
   target = paths.prepared_root(root, prepared_dir) / f"{name}-{_fingerprint(name, folder, shared)}"
