@@ -6,6 +6,8 @@ import builtins
 import io
 import os
 import pathlib
+import threading
+import time
 
 import chex
 import jax
@@ -245,3 +247,33 @@ def _png(size: tuple[int, int]) -> bytes:
   buffer = io.BytesIO()
   PIL.Image.new("RGB", size, (10, 200, 30)).save(buffer, format="PNG")
   return buffer.getvalue()
+
+
+def test_encoded_bytes_in_flight_are_bounded(tmp_path, embedder, make_gallery, monkeypatch):
+  root = tmp_path / "gallery"
+  paths = make_gallery(root, num_images=12)
+  largest = max(p.stat().st_size for p in paths)
+  limit = 2 * largest
+  monkeypatch.setattr(gallery_lib, "_MAX_BYTES_IN_FLIGHT", limit)
+  monkeypatch.setattr(os, "cpu_count", lambda: 6)  # more decoding threads than the budget allows
+  lock, in_flight, peaks = threading.Lock(), [0], []
+  real_transform = transforms.eval_transform
+
+  def slow_transform(data, **kwargs):
+    with lock:
+      in_flight[0] += len(data)
+      peaks.append(in_flight[0])
+    time.sleep(0.02)  # long enough for the other threads to pile up
+    try:
+      return real_transform(data, **kwargs)
+    finally:
+      with lock:
+        in_flight[0] -= len(data)
+
+  monkeypatch.setattr(transforms, "eval_transform", slow_transform)
+  gallery = gallery_lib.embed_gallery(embedder, root, model_id="m0", transform=TRANSFORM,
+                                      cache_dir=tmp_path / "cache", batch_size=6, progress=False)
+  assert len(gallery.relative_paths) == 12
+  assert max(peaks) <= limit
+  assert max(peaks) > largest  # decoding still runs in parallel
+
