@@ -41,8 +41,8 @@ _log = logging.getLogger(__name__)
 EmbedFn = Callable[[jax.Array], jax.Array]
 # Decoded batches in flight ahead of the one being embedded.
 _PREFETCH = 2
-# Encoded bytes being decoded at once, across the decoding threads (one larger file still runs,
-# alone): bounds memory whatever the number of cores.
+# Bytes held by the images being decoded at once (encoded + decoded), across the decoding threads
+# (one larger image still runs, alone): bounds memory whatever the number of cores.
 _MAX_BYTES_IN_FLIGHT = 256 << 20
 
 
@@ -104,7 +104,7 @@ def load_image(path: str | pathlib.Path, transform: ImageTransform, *,
   Args:
     path: the image file.
     transform: how the file becomes an image.
-    budget: bounds the encoded bytes held at once with other threads (None: unbounded).
+    budget: bounds the bytes held at once with other threads (None: unbounded).
 
   Returns:
     uint8 (image_size, image_size, channels).
@@ -128,7 +128,9 @@ def load_image(path: str | pathlib.Path, transform: ImageTransform, *,
       if width * height > transform.max_pixels:
         raise DataError(f"{path} has {width} x {height} pixels, more than the limit of "
                         f"{transform.max_pixels} (data.max_image_pixels)")
-      size = os.fstat(f.fileno()).st_size
+      # The encoded bytes plus the decoded pixels at 4 bytes each (RGBA, the widest mode): what
+      # the decode holds at its peak, before the resize.
+      size = os.fstat(f.fileno()).st_size + 4 * width * height
       held = budget.acquire(size) if budget is not None else 0
       try:
         f.seek(0)
@@ -246,7 +248,8 @@ def _decoded_batches(files: Sequence[str | pathlib.Path], transform: ImageTransf
   the skipped files to `skipped`, and of those among them that could not be read to `unreadable`.
 
   Decoding runs in a thread pool (PIL releases the GIL while decoding), `_PREFETCH` batches ahead
-  of the one being embedded, with at most `_MAX_BYTES_IN_FLIGHT` encoded bytes read at once.
+  of the one being embedded, with at most `_MAX_BYTES_IN_FLIGHT` bytes (encoded and decoded) held
+  by the images being decoded at once.
   """
   shape = (transform.image_size, transform.image_size, transform.channels)
   budget = _ByteBudget(_MAX_BYTES_IN_FLIGHT)

@@ -249,10 +249,11 @@ def _png(size: tuple[int, int]) -> bytes:
   return buffer.getvalue()
 
 
-def test_encoded_bytes_in_flight_are_bounded(tmp_path, embedder, make_gallery, monkeypatch):
+def test_bytes_in_flight_are_bounded(tmp_path, embedder, make_gallery, monkeypatch):
   root = tmp_path / "gallery"
   paths = make_gallery(root, num_images=12)
-  largest = max(p.stat().st_size for p in paths)
+  decoded = 4 * 40 * 48  # conftest's images, at 4 bytes per pixel
+  largest = max(p.stat().st_size for p in paths) + decoded
   limit = 2 * largest
   monkeypatch.setattr(gallery_lib, "_MAX_BYTES_IN_FLIGHT", limit)
   monkeypatch.setattr(os, "cpu_count", lambda: 6)  # more decoding threads than the budget allows
@@ -261,14 +262,14 @@ def test_encoded_bytes_in_flight_are_bounded(tmp_path, embedder, make_gallery, m
 
   def slow_transform(data, **kwargs):
     with lock:
-      in_flight[0] += len(data)
+      in_flight[0] += len(data) + decoded
       peaks.append(in_flight[0])
     time.sleep(0.02)  # long enough for the other threads to pile up
     try:
       return real_transform(data, **kwargs)
     finally:
       with lock:
-        in_flight[0] -= len(data)
+        in_flight[0] -= len(data) + decoded
 
   monkeypatch.setattr(transforms, "eval_transform", slow_transform)
   gallery = gallery_lib.embed_gallery(embedder, root, model_id="m0", transform=TRANSFORM,
