@@ -66,6 +66,7 @@ _RANGES: tuple[tuple[str, ranges.Rule], ...] = (
     ("data.crop_scale", ranges.crop_scale),
     ("data.worker_count", ranges.int_at_least(0)),
     ("data.eval_batch_size", ranges.int_at_least(1)),
+    ("data.max_image_pixels", ranges.int_at_least(1)),
     ("data.max_eval_images", ranges.optional_int_at_least(1, "every image")),
     ("model.embedding_dim", ranges.int_at_least(1)),
     ("optimizer.learning_rate", ranges.finite(above=0)),

@@ -11,6 +11,11 @@ r"""Command line: train, evaluate or embed with a config file.
       --gallery photos/ --query query.jpg --top_k 10
   python -m recall_jax.main --config configs/omniglot.py --workdir runs/omniglot --mode export \
       --output embedder.bin
+  python -m recall_jax.main --config configs/gldv1_resnet101.py --workdir runs/gldv1 --mode whiten
+
+Modes (--mode): train (default), eval, embed, search, export, whiten. Every config key, its
+default and its meaning is listed in configs/default.py (recall_jax.config.base_config); override
+any of them with --config.KEY=VALUE, e.g. --config.data.path=/data/photos.
 
 `train` resumes from the newest checkpoint in `--workdir`. Unknown config keys and values of the
 wrong type are rejected while the flags are parsed; everything else is checked by
@@ -37,7 +42,9 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: checkpoints, metrics, plots.")
 _MODE = flags.DEFINE_enum(
     "mode", "train", ["train", "eval", "embed", "search", "export", "whiten"],
-    "What to do (whiten: learn a whitening .npz, landmark models).")
+    "What to do: train (resumes), eval (a checkpoint), embed (a split to .npz), search (a folder "
+    "of images), export (a portable embedder), whiten (learn a whitening .npz, landmark models). "
+    "Config keys: see configs/default.py, set with --config.KEY=VALUE.")
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", "latest", "eval/embed/search/export: 'latest', 'best' or a step number.")
 _SPLIT = flags.DEFINE_string(
@@ -49,6 +56,9 @@ _OUTPUT = flags.DEFINE_string(
     "<workdir>/whitening.npz).")
 _GALLERY = flags.DEFINE_string("gallery", None, "search: the folder of images searched.")
 _QUERY = flags.DEFINE_string("query", None, "search: a query image or a folder of them.")
+_CACHE_DIR = flags.DEFINE_string(
+    "cache_dir", None, "search: where gallery embeddings are cached (default: "
+    "<workdir>/search_cache, or the user's cache folder when the workdir is not writable).")
 _TOP_K = flags.DEFINE_integer("top_k", 10, "search: results per query.", lower_bound=1)
 _WHITENING = flags.DEFINE_enum("whitening", "learned", ["learned", "pca"],
                                "whiten: learned from same-class pairs, or PCA-whitening.")
@@ -89,7 +99,8 @@ def main(argv: list[str]) -> int:
                         output=_OUTPUT.value)
     elif _MODE.value == "search":
       commands.search_folder(config, _WORKDIR.value, _CHECKPOINT.value, gallery_dir=_GALLERY.value,
-                             query=_QUERY.value, top_k=_TOP_K.value, output=_OUTPUT.value)
+                             query=_QUERY.value, top_k=_TOP_K.value, output=_OUTPUT.value,
+                             cache_dir=_CACHE_DIR.value)
     else:
       commands.export_checkpoint(config, _WORKDIR.value, _CHECKPOINT.value, output=_OUTPUT.value)
   except errors.UserInputError as e:
