@@ -50,10 +50,12 @@ _OUTPUT = flags.DEFINE_string(
 _GALLERY = flags.DEFINE_string("gallery", None, "search: the folder of images searched.")
 _QUERY = flags.DEFINE_string("query", None, "search: a query image or a folder of them.")
 _TOP_K = flags.DEFINE_integer("top_k", 10, "search: results per query.", lower_bound=1)
-_WHITENING = flags.DEFINE_enum("whitening", "learned", ["learned", "pca"],
-                               "whiten: learned from same-class pairs, or PCA-whitening.")
+_WHITENING = flags.DEFINE_enum("whitening", None, ["learned", "pca"],
+                               "whiten: learned from same-class pairs, or PCA-whitening "
+                               "(default: --config.eval.whitening_kind).")
 _WHITENING_DIM = flags.DEFINE_integer("whitening_dim", None,
-                                      "whiten: keep the leading directions (default: all).")
+                                      "whiten: keep the leading directions (default: "
+                                      "--config.eval.whitening_dim).")
 
 flags.mark_flags_as_required(["config", "workdir"])
 
