@@ -225,8 +225,16 @@ def test_whiten_mode_writes_the_whitening_that_initialises_the_fc(tmp_path):
                                         kind="pca", dim=k)
   whitening = whitening_lib.load_whitening(path)
   assert whitening.kind == "pca" and whitening.projection.shape == (k, 256)
+  assert whitening.space["target"] == "fc_init" and not whitening.space["fc"]
+  assert whitening.space["scales"] == [1.0] and whitening.space["dim_in"] == 256
 
   c.model.whitening_init = str(path)
+  config_lib.validate(c)  # recorded in the FC's input space: accepted for model.whitening_init
+  c.eval.whitening = str(path)
+  with pytest.raises(errors.ConfigError,
+                     match="eval.whitening file .* was learned for embedding_dim=None, fc=False"):
+    config_lib.validate(c)  # the recipe's evaluation describes after the FC, at three scales
+  c.eval.whitening = None
   model = experiment.make_model(c)
   fc = experiment.make_variables(c, model)["params"]["landmark_head"]["whitening"]
   np.testing.assert_allclose(fc["kernel"], whitening.projection[:k].T, rtol=1e-4, atol=1e-5)
