@@ -60,10 +60,12 @@ _CACHE_DIR = flags.DEFINE_string(
     "cache_dir", None, "search: where gallery embeddings are cached (default: "
     "<workdir>/search_cache, or the user's cache folder when the workdir is not writable).")
 _TOP_K = flags.DEFINE_integer("top_k", 10, "search: results per query.", lower_bound=1)
-_WHITENING = flags.DEFINE_enum("whitening", "learned", ["learned", "pca"],
-                               "whiten: learned from same-class pairs, or PCA-whitening.")
+_WHITENING = flags.DEFINE_enum("whitening", None, ["learned", "pca"],
+                               "whiten: learned from same-class pairs, or PCA-whitening "
+                               "(default: --config.eval.whitening_kind).")
 _WHITENING_DIM = flags.DEFINE_integer("whitening_dim", None,
-                                      "whiten: keep the leading directions (default: all).")
+                                      "whiten: keep the leading directions (default: "
+                                      "--config.eval.whitening_dim).")
 
 flags.mark_flags_as_required(["config", "workdir"])
 
