@@ -1,5 +1,7 @@
 """Landmark retrieval from a config: descriptors, the revisited evaluator and learned whitening.
 
+Serves the instance-level task (`eval_protocols.RevisitedProtocol` calls it).
+
 - `make_describe_fn(c, model, frozen)`: params -> `describe(images)`, the test descriptor of
   bucketed images (pixel mask in the last channel): the model at each of `eval.scales`,
   combined by `multiscale_descriptors`.
@@ -8,8 +10,6 @@
 - `make_revisited_evaluator(c, model, frozen)`: the evaluator of `eval.datasets` (queries cropped
   to their boxes, whole database images, `data.distractors` cached), used by the training loop
   and `--mode eval`.
-- `evaluate_checkpoint(c, workdir, which)`: `--mode eval` for these configs; prints the table and
-  appends the metrics to `<workdir>/metrics.jsonl`.
 - `learn_whitening_file(c, workdir, which, output)`: `--mode whiten`, a learned whitening
   from positive pairs of the training split's GeM descriptors, written as `.npz` for
   `model.whitening_init` or `eval.whitening`.
@@ -36,17 +36,10 @@ from recall_jax.evaluation import landmark_evaluator
 from recall_jax.evaluation import multiscale
 from recall_jax.evaluation import whitening as whitening_lib
 from recall_jax.train import checkpointing
+from recall_jax.train import components
 from recall_jax.train import reporting
 
 PyTree = Any
-
-
-def model_inputs(images: jax.Array, bucketed: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """A batch as the model takes it: (pixels, {'mask': ...}) when the last channel is the mask."""
-  if not bucketed:
-    return images, {}
-  pixels, mask = data.split_mask_channel(images)
-  return pixels, {"mask": mask}
 
 
 def make_describe_fn(c: ml_collections.ConfigDict, model, frozen: dict[str, PyTree]
@@ -60,7 +53,7 @@ def make_describe_fn(c: ml_collections.ConfigDict, model, frozen: dict[str, PyTr
 
   @jax.jit
   def describe(params, images, power):
-    pixels, extra = model_inputs(images, bucketed=True)
+    pixels, extra = components.model_inputs(images, masked=True)
     variables = {"params": params, **frozen}
     apply = lambda x, m: model.apply(variables, x, mask=m, train=False)
     if scales == (1.0,):
@@ -91,7 +84,7 @@ def describe_split(c: ml_collections.ConfigDict, model, frozen: dict[str, PyTree
 
   Args:
     c: the config (data, eval and model keys).
-    model: the configured model (`experiment.make_model`).
+    model: the configured model (`components.make_model`).
     frozen: its variables other than `params` (BatchNorm statistics).
     params: the parameters to describe with.
     source: records with 'image' (encoded bytes) and 'label'.
@@ -170,32 +163,6 @@ def _params(workdir: str | pathlib.Path, which: str,
   return checkpointing.restore_params(workdir, which, initial)
 
 
-def evaluate_checkpoint(c: ml_collections.ConfigDict, workdir: str | pathlib.Path,
-                        which: str = "latest") -> dict[str, Any]:
-  """`--mode eval` on the revisited benchmarks: prints the table, appends to metrics.jsonl.
-
-  Returns:
-    The metrics, {'<setting>/<protocol>/<metric>': value}.
-  """
-  from recall_jax.train import experiment as experiment_lib  # pylint: disable=import-outside-toplevel
-
-  config_lib.validate(c)
-  checkpointing.check_name(which)
-  model = experiment_lib.make_model(c)
-  variables = experiment_lib.make_variables(c, model)
-  initial = variables.pop("params")
-  # The benchmarks' files are checked before the checkpoint is read.
-  evaluator = make_revisited_evaluator(c, model, variables, log_fn=print)
-  params, step = _params(workdir, which, initial)
-  metrics = evaluator(params, step).metrics
-  if jax.process_index() == 0:
-    writer = reporting.MetricWriter(workdir)
-    writer.write(step, "eval", metrics)
-    writer.close()
-  print(f"checkpoint {which} (step {step})")
-  return metrics
-
-
 WHITENING_KINDS = ("learned", "pca")
 
 
@@ -221,13 +188,11 @@ def learn_whitening_file(c: ml_collections.ConfigDict, workdir: str | pathlib.Pa
     DataError: no class with two images, too few pairs for the descriptor dimension, or
       descriptors spanning fewer than `dim` dimensions (PCA).
   """
-  from recall_jax.train import experiment as experiment_lib  # pylint: disable=import-outside-toplevel
-
   if kind not in WHITENING_KINDS:
     raise errors.ConfigError(f"whitening kind must be one of {WHITENING_KINDS}, got {kind!r}")
   config_lib.validate(c)
-  model = experiment_lib.make_model(c)
-  variables = experiment_lib.make_variables(c, model)
+  model = components.make_model(c)
+  variables = components.make_variables(c, model)
   if which == "latest" and (not pathlib.Path(workdir).is_dir() or checkpointing.make_checkpoints(
       workdir, read_only=True).latest.latest_step() is None):
     reporting.say(f"no checkpoint in {workdir}: whitening the initial weights' descriptors")
@@ -236,7 +201,7 @@ def learn_whitening_file(c: ml_collections.ConfigDict, workdir: str | pathlib.Pa
   gem_only = model.clone(whiten=False) if getattr(model, "head", None) == "landmark" else model
   single = c.copy_and_resolve_references()
   single.eval.scales = (1.0,)
-  source = experiment_lib.make_source(c, c.data.train_split, max_images=c.data.max_eval_images)
+  source = components.make_source(c, c.data.train_split, max_images=c.data.max_eval_images)
   describe = make_describe_fn(single, gem_only, variables)(params)
   descriptors, labels, _ = evaluation.extract_embeddings(
       describe, _eval_batches(c, source)(), desc="describe training images")

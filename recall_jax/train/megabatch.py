@@ -131,7 +131,7 @@ def _accumulation_dtype(param: jax.Array) -> jnp.dtype:
 
 def _check_batch(images: Any, labels: Any) -> int:
   """Shape checks that need no tracing; returns B."""
-  batch_size = _rows_of(images)
+  batch_size = rows_of(images)
   if np.ndim(labels) != 1:
     raise ValueError(f"labels must have shape (B,), got shape {np.shape(labels)}")
   if np.shape(labels)[0] != batch_size:
@@ -183,7 +183,7 @@ def grouped_value_and_grad(
               rng: jax.Array | None = None):
     if not groups:
       raise ValueError("groups is empty: no images")
-    counts = [num_chunks_of(_rows_of(group), chunk_size) for group in groups]
+    counts = [num_chunks_of(rows_of(group), chunk_size) for group in groups]
     offsets = np.cumsum([0] + counts[:-1]).tolist()
     chunk_keys, loss_rng = chunk_rngs(rng, sum(counts))
     key_of = (lambda c: None) if rng is None else (lambda c: chunk_keys[c])
@@ -255,7 +255,7 @@ def grouped_value_and_grad(
   return step_fn
 
 
-def _rows_of(images: Any) -> int:
+def rows_of(images: Any) -> int:
   """The common leading axis of an images array or pytree (ValueError when there is none)."""
   leaves = jax.tree.leaves(images)
   if not leaves:
@@ -385,11 +385,11 @@ def check_bucketed_batch(batch: BucketedBatch, labels: Any) -> tuple[Any, ...]:
     ValueError: no slots at all, slots/labels not (B,) of one length, or (when the slots are
       concrete) a repeated slot or one outside the buckets.
   """
-  buckets = tuple(b for b in batch.buckets if _rows_of(b))
+  buckets = tuple(b for b in batch.buckets if rows_of(b))
   if not buckets:
     raise ValueError("the bucketed batch has no slots")
   _check_batch(batch.slots, labels)
-  total = sum(_rows_of(b) for b in buckets)
+  total = sum(rows_of(b) for b in buckets)
   if numerics.is_concrete(batch.slots):
     slots = np.asarray(batch.slots)
     if slots.min() < 0 or slots.max() >= total or len(np.unique(slots)) != len(slots):

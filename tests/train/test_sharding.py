@@ -1,4 +1,7 @@
-"""Data-parallel training (recall_jax.train.sharding) on forced CPU devices and two processes.
+"""Data-parallel training (start-up, batch assembly, the sharded step) on forced CPU devices.
+
+Serves both tasks: square batches and whole images in aspect buckets, on 8 devices and on two
+processes.
 
 Multi-device checks run in subprocesses (tests/train/sharding_worker.py, which gets its CPU
 devices from `chex.set_n_cpu_devices`): the device count is fixed when JAX starts, and this pytest
@@ -18,6 +21,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from recall_jax import parallel
+from recall_jax.train import batch_assembly
+from recall_jax.train import distributed
+from recall_jax.train import sharded_step
 from recall_jax.train import sharding
 from recall_jax.train import train_step as train_step_lib
 
@@ -133,7 +140,7 @@ def test_two_processes_match_one_and_checkpoint_restores_in_one(tmp_path):
     ({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "1", "JAX_PROCESS_ID": "0"}, None),
 ])
 def test_distributed_environment_detection(env, expected):
-  assert sharding.distributed_environment(env) == expected
+  assert distributed.distributed_environment(env) == expected
 
 
 @pytest.mark.parametrize("env, message", [
@@ -145,12 +152,12 @@ def test_distributed_environment_detection(env, expected):
 ])
 def test_distributed_environment_errors(env, message):
   with pytest.raises(ValueError) as e:
-    sharding.distributed_environment(env)
+    distributed.distributed_environment(env)
   assert message in str(e.value)
 
 
 def test_initialize_distributed_single_process_is_a_no_op():
-  assert sharding.initialize_distributed({}) == (0, 1)
+  assert distributed.initialize_distributed({}) == (0, 1)
   assert not jax.distributed.is_initialized()
 
 
@@ -173,27 +180,27 @@ def test_check_batch_layout():
 def test_single_device_mesh_step_and_batch_errors():
   """On one device the sharded step is the plain step; bad batches fail before compiling."""
   worker = _worker_module()
-  mesh = sharding.data_mesh()
-  assert mesh.axis_names == (sharding.DATA_AXIS,)
+  mesh = parallel.data_mesh()
+  assert mesh.axis_names == (parallel.DATA_AXIS,)
   assert mesh.axis_types == (jax.sharding.AxisType.Auto,)
   loss_fn, _ = worker.loss_fn_for(8, 4, False)
   opt = worker.optimizer()
-  state = sharding.make_sharded_state(worker.init_params(), opt, mesh)
+  state = sharded_step.make_sharded_state(worker.init_params(), opt, mesh)
   assert all(leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(state))
   images, labels = worker.dataset()
   images, labels = images[:8], np.repeat(np.arange(2), 4).astype(np.int32)
   with pytest.raises(ValueError, match="same leading axis"):
-    sharding.global_batch({"image": images, "label": labels[:7]}, mesh)
-  batch = sharding.global_batch({"image": images, "label": labels}, mesh)
+    batch_assembly.global_batch({"image": images, "label": labels[:7]}, mesh)
+  batch = batch_assembly.global_batch({"image": images, "label": labels}, mesh)
   assert batch["image"].shape == images.shape
-  assert batch["image"].sharding.spec == sharding.batch_sharding(mesh).spec
-  step = sharding.make_sharded_train_step(worker.embed_fn, loss_fn, opt, mesh,
-                                          chunk_size_per_device=3)
+  assert batch["image"].sharding.spec == parallel.row_sharding(mesh).spec
+  step = sharded_step.make_sharded_train_step(worker.embed_fn, loss_fn, opt, mesh,
+                                              chunk_size_per_device=3)
   with pytest.raises(ValueError,
                      match="global batch 8 is not divisible by chunk_size_per_device 3"):
     step(state, batch["image"], batch["label"])
-  step = sharding.make_sharded_train_step(worker.embed_fn, loss_fn, opt, mesh,
-                                          chunk_size_per_device=4)
+  step = sharded_step.make_sharded_train_step(worker.embed_fn, loss_fn, opt, mesh,
+                                              chunk_size_per_device=4)
   with pytest.raises(ValueError, match=r"labels must have shape \(8,\)"):
     step(state, batch["image"], batch["label"][:4])
   ref = train_step_lib.make_train_step(worker.embed_fn, loss_fn, opt, chunk_size=4)(
