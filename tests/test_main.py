@@ -1,4 +1,7 @@
-"""The command line (recall_jax.main): flag and config errors, the console script."""
+"""The command line (recall_jax.main): flag and config errors, the console script, --mode eval.
+
+Serves both tasks (category-level runs here; landmark runs in tests/train/test_landmarks.py).
+"""
 
 import json
 import pathlib

@@ -1,5 +1,7 @@
 """Exact mega-batch gradients: a chunked two-pass step whose memory is flat in the batch size.
 
+Serves both tasks (one image array, or whole images in aspect buckets as several groups).
+
 Recall is a metric over the whole database, so RS@k wants batches of thousands of images, far more
 than backprop through a ViT can hold at once. The loss couples the images only through their
 embeddings, so the exact gradient splits by the chain rule:

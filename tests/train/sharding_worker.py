@@ -1,5 +1,7 @@
 """Worker for tests/train/test_sharding.py: runs in its own process with forced host devices.
 
+Serves both tasks (square batches and whole images in aspect buckets).
+
 Usage (the test sets JAX_* before starting it; the worker asks chex for its CPU devices):
   python sharding_worker.py eight                 # 8 devices vs the single-device step
   python sharding_worker.py process OUT_DIR       # one of 2 processes x 4 devices (JAX_* set)

@@ -1,4 +1,7 @@
-"""Cold-start diagnostics (`recall_jax.train.cold_start`) against brute-force NumPy ranks."""
+"""Cold-start diagnostics (`recall_jax.train.cold_start`) against brute-force NumPy ranks.
+
+Serves both tasks; how each input layout embeds a batch for it is tested in test_layouts.py.
+"""
 
 from __future__ import annotations
 
