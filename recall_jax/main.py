@@ -23,6 +23,9 @@ wrong type are rejected while the flags are parsed; everything else is checked b
 (`recall_jax.errors.UserInputError`) are printed as one line with exit status 2; a training run
 that diverged (NaN/inf loss or state, nothing bad saved) as one line with exit status 1; anything
 else is a bug and keeps its traceback.
+
+Serves both tasks: the config picks the input layout and the evaluation protocol; no mode here
+asks which task it runs.
 """
 
 from __future__ import annotations
@@ -76,8 +79,8 @@ def main(argv: list[str]) -> int:
   # Imported here so that `--help` and flag errors do not pay for importing JAX.
   from recall_jax.train import integrity  # pylint: disable=import-outside-toplevel
   from recall_jax.serve import commands  # pylint: disable=import-outside-toplevel
+  from recall_jax.train import distributed  # pylint: disable=import-outside-toplevel
   from recall_jax.train import modes  # pylint: disable=import-outside-toplevel
-  from recall_jax.train import sharding  # pylint: disable=import-outside-toplevel
   from recall_jax.train import trainer  # pylint: disable=import-outside-toplevel
 
   # Orbax and grain log every file operation at INFO; keep the console for progress and results
@@ -87,7 +90,7 @@ def main(argv: list[str]) -> int:
   config = _CONFIG.value
   try:
     # Multi-host runs (SLURM, MPI) must connect before any other JAX call; no-op otherwise.
-    sharding.initialize_distributed()
+    distributed.initialize_distributed()
     if _MODE.value == "train":
       trainer.train_and_evaluate(config, _WORKDIR.value)
     elif _MODE.value == "eval":

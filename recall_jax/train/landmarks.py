@@ -1,5 +1,7 @@
 """Landmark retrieval from a config: descriptors, the revisited evaluator and learned whitening.
 
+Serves the instance-level task (`eval_protocols.RevisitedProtocol` calls it).
+
 - `make_describe_fn(c, model, frozen)`: params -> `describe(images)`, the test descriptor of
   bucketed images (pixel mask in the last channel): the model at each of `eval.scales`,
   combined by `multiscale_descriptors`.
@@ -8,14 +10,10 @@
 - `make_revisited_evaluator(c, model, frozen)`: the evaluator of `eval.datasets` (queries cropped
   to their boxes, whole database images, `data.distractors` cached), used by the training loop
   and `--mode eval`.
-- `evaluate_checkpoint(c, workdir, which)`: `--mode eval` for these configs; prints the table and
-  appends the metrics to `<workdir>/metrics.jsonl`.
 - `learn_whitening_file(c, workdir, which, output)`: `--mode whiten`, a whitening (learned from
   positive pairs, or PCA) of the training split's descriptors in the space it will be applied
   to (`eval.whitening_target`): the evaluation's descriptors for `eval.whitening`, or the
   single-scale GeM before the FC for `model.whitening_init`; the `.npz` records that space.
-
-Serves instance-level retrieval.
 """
 
 from __future__ import annotations
@@ -41,17 +39,10 @@ from recall_jax.evaluation import landmark_evaluator
 from recall_jax.evaluation import multiscale
 from recall_jax.evaluation import whitening as whitening_lib
 from recall_jax.train import checkpointing
+from recall_jax.train import components
 from recall_jax.train import reporting
 
 PyTree = Any
-
-
-def model_inputs(images: jax.Array, bucketed: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """A batch as the model takes it: (pixels, {'mask': ...}) when the last channel is the mask."""
-  if not bucketed:
-    return images, {}
-  pixels, mask = data.split_mask_channel(images)
-  return pixels, {"mask": mask}
 
 
 def make_describe_fn(c: ml_collections.ConfigDict, model, frozen: dict[str, PyTree]
@@ -65,7 +56,7 @@ def make_describe_fn(c: ml_collections.ConfigDict, model, frozen: dict[str, PyTr
 
   @jax.jit
   def describe(params, images, power):
-    pixels, extra = model_inputs(images, bucketed=True)
+    pixels, extra = components.model_inputs(images, masked=True)
     variables = {"params": params, **frozen}
     apply = lambda x, m: model.apply(variables, x, mask=m, train=False)
     if scales == (1.0,):
@@ -97,7 +88,7 @@ def describe_split(c: ml_collections.ConfigDict, model, frozen: dict[str, PyTree
 
   Args:
     c: the config (data, eval and model keys).
-    model: the configured model (`experiment.make_model`).
+    model: the configured model (`components.make_model`).
     frozen: its variables other than `params` (BatchNorm statistics).
     params: the parameters to describe with.
     source: records with 'image' (encoded bytes) and 'label'.
@@ -195,32 +186,6 @@ def _params(workdir: str | pathlib.Path, which: str,
   return checkpointing.restore_params(workdir, which, initial)
 
 
-def evaluate_checkpoint(c: ml_collections.ConfigDict, workdir: str | pathlib.Path,
-                        which: str = "latest") -> dict[str, Any]:
-  """`--mode eval` on the revisited benchmarks: prints the table, appends to metrics.jsonl.
-
-  Returns:
-    The metrics, {'<setting>/<protocol>/<metric>': value}.
-  """
-  from recall_jax.train import experiment as experiment_lib  # pylint: disable=import-outside-toplevel
-
-  config_lib.validate(c)
-  checkpointing.check_name(which)
-  model = experiment_lib.make_model(c)
-  variables = experiment_lib.make_variables(c, model)
-  initial = variables.pop("params")
-  # The benchmarks' files are checked before the checkpoint is read.
-  evaluator = make_revisited_evaluator(c, model, variables, log_fn=print)
-  params, step = _params(workdir, which, initial)
-  metrics = evaluator(params, step).metrics
-  if jax.process_index() == 0:
-    writer = reporting.MetricWriter(workdir)
-    writer.write(step, "eval", metrics)
-    writer.close()
-  print(f"checkpoint {which} (step {step})")
-  return metrics
-
-
 WHITENING_KINDS = config_checks.WHITENING_KINDS
 
 
@@ -254,8 +219,6 @@ def learn_whitening_file(c: ml_collections.ConfigDict, workdir: str | pathlib.Pa
     DataError: no class with two images, too few pairs for the descriptor dimension, or
       descriptors spanning fewer than `dim` dimensions (PCA).
   """
-  from recall_jax.train import experiment as experiment_lib  # pylint: disable=import-outside-toplevel
-
   kind = c.eval.get("whitening_kind", "learned") if kind is None else kind
   dim = c.eval.get("whitening_dim") if dim is None else dim
   power = c.eval.get("whitening_power", 0.5) if power is None else power
@@ -268,14 +231,14 @@ def learn_whitening_file(c: ml_collections.ConfigDict, workdir: str | pathlib.Pa
   if target == "fc_init":
     c.model.whitening_init = None
   config_lib.validate(c)
-  model = experiment_lib.make_model(c)
-  variables = experiment_lib.make_variables(c, model)
+  model = components.make_model(c)
+  variables = components.make_variables(c, model)
   if which == "latest" and (not pathlib.Path(workdir).is_dir() or checkpointing.make_checkpoints(
       workdir, read_only=True).latest.latest_step() is None):
     reporting.say(f"no checkpoint in {workdir}: whitening the initial weights' descriptors")
     which = "initial"
   params, _ = _params(workdir, which, variables.pop("params"))
-  source = experiment_lib.make_source(c, c.data.train_split, max_images=c.data.max_eval_images)
+  source = components.make_source(c, c.data.train_split, max_images=c.data.max_eval_images)
   described = c
   if target == "fc_init":
     model = model.clone(whiten=False) if getattr(model, "head", None) == "landmark" else model

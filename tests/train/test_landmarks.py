@@ -404,7 +404,8 @@ def test_bucketed_training_step_equals_the_unpadded_images(data_root):
   from recall_jax import data
   from recall_jax.data import source as source_lib
   from recall_jax.train import megabatch
-  from recall_jax.train import sharding
+  from recall_jax.train import batch_assembly
+  from recall_jax.train import sharded_step
 
   c = _config("gldv1_resnet101")
   c.data.root, c.data.check_sizes, c.data.flip = str(data_root), False, False
@@ -419,7 +420,7 @@ def test_bucketed_training_step_equals_the_unpadded_images(data_root):
     local = next(batches)
   assert set(local["image"].bucket.tolist()) == {0, 2}
   assert [len(b) for b in local["image"].buckets] == [8, 0, 16]
-  batch = sharding.global_bucketed_batch(local, exp.mesh)
+  batch = batch_assembly.global_bucketed_batch(local, exp.mesh)
   assert isinstance(batch["image"], megabatch.BucketedBatch)
 
   def embed_fn(params, images, key):  # as the trainer embeds (frozen BatchNorm, pixel mask)
@@ -427,7 +428,7 @@ def test_bucketed_training_step_equals_the_unpadded_images(data_root):
     pixels, mask = data.split_mask_channel(images)
     return exp.model.apply({"params": params, **exp.frozen}, pixels, mask=mask, train=True)
 
-  value_and_grad = jax.jit(sharding.sharded_bucketed_value_and_grad(
+  value_and_grad = jax.jit(sharded_step.sharded_value_and_grad(
       embed_fn, exp.loss_fn, exp.mesh, chunk_size_per_device=c.chunk_size))
   params = jax.tree.map(jnp.asarray, exp.initial_params)
   loss, grads = value_and_grad(params, batch["image"], batch["label"])
