@@ -3,16 +3,18 @@
   python benchmarks/memory_plan.py                          # ViT-B/16 bf16, B = 4000,16000,65536
   python benchmarks/memory_plan.py --model vit_s16 --remat none,block --chunk-size 100
   python benchmarks/memory_plan.py --query-block 1024       # pass RS@k's query block explicitly
+  python benchmarks/memory_plan.py --batches 4000 --remat none,block,dots --layouts unrolled,scan
 
-Builds the step an accelerator runs (`train_step.make_train_step` with `keep_activations=False`:
-the memory-flat two-pass loop; RS@k with `max_positives = m - 1`, AdamW, state donated), lowers it
-on abstract inputs (uint8 images of `--image-size`, labels in classes of m = 4: nothing is
-allocated) and compiles it for the default backend, then prints `compile().memory_analysis()`
-per batch size and `--remat` setting, with chunks of the largest divisor of B not above
-`--chunk-size` (B = 65,536 at 100: 64): temporaries (XLA's scratch for activations, the loss and
-everything else live inside the step), arguments (state + batch) and outputs, and the compile
-time. It runs on any machine; on a CPU the plan is XLA:CPU's (fusion and layouts differ from a
-GPU's, so the absolute figures are indicative; how they scale with B is the point). The loss's
+Builds the step an accelerator runs (`train_step.make_train_step` with `keep_activations=False`: the
+memory-flat two-pass loop; RS@k with `max_positives = m - 1`, AdamW, state donated), lowers it on
+abstract inputs (uint8 images of `--image-size`, labels in classes of m = 4: nothing is allocated)
+and compiles it for the default backend, then prints `compile().memory_analysis()` per batch size,
+`--remat` setting and `--layouts` layout of the repeated blocks (`scan`: one `nn.scan` over stacked
+layers, the models' default; `unrolled`: one copy per layer), with chunks of the largest divisor of
+B not above `--chunk-size` (B = 65,536 at 100: 64): temporaries (XLA's scratch for activations, the
+loss and everything else live inside the step), arguments (state + batch) and outputs, and the
+compile time. It runs on any machine; on a CPU the plan is XLA:CPU's (fusion and layouts differ from
+a GPU's, so the absolute figures are indicative; how they scale with B is the point). The loss's
 `query_block` is left to the loss's default unless `--query-block` is given.
 """
 
@@ -37,12 +39,10 @@ def largest_divisor_at_most(n: int, limit: int) -> int:
   return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
 
 
-def plan(args, batch: int, remat: str) -> dict[str, float]:
+def plan(args, batch: int, remat: str, layout: str = "scan") -> dict[str, float]:
   """Compiles one step; returns GiB of temporaries, arguments and outputs, and compile seconds."""
   kwargs = dict(dtype=jnp.dtype(args.dtype), image_size=args.image_size,
-                embedding_dim=args.embedding_dim)
-  if remat != "none":
-    kwargs["remat"] = remat
+                embedding_dim=args.embedding_dim, remat=remat, scan=layout == "scan")
   model = models.get_model(args.model, **kwargs)
   variables = jax.eval_shape(lambda: models.init_variables(model, jax.random.key(0),
                                                            args.image_size))
@@ -85,25 +85,37 @@ def main(argv=None):
   parser.add_argument("--chunk-size", type=int, default=100)
   parser.add_argument("--remat", default="none,block",
                       help="comma list of the backbone's remat settings")
+  parser.add_argument("--layouts", default="scan",
+                      help="comma list of block layouts: scan (stacked layers), unrolled")
   parser.add_argument("--query-block", type=int, default=None,
                       help="RS@k query block (default: the loss's own default)")
   args = parser.parse_args(argv)
   print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}); jax {jax.__version__}; "
         f"{args.model} {args.image_size} px {args.dtype}, chunk {args.chunk_size}, query_block "
         f"{args.query_block or 'loss default'}", flush=True)
-  print(f"{'B':>7} {'chunk':>6} {'remat':>6} {'temp GiB':>9} {'args GiB':>9} {'out GiB':>8} "
-        f"{'compile s':>10}", flush=True)
+  print(f"{'B':>7} {'chunk':>6} {'layout':>8} {'remat':>6} {'temp GiB':>9} {'args GiB':>9} "
+        f"{'out GiB':>8} {'compile s':>10}", flush=True)
   results = {}
-  for remat in args.remat.split(","):
-    for batch in (int(b) for b in args.batches.split(",")):
-      r = plan(args, batch, remat)
-      results[(batch, remat)] = r
-      print(f"{batch:>7} {r['chunk']:>6} {remat:>6} {r['temp']:>9.2f} {r['args']:>9.2f} "
-            f"{r['out']:>8.2f} {r['compile_s']:>10.1f}", flush=True)
-    batches = [b for b, m in results if m == remat]
-    first, last = results[(batches[0], remat)], results[(batches[-1], remat)]
-    print(f"remat={remat}: temporaries at B = {batches[-1]} / B = {batches[0]}: "
-          f"{last['temp'] / first['temp']:.2f}x (target <= 1.2x)", flush=True)
+  for layout in args.layouts.split(","):
+    for remat in args.remat.split(","):
+      for batch in (int(b) for b in args.batches.split(",")):
+        r = plan(args, batch, remat, layout)
+        results[(batch, remat, layout)] = r
+        print(f"{batch:>7} {r['chunk']:>6} {layout:>8} {remat:>6} {r['temp']:>9.2f} "
+              f"{r['args']:>9.2f} {r['out']:>8.2f} {r['compile_s']:>10.1f}", flush=True)
+      batches = [b for b, m, l in results if (m, l) == (remat, layout)]
+      first, last = results[(batches[0], remat, layout)], results[(batches[-1], remat, layout)]
+      if len(batches) > 1:
+        print(f"{layout}, remat={remat}: temporaries at B = {batches[-1]} / B = {batches[0]}: "
+              f"{last['temp'] / first['temp']:.2f}x (target <= 1.2x)", flush=True)
+  # Ratios against the first layout's remat=none plan at each batch size.
+  base_layout = args.layouts.split(",")[0]
+  for (batch, remat, layout), r in results.items():
+    base = results.get((batch, "none", base_layout))
+    if base and (remat, layout) != ("none", base_layout):
+      print(f"B = {batch}, {layout}, remat={remat} vs {base_layout}, remat=none: temporaries "
+            f"{r['temp'] / base['temp']:.2f}x, compile time "
+            f"{r['compile_s'] / base['compile_s']:.2f}x", flush=True)
   return results
 
 
