@@ -4,6 +4,12 @@ Scanned (stacked parameters, the default) and unrolled (per-layer parameters) mo
 same function and gradient; every remat setting computes the same as none.
 """
 
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -13,6 +19,7 @@ import pytest
 from recall_jax import models
 from recall_jax.models import layer_stack
 
+REPO = pathlib.Path(__file__).resolve().parents[2]
 # Tiny models whose ResNet stages 1 and 3 have repeated (scanned) bottlenecks.
 _MODELS = [("vit_tiny_test", {}), ("resnet_tiny_test", dict(stage_sizes=(2, 1, 3, 1)))]
 
@@ -99,3 +106,29 @@ def test_remat_rejects_unknown_settings(name):
         models.get_model(name, remat="stage2"), jax.random.key(0), 32))
 
 
+
+def _main(tmp_path, data_root, *flags):
+  env = dict(os.environ, PYTHONPATH=str(REPO))
+  return subprocess.run(
+      [sys.executable, "-m", "recall_jax.main", "--config", "configs/omniglot.py:smoke",
+       "--workdir", str(tmp_path), f"--config.data.root={data_root}",
+       "--config.model.name=vit_tiny_test", "--config.data.image_size=32",
+       "--config.data.resize_size=32",
+       "--config.data.max_eval_images=200", "--config.num_grid_queries=2", *flags],
+      cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
+
+
+def test_main_trains_a_scanned_vit_with_block_remat(omniglot_root, tmp_path):
+  proc = _main(tmp_path, omniglot_root, "--config.model.remat=block")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  losses = [r["loss"] for r in rows if r["kind"] == "train"]
+  assert losses and all(np.isfinite(losses))
+  assert json.loads((tmp_path / "config.json").read_text())["model"]["remat"] == "block"
+
+
+def test_main_rejects_an_unknown_remat_in_one_line(omniglot_root, tmp_path):
+  proc = _main(tmp_path, omniglot_root, "--config.model.remat=everything")
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert "remat must be one of none, block, dots" in proc.stderr
+  assert "Traceback" not in proc.stderr
