@@ -274,3 +274,33 @@ def test_resnet_missing_running_stats_are_reported(resnet, tmp_path):
   safetensors.numpy.save_file(state, tmp_path / "rn.safetensors")
   with pytest.raises(ValueError, match="batch_stats/backbone/layer2_0/downsample_bn/var"):
     models.load_pretrained("resnet_tiny_test", fresh, tmp_path / "rn.safetensors")
+
+
+def test_big_vision_scanned_npz_loads_as_the_per_layer_one(vit, tmp_path):
+  # big_vision's scanned ViTs save the blocks stacked: `Transformer/encoderblock/...`, (depth, ...).
+  _, source, fresh = vit
+  stacked = stack_reference(source)
+  np.savez(tmp_path / "scanned.npz", **export_augreg(stacked))
+  assert "Transformer/encoderblock/LayerNorm_0/scale" in np.load(tmp_path / "scanned.npz")
+  loaded = models.load_pretrained("vit_tiny_test", fresh, tmp_path / "scanned.npz")
+  assert_tree_equal(loaded["params"]["backbone"], stacked["params"]["backbone"])
+
+
+@pytest.mark.parametrize("family", ["vit", "resnet"])
+def test_loaded_scanned_model_computes_what_the_per_layer_model_did(family, vit, resnet,
+                                                                    tmp_path):
+  # The reference: the per-layer (unrolled) model with the checkpoint's arrays as they are.
+  model, source, fresh = vit if family == "vit" else resnet
+  if family == "vit":
+    path, state = tmp_path / "vit.safetensors", export_timm_vit(source)
+  else:
+    path, state = tmp_path / "rn.safetensors", export_torchvision_resnet(source)
+  safetensors.numpy.save_file(state, path)
+  loaded = models.load_pretrained("vit_tiny_test" if family == "vit" else "resnet_tiny_test",
+                                  fresh, path)
+  # The head is not in the checkpoint: both models use the fresh one.
+  reference = dict(source, params={**source["params"], **{
+      k: v for k, v in fresh["params"].items() if k != "backbone"}})
+  images = np.random.default_rng(3).integers(0, 256, (2, 32, 32, 3), np.uint8)
+  want = model.clone(scan=False).apply(reference, images)
+  np.testing.assert_allclose(model.apply(loaded, images), want, rtol=1e-5, atol=1e-6)
