@@ -4,6 +4,7 @@
   python benchmarks/memory_plan.py --model vit_s16 --remat none,block --chunk-size 100
   python benchmarks/memory_plan.py --query-block 1024       # pass RS@k's query block explicitly
   python benchmarks/memory_plan.py --batches 4000 --remat none,block,dots --layouts unrolled,scan
+  python benchmarks/memory_plan.py --step backbone --batches 4000 --layouts unrolled,scan
 
 Builds the step an accelerator runs (`train_step.make_train_step` with `keep_activations=False`: the
 memory-flat two-pass loop; RS@k with `max_positives = m - 1`, AdamW, state donated), lowers it on
@@ -15,7 +16,9 @@ B not above `--chunk-size` (B = 65,536 at 100: 64): temporaries (XLA's scratch f
 loss and everything else live inside the step), arguments (state + batch) and outputs, and the
 compile time. It runs on any machine; on a CPU the plan is XLA:CPU's (fusion and layouts differ from
 a GPU's, so the absolute figures are indicative; how they scale with B is the point). The loss's
-`query_block` is left to the loss's default unless `--query-block` is given.
+`query_block` is left to the loss's default unless `--query-block` is given. `--step backbone`
+plans the backbone alone instead: forward+backward of one chunk, without loss, optimizer or the
+chunk loop.
 """
 
 from __future__ import annotations
@@ -53,20 +56,29 @@ def plan(args, batch: int, remat: str, layout: str = "scan") -> dict[str, float]
     rngs = {} if key is None else {"dropout": key}
     return model.apply({"params": p, **frozen}, x, train=True, rngs=rngs)
 
+  chunk = largest_divisor_at_most(batch, args.chunk_size)
+  if args.step == "backbone":
+    # The backbone alone: forward+backward of one chunk, no loss, optimizer or chunk loop.
+    grad = jax.jit(jax.grad(lambda p, x: jnp.sum(embed_fn(p, x, jax.random.key(0)))))
+    chunk_images = jax.ShapeDtypeStruct((chunk, args.image_size, args.image_size, 3), jnp.uint8)
+    return _compiled_figures(lambda: grad.lower(params, chunk_images).compile(), chunk)
   loss_kwargs = dict(max_positives=PER_CLASS - 1)
   if args.query_block:
     loss_kwargs["query_block"] = args.query_block
   loss_fn = lambda e, y: recall_at_k_surrogate(e, y, **loss_kwargs)
   optimizer = optax.adamw(1e-5, weight_decay=1e-4)
-  chunk = largest_divisor_at_most(batch, args.chunk_size)
   step = train_step_lib.make_train_step(embed_fn, loss_fn, optimizer, chunk_size=chunk,
                                         keep_activations=False)
   state = jax.eval_shape(lambda p: train_step_lib.init_train_state(p, optimizer), params)
   images = jax.ShapeDtypeStruct((batch, args.image_size, args.image_size, 3), jnp.uint8)
   labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
   rng = jax.eval_shape(lambda: jax.random.key(0))
+  return _compiled_figures(lambda: step.lower(state, images, labels, rng).compile(), chunk)
+
+
+def _compiled_figures(compile_fn, chunk: int) -> dict[str, float]:
   tick = time.perf_counter()
-  compiled = step.lower(state, images, labels, rng).compile()
+  compiled = compile_fn()
   seconds = time.perf_counter() - tick
   memory = compiled.memory_analysis()
   return dict(chunk=chunk, temp=memory.temp_size_in_bytes / GIB,
@@ -87,12 +99,15 @@ def main(argv=None):
                       help="comma list of the backbone's remat settings")
   parser.add_argument("--layouts", default="scan",
                       help="comma list of block layouts: scan (stacked layers), unrolled")
+  parser.add_argument("--step", default="train", choices=["train", "backbone"],
+                      help="train: the mega-batch training step; backbone: forward+backward of "
+                      "one chunk through the backbone only")
   parser.add_argument("--query-block", type=int, default=None,
                       help="RS@k query block (default: the loss's own default)")
   args = parser.parse_args(argv)
   print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}); jax {jax.__version__}; "
-        f"{args.model} {args.image_size} px {args.dtype}, chunk {args.chunk_size}, query_block "
-        f"{args.query_block or 'loss default'}", flush=True)
+        f"{args.step} step, {args.model} {args.image_size} px {args.dtype}, chunk "
+        f"{args.chunk_size}, query_block {args.query_block or 'loss default'}", flush=True)
   print(f"{'B':>7} {'chunk':>6} {'layout':>8} {'remat':>6} {'temp GiB':>9} {'args GiB':>9} "
         f"{'out GiB':>8} {'compile s':>10}", flush=True)
   results = {}
