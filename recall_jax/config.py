@@ -67,6 +67,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.name = "vit_b16"  # backbone (recall_jax.models.available_models())
   c.model.embedding_dim = 512  # output dimension of the embedding head
   c.model.dtype = "float32"  # compute dtype of the backbone; "bfloat16" on GPUs
+  c.model.remat = "none"  # ViT/ResNet blocks: "block"/"dots" recompute in backward (GPU memory)
   c.model.pretrained = _optional(str)  # .npz / .safetensors weights for the backbone
   c.model.center_head_init = False  # centre the head on the first batch (training from scratch)
   c.model.head = _optional(str)  # ResNets: "embedding" or "landmark"; None: the model's own
