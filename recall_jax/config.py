@@ -131,6 +131,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every_steps = 10  # write a metrics.jsonl train row every this many steps
   c.num_grid_queries = 8  # retrieval-grid PNG rows (0 disables it)
   c.cold_start_checks = True  # RS@k: log the median positive rank early, warn if it cannot learn
+  c.compilation_cache_dir = _optional(str)  # XLA cache; None: <workdir>/compilation_cache, "": off
   return c
 
 
@@ -276,6 +277,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1, num_processes: 
   if c.loss.name not in LOSS_NAMES:
     problems.append(f"loss.name {c.loss.name!r} is not one of {LOSS_NAMES}")
   problems += _warmup_problems(c)
+  if c.compilation_cache_dir and os.path.isfile(os.path.expanduser(c.compilation_cache_dir)):
+    problems.append(f"compilation_cache_dir {c.compilation_cache_dir!r} is a file, not a folder")
   if c.data.decode_once and not c.data.in_memory:
     problems.append("data.decode_once needs data.in_memory (it holds the decoded images)")
   if c.simix and c.loss.name != "recall_at_k":
