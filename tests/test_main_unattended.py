@@ -6,7 +6,11 @@ import struct
 import subprocess
 import sys
 
+import pytest
 from tensorboardX.proto import event_pb2
+
+from recall_jax import config as config_lib
+from recall_jax import errors
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -57,3 +61,12 @@ def test_plain_progress_tensorboard_and_a_warm_compilation_cache(tmp_path, omnig
   second = _train(tmp_path / "second", omniglot_root, f"--config.compilation_cache_dir={cache}")
   assert second.stderr.count("Persistent compilation cache hit") >= 3
   assert not (tmp_path / "second" / "compilation_cache").exists()
+
+
+def test_a_compilation_cache_path_that_is_a_file_is_refused(tmp_path):
+  c = config_lib.smoke(config_lib.base_config())
+  c.compilation_cache_dir = str(tmp_path / "cache")
+  config_lib.validate(c)  # A folder still to be made is fine.
+  (tmp_path / "cache").write_text("not a folder")
+  with pytest.raises(errors.ConfigError, match="compilation_cache_dir .* is a file, not a folder"):
+    config_lib.validate(c)
