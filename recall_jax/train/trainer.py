@@ -25,7 +25,6 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-import tqdm
 from jax.experimental import multihost_utils
 
 from recall_jax import config as config_lib
@@ -39,6 +38,7 @@ from recall_jax.train import cold_start
 from recall_jax.train import experiment as experiment_lib
 from recall_jax.train import integrity
 from recall_jax.train import preemption
+from recall_jax.train import progress
 from recall_jax.train import reporting
 from recall_jax.train import train_step as train_step_lib
 from recall_jax.train import workdir as workdir_lib
@@ -284,8 +284,7 @@ class _Log:
       workdir_lib.truncate_metrics(workdir / "metrics.jsonl", start)
       workdir_lib.atomic_write_text(workdir / "config.json", c.to_json_best_effort(indent=2))
     self.writer = reporting.MetricWriter(workdir, enabled=_is_main())
-    self._bar = tqdm.tqdm(total=total, initial=start, desc="train", unit="step",
-                          disable=not _is_main(), dynamic_ncols=True)
+    self._bar = progress.progress_bar(total=total, initial=start, enabled=_is_main())
 
   def step(self, done: int, metrics: dict[str, float], lr: float, images_per_s: float) -> None:
     self._bar.update(1)
