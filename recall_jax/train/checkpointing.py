@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import pathlib
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -141,6 +142,20 @@ def restore(manager: ocp.CheckpointManager, step: int, template: train_step_lib.
   restored = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
   return restored["state"], dict(restored["meta"] or {})
+
+
+def best_value(manager: ocp.CheckpointManager) -> float:
+  """The evaluation value recorded with the newest step of `manager` (-inf: none saved).
+
+  A run saves its latest step before evaluating it, so after a resume the best checkpoint's meta
+  may hold a value that the latest checkpoint's meta does not.
+  """
+  step = manager.latest_step()
+  if step is None:
+    return -math.inf
+  meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  value = (meta or {}).get("best_value")
+  return float(value) if isinstance(value, (int, float)) else -math.inf
 
 
 def check_name(which: str) -> None:

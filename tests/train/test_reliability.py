@@ -333,3 +333,38 @@ def test_skipped_images_are_said_and_recorded_in_metrics(dataset, tmp_path, caps
   trainer.train_and_evaluate(c, workdir)
   assert [r["step"] for r in rows(workdir, "data")] == [0, 1]
   assert "folder/train: 1 of 33 listed images are unreadable" in capsys.readouterr().out
+
+
+def test_a_failing_evaluation_loses_no_training(dataset, tmp_path, monkeypatch):
+  workdir = tmp_path / "run"
+  c = load(dataset)
+  c.max_steps = 3  # step 3 is evaluated (the last) but is not a checkpoint_every_steps step
+
+  def fail(*args, **kwargs):
+    raise RuntimeError("evaluation failed")
+
+  with monkeypatch.context() as patch:
+    patch.setattr(trainer, "_evaluate", fail)
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+      trainer.train_and_evaluate(c, workdir)
+  assert saved_steps(workdir / "checkpoints") == [2, 3]  # saved before the evaluation
+  assert rows(workdir, "eval") == []
+  # The rerun resumes at step 3 and runs the evaluation that failed, training nothing again.
+  results = trainer.train_and_evaluate(c, workdir)
+  assert [r["step"] for r in rows(workdir, "eval")] == [3]
+  assert results == {k: v for k, v in rows(workdir, "eval")[0].items() if "/" in k}
+  assert [r["step"] for r in rows(workdir, "train")] == [1, 2, 3]
+  assert saved_steps(workdir / "best") == [3]
+
+
+def test_damaged_metrics_lines_do_not_block_a_resume(dataset, tmp_path, capsys):
+  workdir = tmp_path / "run"
+  c = load(dataset)
+  c.max_steps = 2
+  trainer.train_and_evaluate(c, workdir)
+  with (workdir / "metrics.jsonl").open("ab") as f:
+    f.write(b'\xff\xfe\n{"step": null, "kind": "train"}\n[1, 2]\n')
+  c.max_steps = 4
+  trainer.train_and_evaluate(c, workdir)
+  assert "skipped 3 damaged line(s)" in capsys.readouterr().out
+  assert [r["step"] for r in rows(workdir, "train")] == [1, 2, 3, 4]
