@@ -212,6 +212,10 @@ def restore_params(workdir: str | pathlib.Path, which: str, params_template: PyT
                    log_fn: Callable[[str], Any] | None = None) -> tuple[PyTree, int]:
   """The parameters of one checkpoint (without its optimizer state), and its step.
 
+  Safe while a run trains in `workdir`: when training deletes the step being read (it keeps
+  only the newest `keep_checkpoints`), `latest` and `best` go to the step that is newest now,
+  saying so; a step number that disappears is a one-line MissingFileError.
+
   Args:
     workdir: the run folder.
     which: 'latest', 'best' or a step number (`resolve`).
@@ -225,12 +229,42 @@ def restore_params(workdir: str | pathlib.Path, which: str, params_template: PyT
     ConfigError / MissingFileError / CorruptCheckpointError: as `resolve`.
   """
   check_name(which)
-  manager, step = resolve(make_checkpoints(workdir, read_only=True), which, log_fn)
+  log_fn = log_fn or print
   everywhere = parallel.replicated(parallel.data_mesh())
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=everywhere),
                           {"params": params_template})
   restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.PyTreeRestore(abstract, restore_args=restore_args, partial_restore=True),
-      meta=ocp.args.JsonRestore()))
-  return restored["state"]["params"], step
+  attempts = 0
+  while True:
+    attempts += 1
+    manager, step = resolve(make_checkpoints(workdir, read_only=True), which, log_fn)
+    folder = integrity.step_path(manager.directory, step)
+    verified = integrity.has_manifest(folder)
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.PyTreeRestore(abstract, restore_args=restore_args, partial_restore=True),
+          meta=ocp.args.JsonRestore()))
+    except Exception:  # pylint: disable=broad-except
+      # Orbax reports a folder deleted under it as whatever file it missed (TensorStore,
+      # FileNotFoundError, KeyError): only a step that is gone or changed now is such a race.
+      changed = not folder.is_dir() or (verified and integrity.verify_step(folder) is not None)
+      if not changed:
+        raise
+      if which not in ("latest", "best"):
+        raise errors.MissingFileError(
+            f"checkpoint {step} in {manager.directory} was deleted while it was read (a run "
+            "training there keeps only its newest steps): name a newer step, or latest") from None
+      if attempts == _READ_ATTEMPTS:
+        raise errors.DataError(
+            f"the {which} checkpoint in {manager.directory} was replaced {_READ_ATTEMPTS} times "
+            "while it was read; try again, or stop the run training there") from None
+      log_fn(f"checkpoint {step} in {manager.directory} was deleted while it was read (the run "
+             f"training there replaced it); reading the {which} one again")
+      continue
+    return restored["state"]["params"], step
+
+
+# Reads of `latest` or `best` retried while a training run deletes the step being read: each
+# retry picks the step that is newest now, so only a run saving faster than one restore can
+# exhaust them.
+_READ_ATTEMPTS = 5

@@ -1,5 +1,7 @@
 """Checkpoints of a run: latest/best managers, `latest|best|N`, full and params-only restores."""
 
+import shutil
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -78,3 +80,52 @@ def test_saves_are_checksummed_and_damaged_steps_are_not_restored(tmp_path):
   # A replayed step is saved again, replacing nothing but the missing folder.
   checkpointing.save(checkpoints.latest, state_at(2), {})
   assert integrity.verify_step(tmp_path / "checkpoints" / "2") is None
+
+
+def _deleting_after_resolve(monkeypatch, steps_to_delete):
+  """Makes the step that `resolve` picks vanish before Orbax reads it, as a training run's
+  `keep_checkpoints` clean-up does, once for each of `steps_to_delete` (in order)."""
+  real = checkpointing.resolve
+  pending = list(steps_to_delete)
+
+  def resolve_then_delete(checkpoints, which, log_fn=None):
+    manager, step = real(checkpoints, which, log_fn)
+    if pending and pending[0] == step:
+      pending.pop(0)
+      shutil.rmtree(integrity.step_path(manager.directory, step))
+    return manager, step
+
+  monkeypatch.setattr(checkpointing, "resolve", resolve_then_delete)
+  return pending
+
+
+def test_a_step_deleted_while_read_falls_back_to_the_newest_one(tmp_path, monkeypatch):
+  checkpoints = checkpointing.make_checkpoints(tmp_path, keep=3)
+  for step in (1, 2, 3):
+    checkpointing.save(checkpoints.latest, state_at(step), {})
+  said = []
+  pending = _deleting_after_resolve(monkeypatch, [3, 2])
+  params, step = checkpointing.restore_params(tmp_path, "latest", state_at(0).params,
+                                              log_fn=said.append)
+  assert step == 1 and not pending
+  jax.tree.map(np.testing.assert_array_equal, params, state_at(1).params)
+  assert len(said) == 2 and "checkpoint 3 in" in said[0] and "deleted while it was read" in said[0]
+
+
+def test_a_named_step_deleted_while_read_is_one_line(tmp_path, monkeypatch):
+  checkpoints = checkpointing.make_checkpoints(tmp_path, keep=3)
+  for step in (1, 2):
+    checkpointing.save(checkpoints.latest, state_at(step), {})
+  _deleting_after_resolve(monkeypatch, [1])
+  with pytest.raises(errors.MissingFileError, match=r"checkpoint 1 in .* was deleted while it was "
+                     r"read .*name a newer step, or latest$"):
+    checkpointing.restore_params(tmp_path, "1", state_at(0).params)
+
+
+def test_a_step_that_fails_to_read_without_being_deleted_keeps_its_traceback(tmp_path):
+  checkpoints = checkpointing.make_checkpoints(tmp_path, keep=3)
+  checkpointing.save(checkpoints.latest, state_at(1), {})
+  wrong_shape = {"w": jnp.zeros((5, 5)), "b": jnp.zeros(3)}
+  with pytest.raises(Exception) as info:
+    checkpointing.restore_params(tmp_path, "latest", wrong_shape)
+  assert not isinstance(info.value, errors.UserInputError)

@@ -14,6 +14,7 @@ import pathlib
 import subprocess
 import sys
 import textwrap
+import time
 
 import jax
 import jax.numpy as jnp
@@ -368,3 +369,36 @@ def test_damaged_metrics_lines_do_not_block_a_resume(dataset, tmp_path, capsys):
   trainer.train_and_evaluate(c, workdir)
   assert "skipped 3 damaged line(s)" in capsys.readouterr().out
   assert [r["step"] for r in rows(workdir, "train")] == [1, 2, 3, 4]
+
+
+def test_reading_latest_while_a_run_replaces_it_every_step(dataset, tmp_path):
+  """eval/search/export restore `latest` while training keeps only its newest step."""
+  workdir = tmp_path / "run"
+  c = load(dataset)
+  c.max_steps, c.keep_checkpoints, c.checkpoint_every_steps = 25, 1, 1
+  argv = ["recall_jax.main", "--config", str(dataset), "--workdir", str(workdir),
+          "--config.max_steps=25", "--config.keep_checkpoints=1",
+          "--config.checkpoint_every_steps=1"]
+  program = f"import sys\nfrom recall_jax import main\nsys.argv = {argv!r}\nmain.run()"
+  training = subprocess.Popen([sys.executable, "-c", program], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+  steps_read = []
+  try:
+    while training.poll() is None and not saved_steps_if_any(workdir / "checkpoints"):
+      time.sleep(0.05)
+    while training.poll() is None:
+      _, variables, step = modes.restore_variables(c, workdir, "latest")
+      assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(variables["params"]))
+      steps_read.append(step)
+    output = training.communicate(timeout=300)[0]
+  finally:
+    if training.poll() is None:
+      training.kill()
+      training.communicate()
+  assert training.returncode == 0, output[-4000:]
+  assert len(steps_read) >= 3 and steps_read == sorted(steps_read), steps_read
+  assert saved_steps(workdir / "checkpoints") == [25]
+
+
+def saved_steps_if_any(folder):
+  return saved_steps(folder) if folder.is_dir() else []
