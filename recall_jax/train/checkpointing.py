@@ -144,6 +144,15 @@ def restore(manager: ocp.CheckpointManager, step: int, template: train_step_lib.
   return restored["state"], dict(restored["meta"] or {})
 
 
+def _saved_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any] | None:
+  """The JSON meta saved with `step` (None when it cannot be read: a damaged step)."""
+  try:
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  except (OSError, ValueError, KeyError):
+    return None
+  return meta if isinstance(meta, dict) else None
+
+
 def best_value(manager: ocp.CheckpointManager) -> float:
   """The evaluation value recorded with the newest step of `manager` (-inf: none saved).
 
@@ -151,11 +160,22 @@ def best_value(manager: ocp.CheckpointManager) -> float:
   may hold a value that the latest checkpoint's meta does not.
   """
   step = manager.latest_step()
-  if step is None:
-    return -math.inf
-  meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-  value = (meta or {}).get("best_value")
+  value = None if step is None else (_saved_meta(manager, step) or {}).get("best_value")
   return float(value) if isinstance(value, (int, float)) else -math.inf
+
+
+def saved_config(manager: ocp.CheckpointManager) -> tuple[dict[str, Any] | None, str]:
+  """The run config saved in the meta of the newest step that has one, and where it was read.
+
+  Returns:
+    (config, source): the config as JSON-compatible dicts, or None when no step holds one
+    (saved by an older version, or every step's meta is damaged); source names the step.
+  """
+  for step in sorted(manager.all_steps(), reverse=True):
+    config = (_saved_meta(manager, step) or {}).get("config")
+    if isinstance(config, dict):
+      return config, f"checkpoint {step} in {manager.directory}"
+  return None, str(manager.directory)
 
 
 def check_name(which: str) -> None:

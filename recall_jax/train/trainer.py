@@ -94,15 +94,21 @@ def _locked(workdir: pathlib.Path):
 
 def _check_resumable(c: ml_collections.ConfigDict, workdir: pathlib.Path,
                      checkpoints: checkpointing.Checkpoints) -> None:
-  """Refuses a config the run's checkpoints do not fit, before config.json is overwritten."""
-  stored_path = workdir / "config.json"
-  if checkpoints.latest.latest_step() is None or not stored_path.is_file():
+  """Refuses a config the run's checkpoints do not fit, before config.json is overwritten.
+
+  Compares with the config saved in the newest checkpoint's meta, so a torn or deleted
+  config.json does not skip the check; config.json only for checkpoints saved without one.
+  """
+  if checkpoints.latest.latest_step() is None:
     return
-  try:
-    stored = json.loads(stored_path.read_text())
-  except ValueError:
-    stored = None  # torn by a crash: nothing to compare with; it is rewritten below
-  config_checks.check_resume_compatible(stored, c, source=str(stored_path))
+  stored, source = checkpointing.saved_config(checkpoints.latest)
+  stored_path = workdir / "config.json"
+  if stored is None and stored_path.is_file():
+    try:
+      stored, source = json.loads(stored_path.read_text()), str(stored_path)
+    except ValueError:
+      stored = None  # torn by a crash: nothing to compare with; it is rewritten below
+  config_checks.check_resume_compatible(stored, c, source=source)
 
 
 def _train(c: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, Any]:
@@ -286,7 +292,8 @@ def _evaluate_and_keep_best(exp: experiment_lib.Experiment, state: train_step_li
 def _meta(c: ml_collections.ConfigDict, best_value: float, state: train_step_lib.TrainState,
           exp: experiment_lib.Experiment) -> dict[str, Any]:
   return {"best_value": best_value, "best_metric": c.best_metric,
-          "epoch": int(state.step) / exp.steps_per_epoch}
+          "epoch": int(state.step) / exp.steps_per_epoch,
+          "config": json.loads(c.to_json_best_effort())}  # what a resume is compared with
 
 
 def _evaluate(exp: experiment_lib.Experiment, params, step: int, writer: reporting.MetricWriter,

@@ -291,7 +291,7 @@ def test_resuming_with_an_incompatible_config_is_refused(dataset, tmp_path):
   message = str(info.value)
   assert "model.embedding_dim: 16 when the run started, 8 now" in message
   assert "seed: 0 when the run started, 1 now" in message
-  assert str(workdir / "config.json") in message
+  assert f"checkpoint 2 in {workdir / 'checkpoints'}" in message  # the config saved with it
   assert (workdir / "config.json").read_bytes() == stored
   assert saved_steps(workdir / "checkpoints") == [2]
   # Keys the checkpoints do not depend on may change: the run resumes and trains on.
@@ -402,3 +402,20 @@ def test_reading_latest_while_a_run_replaces_it_every_step(dataset, tmp_path):
 
 def saved_steps_if_any(folder):
   return saved_steps(folder) if folder.is_dir() else []
+
+
+@pytest.mark.parametrize("damage", ["deleted", "torn"])
+def test_a_damaged_config_json_does_not_skip_the_resume_check(dataset, tmp_path, damage):
+  workdir = tmp_path / "run"
+  c = load(dataset)
+  c.max_steps = 2
+  trainer.train_and_evaluate(c, workdir)
+  if damage == "deleted":
+    (workdir / "config.json").unlink()
+  else:
+    (workdir / "config.json").write_text('{"model": {"embedding_dim"')
+  c.model.embedding_dim, c.max_steps = 8, 4
+  with pytest.raises(errors.ConfigError,
+                     match="model.embedding_dim: 16 when the run started, 8 now"):
+    trainer.train_and_evaluate(c, workdir)
+  assert saved_steps(workdir / "checkpoints") == [2]
