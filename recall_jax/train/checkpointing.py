@@ -180,7 +180,7 @@ def saved_config(manager: ocp.CheckpointManager) -> tuple[dict[str, Any] | None,
 
 def check_name(which: str) -> None:
   """Raises ConfigError unless `which` is 'latest', 'best' or a step number."""
-  if which not in ("latest", "best") and not which.isdigit():
+  if which not in ("latest", "best") and not (which.isascii() and which.isdigit()):
     raise errors.ConfigError(
         f"--checkpoint must be 'latest', 'best' or a step number, got {which!r}")
 

@@ -47,6 +47,8 @@ def test_missing_and_malformed_checkpoints(tmp_path):
   assert not (tmp_path / "run").exists()  # read-only use creates nothing
   with pytest.raises(errors.ConfigError, match="'latest', 'best' or a step number, got 'newest'"):
     checkpointing.restore_params(tmp_path / "run", "newest", state_at(0).params)
+  with pytest.raises(errors.ConfigError, match="a step number, got '\u00b2'"):
+    checkpointing.restore_params(tmp_path / "run", "\u00b2", state_at(0).params)
 
 
 def test_saves_are_checksummed_and_damaged_steps_are_not_restored(tmp_path):

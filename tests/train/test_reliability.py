@@ -260,6 +260,9 @@ def test_main_prints_a_divergence_as_one_line(dataset, tmp_path):
     ("--config.max_steps=0", "max_steps must be None (train for `epochs`) or an integer >= 1"),
     ("--config.max_steps=-5", "max_steps must be None (train for `epochs`) or an integer >= 1"),
     ("--config.no_such_key=1", "unknown config key --config.no_such_key"),
+    ("--checkpoint=newest", "--checkpoint=newest: must be 'latest', 'best' or a step number"),
+    ("--checkpoint=\u00b2", "must be 'latest', 'best' or a step number"),  # a digit to isdigit
+    ("--checkpoint=-1", "--checkpoint=-1: must be 'latest', 'best' or a step number"),
 ])
 def test_config_errors_are_one_line_with_exit_status_2(dataset, tmp_path, extra, message):
   proc = cli(dataset, tmp_path / "run", extra)
