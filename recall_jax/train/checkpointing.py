@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import math
 import pathlib
+import shutil
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -58,18 +59,34 @@ def make_checkpoints(workdir: str | pathlib.Path, *, keep: int = 2,
       the folders are created and the temporary folders of interrupted saves are deleted.
   """
   # Synchronous saves: the train step donates the state's buffers, so a save must have read
-  # them before the next step runs.
-  options = dict(create=not read_only, read_only=read_only,
-                 cleanup_tmp_directories=not read_only, enable_async_checkpointing=False)
+  # them before the next step runs. Interrupted saves are removed here, before returning: Orbax
+  # would remove them in a background thread that, when the run then stops at once (a refused
+  # resume), prints a traceback at exit.
+  options = dict(create=not read_only, read_only=read_only, cleanup_tmp_directories=False,
+                 enable_async_checkpointing=False)
   if read_only:  # what Orbax would otherwise reset, warning about each
     options.update(save_interval_steps=0)
   workdir = pathlib.Path(workdir).expanduser().absolute()  # Orbax refuses relative paths
+  if not read_only and jax.process_index() == 0:
+    for folder in ("checkpoints", "best"):
+      _remove_unfinished_saves(workdir / folder)
   with _orbax_warnings_hidden(read_only):  # "Given directory is read only": as asked
     latest = ocp.CheckpointManager(workdir / "checkpoints", options=ocp.CheckpointManagerOptions(
         max_to_keep=None if read_only else keep, **options))
     best = ocp.CheckpointManager(workdir / "best", options=ocp.CheckpointManagerOptions(
         max_to_keep=None if read_only else 1, **options))
   return Checkpoints(latest, best)
+
+
+def _remove_unfinished_saves(directory: pathlib.Path) -> None:
+  """Deletes the temporary folders of saves that never finished (Orbax's step.orbax-...-tmp-N)."""
+  if directory.is_dir():
+    for unfinished in directory.glob(f"*{_ORBAX_TMP_SUFFIX}*"):
+      shutil.rmtree(unfinished, ignore_errors=True)
+
+
+# Orbax names a step's folder `<step><suffix>-<timestamp>` until the save has finished.
+_ORBAX_TMP_SUFFIX = ".orbax-checkpoint-tmp"
 
 
 @contextlib.contextmanager

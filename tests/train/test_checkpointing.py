@@ -1,6 +1,7 @@
 """Checkpoints of a run: latest/best managers, `latest|best|N`, full and params-only restores."""
 
 import shutil
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -131,3 +132,20 @@ def test_a_step_that_fails_to_read_without_being_deleted_keeps_its_traceback(tmp
   with pytest.raises(Exception) as info:
     checkpointing.restore_params(tmp_path, "latest", wrong_shape)
   assert not isinstance(info.value, errors.UserInputError)
+
+
+def test_unfinished_saves_are_removed_before_make_checkpoints_returns(tmp_path):
+  checkpoints = checkpointing.make_checkpoints(tmp_path, keep=2)
+  checkpointing.save(checkpoints.latest, state_at(1), {})
+  unfinished = [tmp_path / "checkpoints" / "2.orbax-checkpoint-tmp-1733350000",
+                tmp_path / "best" / "2.orbax-checkpoint-tmp-1733350001"]
+  for folder in unfinished:
+    (folder / "state").mkdir(parents=True)
+    (folder / "state" / "partial").write_bytes(b"x" * 10)
+  before = set(threading.enumerate())
+  checkpoints = checkpointing.make_checkpoints(tmp_path, keep=2)
+  # Done synchronously: no thread is left to print a traceback if the program stops at once.
+  assert not any(folder.exists() for folder in unfinished)
+  assert [t for t in threading.enumerate() if t not in before and not t.daemon] == []
+  assert checkpoints.latest.all_steps() == [1]
+  assert checkpointing.make_checkpoints(tmp_path, read_only=True).latest.all_steps() == [1]
