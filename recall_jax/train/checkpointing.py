@@ -271,34 +271,39 @@ def restore_params(workdir: str | pathlib.Path, which: str, params_template: PyT
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=everywhere),
                           {"params": params_template})
   restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
-  attempts = 0
-  while True:
-    attempts += 1
+  error, failed = None, None
+  for _ in range(_READ_ATTEMPTS):
     manager, step = resolve(make_checkpoints(workdir, read_only=True), which, log_fn)
+    if failed is not None:
+      if failed == (manager.directory, step):
+        raise error  # the same step fails again, still there: not a race, a real problem
+      log_fn(f"checkpoint {failed[1]} in {failed[0]} was deleted while it was read (the run "
+             f"training there replaced it); reading step {step} instead")
     folder = integrity.step_path(manager.directory, step)
     verified = integrity.has_manifest(folder)
     try:
       restored = manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.PyTreeRestore(abstract, restore_args=restore_args, partial_restore=True),
           meta=ocp.args.JsonRestore()))
-    except Exception:  # pylint: disable=broad-except
+    except Exception as e:  # pylint: disable=broad-except
       # Orbax reports a folder deleted under it as whatever file it missed (TensorStore,
-      # FileNotFoundError, KeyError): only a step that is gone or changed now is such a race.
-      changed = not folder.is_dir() or (verified and integrity.verify_step(folder) is not None)
-      if not changed:
+      # FileNotFoundError, KeyError 'meta'). `latest` and `best` resolve again: a step deleted
+      # meanwhile gives way to the newest one; the same step again is a real failure.
+      if which in ("latest", "best"):
+        error, failed = e, (manager.directory, step)
+        continue
+      listed = make_checkpoints(workdir, read_only=True).latest.all_steps()
+      gone = (not folder.is_dir() or step not in listed
+              or (verified and integrity.verify_step(folder) is not None))
+      if not gone:
         raise
-      if which not in ("latest", "best"):
-        raise errors.MissingFileError(
-            f"checkpoint {step} in {manager.directory} was deleted while it was read (a run "
-            "training there keeps only its newest steps): name a newer step, or latest") from None
-      if attempts == _READ_ATTEMPTS:
-        raise errors.DataError(
-            f"the {which} checkpoint in {manager.directory} was replaced {_READ_ATTEMPTS} times "
-            "while it was read; try again, or stop the run training there") from None
-      log_fn(f"checkpoint {step} in {manager.directory} was deleted while it was read (the run "
-             f"training there replaced it); reading the {which} one again")
-      continue
+      raise errors.MissingFileError(
+          f"checkpoint {step} in {manager.directory} was deleted while it was read (a run "
+          "training there keeps only its newest steps): name a newer step, or latest") from None
     return restored["state"]["params"], step
+  raise errors.DataError(
+      f"the {which} checkpoint in {workdir} was replaced {_READ_ATTEMPTS} times while it was "
+      "read; try again, or stop the run training there")
 
 
 # Reads of `latest` or `best` retried while a training run deletes the step being read: each
