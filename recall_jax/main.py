@@ -51,6 +51,9 @@ _MODE = flags.DEFINE_enum(
     "Config keys: see configs/default.py, set with --config.KEY=VALUE.")
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", "latest", "eval/embed/search/export: 'latest', 'best' or a step number.")
+# Checked while parsing, so a bad value is one line before anything is read or embedded.
+flags.register_validator("checkpoint", lambda v: v in ("latest", "best") or v.isascii() and
+                         v.isdigit(), "must be 'latest', 'best' or a step number")
 _SPLIT = flags.DEFINE_string(
     "split", None, "embed: the split to embed (default: the gallery split, else the first test).")
 _OUTPUT = flags.DEFINE_string(
