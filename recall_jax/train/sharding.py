@@ -151,15 +151,19 @@ def initialize_distributed(env: Mapping[str, str] | None = None) -> tuple[int, i
 
 
 def make_sharded_state(params: PyTree, optimizer: optax.GradientTransformation,
-                         mesh: Mesh) -> train_step_lib.TrainState:
+                       mesh: Mesh, *, loss_params: PyTree = None,
+                       loss_optimizer: optax.GradientTransformation | None = None,
+                       memory: Any = None) -> train_step_lib.TrainState:
   """A step-0 `TrainState` whose parameters and optimiser state are replicated over `mesh`.
 
   Built under `jit(out_shardings=replicated)`, so each device receives its copy directly.
-  `params` must be identical on every process (same seed / same pretrained file).
+  `params` must be identical on every process (same seed / same pretrained file). The loss's
+  parameters and the cross-batch memory (`train_step.init_train_state`) are replicated too:
+  every device computes the same loss on the gathered embeddings.
   """
-  init = jax.jit(train_step_lib.init_train_state, static_argnums=1,
+  init = jax.jit(train_step_lib.init_train_state, static_argnums=(1, 3),
                  out_shardings=replicated(mesh))
-  return init(params, optimizer)
+  return init(params, optimizer, loss_params, loss_optimizer, memory)
 
 
 def global_batch(local_batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
@@ -265,6 +269,7 @@ def sharded_value_and_grad(
     chunk_size_per_device: int,
     loss_uses_rng: bool = False,
     keep_activations: bool = False,
+    loss_has_params: bool = False,
 ) -> megabatch.StepFn:
   """The data-parallel, exact mega-batch `value_and_grad`.
 
@@ -281,46 +286,55 @@ def sharded_value_and_grad(
   dropout give the single-device result exactly; with dropout the masks (not their statistics)
   depend on the device count.
 
+  Loss parameters (`loss_has_params`): every device computes the same loss on the gathered
+  embeddings, so each holds the whole gradient of the loss's parameters; it is taken as is (a
+  psum would multiply it by the device count). `loss_inputs` (a memory) are replicated.
+
   Args:
-    embed_fn, loss_fn, loss_uses_rng: as in `megabatch.megabatch_value_and_grad`.
+    embed_fn, loss_fn, loss_uses_rng, loss_has_params: as in
+      `megabatch.megabatch_value_and_grad`.
     mesh: the data mesh (`data_mesh()`).
     chunk_size_per_device: images one device embeds at once.
 
   Returns:
-    `step_fn(params, images, labels, rng=None) -> (loss, grads)` to call under `jax.jit` on the
-    global batch (B, ...) sharded along `data`, `params` replicated; loss and grads replicated.
+    `step_fn(params, images, labels, rng=None, *, loss_params=None, loss_inputs=()) ->
+    (loss, grads)` to call under `jax.jit` on the global batch (B, ...) sharded along `data`,
+    `params`, `loss_params` and `loss_inputs` replicated; loss and grads replicated (with
+    `loss_has_params`, grads is `(model grads, loss_params grads)`).
     ConfigError (trace time) when B is not divisible by `chunk_size_per_device` x devices.
   """
   num_devices = mesh.devices.size
   check_batch_layout(chunk_size_per_device * num_devices, chunk_size_per_device, num_devices)
 
-  def global_loss_fn(local_embeddings, local_labels, *rng):
+  def global_loss_fn(local_embeddings, local_labels, *rest):
     embeddings = _gather_rows(local_embeddings, DATA_AXIS)
     labels = jax.lax.all_gather(local_labels, DATA_AXIS, tiled=True)
-    return loss_fn(embeddings, labels, *rng)
+    return loss_fn(embeddings, labels, *rest)
 
   local_value_and_grad = megabatch.megabatch_value_and_grad(
       _local_embed_fn(embed_fn), global_loss_fn, chunk_size=chunk_size_per_device,
-      loss_uses_rng=loss_uses_rng, keep_activations=keep_activations)
+      loss_uses_rng=loss_uses_rng, keep_activations=keep_activations,
+      loss_has_params=loss_has_params)
 
-  def per_device(params, images, labels, rng):
-    loss, grads = local_value_and_grad(params, images, labels, rng)
-    return loss, jax.lax.psum(grads, DATA_AXIS)
+  def per_device(params, images, labels, rng, loss_params, loss_inputs):
+    loss, grads = local_value_and_grad(params, images, labels, rng, loss_params=loss_params,
+                                       loss_inputs=loss_inputs)
+    return loss, _sum_model_grads(grads, loss_has_params)
 
   data, full = PartitionSpec(DATA_AXIS), PartitionSpec()
   # check_vma=False: the loss is replicated by construction (same inputs on every device) and
   # the gradients by the psum; the vma type system cannot see the former.
-  mapped = jax.shard_map(per_device, mesh=mesh, in_specs=(full, data, data, full),
+  mapped = jax.shard_map(per_device, mesh=mesh, in_specs=(full, data, data, full, full, full),
                          out_specs=(full, full), check_vma=False)
 
-  def step_fn(params, images, labels, rng=None):
+  def step_fn(params, images, labels, rng=None, *, loss_params=None, loss_inputs=()):
     batch_size = _batch_size_of(images)
     if batch_size is None:
       raise ValueError("images must be an array (or pytree of arrays) with a leading batch axis")
     check_batch_layout(batch_size, chunk_size_per_device, num_devices)
     if np.shape(labels)[:1] != (batch_size,) or np.ndim(labels) != 1:
       raise ValueError(f"labels must have shape ({batch_size},), got {np.shape(labels)}")
-    return mapped(params, images, labels, rng)
+    return mapped(params, images, labels, rng, loss_params, tuple(loss_inputs))
 
   return step_fn
 
@@ -333,6 +347,7 @@ def sharded_bucketed_value_and_grad(
     chunk_size_per_device: int,
     loss_uses_rng: bool = False,
     keep_activations: bool = False,
+    loss_has_params: bool = False,
 ) -> megabatch.StepFn:
   """`sharded_value_and_grad` for a batch held in aspect buckets (`megabatch.BucketedBatch`).
 
@@ -348,38 +363,60 @@ def sharded_bucketed_value_and_grad(
     `chunk_size_per_device` x devices.
 
   Returns:
-    `step_fn(params, batch: BucketedBatch, labels (B,), rng=None) -> (loss, grads)`, to call
-    under `jax.jit` on global arrays (`global_batch`).
+    `step_fn(params, batch: BucketedBatch, labels (B,), rng=None, *, loss_params=None,
+    loss_inputs=()) -> (loss, grads)`, to call under `jax.jit` on global arrays
+    (`global_batch`); loss parameters and inputs as in `sharded_value_and_grad`.
   """
   num_devices = mesh.devices.size
   check_batch_layout(chunk_size_per_device * num_devices, chunk_size_per_device, num_devices)
 
-  def global_loss_fn(local_embeddings, local_slots, local_labels, *rng):
+  def global_embeddings(local_embeddings, local_slots, local_labels):
     embeddings = jax.numpy.concatenate([_gather_rows(e, DATA_AXIS) for e in local_embeddings])
     slots = jax.lax.all_gather(local_slots, DATA_AXIS, tiled=True)
     labels = jax.lax.all_gather(local_labels, DATA_AXIS, tiled=True)
-    return loss_fn(embeddings[slots], labels, *rng)
+    return embeddings[slots], labels
+
+  if loss_has_params:
+    def global_loss_fn(local_embeddings, own, local_slots, local_labels, *rest):
+      return loss_fn(*global_embeddings(local_embeddings, local_slots, local_labels), own,
+                     *rest)
+  else:
+    def global_loss_fn(local_embeddings, local_slots, local_labels, *rest):
+      return loss_fn(*global_embeddings(local_embeddings, local_slots, local_labels), *rest)
 
   local_value_and_grad = megabatch.grouped_value_and_grad(
       _local_embed_fn(embed_fn), global_loss_fn, chunk_size=chunk_size_per_device,
-      loss_uses_rng=loss_uses_rng, keep_activations=keep_activations)
+      loss_uses_rng=loss_uses_rng, keep_activations=keep_activations,
+      loss_has_params=loss_has_params)
 
-  def per_device(params, buckets, slots, labels, rng):
-    loss, grads = local_value_and_grad(params, buckets, (slots, labels), rng)
-    return loss, jax.lax.psum(grads, DATA_AXIS)
+  def per_device(params, buckets, slots, labels, rng, loss_params, loss_inputs):
+    loss, grads = local_value_and_grad(params, buckets, (slots, labels, *loss_inputs), rng,
+                                       loss_params)
+    return loss, _sum_model_grads(grads, loss_has_params)
 
   data, full = PartitionSpec(DATA_AXIS), PartitionSpec()
-  mapped = jax.shard_map(per_device, mesh=mesh, in_specs=(full, data, data, data, full),
+  mapped = jax.shard_map(per_device, mesh=mesh,
+                         in_specs=(full, data, data, data, full, full, full),
                          out_specs=(full, full), check_vma=False)
 
-  def step_fn(params, batch: megabatch.BucketedBatch, labels, rng=None):
+  def step_fn(params, batch: megabatch.BucketedBatch, labels, rng=None, *, loss_params=None,
+              loss_inputs=()):
     buckets = megabatch.check_bucketed_batch(batch, labels)
     for bucket in buckets:
       check_batch_layout(_batch_size_of(bucket), chunk_size_per_device, num_devices)
     check_batch_layout(len(labels), 1, num_devices)
-    return mapped(params, buckets, batch.slots, labels, rng)
+    return mapped(params, buckets, batch.slots, labels, rng, loss_params, tuple(loss_inputs))
 
   return step_fn
+
+
+def _sum_model_grads(grads: PyTree, loss_has_params: bool) -> PyTree:
+  """The model's gradients summed over the devices (each holds its rows' share); the loss's
+  parameters' gradients, already whole on every device, as they are."""
+  if not loss_has_params:
+    return jax.lax.psum(grads, DATA_AXIS)
+  model_grads, loss_param_grads = grads
+  return jax.lax.psum(model_grads, DATA_AXIS), loss_param_grads
 
 
 def _batch_size_of(images: Any) -> int | None:
@@ -397,6 +434,10 @@ def make_sharded_train_step(
     loss_uses_rng: bool = False,
     keep_activations: bool = False,
     bucketed: bool = False,
+    loss_has_params: bool = False,
+    loss_optimizer: optax.GradientTransformation | None = None,
+    with_memory: bool = False,
+    memory_start_step: int = 0,
 ) -> Callable[..., tuple[train_step_lib.TrainState, dict[str, jax.Array]]]:
   """Builds the data-parallel `train_step(state, images, labels, rng) -> (state, metrics)`.
 
@@ -413,17 +454,23 @@ def make_sharded_train_step(
       memory); the global batch must be divisible by it x the number of devices.
     bucketed: `images` is a `megabatch.BucketedBatch` (whole images in aspect buckets;
       `sharded_bucketed_value_and_grad`); it compiles once per set of bucket sizes.
+    loss_has_params, loss_optimizer, with_memory, memory_start_step: as in
+      `train_step.make_train_step`; the loss's parameters and the memory are replicated, and
+      every device updates its copy identically from the replicated loss gradient and the
+      gathered embeddings.
 
   Raises:
     ConfigError: at trace time, before compiling, for a batch that does not fit the layout.
   """
+  stateful = loss_has_params or with_memory
+  if stateful:
+    loss_fn = train_step_lib.stateful_loss(loss_fn, has_params=loss_has_params,
+                                           with_memory=with_memory)
   make = sharded_bucketed_value_and_grad if bucketed else sharded_value_and_grad
   value_and_grad = make(embed_fn, loss_fn, mesh, chunk_size_per_device=chunk_size_per_device,
-                        loss_uses_rng=loss_uses_rng, keep_activations=keep_activations)
-
-  def train_step(state: train_step_lib.TrainState, images: Any, labels: jax.Array,
-                 rng: jax.Array | None = None):
-    loss, grads = value_and_grad(state.params, images, labels, rng)
-    return train_step_lib.apply_gradients(state, loss, grads, optimizer)
-
+                        loss_uses_rng=loss_uses_rng, keep_activations=keep_activations,
+                        loss_has_params=stateful)
+  train_step = train_step_lib.make_update(value_and_grad, optimizer, stateful=stateful,
+                                          loss_optimizer=loss_optimizer,
+                                          memory_start_step=memory_start_step)
   return jax.jit(train_step, donate_argnums=0, out_shardings=replicated(mesh))
