@@ -470,6 +470,36 @@ def loss_state_steps(name: str, sharded: bool):
   return losses, states
 
 
+def _bucketed_proxies_case() -> None:
+  """Whole images in buckets with Proxy-Anchor on 8 devices == unpadded backprop on one, for
+  the model's and the proxies' gradients alike."""
+  import jax
+  import jax.numpy as jnp
+  from recall_jax import losses
+  from recall_jax.train import sharding
+  mesh = sharding.data_mesh()
+  images, own, labels = bucketed_rows()
+  proxies = losses.init_proxies(jax.random.key(5), BUCKETED_BATCH // M, 8)
+  params = jax.tree.map(jnp.asarray, init_bucketed_params())
+
+  def total_loss(p, q):
+    embeddings = jnp.concatenate([masked_embed_fn(p, jnp.asarray(x)[None], None)
+                                  for x in images])
+    return losses.proxy_anchor_loss(embeddings, jnp.asarray(labels), q)
+
+  with jax.default_device(jax.devices()[0]):
+    want_loss, want_grads = jax.value_and_grad(total_loss, argnums=(0, 1))(params, proxies)
+  local = local_bucketed_images(images, own, np.arange(BUCKETED_BATCH), chunk_rows=8)
+  batch = sharding.global_bucketed_batch({"image": local, "label": labels}, mesh)
+  vg = jax.jit(sharding.sharded_bucketed_value_and_grad(
+      masked_embed_fn, losses.proxy_anchor_loss, mesh, chunk_size_per_device=1,
+      loss_has_params=True))
+  loss, grads = vg(params, batch["image"], batch["label"], loss_params=proxies)
+  assert relative_error(loss, want_loss) <= 1e-5, (float(loss), float(want_loss))
+  assert_trees_close(grads, want_grads, rtol=1e-4, what="bucketed proxies grad ")
+  print("loss state ok: bucketed proxies")
+
+
 def main_loss_state() -> None:
   import jax
   assert jax.device_count() == 8, jax.devices()
@@ -490,6 +520,7 @@ def main_loss_state() -> None:
         assert int(got.memory.count) == int(want.memory.count) == filled, step
         assert_trees_close(got.memory.embeddings, want.memory.embeddings, what=f"memory {step} ")
     print(f"loss state ok: {name}")
+  _bucketed_proxies_case()
   print("LOSS_STATE_OK")
 
 
