@@ -27,6 +27,7 @@ from jax.experimental import multihost_utils
 
 from recall_jax import errors
 from recall_jax import parallel
+from recall_jax.models import layer_stack
 from recall_jax.train import integrity
 from recall_jax.train import train_step as train_step_lib
 
@@ -138,8 +139,12 @@ def restore(manager: ocp.CheckpointManager, step: int, template: train_step_lib.
             ) -> tuple[train_step_lib.TrainState, dict[str, Any]]:
   """The state and meta saved at `step`, with the shapes, dtypes and shardings of `template`."""
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+  except (ValueError, KeyError) as e:
+    layer_stack.raise_if_unrolled(e, f"{manager.directory} step {step}")
+    raise
   return restored["state"], dict(restored["meta"] or {})
 
 
@@ -215,7 +220,11 @@ def restore_params(workdir: str | pathlib.Path, which: str, params_template: PyT
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=everywhere),
                           {"params": params_template})
   restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.PyTreeRestore(abstract, restore_args=restore_args, partial_restore=True),
-      meta=ocp.args.JsonRestore()))
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(abstract, restore_args=restore_args, partial_restore=True),
+        meta=ocp.args.JsonRestore()))
+  except (ValueError, KeyError) as e:
+    layer_stack.raise_if_unrolled(e, f"{manager.directory} step {step}")
+    raise
   return restored["state"]["params"], step
