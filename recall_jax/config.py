@@ -131,6 +131,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every_steps = 10  # write a metrics.jsonl train row every this many steps
   c.num_grid_queries = 8  # retrieval-grid PNG rows (0 disables it)
   c.cold_start_checks = True  # RS@k: log the median positive rank early, warn if it cannot learn
+  c.compilation_cache_dir = _optional(str)  # XLA cache; None: <workdir>/compilation_cache, "": off
   return c
 
 
