@@ -53,7 +53,8 @@ def __dir__() -> list[str]:
 def get_loss(name: str) -> _Callable:
   """The loss function registered as `name` (e.g. `config.loss.name`).
 
-  Every loss is called as `loss(embeddings (B, D), labels (B,), **kwargs) -> scalar`.
+  A loss is called as `loss(embeddings (B, D), labels (B,), **kwargs) -> scalar`; one with
+  learned parameters (its spec's `parameters`) takes them third.
 
   Raises:
     ValueError: if `name` is not one of `LOSS_NAMES`.
