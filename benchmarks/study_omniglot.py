@@ -10,7 +10,7 @@ first quarter of a run's steps (the demo's 20 warm-up steps, as a fraction, so t
 gets the same share) and then stays constant (no milestone decay: the runs are shorter than the
 demo's first epoch milestone).
 
-Studies (`--only` picks one):
+Studies (`--only` picks one; without it, the first three):
   losses: RS@k vs Smooth-AP vs contrastive vs multi-similarity at B = 1,024 (the demo's 1,000
           rounded onto the batch-size grid, so that run is shared with `batch`).
   batch:  RS@k at B = 64, 256, 1,024 and 3,072. A batch of 4,096 with m = 4
@@ -19,6 +19,12 @@ Studies (`--only` picks one):
   simix:  RS@k with and without SiMix at B = 256, on all 964 training characters and on 10% of
           them (96 characters, 1,920 images, drawn per seed). B = 256 because a 10% batch can hold
           at most 96 x 4 = 384 images; the full-data run without SiMix is shared with `batch`.
+  memory: the mega-batch against its cheap rival, a cross-batch memory: RS@k and Smooth-AP with
+          an exact batch of B = 1,024, and with a batch of B / 8 = 128 ranked against itself plus
+          a memory of the last 1,024 embeddings (`loss.memory_size`; the same images seen).
+  proxies: Proxy-Anchor and normalized softmax (learned proxies, their own learning rate
+          `loss.param_learning_rate`, default 100 x the network's) at every batch size of
+          `batch`, to find where each does best.
 
 The 10% subset needs no trainer option: the script writes an `images_background.zip` holding
 only the chosen characters (the original members, bytes copied) next to a link to the official
@@ -33,6 +39,7 @@ interrupted study continues where it stopped; delete the JSON (or pass `--fresh`
   python benchmarks/study_omniglot.py --quick           # 5.5 min on 2 CPU cores: 1 seed
   python benchmarks/study_omniglot.py                   # 36 min: 3 seeds, all 13,180 test images
   python benchmarks/study_omniglot.py --only batch --seeds 2
+  python benchmarks/study_omniglot.py --only memory --dry-run   # the runs' configs, checked
 
 Data: `$RECALL_JAX_DATA/omniglot/images_{background,evaluation}.zip` (downloaded there when
 missing, as for the demo).
@@ -62,11 +69,17 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_FILE = REPO / "configs" / "omniglot.py"
 
 LOSSES = ("recall_at_k", "smooth_ap", "contrastive", "multi_similarity")
+PROXY_LOSSES = ("proxy_anchor", "normalized_softmax")
+MEMORY_LOSSES = ("recall_at_k", "smooth_ap")
 LOSS_LABELS = {"recall_at_k": "RS@k", "smooth_ap": "Smooth-AP", "contrastive": "Contrastive",
-               "multi_similarity": "Multi-similarity"}
+               "multi_similarity": "Multi-similarity", "proxy_anchor": "Proxy-Anchor",
+               "normalized_softmax": "Normalized softmax"}
+STUDIES = ("losses", "batch", "simix", "memory", "proxies")
+DEFAULT_STUDIES = ("losses", "batch", "simix")  # memory and proxies: with --only
 DEMO_BATCH = 1024
 BATCH_SIZES = (64, 256, 1024, 3072)
 SIMIX_BATCH = 256
+MEMORY_BATCH = DEMO_BATCH // 8  # with a memory of DEMO_BATCH: 1/8 of the batch, same images
 SMALL_FRACTION = 0.1
 MAX_CHUNK = 256  # images embedded at once: bounds activation memory at the large batch sizes
 K_VALUES = (1, 2, 4, 8)
@@ -86,10 +99,12 @@ class RunSpec:
   simix: bool
   class_fraction: float
   seed: int
+  memory_size: int = 0  # cross-batch memory rows (`loss.memory_size`); 0: none
 
   @property
   def key(self) -> str:
-    return (f"{self.loss}|B={self.batch_size}|simix={int(self.simix)}|"
+    memory = f"|M={self.memory_size}" if self.memory_size else ""
+    return (f"{self.loss}|B={self.batch_size}{memory}|simix={int(self.simix)}|"
             f"classes={self.class_fraction:g}|seed={self.seed}")
 
 
@@ -105,6 +120,13 @@ def plan(studies: list[str], seeds: int) -> dict[str, list[RunSpec]]:
   if "simix" in studies:
     runs["simix"] = [RunSpec("recall_at_k", SIMIX_BATCH, x, f, s) for f in (1.0, SMALL_FRACTION)
                      for x in (False, True) for s in seed_list]
+  if "memory" in studies:
+    runs["memory"] = [run for l in MEMORY_LOSSES for run in (
+        *(RunSpec(l, DEMO_BATCH, False, 1.0, s) for s in seed_list),
+        *(RunSpec(l, MEMORY_BATCH, False, 1.0, s, memory_size=DEMO_BATCH) for s in seed_list))]
+  if "proxies" in studies:
+    runs["proxies"] = [RunSpec(l, b, False, 1.0, s) for l in PROXY_LOSSES for b in BATCH_SIZES
+                       for s in seed_list]
   return runs
 
 
@@ -168,6 +190,7 @@ def make_config(run: RunSpec, images: int, max_eval_images: int | None,
   c.batch_size = run.batch_size
   c.chunk_size = math.gcd(run.batch_size, MAX_CHUNK)
   c.simix = run.simix
+  c.loss.memory_size = run.memory_size
   steps = images // run.batch_size
   c.max_steps = steps
   c.epochs = 10**6  # the run is bounded by max_steps
@@ -240,8 +263,11 @@ def mean_std(values: list[float]) -> str:
 
 
 def setting_label(study: str, run: RunSpec) -> str:
-  if study == "losses":
+  if study in ("losses", "proxies"):
     return f"{LOSS_LABELS[run.loss]}, B = {run.batch_size:,}"
+  if study == "memory":
+    memory = f" + memory {run.memory_size:,}" if run.memory_size else " (exact mega-batch)"
+    return f"{LOSS_LABELS[run.loss]}, B = {run.batch_size:,}{memory}"
   if study == "batch":
     return f"RS@k, B = {run.batch_size:,}"
   classes = "all 964 classes" if run.class_fraction == 1 else f"{run.class_fraction:.0%} of classes"
@@ -252,14 +278,15 @@ def grouped(runs: list[RunSpec], records: dict[str, dict]) -> list[tuple[RunSpec
   """Runs grouped over seeds, in plan order: (the seed-0 spec, the records of every seed)."""
   groups: dict[tuple, tuple[RunSpec, list[dict]]] = {}
   for run in runs:
-    key = (run.loss, run.batch_size, run.simix, run.class_fraction)
+    key = (run.loss, run.batch_size, run.simix, run.class_fraction, run.memory_size)
     groups.setdefault(key, (run, []))[1].append(records[run.key])
   return list(groups.values())
 
 
 def markdown_table(runs_by_study: dict[str, list[RunSpec]], records: dict[str, dict],
                    baseline: dict[str, float], header: str) -> str:
-  titles = {"losses": "1. Losses", "batch": "2. Batch size", "simix": "3. SiMix"}
+  titles = {"losses": "1. Losses", "batch": "2. Batch size", "simix": "3. SiMix",
+            "memory": "4. Mega-batch vs memory", "proxies": "5. Proxy losses"}
   lines = [header, "",
            "| study | setting | steps | seeds | R@1 | R@2 | R@4 | R@8 | s/run |",
            "|---|---|---:|---:|---|---|---|---|---:|"]
@@ -328,7 +355,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--seeds", type=int, default=None, help="seeds per setting (default 3; quick 1)")
   p.add_argument("--images", type=int, default=None,
                  help="training images seen by every run (a multiple of every batch size)")
-  p.add_argument("--only", choices=("losses", "batch", "simix"), default=None)
+  p.add_argument("--only", choices=STUDIES, default=None)
+  p.add_argument("--dry-run", action="store_true",
+                 help="list the runs and check each one's config; train nothing")
   p.add_argument("--out-dir", type=pathlib.Path, default=REPO / "benchmarks" / "results")
   p.add_argument("--fresh", action="store_true", help="ignore runs stored in the JSON")
   args = p.parse_args(argv)
@@ -338,15 +367,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   args.max_eval_images = mode["max_eval_images"]
   if args.seeds < 1:
     p.error("--seeds must be at least 1")
-  bad = [b for b in BATCH_SIZES if args.images % b]
+  sizes = (*BATCH_SIZES, MEMORY_BATCH)
+  bad = [b for b in sizes if args.images % b]
   if args.images <= 0 or bad:
     p.error(f"--images {args.images} must be a positive multiple of every batch size "
-            f"{BATCH_SIZES} (not of {bad})")
+            f"{sizes} (not of {bad})")
   return args
+
+
+def dry_run(runs_by_study: dict[str, list[RunSpec]], images: int,
+            max_eval_images: int | None) -> list[str]:
+  """One line per run of the plan, each run's config checked as the trainer checks it.
+
+  Raises:
+    ConfigError: a run's config is invalid.
+  """
+  from recall_jax import config as config_lib
+  lines = []
+  for study, runs in runs_by_study.items():
+    for run in runs:
+      c = make_config(run, images, max_eval_images, None)
+      config_lib.validate(c)
+      lines.append(f"{study}: {run.key}: {c.max_steps} steps of {c.batch_size}, chunks of "
+                   f"{c.chunk_size}, memory {c.loss.memory_size}")
+  return lines
 
 
 def main(argv: list[str] | None = None) -> None:
   args = parse_args(argv)
+  if args.dry_run:
+    studies = [args.only] if args.only else list(DEFAULT_STUDIES)
+    print("\n".join(dry_run(plan(studies, args.seeds), args.images, args.max_eval_images)))
+    return
   import jax
   from recall_jax.data import paths
 
@@ -354,7 +406,7 @@ def main(argv: list[str] | None = None) -> None:
   jax.config.update("jax_compilation_cache_dir", str(paths.default_cache_dir() / "jax_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
-  studies = [args.only] if args.only else ["losses", "batch", "simix"]
+  studies = [args.only] if args.only else list(DEFAULT_STUDIES)
   runs_by_study = plan(studies, args.seeds)
   demo = load_demo_config()
   # Stored runs are reused only if the demo config they ran with is unchanged.

@@ -83,6 +83,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.name = "recall_at_k"  # a registered loss (losses.registry.LOSSES)
   c.loss.warmup_name = _optional(str)  # a loss for the first warmup_steps (cold starts); None: off
   c.loss.warmup_steps = 0  # steps trained with loss.warmup_name before switching to loss.name
+  # Losses with learned parameters (proxy_anchor, normalized_softmax): their own learning rate,
+  # with the optimizer's schedule and weight decay; None: 100 x optimizer.learning_rate (the
+  # Proxy-Anchor paper's ratio).
+  c.loss.param_learning_rate = _optional(float)
+  # Cross-batch memory of the last memory_size embeddings (pair-based losses: the batch ranked
+  # against batch + memory); 0: off. Filled from step memory_start_step on.
+  c.loss.memory_size = 0
+  c.loss.memory_start_step = 0
   # One section per registered loss, `loss.<name>.<keyword>`: defaults and comments in its spec.
   for spec in losses.LOSSES.values():
     c.loss[spec.name] = loss_section(spec)

@@ -84,6 +84,9 @@ _RANGES: tuple[tuple[str, ranges.Rule], ...] = (
     ("eval.qe_alpha", ranges.finite(at_least=0)),
     ("eval.dba_k", ranges.int_at_least(0)),
     ("eval.dba_alpha", ranges.finite(at_least=0)),
+    ("loss.param_learning_rate", lambda v: None if v is None else ranges.finite(above=0)(v)),
+    ("loss.memory_size", ranges.int_at_least(0)),
+    ("loss.memory_start_step", ranges.int_at_least(0)),
 )
 
 def _loss_rule(loss: str | None, keyword: str) -> ranges.Rule | None:
@@ -228,6 +231,10 @@ def _loss_problems(c: ml_collections.ConfigDict, in_range) -> list[str]:
   simix_losses = [n for n, s in losses.LOSSES.items() if s.simix]
   if c.simix and (spec is None or not spec.simix):
     found.append(f"simix is implemented for the {' / '.join(simix_losses)} loss only")
+  found += _memory_problems(c, spec)
+  if c.loss.warmup_name in losses.LOSSES and losses.LOSSES[c.loss.warmup_name].parameters:
+    found.append(f"loss.warmup_name {c.loss.warmup_name!r} has learned parameters; a warm-up "
+                 "loss must have none")
   if (spec is not None and "k_values" in spec.options
       and in_range("batch_size", f"loss.{c.loss.name}.k_values")):
     too_large = [k for k in c.loss[c.loss.name].k_values if k >= c.batch_size - 1]
@@ -235,6 +242,20 @@ def _loss_problems(c: ml_collections.ConfigDict, in_range) -> list[str]:
       found.append(f"loss.{c.loss.name}.k_values {too_large} are not below batch_size - 1 = "
                    f"{c.batch_size - 1}: such a k is met whatever the embeddings")
   return found
+
+
+def _memory_problems(c: ml_collections.ConfigDict, spec: losses.LossSpec | None) -> list[str]:
+  size = c.loss.get("memory_size", 0)
+  if spec is None or not isinstance(size, int) or size <= 0:
+    return []
+  with_memory = [n for n, s in losses.LOSSES.items() if s.database_function]
+  if spec.database_function is None:
+    return [f"loss.memory_size: loss {spec.name!r} takes no cross-batch memory (these do: "
+            f"{' / '.join(with_memory)})"]
+  if c.simix:
+    return ["loss.memory_size: a cross-batch memory does not combine with simix (the memory "
+            "would hold mixed embeddings)"]
+  return []
 
 
 def _warmup_problems(c: ml_collections.ConfigDict) -> list[str]:
@@ -391,7 +412,8 @@ def _landmark_problems(c: ml_collections.ConfigDict) -> list[str]:
 
 
 # What the checkpoints and the batch sequence of a run depend on: the state's structure and
-# shapes (model, image size and channels, optimizer) and which images each step sees.
+# shapes (model, image size and channels, optimizer, the cross-batch memory) and which images
+# each step sees.
 RESUME_KEYS: tuple[str, ...] = (
     "model.name",
     "model.embedding_dim",
@@ -407,6 +429,7 @@ RESUME_KEYS: tuple[str, ...] = (
     "batch_size",
     "samples_per_class",
     "seed",
+    "loss.memory_size",
 )
 
 

@@ -46,6 +46,12 @@ class LossSpec:
     takes_layout: the function takes `samples_per_class` (its static sizes follow from m).
     simix: SiMix may precede it (it must then take the layout of the mixed batch).
     cold_start_check: the RS@k cold-start check (`train.cold_start`) applies to it.
+    parameters: 'module:function' of `init(key, num_classes, dim) -> (C, D)` for a loss with
+      learned parameters of its own (proxies, class weights), which then comes third:
+      `loss(embeddings, labels, params, **options)`; None for a loss without.
+    database_function: 'module:function' of its query/database form,
+      `loss(queries, query_labels, database, database_labels, *, database_valid, **options)`,
+      which a cross-batch memory needs (`loss.memory_size`); None: no memory for this loss.
   """
   name: str
   function: str
@@ -54,10 +60,24 @@ class LossSpec:
   takes_layout: bool = False
   simix: bool = False
   cold_start_check: bool = False
+  parameters: str | None = None
+  database_function: str | None = None
 
   def load(self) -> Callable[..., Any]:
     """The loss function (importing its module, and JAX, on the first call)."""
     return load_function(self.function)
+
+  def load_database_form(self) -> Callable[..., Any]:
+    """The query/database form (ValueError for a loss without one)."""
+    if self.database_function is None:
+      raise ValueError(f"loss {self.name!r} has no query/database form (no cross-batch memory)")
+    return load_function(self.database_function)
+
+  def load_parameters_init(self) -> Callable[..., Any]:
+    """`init(key, num_classes, dim)` of the loss's parameters (ValueError for a loss without)."""
+    if self.parameters is None:
+      raise ValueError(f"loss {self.name!r} has no learned parameters")
+    return load_function(self.parameters)
 
 
 _BUDGET = ranges.int_at_least(1)
@@ -76,7 +96,8 @@ RECALL_AT_K = LossSpec(
         "count_query_in_rank": Option(True, "the official code's rank, counting the query"),
         "query_block": Option(None, _BLOCK_COMMENT, _QUERY_BLOCK, int),
         "memory_budget_bytes": Option(1 << 30, _BUDGET_COMMENT, _BUDGET),
-    }, takes_layout=True, simix=True, cold_start_check=True)
+    }, takes_layout=True, simix=True, cold_start_check=True,
+    database_function="recall_jax.losses.recall_at_k:recall_at_k_database_loss")
 SMOOTH_AP = LossSpec(
     "smooth_ap", "recall_jax.losses.smooth_ap:smooth_ap_loss",
     "Smooth-AP (losses.smooth_ap_loss)", {
@@ -85,7 +106,8 @@ SMOOTH_AP = LossSpec(
         "include_query": Option(False, "count the query in the ranking as the official code"),
         "query_block": Option(None, _BLOCK_COMMENT, _QUERY_BLOCK, int),
         "memory_budget_bytes": Option(1 << 30, _BUDGET_COMMENT, _BUDGET),
-    }, takes_layout=True)
+    }, takes_layout=True,
+    database_function="recall_jax.losses.smooth_ap:smooth_ap_database_loss")
 CONTRASTIVE = LossSpec(
     "contrastive", "recall_jax.losses.contrastive:contrastive_loss",
     "contrastive (losses.contrastive_loss)", {
@@ -93,7 +115,7 @@ CONTRASTIVE = LossSpec(
                              ranges.finite()),
         "neg_margin": Option(0.5, "negative pairs are pushed below this similarity",
                              ranges.finite()),
-    })
+    }, database_function="recall_jax.losses.contrastive:contrastive_database_loss")
 MULTI_SIMILARITY = LossSpec(
     "multi_similarity", "recall_jax.losses.multi_similarity:multi_similarity_loss",
     "multi-similarity (losses.multi_similarity_loss)", {
@@ -101,7 +123,19 @@ MULTI_SIMILARITY = LossSpec(
         "beta": Option(50.0, "scale of the negative term", ranges.finite(above=0)),
         "base": Option(0.5, "similarity offset lambda", ranges.finite()),
         "epsilon": Option(0.1, "margin of the pair mining", ranges.finite(at_least=0)),
-    })
+    }, database_function="recall_jax.losses.multi_similarity:multi_similarity_database_loss")
+_INIT_PROXIES = "recall_jax.losses.proxy_anchor:init_proxies"
+PROXY_ANCHOR = LossSpec(
+    "proxy_anchor", "recall_jax.losses.proxy_anchor:proxy_anchor_loss",
+    "Proxy-Anchor, one learned proxy per class (losses.proxy_anchor_loss)", {
+        "margin": Option(0.1, "similarity margin delta", ranges.finite()),
+        "alpha": Option(32.0, "scale of the similarities", ranges.finite(above=0)),
+    }, parameters=_INIT_PROXIES)
+NORMALIZED_SOFTMAX = LossSpec(
+    "normalized_softmax", "recall_jax.losses.normalized_softmax:normalized_softmax_loss",
+    "normalized softmax, one learned weight per class (losses.normalized_softmax_loss)", {
+        "temperature": Option(0.05, "temperature of the cosine logits", ranges.finite(above=0)),
+    }, parameters=_INIT_PROXIES)
 
 # The registered losses, one entry each (a spec, or a name above): config name -> spec.
 LOSSES: dict[str, LossSpec] = {spec.name: spec for spec in (
@@ -109,6 +143,8 @@ LOSSES: dict[str, LossSpec] = {spec.name: spec for spec in (
     SMOOTH_AP,
     CONTRASTIVE,
     MULTI_SIMILARITY,
+    PROXY_ANCHOR,
+    NORMALIZED_SOFTMAX,
 )}
 
 

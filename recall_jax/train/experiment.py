@@ -19,6 +19,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import ml_collections
+import numpy as np
 import optax
 from jax.sharding import Mesh
 
@@ -30,6 +31,7 @@ from recall_jax import parallel
 from recall_jax import simix as simix_lib
 from recall_jax.data.source import LabelledSource
 from recall_jax.train import components
+from recall_jax.train import cross_batch_memory
 from recall_jax.train import eval_protocols
 from recall_jax.train import layouts
 from recall_jax.train import optimizer as optimizer_lib
@@ -71,6 +73,9 @@ class Experiment:
     total_steps: steps of the whole run (`epochs`, capped by `max_steps`).
     warmup_train_step: the same with `loss.warmup_name`'s loss (compiled separately), used for
       the first `loss.warmup_steps` steps; None without a warm-up loss.
+    initial_loss_params: step 0's parameters of a loss that has some (proxies), on the host;
+      None otherwise.
+    loss_optimizer: the optax transformation of the loss's parameters; None without.
   """
 
   config: ml_collections.ConfigDict
@@ -91,6 +96,8 @@ class Experiment:
   steps_per_epoch: int
   total_steps: int
   warmup_train_step: Callable[..., Any] | None = None
+  initial_loss_params: PyTree = None
+  loss_optimizer: optax.GradientTransformation | None = None
 
   @property
   def eval_sets(self) -> dict[str, eval_protocols.EvalSet]:
@@ -117,6 +124,10 @@ def make_loss_fn(c: ml_collections.ConfigDict, name: str | None = None) -> tuple
   The loss gets the keywords of its own config section (`loss.<name>`). Batches hold exactly
   `samples_per_class` images per class, so static sizes are known: each query has m - 1
   positives, plus m (m - 1) / 2 virtual ones per class with SiMix (the main loss only).
+  A loss with learned parameters takes them third (`loss_fn(embeddings, labels, params)`).
+  With a cross-batch memory (`loss.memory_size` M > 0, the main loss only) it is the loss's
+  query/database form, `loss_fn(embeddings, labels, database, database_labels, *,
+  database_valid)`, whose queries have at most m + M - 1 positives.
 
   Args:
     c: the config.
@@ -131,6 +142,11 @@ def make_loss_fn(c: ml_collections.ConfigDict, name: str | None = None) -> tuple
   kwargs = {k: (tuple(v) if isinstance(v, (list, tuple)) else v)
             for k, v in c.loss[name].items()}
   m = c.samples_per_class
+  if name == c.loss.name and c.loss.get("memory_size", 0):
+    loss = spec.load_database_form()
+    if spec.takes_layout:
+      kwargs["max_positives"] = m + c.loss.memory_size - 1
+    return functools.partial(loss, **kwargs), False
   # The batch layout fixes the losses' static sizes (positive slots, SiMix pairs); SiMix goes
   # with the main loss only.
   if not c.simix or name != c.loss.name:
@@ -186,12 +202,21 @@ def make_experiment(c: ml_collections.ConfigDict, *, log_fn: Callable[[str], Any
   # Each device embeds `chunk_size` of its own rows at a time; the loss sees the global batch.
   # The CPU backend runs the chunks as straight-line code keeping their activations (see
   # megabatch_value_and_grad); accelerators keep the memory-flat two-pass loop.
-  def make_step(loss_fn, loss_uses_rng):
+  def make_step(loss_fn, loss_uses_rng, **loss_state):
     return sharded_step.make_sharded_train_step(
         embed_fn, loss_fn, optimizer, mesh, chunk_size_per_device=c.chunk_size,
-        loss_uses_rng=loss_uses_rng, keep_activations=jax.default_backend() == "cpu")
+        loss_uses_rng=loss_uses_rng, keep_activations=jax.default_backend() == "cpu",
+        **loss_state)
 
-  train_step = make_step(loss_fn, loss_uses_rng)
+  # The main loss's own parameters (their own optimizer) and its cross-batch memory; the
+  # warm-up loss has neither and leaves them as they are.
+  spec = losses.loss_spec(c.loss.name)
+  loss_optimizer = (optimizer_lib.loss_param_optimizer(c, sampler.steps_per_epoch)
+                    if spec.parameters else None)
+  train_step = make_step(loss_fn, loss_uses_rng, loss_has_params=spec.parameters is not None,
+                         loss_optimizer=loss_optimizer,
+                         with_memory=bool(c.loss.get("memory_size", 0)),
+                         memory_start_step=c.loss.get("memory_start_step", 0))
   # One compiled step per loss: the switch after the warm-up is a different function, not a
   # traced branch (which would run both losses' code at every step).
   warmup_train_step = (make_step(*make_loss_fn(c, c.loss.warmup_name))
@@ -200,7 +225,24 @@ def make_experiment(c: ml_collections.ConfigDict, *, log_fn: Callable[[str], Any
   return Experiment(c, layout, protocol, train_source, sampler, model, variables,
                     jax.device_get(params), loss_fn, loss_uses_rng, optimizer, schedule, mesh,
                     train_step, evaluator, sampler.steps_per_epoch, total_steps,
-                    warmup_train_step=warmup_train_step)
+                    warmup_train_step=warmup_train_step,
+                    initial_loss_params=make_loss_params(c, train_source),
+                    loss_optimizer=loss_optimizer)
+
+
+def make_loss_params(c: ml_collections.ConfigDict, train_source: LabelledSource) -> PyTree:
+  """Step 0's parameters of the main loss, one row per training class (C = largest label + 1),
+  initialised as its spec says (the seed's own stream); None for a loss without."""
+  spec = losses.loss_spec(c.loss.name)
+  if spec.parameters is None:
+    return None
+  num_classes = int(np.max(np.asarray(train_source.labels))) + 1
+  key = jax.random.fold_in(jax.random.key(c.seed), _LOSS_PARAMS_STREAM)
+  return jax.device_get(spec.load_parameters_init()(key, num_classes, c.model.embedding_dim))
+
+
+# Folded into the seed's key for the loss's parameters, apart from the model's initialisation.
+_LOSS_PARAMS_STREAM = 0x10557
 
 
 def init_state(experiment: Experiment, *, center_head: bool = False) -> train_step_lib.TrainState:
@@ -218,4 +260,9 @@ def init_state(experiment: Experiment, *, center_head: bool = False) -> train_st
         experiment.model, variables,
         experiment.layout.first_batch_images(experiment.train_source, experiment.sampler))
     params = variables["params"]
-  return sharded_step.make_sharded_state(params, experiment.optimizer, experiment.mesh)
+  c = experiment.config
+  memory = (cross_batch_memory.init(c.loss.memory_size, c.model.embedding_dim)
+            if c.loss.get("memory_size", 0) else None)
+  return sharded_step.make_sharded_state(params, experiment.optimizer, experiment.mesh,
+                                         loss_params=experiment.initial_loss_params,
+                                         loss_optimizer=experiment.loss_optimizer, memory=memory)

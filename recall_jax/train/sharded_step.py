@@ -51,15 +51,19 @@ PyTree = Any
 
 
 def make_sharded_state(params: PyTree, optimizer: optax.GradientTransformation,
-                       mesh: Mesh) -> train_step_lib.TrainState:
+                       mesh: Mesh, *, loss_params: PyTree = None,
+                       loss_optimizer: optax.GradientTransformation | None = None,
+                       memory: Any = None) -> train_step_lib.TrainState:
   """A step-0 `TrainState` whose parameters and optimiser state are replicated over `mesh`.
 
   Built under `jit(out_shardings=replicated)`, so each device receives its copy directly.
-  `params` must be identical on every process (same seed / same pretrained file).
+  `params` must be identical on every process (same seed / same pretrained file). The loss's
+  parameters and the cross-batch memory (`train_step.init_train_state`) are replicated too:
+  every device computes the same loss on the gathered embeddings.
   """
-  init = jax.jit(train_step_lib.init_train_state, static_argnums=1,
+  init = jax.jit(train_step_lib.init_train_state, static_argnums=(1, 3),
                  out_shardings=parallel.replicated(mesh))
-  return init(params, optimizer)
+  return init(params, optimizer, loss_params, loss_optimizer, memory)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -111,6 +115,7 @@ def sharded_value_and_grad(
     chunk_size_per_device: int,
     loss_uses_rng: bool = False,
     keep_activations: bool = False,
+    loss_has_params: bool = False,
 ) -> megabatch.StepFn:
   """The data-parallel, exact mega-batch `value_and_grad`, for square crops or aspect buckets.
 
@@ -128,14 +133,20 @@ def sharded_value_and_grad(
   dropout give the single-device result exactly; with dropout the masks (not their statistics)
   depend on the device count.
 
+  Loss parameters (`loss_has_params`: proxies): every device computes the same loss on the
+  gathered embeddings, so each already holds their whole gradient; it is taken as it is (a psum
+  would multiply it by the device count). `loss_inputs` (a memory) are replicated.
+
   Args:
-    embed_fn, loss_fn, loss_uses_rng, keep_activations: as in
+    embed_fn, loss_fn, loss_uses_rng, keep_activations, loss_has_params: as in
       `megabatch.megabatch_value_and_grad`.
     mesh: the data mesh (`parallel.data_mesh()`).
     chunk_size_per_device: images one device embeds at once.
 
   Returns:
-    `step_fn(params, images, labels, rng=None) -> (loss, grads)` to call under `jax.jit`:
+    `step_fn(params, images, labels, rng=None, *, loss_params=None, loss_inputs=()) ->
+    (loss, grads)` to call under `jax.jit` (with `loss_has_params`, grads is the pair
+    `(model grads, loss_params grads)`; `loss_params` and `loss_inputs` replicated):
     `images` a global (B, ...) array (or pytree) sharded along `data`, or a
     `megabatch.BucketedBatch` of such arrays (`batch_assembly.global_bucketed_batch`; it compiles
     once per set of bucket sizes); `labels` (B,); `params` replicated; loss and grads
@@ -146,35 +157,46 @@ def sharded_value_and_grad(
   check_batch_layout(chunk_size_per_device * num_devices, chunk_size_per_device, num_devices)
   axis = parallel.DATA_AXIS
 
-  def global_loss_fn(local_embeddings, local_labels, local_slots, *rng):
+  def global_batch_loss(local_embeddings, own, local_labels, local_slots, *rest):
     gathered = [_gather_rows(e, axis) for e in local_embeddings]
     labels = jax.lax.all_gather(local_labels, axis, tiled=True)
     if local_slots is None:
       (embeddings,) = gathered
     else:
       embeddings = jnp.concatenate(gathered)[jax.lax.all_gather(local_slots, axis, tiled=True)]
-    return loss_fn(embeddings, labels, *rng)
+    return loss_fn(embeddings, labels, *own, *rest)
+
+  # The loss's own parameters, when it has some, come between the embeddings and the labels.
+  global_loss_fn = (
+      (lambda e, own, *args: global_batch_loss(e, (own,), *args)) if loss_has_params else
+      (lambda e, *args: global_batch_loss(e, (), *args)))
 
   local_value_and_grad = megabatch.grouped_value_and_grad(
       _local_embed_fn(embed_fn), global_loss_fn, chunk_size=chunk_size_per_device,
-      loss_uses_rng=loss_uses_rng, keep_activations=keep_activations)
+      loss_uses_rng=loss_uses_rng, keep_activations=keep_activations,
+      loss_has_params=loss_has_params)
 
-  def per_device(params, groups, labels, slots, rng):
-    loss, grads = local_value_and_grad(params, groups, (labels, slots), rng)
-    return loss, jax.lax.psum(grads, axis)
+  def per_device(params, groups, labels, slots, rng, loss_params, loss_inputs):
+    loss, grads = local_value_and_grad(params, groups, (labels, slots, *loss_inputs), rng,
+                                       loss_params)
+    if not loss_has_params:
+      return loss, jax.lax.psum(grads, axis)
+    model_grads, loss_param_grads = grads  # the latter whole on every device already
+    return loss, (jax.lax.psum(model_grads, axis), loss_param_grads)
 
   data, full = PartitionSpec(axis), PartitionSpec()
   # check_vma=False: the loss is replicated by construction (same inputs on every device) and
   # the gradients by the psum; the vma type system cannot see the former.
-  mapped = jax.shard_map(per_device, mesh=mesh, in_specs=(full, data, data, data, full),
+  mapped = jax.shard_map(per_device, mesh=mesh,
+                         in_specs=(full, data, data, data, full, full, full),
                          out_specs=(full, full), check_vma=False)
 
-  def step_fn(params, images, labels, rng=None):
+  def step_fn(params, images, labels, rng=None, *, loss_params=None, loss_inputs=()):
     groups, slots = _image_groups(images, labels)
     for group in groups:
       check_batch_layout(megabatch.rows_of(group), chunk_size_per_device, num_devices)
     check_batch_layout(len(labels), 1, num_devices)
-    return mapped(params, groups, labels, slots, rng)
+    return mapped(params, groups, labels, slots, rng, loss_params, tuple(loss_inputs))
 
   return step_fn
 
@@ -188,6 +210,10 @@ def make_sharded_train_step(
     chunk_size_per_device: int,
     loss_uses_rng: bool = False,
     keep_activations: bool = False,
+    loss_has_params: bool = False,
+    loss_optimizer: optax.GradientTransformation | None = None,
+    with_memory: bool = False,
+    memory_start_step: int = 0,
 ) -> Callable[..., tuple[train_step_lib.TrainState, dict[str, jax.Array]]]:
   """Builds the data-parallel `train_step(state, images, labels, rng) -> (state, metrics)`.
 
@@ -204,17 +230,22 @@ def make_sharded_train_step(
     chunk_size_per_device: images per device per chunk (bounds each device's activation
       memory); the global batch must be divisible by it x the number of devices.
     keep_activations: as in `megabatch.megabatch_value_and_grad`.
+    loss_has_params, loss_optimizer, with_memory, memory_start_step: as in
+      `train_step.make_train_step`; the loss's parameters and the memory are replicated, and
+      every device updates its copy identically from the replicated loss gradient and the
+      gathered embeddings.
 
   Raises:
     ConfigError: at trace time, before compiling, for a batch that does not fit the layout.
   """
+  stateful = loss_has_params or with_memory
+  if stateful:
+    loss_fn = train_step_lib.stateful_loss(loss_fn, has_params=loss_has_params,
+                                           with_memory=with_memory)
   value_and_grad = sharded_value_and_grad(
       embed_fn, loss_fn, mesh, chunk_size_per_device=chunk_size_per_device,
-      loss_uses_rng=loss_uses_rng, keep_activations=keep_activations)
-
-  def train_step(state: train_step_lib.TrainState, images: Any, labels: jax.Array,
-                 rng: jax.Array | None = None):
-    loss, grads = value_and_grad(state.params, images, labels, rng)
-    return train_step_lib.apply_gradients(state, loss, grads, optimizer)
-
+      loss_uses_rng=loss_uses_rng, keep_activations=keep_activations, loss_has_params=stateful)
+  train_step = train_step_lib.make_update(value_and_grad, optimizer, stateful=stateful,
+                                          loss_optimizer=loss_optimizer,
+                                          memory_start_step=memory_start_step)
   return jax.jit(train_step, donate_argnums=0, out_shardings=parallel.replicated(mesh))

@@ -4,6 +4,7 @@ Serves both tasks (square batches and whole images in aspect buckets).
 
 Usage (the test sets JAX_* before starting it; the worker asks chex for its CPU devices):
   python sharding_worker.py eight                 # 8 devices vs the single-device step
+  python sharding_worker.py loss_state            # the same with proxies / a memory
   python sharding_worker.py process OUT_DIR       # one of 2 processes x 4 devices (JAX_* set)
 
 The test also imports this file (for the shared toy problem and the single-device reference), so
@@ -419,11 +420,133 @@ def main_process(out_dir: str) -> None:
   print(f"PROCESS_{process_index}_OK")
 
 
+# ----------------------------------------------------------------------------------------------
+# Mode 'loss_state': 8 devices, a loss with parameters (proxies) and a cross-batch memory.
+# ----------------------------------------------------------------------------------------------
+
+MEMORY_SIZE, MEMORY_START = 40, 1
+
+
+def loss_state_case(name: str):
+  """(loss_fn, has_params, with_memory, loss_params) of one case: Proxy-Anchor with its
+  proxies, or RS@k in query/database form with a memory (sized as the trainer sizes it)."""
+  import jax
+  from recall_jax import losses
+  if name == "proxies":
+    proxies = losses.init_proxies(jax.random.key(3), NUM_IMAGES // 6, 8)
+    return losses.proxy_anchor_loss, True, False, proxies
+  return (functools.partial(losses.recall_at_k_database_loss, k_values=(1, 2, 4, 8),
+                            max_positives=M + MEMORY_SIZE - 1), False, True, None)
+
+
+def loss_state_steps(name: str, sharded: bool):
+  """`STEPS` train steps of a case, on 8 devices (`sharded`) or on one; the states, as NumPy."""
+  import jax
+  import optax
+  from recall_jax.data import sampler as sampler_lib
+  from recall_jax import parallel
+  from recall_jax.train import batch_assembly
+  from recall_jax.train import cross_batch_memory
+  from recall_jax.train import sharded_step
+  from recall_jax.train import train_step as train_step_lib
+  images, labels = dataset()
+  sampler = sampler_lib.MPerClassSampler(labels, GLOBAL_BATCH, M, seed=0)
+  loss_fn, has_params, with_memory, loss_params = loss_state_case(name)
+  loss_optimizer = optax.adam(0.05) if has_params else None
+  memory = cross_batch_memory.init(MEMORY_SIZE, 8) if with_memory else None
+  kwargs = dict(loss_has_params=has_params, loss_optimizer=loss_optimizer,
+                with_memory=with_memory, memory_start_step=MEMORY_START)
+  if sharded:
+    mesh = parallel.data_mesh()
+    step_fn = sharded_step.make_sharded_train_step(embed_fn, loss_fn, optimizer(), mesh,
+                                                   chunk_size_per_device=2, **kwargs)
+    state = sharded_step.make_sharded_state(init_params(), optimizer(), mesh,
+                                            loss_params=loss_params,
+                                            loss_optimizer=loss_optimizer, memory=memory)
+  else:
+    step_fn = train_step_lib.make_train_step(embed_fn, loss_fn, optimizer(), chunk_size=8,
+                                             **kwargs)
+    state = train_step_lib.init_train_state(jax.tree.map(jax.numpy.asarray, init_params()),
+                                            optimizer(), loss_params, loss_optimizer, memory)
+  losses, states = [], []
+  for step in range(STEPS):
+    idx = sampler.batch_indices(step)
+    if sharded:
+      batch = batch_assembly.global_batch({"image": images[idx], "label": labels[idx]}, mesh)
+      state, metrics = step_fn(state, batch["image"], batch["label"], None)
+      for leaf in jax.tree.leaves(state):
+        assert leaf.sharding.is_fully_replicated, leaf.sharding
+    else:
+      state, metrics = step_fn(state, images[idx], labels[idx], None)
+    losses.append(float(metrics["loss"]))
+    states.append(jax.tree.map(np.asarray, state))
+  return losses, states
+
+
+def _bucketed_proxies_case() -> None:
+  """Whole images in buckets with Proxy-Anchor on 8 devices == unpadded backprop on one, for
+  the model's and the proxies' gradients alike."""
+  import jax
+  import jax.numpy as jnp
+  from recall_jax import losses
+  from recall_jax import parallel
+  from recall_jax.train import batch_assembly
+  from recall_jax.train import sharded_step
+  mesh = parallel.data_mesh()
+  images, own, labels = bucketed_rows()
+  proxies = losses.init_proxies(jax.random.key(5), BUCKETED_BATCH // M, 8)
+  params = jax.tree.map(jnp.asarray, init_bucketed_params())
+
+  def total_loss(p, q):
+    embeddings = jnp.concatenate([masked_embed_fn(p, jnp.asarray(x)[None], None)
+                                  for x in images])
+    return losses.proxy_anchor_loss(embeddings, jnp.asarray(labels), q)
+
+  with jax.default_device(jax.devices()[0]):
+    want_loss, want_grads = jax.value_and_grad(total_loss, argnums=(0, 1))(params, proxies)
+  local = local_bucketed_images(images, own, np.arange(BUCKETED_BATCH), chunk_rows=8)
+  batch = batch_assembly.global_bucketed_batch({"image": local, "label": labels}, mesh)
+  vg = jax.jit(sharded_step.sharded_value_and_grad(
+      masked_embed_fn, losses.proxy_anchor_loss, mesh, chunk_size_per_device=1,
+      loss_has_params=True))
+  loss, grads = vg(params, batch["image"], batch["label"], loss_params=proxies)
+  assert relative_error(loss, want_loss) <= 1e-5, (float(loss), float(want_loss))
+  assert_trees_close(grads, want_grads, rtol=1e-4, what="bucketed proxies grad ")
+  print("loss state ok: bucketed proxies")
+
+
+def main_loss_state() -> None:
+  import jax
+  assert jax.device_count() == 8, jax.devices()
+  for name in ("proxies", "memory"):
+    with jax.default_device(jax.devices()[0]):
+      want_losses, want_states = loss_state_steps(name, sharded=False)
+    got_losses, got_states = loss_state_steps(name, sharded=True)
+    np.testing.assert_allclose(got_losses, want_losses, rtol=1e-5)
+    for step, (got, want) in enumerate(zip(got_states, want_states)):
+      assert_trees_close(got.params, want.params, what=f"{name} step {step} params ")
+      if name == "proxies":  # a psum would move the proxies 8 times as far
+        assert_trees_close(got.loss_params, want.loss_params, what=f"{name} proxies ")
+        assert_trees_close(got.loss_opt_state, want.loss_opt_state, what=f"{name} adam ")
+      else:
+        np.testing.assert_array_equal(got.memory.labels, want.memory.labels)
+        # Written from step MEMORY_START on: after update `step`, step - MEMORY_START + 1 batches.
+        filled = min(GLOBAL_BATCH * (step - MEMORY_START + 1), MEMORY_SIZE) if step else 0
+        assert int(got.memory.count) == int(want.memory.count) == filled, step
+        assert_trees_close(got.memory.embeddings, want.memory.embeddings, what=f"memory {step} ")
+    print(f"loss state ok: {name}")
+  _bucketed_proxies_case()
+  print("LOSS_STATE_OK")
+
+
 if __name__ == "__main__":
   import chex
   if sys.argv[1] == "eight":
     chex.set_n_cpu_devices(8)  # before JAX starts its backend
     main_eight()
+  elif sys.argv[1] == "loss_state":
+    chex.set_n_cpu_devices(8)
+    main_loss_state()
   elif sys.argv[1] == "process":
     chex.set_n_cpu_devices(4)
     main_process(sys.argv[2])

@@ -55,6 +55,17 @@ def test_eight_devices_equal_one_device():
   assert result.stdout.count("case ok") == 3
 
 
+def test_eight_devices_equal_one_device_with_proxies_and_a_memory():
+  """Proxy-Anchor's proxies (their gradient taken once, not summed over the devices) and an
+  RS@k memory: three steps on 8 devices equal three on one (loss, params, proxies, memory);
+  bucketed whole images with proxies equal unpadded backprop."""
+  result = subprocess.run([sys.executable, str(WORKER), "loss_state"], env=_env(), cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-6000:]
+  assert "LOSS_STATE_OK" in result.stdout
+  assert result.stdout.count("loss state ok") == 3
+
+
 def _free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))

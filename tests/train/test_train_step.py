@@ -14,7 +14,11 @@ import numpy as np
 import optax
 import pytest
 
+from recall_jax.losses.proxy_anchor import init_proxies
+from recall_jax.losses.proxy_anchor import proxy_anchor_loss
+from recall_jax.losses.recall_at_k import recall_at_k_database_loss
 from recall_jax.losses.recall_at_k import recall_at_k_surrogate
+from recall_jax.train import cross_batch_memory
 from recall_jax.train.train_step import TrainState
 from recall_jax.train.train_step import apply_gradients
 from recall_jax.train.train_step import init_train_state
@@ -113,3 +117,73 @@ class ApplyGradientsTest(chex.TestCase):
                   "update_norm": optax.tree.norm(updates), "param_norm": optax.tree.norm(expected)},
         rtol=1e-6)
     assert int(new_state.step) == 1
+
+
+def test_proxies_are_trained_by_their_own_optimizer():
+  """Proxy-Anchor through the step: the model and the proxies each take one update of the
+  plain full-batch gradient, with their own learning rates."""
+  embed_fn, _, params, images, labels = _problem()
+  proxies = init_proxies(jax.random.key(1), NUM_CLASSES, DIM)
+  optimizer, proxy_optimizer = optax.sgd(0.05), optax.sgd(2.0)
+  train_step = make_train_step(embed_fn, proxy_anchor_loss, optimizer, chunk_size=4,
+                               loss_has_params=True, loss_optimizer=proxy_optimizer)
+  # The step donates the state: it gets its own copies.
+  state = init_train_state(jax.tree.map(jnp.copy, params), optimizer, jnp.copy(proxies),
+                           proxy_optimizer)
+  assert state.memory is None
+
+  loss = lambda p, q: proxy_anchor_loss(embed_fn(p, images, None), labels, q)
+  want_loss, (grads, proxy_grads) = jax.value_and_grad(loss, argnums=(0, 1))(params, proxies)
+  state, metrics = train_step(state, images, labels, None)
+  np.testing.assert_allclose(metrics["loss"], want_loss, rtol=1e-6)
+  chex.assert_trees_all_close(state.params, jax.tree.map(lambda p, g: p - 0.05 * g, params,
+                                                         grads), rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(state.loss_params, proxies - 2.0 * proxy_grads, rtol=1e-5,
+                             atol=1e-7)
+  np.testing.assert_allclose(metrics["loss_param_grad_norm"], jnp.linalg.norm(proxy_grads),
+                             rtol=1e-5)
+  with pytest.raises(ValueError, match="need their own optimizer"):
+    init_train_state(params, optimizer, proxies)
+
+
+@pytest.mark.parametrize("start", [0, 1])
+def test_memory_holds_the_batch_embeddings_and_the_next_step_ranks_against_them(start):
+  """RS@k with a memory of 24 rows written from step `start` on: after each written step the
+  memory holds that batch's embeddings (oldest first), and the next step's loss and gradient
+  are those of the batch against batch + memory, with no gradient through the memory."""
+  embed_fn, _, params, images, labels = _problem()
+  size = 24
+  loss_fn = functools.partial(recall_at_k_database_loss, k_values=(1, 2, 4), tau2=0.05,
+                              max_positives=PER_CLASS + size - 1)
+  optimizer = optax.sgd(0.05)
+  train_step = make_train_step(embed_fn, loss_fn, optimizer, chunk_size=4, with_memory=True,
+                               memory_start_step=start)
+  state = init_train_state(jax.tree.map(jnp.copy, params), optimizer,
+                           memory=cross_batch_memory.init(size, DIM))
+  batches = [(images, labels), (images[::-1], labels[::-1]), (images, labels)]
+  stored = np.zeros((0, DIM)), np.zeros((0,), np.int32)
+  for step, (x, y) in enumerate(batches):
+    before = jax.device_get(state.params)  # the step donates the state
+
+    def want(p, x=x, y=y, stored=stored):
+      e = embed_fn(p, x, None)
+      database = jnp.concatenate([e, jnp.asarray(stored[0], jnp.float32)])
+      database_labels = jnp.concatenate([y, jnp.asarray(stored[1], jnp.int32)])
+      padding = size - len(stored[1])  # rows not yet written: masked out
+      database = jnp.concatenate([database, jnp.zeros((padding, DIM))])
+      database_labels = jnp.concatenate([database_labels, jnp.zeros(padding, jnp.int32)])
+      valid = jnp.arange(len(database_labels)) < len(y) + len(stored[1])
+      return loss_fn(e, y, database, database_labels, database_valid=valid)
+
+    want_loss, grads = jax.value_and_grad(want)(before)
+    state, metrics = train_step(state, x, y, None)
+    np.testing.assert_allclose(metrics["loss"], want_loss, rtol=1e-5)
+    chex.assert_trees_all_close(state.params, jax.tree.map(lambda p, g: p - 0.05 * g, before,
+                                                           grads), rtol=1e-5, atol=1e-7)
+    if step >= start:
+      stored = (np.concatenate([stored[0], embed_fn(before, x, None)])[-size:],
+                np.concatenate([stored[1], y])[-size:])
+    held, held_labels, valid = cross_batch_memory.contents(state.memory)
+    assert int(valid.sum()) == len(stored[1])
+    np.testing.assert_allclose(held[:len(stored[1])], stored[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(held_labels[:len(stored[1])], stored[1])
