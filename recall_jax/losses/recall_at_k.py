@@ -91,12 +91,13 @@ def _per_query_loss(
     keep &= column_valid[None, None, :]
   rank = 1.0 + jnp.sum(jnp.where(keep, terms, 0.0), axis=-1)  # (Q, P)
 
-  recalls = []
-  for k in k_values:
-    hits = jnp.sum(jnp.where(pos_valid, _common.clipped_sigmoid((k - rank) / tau1), 0.0), axis=-1)
-    denom = jnp.maximum(jnp.minimum(k, num_positives), 1).astype(rank.dtype)
-    recalls.append(jnp.minimum(hits, k) / denom)
-  return 1.0 - jnp.mean(jnp.stack(recalls, axis=0), axis=0)
+  # All k at once on a leading (K,) axis: one set of kernels instead of one per k (compile time).
+  k = jnp.asarray(k_values, jnp.int32)[:, None]  # (K, 1)
+  k_real = k.astype(rank.dtype)[:, :, None]  # (K, 1, 1)
+  hits = jnp.sum(jnp.where(pos_valid, _common.clipped_sigmoid((k_real - rank) / tau1), 0.0),
+                 axis=-1)  # (K, Q)
+  denom = jnp.maximum(jnp.minimum(k, num_positives), 1).astype(rank.dtype)  # (K, Q)
+  return 1.0 - jnp.mean(jnp.minimum(hits, k_real[:, :, 0]) / denom, axis=0)
 
 
 @functools.partial(

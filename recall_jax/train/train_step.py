@@ -198,10 +198,26 @@ def apply_gradients(state: TrainState, loss: jax.Array, grads: PyTree,
   and 'param_norm' (after the update)."""
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  grad_norm, update_norm, param_norm = _global_norms(grads, updates, params)
   metrics = {
       "loss": loss.astype(jnp.float32),
-      "grad_norm": optax.tree.norm(grads).astype(jnp.float32),
-      "update_norm": optax.tree.norm(updates).astype(jnp.float32),
-      "param_norm": optax.tree.norm(params).astype(jnp.float32),
+      "grad_norm": grad_norm.astype(jnp.float32),
+      "update_norm": update_norm.astype(jnp.float32),
+      "param_norm": param_norm.astype(jnp.float32),
   }
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def _global_norms(*trees: PyTree) -> tuple[jax.Array, ...]:
+  """`optax.tree.norm` of each of several trees of one structure, summed in each leaf's dtype.
+
+  One variadic reduction per leaf instead of one per leaf and tree: XLA then emits a third of the
+  reduction kernels, which is most of the metrics' share of the step's compile time.
+  """
+  sums = []
+  for leaves in zip(*(jax.tree.leaves(tree) for tree in trees)):
+    squares = tuple(jnp.square(x) for x in leaves)
+    sums.append(jax.lax.reduce(squares, tuple(jnp.zeros((), x.dtype) for x in squares),
+                               lambda a, b: tuple(x + y for x, y in zip(a, b)),
+                               tuple(range(squares[0].ndim))))
+  return tuple(jnp.sqrt(sum(leaf_sums)) for leaf_sums in zip(*sums))
