@@ -4,6 +4,8 @@
 traceback, so a real bug (say, inside tracing) is never disguised as a configuration problem.
 They subclass the built-in exception a caller would expect (ValueError, FileNotFoundError), so
 library users can keep catching those.
+
+Serves both tasks.
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 One definition each of: unit-norm rows (`l2_normalize`), full-precision dot-product similarities
 (`similarity`) and the test for values known at trace time (`is_concrete`).
+
+Serves both tasks.
 """
 
 from __future__ import annotations

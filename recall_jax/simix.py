@@ -20,6 +20,8 @@ The number of virtual rows is a static size, so it comes from the batch layout t
 (`samples_per_class`, `num_pairs` or the length of `alpha`), never from label values: the same
 call works inside and outside `jit`. Concrete labels whose pair count differs raise ValueError;
 traced ones give NaN virtual rows instead.
+
+Serves both tasks.
 """
 
 from __future__ import annotations

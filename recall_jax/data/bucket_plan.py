@@ -8,6 +8,8 @@ when a batch needs more than the plan, a bucket grows (that step compiles once m
 
 An empty slot holds zero pixels with the mask channel at 255 everywhere: it is a valid input (a
 masked GeM of zeros is finite), and nothing reads its embedding.
+
+Serves the instance-level task (landmark retrieval).
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""The first n records of a source, e.g. a slice of a test split for quick evaluations."""
+"""The first n records of a source, e.g. a slice of a test split for quick evaluations.
+
+Serves both tasks.
+"""
 
 from __future__ import annotations
 

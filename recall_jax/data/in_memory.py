@@ -5,6 +5,8 @@ of every 1,000-image step, which on a CPU-only machine is taken from the trainin
 Holding the encoded bytes (Omniglot's 19,280 training PNGs: ~16 MB) removes it; holding the
 decoded pixels (`decode_channels`, ~212 MB for Omniglot at one channel) also removes the decode
 from every step.
+
+Serves both tasks.
 """
 
 from __future__ import annotations

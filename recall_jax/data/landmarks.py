@@ -15,6 +15,8 @@ are read with `safe_pickle` (no code can run); the `.mat` files with scipy (1-ba
 
 The landmark training sets (Google Landmarks v1 / v2-clean, SfM-120k) are datasets like the
 others: their parsers are in `parsing.py`, their specs in `registry.py`.
+
+Serves the instance-level task (landmark retrieval).
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""Where datasets and their prepared (tensorflow-datasets) copies live on disk."""
+"""Where datasets and their prepared (tensorflow-datasets) copies live on disk.
+
+Serves both tasks.
+"""
 
 from __future__ import annotations
 

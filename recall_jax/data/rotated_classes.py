@@ -7,6 +7,8 @@ this multiplies the training classes (964 -> 3,856) instead of only varying the 
 `r` quarter-turns counter-clockwise, with label `label + r * C`. The turn travels with the record
 as its decoded-image transform (see `source.DECODED_TRANSFORM`), which the loaders apply after
 augmenting, so batches stay a function of (seed, step).
+
+Serves the category-level task (metric learning, Recall@k).
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ bytes from protocol 3 on and sets from protocol 4 on), so an unpickler whose `fi
 refuses reads them all and nothing else: calling opcodes have nothing to call. Persistent ids and
 extension codes, the other ways to reach an object, are refused too. The official ground-truth files
 of the landmark benchmarks hold only such plain data.
+
+Serves both tasks.
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ callable under `DECODED_TRANSFORM` in the record, and the loaders apply it to th
 augmented (or resized and cropped) uint8 (H, W, C) image, so the batch stays a function of the
 augmentation draw and the record alone. Wrappers stack: `with_decoded_transform` runs the wrapped
 source's transform first.
+
+Serves both tasks.
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 Similarity is the inner product in float32 (cosine for the L2-normalised embeddings that
 `extract_embeddings` returns); ties rank the lower database index first everywhere.
+
+Serves both tasks.
 """
 
 from recall_jax.evaluation.embedding_cache import cached_embeddings

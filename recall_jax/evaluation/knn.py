@@ -10,6 +10,8 @@ by one of several `jax.distributed` processes (a retrieval grid drawn by process
 Tie-breaking is deterministic: among equal similarities the lower database index ranks first
 (`lax.top_k` guarantees this within a row, and a row is never split). Every metric in this package
 uses the same rule.
+
+Serves both tasks.
 """
 
 from functools import partial

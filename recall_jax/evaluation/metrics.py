@@ -26,6 +26,8 @@ Counting costs one pass over a query's similarities per positive in both, O(N * 
 comparisons. Queries are grouped by R so a block only pays for its own largest class; with a huge R
 (say a 5,000-image class) its queries cost about 5,000 passes over their rows, which is slow on CPU
 but exact.
+
+Serves both tasks.
 """
 
 from collections.abc import Sequence

@@ -12,6 +12,8 @@ the revisited metrics; both are off by default (k = 0). Descriptors must be L2-n
 
 Similarities are computed in row blocks of `block_size` x N on device (memory O(block_size N)),
 neighbours chosen by `jax.lax.top_k`.
+
+Serves the instance-level task (landmark retrieval).
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 Each draw picks one gallery image per identity uniformly at random; every other image is a query
 against that gallery (so each query has exactly one positive and recall@k is the CMC at k). Metrics
 are averaged over `draws` draws from one generator seeded with `seed`.
+
+Serves the category-level task (metric learning, Recall@k).
 """
 
 from collections.abc import Sequence

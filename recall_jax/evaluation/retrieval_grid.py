@@ -1,4 +1,7 @@
-"""A PNG of a few queries and their nearest neighbours, framed by whether they share the class."""
+"""A PNG of a few queries and their nearest neighbours, framed by whether they share the class.
+
+Serves the category-level task (metric learning, Recall@k).
+"""
 
 from __future__ import annotations
 

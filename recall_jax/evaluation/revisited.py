@@ -36,6 +36,8 @@ Both passes take similarities from the same compiled block computation, so the c
 2 are against the very float32 values of pass 1. Memory is O(block x D + Q x block + Q x W); cost
 is one matmul of the database (plus the blocks holding listed items again) and Q x N x log2(W)
 gather-and-compare steps.
+
+Serves the instance-level task (landmark retrieval).
 """
 
 from __future__ import annotations

@@ -18,6 +18,8 @@ its thresholds are taken from that same tile, so comparisons are self-consistent
 Cost: N^2 D / 2 multiply-adds for the tiles (against N^2 D for query blocks) plus the same
 O(N * sum_q R_q) comparisons; memory O(tile^2 + N x W) where W is a tile's largest class minus one,
 bucketed. Calls are dispatched asynchronously; kernels compile once per bucketed width.
+
+Serves the category-level task (metric learning, Recall@k).
 """
 
 import dataclasses

@@ -4,6 +4,8 @@ Static sizes (the number of positive slots per query, the query block) are decid
 and the caller's arguments alone, never from label values, so a loss means the same inside and
 outside `jit`. Label values are checked only where they are concrete; the documented traced
 behaviour (a NaN loss) is what a caller relies on.
+
+Serves both tasks.
 """
 
 from __future__ import annotations

@@ -31,6 +31,8 @@ Every model maps images to embeddings:
   them with per-layer names. `remat='block'` (ViT also `'dots'`) recomputes each block in the
   backward pass, for activation memory on accelerators; the default `'none'` is faster on a CPU.
   `layer_stack.stack_layers` / `split_layers` convert variables between the two layouts.
+
+Serves both tasks.
 """
 
 from recall_jax.models.pretrained import load_pretrained

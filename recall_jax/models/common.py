@@ -1,6 +1,8 @@
 """Layers shared by the backbones: input normalisation, (masked) GeM pooling, the heads.
 
 All functions here are pure; the modules hold only parameters.
+
+Serves both tasks.
 """
 
 from typing import Any

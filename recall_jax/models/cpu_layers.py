@@ -9,6 +9,8 @@ gradient is a slow select-and-scatter there). Accelerators keep flax's layers
 Measured (`benchmarks/train_step_cpu.py`, demo step, B = 1,000 in chunks of 125): convolutions as
 patch extraction + matmul with a custom VJP were tried as well and were slower than XLA's own
 convolutions on this backend, so the convolutions stay `nn.Conv`.
+
+Serves both tasks.
 """
 
 from __future__ import annotations

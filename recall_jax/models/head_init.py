@@ -1,5 +1,8 @@
 """Data-dependent initialisation of the embedding head (`common.EmbeddingHead`) for training from
-scratch."""
+scratch.
+
+Serves the category-level task (metric learning, Recall@k).
+"""
 
 from __future__ import annotations
 

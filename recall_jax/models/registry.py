@@ -1,4 +1,7 @@
-"""Backbones by name (`get_model`) and variable initialisation (`init_variables`)."""
+"""Backbones by name (`get_model`) and variable initialisation (`init_variables`).
+
+Serves both tasks.
+"""
 
 from typing import Any
 from collections.abc import Callable

@@ -7,6 +7,8 @@ identity is largely the layout of their strokes, that is worth the larger head (
 128 map, 512 features either way after the head).
 GroupNorm (not BatchNorm) keeps every image's embedding independent of the rest of the batch,
 which the exact mega-batch training relies on, and leaves no state besides `params`.
+
+Serves both tasks.
 """
 
 from __future__ import annotations

@@ -2,4 +2,6 @@
 folder for query images, JSON and a PNG grid) and `export` (a portable embedder via jax.export).
 
 The modules are not re-exported here: `recall_jax.serve.search` stays the module.
+
+Serves both tasks.
 """

@@ -12,6 +12,8 @@ The batch size is symbolic (any batch runs) when the backbone traces with a symb
 dimension; otherwise the function is exported for one fixed batch and `load_embedder` pads and
 splits batches to it. By default the module is lowered for CPU, CUDA and TPU, so a file written on
 a CPU runs on a GPU service unchanged.
+
+Serves both tasks.
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ folder of them) are embedded on each call and searched exactly with the blocked 
 
 Results map each query's path to its neighbours, best first:
 `{query_path: [{"path": gallery_path, "score": cosine_similarity}, ...]}`.
+
+Serves both tasks.
 """
 
 from __future__ import annotations

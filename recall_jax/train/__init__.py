@@ -1,4 +1,7 @@
-"""Training: exact mega-batch gradients, the optimizer step, sharding, and the training loop."""
+"""Training: exact mega-batch gradients, the optimizer step, sharding, and the training loop.
+
+Serves both tasks.
+"""
 
 from recall_jax.train.megabatch import megabatch_value_and_grad
 from recall_jax.train.train_step import TrainState

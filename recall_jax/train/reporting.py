@@ -1,4 +1,7 @@
-"""What the user sees of a run: JSONL metrics, TensorBoard events, PNG curves, a metrics table."""
+"""What the user sees of a run: JSONL metrics, TensorBoard events, PNG curves, a metrics table.
+
+Serves both tasks.
+"""
 
 from __future__ import annotations
 

@@ -8,6 +8,8 @@ file systems) the lock file's pid and host decide instead.
 
 The other helpers keep a resumed run's records consistent with its restored state
 (`truncate_metrics`) and turn an unwritable or missing workdir into one clear line.
+
+Serves both tasks.
 """
 
 from __future__ import annotations
