@@ -62,8 +62,8 @@ class _TrainImage:
 
   def __init__(self, source: Source, sampler: sampler_lib.MPerClassSampler, *, image_size: int,
                seed: int, process_index: int, process_count: int, channels: int,
-               crop_scale: tuple[float, float], flip: bool):
-    self.source, self.sampler = source, sampler
+               crop_scale: tuple[float, float], flip: bool, max_pixels: int):
+    self.source, self.sampler, self.max_pixels = source, sampler, max_pixels
     self.image_size, self.seed, self.channels = image_size, seed, channels
     self.local_batch = sampler.batch_size // process_count
     self.offset = process_index * self.local_batch
@@ -77,7 +77,7 @@ class _TrainImage:
     rng = np.random.default_rng([self.seed, step, position])
     image = transforms.train_augment(
         record["image"], rng, image_size=self.image_size, channels=self.channels,
-        crop_scale=self.crop_scale, flip=self.flip,
+        crop_scale=self.crop_scale, flip=self.flip, max_pixels=self.max_pixels,
         record=_record_name(self.source, index, record))
     return {"image": apply_decoded_transform(record, image), "label": np.int32(record["label"])}
 
@@ -85,9 +85,10 @@ class _TrainImage:
 class _EvalImage:
   """Maps element i to record i resized and center-cropped, or to padding past the source."""
 
-  def __init__(self, source: Source, *, image_size: int, resize_size: int, channels: int):
+  def __init__(self, source: Source, *, image_size: int, resize_size: int, channels: int,
+               max_pixels: int):
     self.source, self.image_size, self.resize_size = source, image_size, resize_size
-    self.channels = channels
+    self.channels, self.max_pixels = channels, max_pixels
 
   def __call__(self, element: int) -> dict[str, Any]:
     index = int(element)
@@ -97,7 +98,8 @@ class _EvalImage:
     record = read_records(self.source, [index])[0]
     image = transforms.eval_transform(
         record["image"], image_size=self.image_size, resize_size=self.resize_size,
-        channels=self.channels, record=_record_name(self.source, index, record))
+        channels=self.channels, max_pixels=self.max_pixels,
+        record=_record_name(self.source, index, record))
     return {"image": apply_decoded_transform(record, image), "label": np.int32(record["label"]),
             "mask": np.True_, "index": np.int64(index)}
 
@@ -324,7 +326,9 @@ def make_train_loader(source: Source, sampler: sampler_lib.MPerClassSampler, *, 
                       process_count: int = 1, channels: int = 3,
                       crop_scale: tuple[float, float] = (0.08, 1.0), flip: bool = True,
                       num_steps: int | None = None, read_threads: int = 2,
-                      prefetch_batches: int = 2) -> Iterator[dict[str, np.ndarray]]:
+                      prefetch_batches: int = 2,
+                      max_pixels: int = transforms.DEFAULT_MAX_PIXELS
+                      ) -> Iterator[dict[str, np.ndarray]]:
   """This process's training batches for global steps `start_step, start_step + 1, ...`.
 
   Args:
@@ -344,6 +348,8 @@ def make_train_loader(source: Source, sampler: sampler_lib.MPerClassSampler, *, 
     prefetch_batches: batches a background thread keeps ready or in progress, so that building
       them overlaps the caller's training step; 0: none (built when asked for, unless
       read_threads).
+    max_pixels: refuse (DataError, naming the record) an image with more pixels than this, from
+      its header, before decoding it (`data.max_image_pixels`).
 
   Returns:
     An iterator (close it to stop its threads and workers) of
@@ -358,7 +364,8 @@ def make_train_loader(source: Source, sampler: sampler_lib.MPerClassSampler, *, 
   stop = start_step + (_UNBOUNDED_STEPS if num_steps is None else int(num_steps))
   image_fn = _TrainImage(source, sampler, image_size=image_size, seed=seed,
                          process_index=process_index, process_count=process_count,
-                         channels=channels, crop_scale=crop_scale, flip=flip)
+                         channels=channels, crop_scale=crop_scale, flip=flip,
+                         max_pixels=max_pixels)
   return iter(batched(image_fn, batches=range(start_step, stop), batch_size=image_fn.local_batch,
                       worker_count=worker_count, read_threads=read_threads,
                       prefetch_batches=prefetch_batches))
@@ -366,7 +373,8 @@ def make_train_loader(source: Source, sampler: sampler_lib.MPerClassSampler, *, 
 
 def make_eval_loader(source: Source, *, image_size: int, resize_size: int, batch_size: int,
                      channels: int = 3, worker_count: int = 0, read_threads: int = 2,
-                     prefetch_batches: int = 2) -> Iterable[dict[str, np.ndarray]]:
+                     prefetch_batches: int = 2, max_pixels: int = transforms.DEFAULT_MAX_PIXELS
+                     ) -> Iterable[dict[str, np.ndarray]]:
   """An iterable over the whole source in order, in fixed-size batches (last one padded).
 
   Args:
@@ -377,6 +385,7 @@ def make_eval_loader(source: Source, *, image_size: int, resize_size: int, batch
     channels: 1 or 3.
     worker_count: grain worker processes (0: in this process).
     read_threads, prefetch_batches: read-ahead, as in `make_train_loader`.
+    max_pixels: refuse larger images, as in `make_train_loader`.
 
   Returns:
     Re-iterable batches `{'image': uint8 (batch_size, image_size, image_size, channels),
@@ -389,7 +398,7 @@ def make_eval_loader(source: Source, *, image_size: int, resize_size: int, batch
     raise ConfigError(f"image_size {image_size} exceeds resize_size {resize_size}")
   num_batches = -(-len(source) // batch_size)
   image_fn = _EvalImage(source, image_size=image_size, resize_size=resize_size,
-                        channels=channels)
+                        channels=channels, max_pixels=max_pixels)
   return batched(image_fn, batches=range(num_batches), batch_size=batch_size,
                  worker_count=worker_count, read_threads=read_threads,
                  prefetch_batches=prefetch_batches)

@@ -113,6 +113,26 @@ def test_corrupt_image_names_the_record():
     transforms.eval_transform(source[0]["image"], image_size=8, resize_size=8, channels=2)
 
 
+def test_images_over_max_pixels_are_refused_from_the_header_naming_the_record():
+  source = _source()
+  sampler = data.MPerClassSampler(np.array([r["label"] for r in source]), 8, 2, seed=0)
+  big = int(sampler.batch_indices(0)[2])
+  source[big] = {**source[big], "image": _encode(_gradient(100, 60))}  # 6,000 pixels.
+  others = max(transforms.decode_image(r["image"]).shape[0] * transforms.decode_image(
+      r["image"]).shape[1] for k, r in enumerate(source) if k != big)
+  limit = 5_000
+  assert others <= limit
+  message = rf"record {big} \(id .*100 x 60 pixels, more than the limit of 5000"
+  with pytest.raises(errors.DataError, match=message):
+    next(data.make_train_loader(source, sampler, image_size=12, seed=0, max_pixels=limit))
+  with pytest.raises(errors.DataError, match=message):
+    list(data.make_eval_loader(source, image_size=10, resize_size=12, batch_size=8,
+                               max_pixels=limit))
+  # At the limit, the same image is used.
+  batch = next(data.make_train_loader(source, sampler, image_size=12, seed=0, max_pixels=6_000))
+  assert batch["image"].shape == (8, 12, 12, 3)
+
+
 def _loader(source, sampler, **kw):
   return data.make_train_loader(source, sampler, image_size=12, seed=3, **kw)
 
