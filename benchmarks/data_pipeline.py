@@ -21,7 +21,8 @@ cache (`InMemorySource(decode_channels=...)`) against held encoded bytes on Omni
 Last, the mega-batch (`--mega-batch`, default 4,000 images of 224 px per step, 0: skip): the
 loader with `--mega-workers` grain processes (default: one per core) builds `--mega-steps`
 steps; its images per CPU-second of all its processes (main and workers, read from /proc, so
-robust to other programs sharing the cores) against a bare PIL loop (decode, random crop box,
+robust to other programs sharing the cores; the memory sampling's own CPU time is left out of the
+main process's) against a bare PIL loop (decode, random crop box,
 resize to 224) in one process, and its peak memory (the sum of the processes' proportional set
 sizes, sampled every 50 ms, less this process's before the loader starts) in global batches
 (B x 224 x 224 x 3 bytes). Linux only (/proc).
@@ -29,7 +30,7 @@ sizes, sampled every 50 ms, less this process's before the loader starts) in glo
   python benchmarks/data_pipeline.py [--images 400] [--seconds 10] [--workers 2]
                                      [--step-seconds 0.2] [--steps 8] [--repeats 3]
                                      [--mega-batch 4000] [--mega-workers 2] [--mega-steps 2]
-                                     [--mega-prefetch 2] [--only-mega]
+                                     [--mega-prefetch 2] [--mega-read-threads 2] [--only-mega]
 """
 
 from __future__ import annotations
@@ -140,6 +141,8 @@ def main() -> None:
   parser.add_argument("--mega-workers", type=int, default=os.cpu_count())
   parser.add_argument("--mega-steps", type=int, default=2, help="steps measured after the first")
   parser.add_argument("--mega-prefetch", type=int, default=2, help="the loader's prefetch_batches")
+  parser.add_argument("--mega-read-threads", type=int, default=2,
+                      help="the loader's read_threads (per worker process)")
   parser.add_argument("--only-mega", action="store_true", help="run the mega-batch part only")
   args = parser.parse_args()
   print(f"machine: {machine_name()}")
@@ -154,7 +157,7 @@ def main() -> None:
   if args.mega_batch:
     mega_batch(encoded, batch_size=args.mega_batch, workers=args.mega_workers,
                steps=args.mega_steps, image_size=args.image_size, seconds=args.seconds,
-               prefetch_batches=args.mega_prefetch)
+               prefetch_batches=args.mega_prefetch, read_threads=args.mega_read_threads)
 
 
 def small_batches(args: argparse.Namespace, encoded: list[bytes]) -> None:
@@ -305,11 +308,14 @@ class _PeakMemory:
 
   def __init__(self):
     self.peak, self._stop = 0, threading.Event()
+    self.cpu_s = 0.0  # The sampling's own CPU time (reading /proc), not the loader's.
     self._thread = threading.Thread(target=self._sample, daemon=True)
 
   def _sample(self) -> None:
     while not self._stop.wait(0.05):
+      start = time.thread_time()
       self.peak = max(self.peak, _pss_bytes(_descendants(os.getpid())))
+      self.cpu_s += time.thread_time() - start
 
   def __enter__(self) -> _PeakMemory:
     self._thread.start()
@@ -321,7 +327,7 @@ class _PeakMemory:
 
 
 def mega_batch(encoded: list[bytes], *, batch_size: int, workers: int, steps: int,
-               image_size: int, seconds: float, prefetch_batches: int) -> None:
+               image_size: int, seconds: float, prefetch_batches: int, read_threads: int) -> None:
   """The loader at a mega-batch against a bare PIL loop: rate per core and peak memory."""
   # Records cycle through the JPEGs, so any batch size needs no more unique images.
   count = max(batch_size, len(encoded))
@@ -344,7 +350,8 @@ def mega_batch(encoded: list[bytes], *, batch_size: int, workers: int, steps: in
   with _PeakMemory() as memory:
     start = time.perf_counter()
     loader = data.make_train_loader(source, sampler, image_size=image_size, seed=0,
-                                    worker_count=workers, prefetch_batches=prefetch_batches)
+                                    worker_count=workers, prefetch_batches=prefetch_batches,
+                                    read_threads=read_threads)
     try:
       next(loader)
       first_s = time.perf_counter() - start
@@ -352,10 +359,12 @@ def mega_batch(encoded: list[bytes], *, batch_size: int, workers: int, steps: in
       pids = _descendants(os.getpid())
       workers_pids = [pid for pid in pids if pid != os.getpid()]
       main_start, workers_start = _cpu_seconds([os.getpid()]), _cpu_seconds(workers_pids)
+      sampling_start = memory.cpu_s
       wall_start = time.perf_counter()
       for _ in range(steps):
         next(loader)
-      main_cpu = _cpu_seconds([os.getpid()]) - main_start
+      sampling = memory.cpu_s - sampling_start
+      main_cpu = _cpu_seconds([os.getpid()]) - main_start - sampling
       workers_cpu = _cpu_seconds(workers_pids) - workers_start
       cpu = main_cpu + workers_cpu
       wall = time.perf_counter() - wall_start
@@ -364,13 +373,15 @@ def mega_batch(encoded: list[bytes], *, batch_size: int, workers: int, steps: in
       loader.close()
   per_core = steps * batch_size / cpu
   print(f"mega-batch B = {batch_size:,} at {image_size} px ({batch_bytes / 2**20:.0f} MiB per "
-        f"global batch), {workers} grain workers, prefetch_batches={prefetch_batches}, "
+        f"global batch), {workers} grain workers, read_threads={read_threads}, "
+        f"prefetch_batches={prefetch_batches}, "
         f"{steps} steps after the first:")
   print(f"  bare PIL loop (decode, crop box, resize), one process: {bare:7.0f} img/s per core")
   print(f"  make_train_loader, all its processes:                 {per_core:7.0f} img/s per core "
         f"({steps * batch_size / wall:.0f} img/s wall-clock, first batch after {first_s:.1f} s)")
   print(f"  CPU seconds per 1,000 images: workers {1000 * workers_cpu / (steps * batch_size):.2f}, "
-        f"main process (receiving, stacking) {1000 * main_cpu / (steps * batch_size):.2f}; "
+        f"main process (receiving, stacking) {1000 * main_cpu / (steps * batch_size):.2f} "
+        f"(less the memory sampling's {1000 * sampling / (steps * batch_size):.2f}); "
         f"bare PIL {1000 / bare:.2f}")
   print(f"  ratio loader / bare PIL per core: {per_core / bare:.2f}x (goal >= 0.9x)")
   print(f"  peak memory of the loader's processes: {(memory.peak - before) / 2**30:.2f} GiB = "

@@ -53,7 +53,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.in_memory = False  # hold the training split's encoded images in memory (small datasets)
   c.data.decode_once = False  # with in_memory: hold them decoded (uint8), not encoded
   c.data.eval_batch_size = 256  # images per evaluation batch
-  c.data.max_image_pixels = 64_000_000  # search: images with more pixels are skipped undecoded
+  # Images with more pixels are refused from their header, undecoded: training and evaluation stop
+  # with an error naming the record, search skips the image.
+  c.data.max_image_pixels = 64_000_000
   c.data.download = True  # Omniglot only: fetch missing archives from the official repository
   c.data.max_eval_images = _optional(int)  # evaluate on the first N images of each split only
   c.data.aspect_buckets = 0  # >0: whole images (longer side image_size, padded + masked, ResNets)

@@ -33,6 +33,7 @@ from recall_jax.data import aspect_buckets
 from recall_jax.data import bucket_plan
 from recall_jax.data import pipeline
 from recall_jax.data import sampler as sampler_lib
+from recall_jax.data import transforms
 from recall_jax.data.source import Source, read_records
 from recall_jax.errors import ConfigError, DataError
 
@@ -68,8 +69,9 @@ class _BucketedTrainStep:
 
   def __init__(self, source: Source, sampler: sampler_lib.MPerClassSampler, *,
                plan: bucket_plan.BucketPlan, image_size: int, seed: int, process_index: int,
-               process_count: int, channels: int, flip: bool):
+               process_count: int, channels: int, flip: bool, max_pixels: int):
     self.source, self.sampler, self.plan, self.image_size = source, sampler, plan, image_size
+    self.max_pixels = max_pixels
     self.seed, self.channels, self.flip = seed, channels, flip
     self.process_index, self.process_count = process_index, process_count
     # Capacities already warned about (per worker process); no lock, so that the step pickles
@@ -78,7 +80,11 @@ class _BucketedTrainStep:
 
   def _bucket(self, index: int, record: dict[str, Any]) -> int:
     try:
-      size = aspect_buckets.resized_shape(*bucket_plan.image_hw(record["image"]), self.image_size)
+      height, width = bucket_plan.image_hw(record["image"])
+      if height * width > self.max_pixels:  # Refused from the header, as `transforms` does.
+        raise DataError(f"the image has {width} x {height} pixels, more than the limit of "
+                        f"{self.max_pixels} (data.max_image_pixels)")
+      size = aspect_buckets.resized_shape(height, width, self.image_size)
       return aspect_buckets.assign_bucket(*size, self.plan.shapes)
     except DataError as e:
       raise DataError(f"record {_name(self.source, index, record)}: {e}") from None
@@ -114,7 +120,9 @@ def make_bucketed_train_loader(source: Source, sampler: sampler_lib.MPerClassSam
                                process_count: int = 1, channels: int = 3,
                                crop_scale: tuple[float, float] | None = None, flip: bool = True,
                                num_steps: int | None = None, read_threads: int = 2,
-                               prefetch_batches: int = 2) -> Iterator[dict[str, Any]]:
+                               prefetch_batches: int = 2,
+                               max_pixels: int = transforms.DEFAULT_MAX_PIXELS
+                               ) -> Iterator[dict[str, Any]]:
   """Training batches of whole images (longer side `image_size`) in per-bucket arrays.
 
   Each image of this process's slice of the global batch is resized, maybe flipped, and padded
@@ -132,7 +140,7 @@ def make_bucketed_train_loader(source: Source, sampler: sampler_lib.MPerClassSam
       must hold an (image_size, image_size) image.
     image_size: the longer side of every image, in pixels.
     start_step, seed, worker_count, process_index, process_count, channels, flip, num_steps,
-      read_threads, prefetch_batches: as in `pipeline.make_train_loader`.
+      read_threads, prefetch_batches, max_pixels: as in `pipeline.make_train_loader`.
     crop_scale: ignored, as nothing is cropped.
 
   Returns:
@@ -154,7 +162,7 @@ def make_bucketed_train_loader(source: Source, sampler: sampler_lib.MPerClassSam
   stop = start_step + (1 << 40 if num_steps is None else int(num_steps))
   step_fn = _BucketedTrainStep(source, sampler, plan=plan, image_size=image_size, seed=seed,
                                process_index=process_index, process_count=process_count,
-                               channels=channels, flip=flip)
+                               channels=channels, flip=flip, max_pixels=max_pixels)
   batches = grain.MapDataset.range(start_step, stop).map(step_fn)
   return iter(pipeline.ahead(batches, worker_count=worker_count, read_threads=read_threads,
                              prefetch_batches=prefetch_batches))

@@ -1,30 +1,35 @@
-"""grain input pipelines (both tasks): one element per image, batched after.
+"""grain input pipelines (both tasks): images decoded by all workers, batched after.
 
-The elements are images: the training loader's element `t * b + k` is position k of this
-process's slice of global step t, the evaluation loader's element i is record i (or padding).
-Each is read from the source, decoded and augmented (or resized) with PIL, as uint8 HWC
-(normalisation happens on the device); grain's own batching then stacks `b` consecutive elements.
-So every worker decodes part of every step, and a step's first images are ready after a few
-decodes, not after a whole batch. The augmentation RNG of a record is
-`np.random.default_rng([seed, step, global position])`, so a batch depends only on (seed, step,
-sampler), never on worker count, thread timing, process count or where a run was resumed. A
-record's own decoded-image transform (set by a source wrapper, see `source.DECODED_TRANSFORM`) is
-applied to its augmented or resized image.
+The images are numbered: the training loader's image `t * b + k` is position k of this process's
+slice of global step t, the evaluation loader's image i is record i (or padding). Each is read
+from the source, decoded and augmented (or resized) with PIL, as uint8 HWC (normalisation happens
+on the device). A grain element is a group of up to `_MAX_GROUP_IMAGES` consecutive images of one
+batch, stacked by the worker that decodes them: moving an element out of a worker process costs
+about the same whatever its size, so a group pays it once for a few dozen images, and every
+worker still decodes part of every step (a step's first images are ready after one group, not a
+whole batch). The consumer's side copies a batch's groups into one fresh array per key. The
+augmentation RNG of a record is `np.random.default_rng([seed, step, global position])`, so a
+batch depends only on (seed, step, sampler), never on worker count, grouping, thread timing,
+process count or where a run was resumed. A record's own decoded-image transform (set by a source
+wrapper, see `source.DECODED_TRANSFORM`) is applied to its augmented or resized image.
 
-Elements are built ahead of the consumer, in the background, so that building batch t + 1
-overlaps the training step on batch t instead of following it: `read_threads` threads each decode
-one image at a time (grain's threaded prefetch, in each worker process when `worker_count > 0`:
-`mp_prefetch`, which deals the images out to the workers in turn), and `prefetch_batches` stacked
-batches wait in a queue filled by a background thread (grain's `ThreadPrefetchIterDataset`),
-which also does the stacking and takes the copy out of the worker processes off the consumer's
-thread. All keep the element order, so the batches are the same with or without them;
-`prefetch_batches=0` and `read_threads=0` build each batch on demand, in series with the caller.
-Closing the iterator stops the threads and workers.
+Batches are built ahead of the consumer, in the background, so that building batch t + 1
+overlaps the training step on batch t instead of following it: `read_threads` threads each build
+one image group at a time (grain's threaded prefetch, in each worker process when
+`worker_count > 0`: `mp_prefetch`, which deals the groups out to the workers in turn), and a
+background thread copies the groups into batches, holding at most `prefetch_batches` of them
+(ready or being filled): with the batch the caller holds, the loader's host memory stays near
+`prefetch_batches + 1` batches. All keep the element order, so the batches are the same with or
+without them; `prefetch_batches=0` and `read_threads=0` build each batch on demand, in series
+with the caller. Closing (or dropping) the iterator stops the thread and the workers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+import queue
+import threading
+import weakref
 from typing import Any
 
 from absl import flags
@@ -38,8 +43,12 @@ from recall_jax.errors import ConfigError
 
 # Steps a training iterator covers when `num_steps` is not given (effectively unbounded).
 _UNBOUNDED_STEPS = 1 << 40
-# Decoded images each read thread may hold ahead of the batching (a few MB at 224 px).
-_IMAGES_AHEAD_PER_THREAD = 4
+# Images per grain element: enough that moving an element out of a worker process (a shared
+# memory block per array) costs little per image, few enough that all workers share each batch.
+_MAX_GROUP_IMAGES = 32
+# Image groups each read thread (and each worker's output buffer, per thread) may hold ahead of
+# the batching: a few MB at 224 px.
+_GROUPS_AHEAD_PER_THREAD = 2
 
 
 def _record_name(source: Source, index: int, record: dict[str, Any]) -> str:
@@ -53,8 +62,8 @@ class _TrainImage:
 
   def __init__(self, source: Source, sampler: sampler_lib.MPerClassSampler, *, image_size: int,
                seed: int, process_index: int, process_count: int, channels: int,
-               crop_scale: tuple[float, float], flip: bool):
-    self.source, self.sampler = source, sampler
+               crop_scale: tuple[float, float], flip: bool, max_pixels: int):
+    self.source, self.sampler, self.max_pixels = source, sampler, max_pixels
     self.image_size, self.seed, self.channels = image_size, seed, channels
     self.local_batch = sampler.batch_size // process_count
     self.offset = process_index * self.local_batch
@@ -68,7 +77,7 @@ class _TrainImage:
     rng = np.random.default_rng([self.seed, step, position])
     image = transforms.train_augment(
         record["image"], rng, image_size=self.image_size, channels=self.channels,
-        crop_scale=self.crop_scale, flip=self.flip,
+        crop_scale=self.crop_scale, flip=self.flip, max_pixels=self.max_pixels,
         record=_record_name(self.source, index, record))
     return {"image": apply_decoded_transform(record, image), "label": np.int32(record["label"])}
 
@@ -76,9 +85,10 @@ class _TrainImage:
 class _EvalImage:
   """Maps element i to record i resized and center-cropped, or to padding past the source."""
 
-  def __init__(self, source: Source, *, image_size: int, resize_size: int, channels: int):
+  def __init__(self, source: Source, *, image_size: int, resize_size: int, channels: int,
+               max_pixels: int):
     self.source, self.image_size, self.resize_size = source, image_size, resize_size
-    self.channels = channels
+    self.channels, self.max_pixels = channels, max_pixels
 
   def __call__(self, element: int) -> dict[str, Any]:
     index = int(element)
@@ -88,46 +98,222 @@ class _EvalImage:
     record = read_records(self.source, [index])[0]
     image = transforms.eval_transform(
         record["image"], image_size=self.image_size, resize_size=self.resize_size,
-        channels=self.channels, record=_record_name(self.source, index, record))
+        channels=self.channels, max_pixels=self.max_pixels,
+        record=_record_name(self.source, index, record))
     return {"image": apply_decoded_transform(record, image), "label": np.int32(record["label"]),
             "mask": np.True_, "index": np.int64(index)}
 
 
-def ahead(elements: grain.MapDataset, *, worker_count: int, read_threads: int,
-          prefetch_batches: int, batch_size: int | None = None) -> grain.IterDataset:
-  """Builds `elements` ahead of the consumer (see the module docstring), in order.
+def ahead(batches: grain.MapDataset, *, worker_count: int, read_threads: int,
+          prefetch_batches: int) -> grain.IterDataset:
+  """Builds `batches` (elements that are whole batches) ahead of the consumer, in order.
 
   Args:
-    elements: images (with `batch_size`) or whole batches (without).
+    batches: one element per batch.
     worker_count, read_threads, prefetch_batches: as in `make_train_loader`.
-    batch_size: stack this many consecutive elements into a batch, after the workers; None: the
-      elements are batches already.
 
   Returns:
     The batches, in element order.
   """
-  if worker_count < 0 or read_threads < 0 or prefetch_batches < 0:
-    raise ConfigError(f"worker_count {worker_count}, read_threads {read_threads} and "
-                      f"prefetch_batches {prefetch_batches} must be non-negative")
-  # Images are small: a worker keeps a few per thread ready, to ride out uneven decode times.
-  per_thread = 1 if batch_size is None else _IMAGES_AHEAD_PER_THREAD
-  dataset = elements.to_iter_dataset(
-      grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=read_threads * per_thread))
+  _check_read_ahead(worker_count, read_threads, prefetch_batches)
+  dataset = batches.to_iter_dataset(
+      grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=read_threads))
   if worker_count > 0:
-    # grain 0.2.x reads an Abseil flag in mp_prefetch and fails in programs that do not parse
-    # flags with absl.app (google/grain#1355); the flags' defaults are what such programs want.
-    if not flags.FLAGS.is_parsed():
-      flags.FLAGS.mark_as_parsed()
-    buffered = max(prefetch_batches, 1) * (1 if batch_size is None else
-                                           max(read_threads, 1) * _IMAGES_AHEAD_PER_THREAD)
-    dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=worker_count, per_worker_buffer_size=buffered))
-  if batch_size is not None:
-    dataset = dataset.batch(batch_size, drop_remainder=True)
+    dataset = _in_workers(dataset, worker_count, max(prefetch_batches, 1))
   if prefetch_batches > 0:
     dataset = grain.experimental.ThreadPrefetchIterDataset(
         dataset, prefetch_buffer_size=prefetch_batches)
   return dataset
+
+
+def _check_read_ahead(worker_count: int, read_threads: int, prefetch_batches: int) -> None:
+  if worker_count < 0 or read_threads < 0 or prefetch_batches < 0:
+    raise ConfigError(f"worker_count {worker_count}, read_threads {read_threads} and "
+                      f"prefetch_batches {prefetch_batches} must be non-negative")
+
+
+def _in_workers(dataset: grain.IterDataset, worker_count: int,
+                buffered: int) -> grain.IterDataset:
+  """`dataset` read in `worker_count` processes, each keeping `buffered` elements ready."""
+  # grain 0.2.x reads an Abseil flag in mp_prefetch and fails in programs that do not parse
+  # flags with absl.app (google/grain#1355); the flags' defaults are what such programs want.
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  return dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
+                                                         per_worker_buffer_size=buffered))
+
+
+class _ImageGroup:
+  """Maps element g to up to `group_size` consecutive images of one batch, stacked.
+
+  Element `n * groups_per_batch + j` is images `j * group_size ...` of batch n, which are the
+  images `n * batch_size + i` of `image_fn`.
+  """
+
+  def __init__(self, image_fn: Callable[[int], dict[str, np.ndarray]], *, batch_size: int,
+               group_size: int):
+    self.image_fn, self.batch_size, self.group_size = image_fn, batch_size, group_size
+    self.groups_per_batch = -(-batch_size // group_size)
+
+  def __call__(self, element: int) -> dict[str, np.ndarray]:
+    batch, j = divmod(int(element), self.groups_per_batch)
+    first = batch * self.batch_size + j * self.group_size
+    last = min(first + self.group_size, (batch + 1) * self.batch_size)
+    images = [self.image_fn(i) for i in range(first, last)]
+    return {key: np.stack([image[key] for image in images]) for key in images[0]}
+
+
+def _group_size(batch_size: int) -> int:
+  """Images per element: at most `_MAX_GROUP_IMAGES`, the batch split into equal groups."""
+  groups = -(-batch_size // _MAX_GROUP_IMAGES)
+  return -(-batch_size // groups)
+
+
+class _End:
+  """What the assembling thread queues after the last batch (or with the error that ended it)."""
+
+  def __init__(self, error: BaseException | None = None):
+    self.error = error
+
+
+class _Assembler:
+  """Copies consecutive image groups into one fresh array per key and batch."""
+
+  def __init__(self, groups: Iterator[dict[str, np.ndarray]], *, groups_per_batch: int,
+               batch_size: int):
+    self.groups, self.groups_per_batch, self.batch_size = groups, groups_per_batch, batch_size
+
+  def __call__(self, stopped: Callable[[], bool] = lambda: False) -> dict[str, np.ndarray] | None:
+    """The next batch; None when stopped part-way. StopIteration after the last one."""
+    group = next(self.groups)
+    batch = {key: np.empty((self.batch_size, *value.shape[1:]), value.dtype)
+             for key, value in group.items()}
+    row = 0
+    for j in range(self.groups_per_batch):
+      if j:
+        if stopped():
+          return None
+        group = next(self.groups)
+      size = len(next(iter(group.values())))
+      for key, value in group.items():
+        batch[key][row:row + size] = value
+      row += size
+    return batch
+
+
+def _fill(assemble: _Assembler, slots: threading.Semaphore, ready: queue.SimpleQueue,
+          stop: threading.Event) -> None:
+  """The assembling thread: a batch per free slot, until the end, an error or `stop`."""
+  try:
+    while True:
+      while not slots.acquire(timeout=0.1):
+        if stop.is_set():
+          return
+      batch = assemble(stop.is_set)
+      if batch is None or stop.is_set():
+        return
+      ready.put(batch)
+  except StopIteration:
+    ready.put(_End())
+  except BaseException as e:  # pylint: disable=broad-except
+    ready.put(_End(e))  # Raised in the caller's thread, with its traceback.
+
+
+class _BatchIterator:
+  """Batches assembled from image groups, in order.
+
+  With `prefetch_batches > 0`, a background thread assembles the batches; at most
+  `prefetch_batches` of them (ready or being filled) are held by the iterator at any time, so
+  the loader's host memory is that many batches plus what the caller keeps. The thread stops
+  when the iterator is closed or dropped.
+  """
+
+  def __init__(self, groups: grain.IterDataset, *, groups_per_batch: int, batch_size: int,
+               prefetch_batches: int):
+    self._groups = iter(groups)
+    self._assemble = _Assembler(self._groups, groups_per_batch=groups_per_batch,
+                                batch_size=batch_size)
+    self._thread, self._done = None, False
+    if prefetch_batches > 0:
+      self._slots = threading.Semaphore(prefetch_batches)
+      self._ready: queue.SimpleQueue = queue.SimpleQueue()
+      self._stop = threading.Event()
+      # The thread holds no reference to the iterator, so dropping the iterator stops it.
+      self._thread = threading.Thread(
+          target=_fill, args=(self._assemble, self._slots, self._ready, self._stop),
+          name="batch-assembly", daemon=True)
+      weakref.finalize(self, self._stop.set)
+      self._thread.start()
+
+  def __iter__(self) -> _BatchIterator:
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if self._done:
+      raise StopIteration
+    if self._thread is None:
+      return self._assemble()
+    item = self._ready.get()
+    self._slots.release()
+    if isinstance(item, _End):
+      self._done = True
+      if item.error is not None:
+        raise item.error
+      raise StopIteration
+    return item
+
+  def close(self) -> None:
+    """Stops the thread (within one image group) and the workers."""
+    self._done = True
+    if self._thread is not None:
+      self._stop.set()
+      self._thread.join()
+    if hasattr(self._groups, "close"):
+      self._groups.close()
+
+
+class _GroupedBatches:
+  """Re-iterable batches of `batch_size` images, built as image groups (see `batched`)."""
+
+  def __init__(self, groups: grain.IterDataset, *, groups_per_batch: int, batch_size: int,
+               prefetch_batches: int):
+    self._groups, self._prefetch_batches = groups, prefetch_batches
+    self._groups_per_batch, self._batch_size = groups_per_batch, batch_size
+
+  def __iter__(self) -> _BatchIterator:
+    return _BatchIterator(self._groups, groups_per_batch=self._groups_per_batch,
+                          batch_size=self._batch_size, prefetch_batches=self._prefetch_batches)
+
+
+def batched(image_fn: Callable[[int], dict[str, np.ndarray]], *, batches: range,
+            batch_size: int, worker_count: int, read_threads: int,
+            prefetch_batches: int) -> _GroupedBatches:
+  """Batches n in `batches` of images `image_fn(n * batch_size + i)`, built ahead, in order.
+
+  The grain elements are groups of up to `_MAX_GROUP_IMAGES` consecutive images of a batch,
+  stacked by the worker that decodes them (so moving them out of a worker process costs once per
+  group, not once per image, and every worker still decodes part of every batch); the consumer's
+  side copies the groups of a batch into one fresh array per key.
+
+  Args:
+    image_fn: image number -> `{key: array}`, the same keys, shapes and dtypes for all images.
+    batches: the batch numbers to build.
+    batch_size: images per batch.
+    worker_count, read_threads, prefetch_batches: as in `make_train_loader`.
+
+  Returns:
+    Re-iterable batches `{key: (batch_size, ...) array}`; each iterator has `close()`.
+  """
+  _check_read_ahead(worker_count, read_threads, prefetch_batches)
+  group_fn = _ImageGroup(image_fn, batch_size=batch_size, group_size=_group_size(batch_size))
+  per_batch = group_fn.groups_per_batch
+  groups = grain.MapDataset.range(batches.start * per_batch, batches.stop * per_batch).map(
+      group_fn).to_iter_dataset(grain.ReadOptions(
+          num_threads=read_threads, prefetch_buffer_size=read_threads * _GROUPS_AHEAD_PER_THREAD))
+  if worker_count > 0:
+    groups = _in_workers(groups, worker_count, max(read_threads, 1) * _GROUPS_AHEAD_PER_THREAD)
+  return _GroupedBatches(groups, groups_per_batch=per_batch, batch_size=batch_size,
+                         prefetch_batches=prefetch_batches)
 
 
 def _check_seed(seed: int) -> None:
@@ -140,7 +326,9 @@ def make_train_loader(source: Source, sampler: sampler_lib.MPerClassSampler, *, 
                       process_count: int = 1, channels: int = 3,
                       crop_scale: tuple[float, float] = (0.08, 1.0), flip: bool = True,
                       num_steps: int | None = None, read_threads: int = 2,
-                      prefetch_batches: int = 2) -> Iterator[dict[str, np.ndarray]]:
+                      prefetch_batches: int = 2,
+                      max_pixels: int = transforms.DEFAULT_MAX_PIXELS
+                      ) -> Iterator[dict[str, np.ndarray]]:
   """This process's training batches for global steps `start_step, start_step + 1, ...`.
 
   Args:
@@ -157,8 +345,11 @@ def make_train_loader(source: Source, sampler: sampler_lib.MPerClassSampler, *, 
     num_steps: steps to yield; default effectively unbounded.
     read_threads: threads per worker (or in this process), each decoding one image at a time
       ahead of the consumer (PIL releases the GIL); 0: one image at a time, when asked for.
-    prefetch_batches: finished batches a background thread keeps ready, so that building them
-      overlaps the caller's training step; 0: none (built when asked for, unless read_threads).
+    prefetch_batches: batches a background thread keeps ready or in progress, so that building
+      them overlaps the caller's training step; 0: none (built when asked for, unless
+      read_threads).
+    max_pixels: refuse (DataError, naming the record) an image with more pixels than this, from
+      its header, before decoding it (`data.max_image_pixels`).
 
   Returns:
     An iterator (close it to stop its threads and workers) of
@@ -173,16 +364,17 @@ def make_train_loader(source: Source, sampler: sampler_lib.MPerClassSampler, *, 
   stop = start_step + (_UNBOUNDED_STEPS if num_steps is None else int(num_steps))
   image_fn = _TrainImage(source, sampler, image_size=image_size, seed=seed,
                          process_index=process_index, process_count=process_count,
-                         channels=channels, crop_scale=crop_scale, flip=flip)
-  b = image_fn.local_batch
-  images = grain.MapDataset.range(start_step * b, stop * b).map(image_fn)
-  return iter(ahead(images, worker_count=worker_count, read_threads=read_threads,
-                    prefetch_batches=prefetch_batches, batch_size=b))
+                         channels=channels, crop_scale=crop_scale, flip=flip,
+                         max_pixels=max_pixels)
+  return iter(batched(image_fn, batches=range(start_step, stop), batch_size=image_fn.local_batch,
+                      worker_count=worker_count, read_threads=read_threads,
+                      prefetch_batches=prefetch_batches))
 
 
 def make_eval_loader(source: Source, *, image_size: int, resize_size: int, batch_size: int,
                      channels: int = 3, worker_count: int = 0, read_threads: int = 2,
-                     prefetch_batches: int = 2) -> grain.IterDataset:
+                     prefetch_batches: int = 2, max_pixels: int = transforms.DEFAULT_MAX_PIXELS
+                     ) -> Iterable[dict[str, np.ndarray]]:
   """An iterable over the whole source in order, in fixed-size batches (last one padded).
 
   Args:
@@ -193,6 +385,7 @@ def make_eval_loader(source: Source, *, image_size: int, resize_size: int, batch
     channels: 1 or 3.
     worker_count: grain worker processes (0: in this process).
     read_threads, prefetch_batches: read-ahead, as in `make_train_loader`.
+    max_pixels: refuse larger images, as in `make_train_loader`.
 
   Returns:
     Re-iterable batches `{'image': uint8 (batch_size, image_size, image_size, channels),
@@ -205,7 +398,7 @@ def make_eval_loader(source: Source, *, image_size: int, resize_size: int, batch
     raise ConfigError(f"image_size {image_size} exceeds resize_size {resize_size}")
   num_batches = -(-len(source) // batch_size)
   image_fn = _EvalImage(source, image_size=image_size, resize_size=resize_size,
-                        channels=channels)
-  images = grain.MapDataset.range(num_batches * batch_size).map(image_fn)
-  return ahead(images, worker_count=worker_count, read_threads=read_threads,
-               prefetch_batches=prefetch_batches, batch_size=batch_size)
+                        channels=channels, max_pixels=max_pixels)
+  return batched(image_fn, batches=range(num_batches), batch_size=batch_size,
+                 worker_count=worker_count, read_threads=read_threads,
+                 prefetch_batches=prefetch_batches)

@@ -57,7 +57,8 @@ def make_eval_batches(c: ml_collections.ConfigDict, source: LabelledSource) -> C
   """A zero-argument callable returning a fresh evaluation loader over `source`."""
   return lambda: data.make_eval_loader(
       source, image_size=c.data.image_size, resize_size=c.data.resize_size,
-      batch_size=c.data.eval_batch_size, channels=c.data.channels)
+      batch_size=c.data.eval_batch_size, channels=c.data.channels,
+      max_pixels=c.data.max_image_pixels)
 
 
 def make_evaluator(c: ml_collections.ConfigDict, embed_fn_for: Callable[[PyTree], Any] | None,

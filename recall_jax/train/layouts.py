@@ -58,7 +58,8 @@ class SquareCrops:
   def _loader_kwargs(self) -> dict[str, Any]:
     c = self.config
     return {"image_size": c.data.image_size, "seed": c.seed, "channels": c.data.channels,
-            "crop_scale": tuple(c.data.crop_scale), "flip": c.data.flip}
+            "crop_scale": tuple(c.data.crop_scale), "flip": c.data.flip,
+            "max_pixels": c.data.max_image_pixels}
 
   def train_batches(self, source: LabelledSource, sampler: data.MPerClassSampler, *,
                     start_step: int, num_steps: int):

@@ -254,3 +254,18 @@ def test_bucketed_train_rejects_bad_plans_and_records():
   bad = int(sampler.batch_indices(0)[3])
   with pytest.raises(DataError, match=f"img{bad}"):
     next(_bucketed(_MixedSource(bad=bad), sampler, plan))
+
+
+def test_bucketed_train_refuses_images_over_max_pixels():
+  source = _MixedSource()
+  sampler = data.MPerClassSampler(source.labels, 8, 2, seed=0)
+  plan = data.BucketPlan(BUCKET_SHAPES, (0, 0, 8), 2)
+  indices = sampler.batch_indices(0)
+  largest = max(indices, key=lambda i: MIXED[i][0] * MIXED[i][1])
+  height, width = MIXED[largest]
+  limit = height * width - 1
+  with pytest.raises(DataError, match=rf"img{largest}.*{width} x {height} pixels, more than the "
+                                      rf"limit of {limit} \(data.max_image_pixels\)"):
+    next(_bucketed(source, sampler, plan, max_pixels=limit))
+  at_limit = _bucketed(source, sampler, plan, max_pixels=limit + 1, flip=False)
+  _check_bucketed_batch(next(at_limit), source, indices, plan)

@@ -113,6 +113,26 @@ def test_corrupt_image_names_the_record():
     transforms.eval_transform(source[0]["image"], image_size=8, resize_size=8, channels=2)
 
 
+def test_images_over_max_pixels_are_refused_from_the_header_naming_the_record():
+  source = _source()
+  sampler = data.MPerClassSampler(np.array([r["label"] for r in source]), 8, 2, seed=0)
+  big = int(sampler.batch_indices(0)[2])
+  source[big] = {**source[big], "image": _encode(_gradient(100, 60))}  # 6,000 pixels.
+  others = max(transforms.decode_image(r["image"]).shape[0] * transforms.decode_image(
+      r["image"]).shape[1] for k, r in enumerate(source) if k != big)
+  limit = 5_000
+  assert others <= limit
+  message = rf"record {big} \(id .*100 x 60 pixels, more than the limit of 5000"
+  with pytest.raises(errors.DataError, match=message):
+    next(data.make_train_loader(source, sampler, image_size=12, seed=0, max_pixels=limit))
+  with pytest.raises(errors.DataError, match=message):
+    list(data.make_eval_loader(source, image_size=10, resize_size=12, batch_size=8,
+                               max_pixels=limit))
+  # At the limit, the same image is used.
+  batch = next(data.make_train_loader(source, sampler, image_size=12, seed=0, max_pixels=6_000))
+  assert batch["image"].shape == (8, 12, 12, 3)
+
+
 def _loader(source, sampler, **kw):
   return data.make_train_loader(source, sampler, image_size=12, seed=3, **kw)
 
@@ -161,6 +181,34 @@ def test_train_batches_match_a_per_image_reference_from_the_seeds(worker_count):
       np.testing.assert_array_equal(batch["image"], images)
       np.testing.assert_array_equal(batch["label"], labels)
       assert batch["label"].dtype == np.int32
+
+
+@pytest.mark.parametrize("batch_size, worker_count", [(72, 0), (40, 2)])
+def test_batches_of_several_image_groups_match_the_reference(batch_size, worker_count):
+  # 72 images are three groups of 24, 40 are two of 20 (at most 32 images per grain element).
+  source = _source(sizes=(5, 6, 4, 7) * 5)
+  sampler = data.MPerClassSampler(np.array([r["label"] for r in source]), batch_size, 4, seed=1)
+  loader = _loader(source, sampler, start_step=1, num_steps=2, worker_count=worker_count)
+  batches = list(loader)
+  assert len(batches) == 2
+  for step, batch in enumerate(batches, start=1):
+    images, labels = _reference_batch(source, sampler, step)
+    np.testing.assert_array_equal(batch["image"], images)
+    np.testing.assert_array_equal(batch["label"], labels)
+
+
+def test_an_image_error_reaches_the_caller_through_the_assembling_thread():
+  source = _source()
+  sampler = data.MPerClassSampler(np.array([r["label"] for r in source]), 8, 2, seed=0)
+  bad = int(sampler.batch_indices(1)[5])
+  source[bad] = {**source[bad], "image": b"garbage"}
+  loader = _loader(source, sampler, prefetch_batches=2)
+  next(loader)  # Step 0 is whole; step 1 holds the corrupt record.
+  with pytest.raises(errors.DataError, match=rf"record {bad} \(id"):
+    next(loader)
+  with pytest.raises(StopIteration):
+    next(loader)
+  loader.close()
 
 
 def test_train_loader_resume_and_process_slices():
@@ -242,7 +290,7 @@ def _wait_for(condition, timeout_s=20.0):
 
 def _prefetch_threads():
   return [t for t in threading.enumerate()
-          if t.name.startswith("grain-thread-prefetch") and t.is_alive()]
+          if t.name == "batch-assembly" and t.is_alive()]
 
 
 @pytest.mark.parametrize("read_threads, prefetch_batches", [(0, 2), (2, 0), (2, 2), (1, 1)])
@@ -267,6 +315,12 @@ def test_batches_are_built_in_the_background_while_the_caller_works():
   assert _wait_for(lambda: source.reads >= 3 * 8)
   assert _prefetch_threads()
   loader.close()
+  assert _wait_for(lambda: not _prefetch_threads())
+  # Dropping an unbounded loader without closing it also stops its thread.
+  dropped = _loader(source, sampler, read_threads=0, prefetch_batches=2)
+  next(dropped)
+  assert _prefetch_threads()
+  del dropped
   assert _wait_for(lambda: not _prefetch_threads())
   # Without read-ahead, nothing is read beyond the batch asked for.
   source.reads = 0

@@ -7,7 +7,10 @@ test_landmarks.py; `--mode eval` end to end in tests/test_main.py and test_landm
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
+import PIL.Image
 import pytest
 
 from recall_jax import config as config_lib
@@ -45,3 +48,20 @@ def test_recall_protocol_embeds_a_split_as_it_scores_it(omniglot_root):
   np.testing.assert_array_equal(indices, np.arange(48))
   np.testing.assert_array_equal(labels, scored.labels)
   np.testing.assert_allclose(embeddings, scored.embeddings, rtol=1e-6, atol=1e-6)
+
+
+def test_eval_batches_refuse_images_over_data_max_image_pixels():
+  encoded = []
+  for width in (60, 30):  # 1,200 and 600 pixels.
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(np.full((20, width, 3), 128, np.uint8)).save(buffer, "PNG")
+    encoded.append(buffer.getvalue())
+  source = [{"image": e, "label": n, "id": str(n)} for n, e in enumerate(encoded)]
+  c = config_lib.base_config()
+  c.data.image_size, c.data.resize_size, c.data.eval_batch_size = 8, 8, 2
+  c.data.max_image_pixels = 1_000
+  with pytest.raises(errors.DataError, match=r"record 0 \(id '0'\).*60 x 20 pixels, more than"):
+    list(eval_protocols.make_eval_batches(c, source)())
+  c.data.max_image_pixels = 1_200
+  (batch,) = list(eval_protocols.make_eval_batches(c, source)())
+  assert batch["mask"].all() and batch["image"].shape == (2, 8, 8, 3)

@@ -6,14 +6,19 @@ Serves both tasks. The trainer's use of each layout is tested end to end in test
 
 from __future__ import annotations
 
+import io
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import PIL.Image
 import pytest
 
 from recall_jax import config as config_lib
 from recall_jax import data
+from recall_jax import errors
+from recall_jax.data import aspect_buckets
 from recall_jax.train import batch_assembly
 from recall_jax.train import cold_start
 from recall_jax.train import components
@@ -44,6 +49,26 @@ def test_make_layout_picks_the_layout_from_the_config():
   plan = data.BucketPlan(((32, 64), (64, 64)), (8, 8), 8)
   buckets = layouts.AspectBuckets(c, plan)
   assert buckets.masked and buckets.bucket_plan is plan
+
+
+def _png(height: int, width: int) -> bytes:
+  buffer = io.BytesIO()
+  PIL.Image.fromarray(np.full((height, width, 3), 128, np.uint8)).save(buffer, "PNG")
+  return buffer.getvalue()
+
+
+def test_data_max_image_pixels_reaches_both_training_loaders():
+  labels = np.repeat(np.arange(4), 2)
+  source = [{"image": _png(20, 30 if n else 60), "label": int(label), "id": str(n)}
+            for n, label in enumerate(labels)]  # Record 0: 1,200 pixels, the others 600.
+  sampler = data.MPerClassSampler(labels, 8, 2, seed=0)
+  c = config_lib.base_config()
+  c.data.image_size, c.data.max_image_pixels = 16, 1_000
+  shapes = aspect_buckets.bucket_shapes(16, num_buckets=2)
+  plan = data.BucketPlan(shapes, (0,) * (len(shapes) - 1) + (8,), 2)
+  for layout in (layouts.SquareCrops(c), layouts.AspectBuckets(c, plan)):
+    with pytest.raises(errors.DataError, match="60 x 20 pixels, more than the limit of 1000"):
+      next(layout.train_batches(source, sampler, start_step=0, num_steps=1))
 
 
 def test_square_crops_embed_a_batch_in_row_order_and_in_chunks():
