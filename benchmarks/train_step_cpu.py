@@ -5,9 +5,9 @@
 
 JAX: `configs/omniglot.py`'s model (`small_cnn_flat`, 28 px grey, 512-d), loss (RS@k with
 `max_positives = m - 1`) and optimizer (Adam with L2 weight decay), in the step the trainer builds
-on a CPU: `sharding.make_sharded_train_step(..., keep_activations=True)` over the data mesh, state
-donated. `--ops` lists the model's `ops` settings to time ('standard': flax's convolution, GroupNorm
-and max-pool; 'cpu': the matmul and reshape forms of `recall_jax.models.conv`).
+on a CPU: `sharded_step.make_sharded_train_step(..., keep_activations=True)` over the data mesh,
+state donated. `--ops` lists the model's `ops` settings to time ('standard': flax's convolution,
+GroupNorm and max-pool; 'cpu': the matmul and reshape forms of `recall_jax.models.conv`).
 
 PyTorch: the same layers (3x3 convolutions without bias, GroupNorm(8), ReLU, ceil-mode 2x2
 max-pool, flatten, LayerNorm, Linear, L2-normalise), the same RS@k formula (`benchmarks/loss.py`'s
@@ -37,8 +37,10 @@ import numpy as np
 
 from recall_jax import losses
 from recall_jax import models
+from recall_jax import parallel
+from recall_jax.train import batch_assembly
 from recall_jax.train import optimizer as optimizer_lib
-from recall_jax.train import sharding
+from recall_jax.train import sharded_step
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -106,12 +108,12 @@ def jax_step(c, ops: str, images: np.ndarray, labels: np.ndarray, chunk_size: in
   loss_fn = lambda e, y: losses.get_loss("recall_at_k")(
       e, y, max_positives=c.samples_per_class - 1, **loss_kwargs)
   optimizer, _ = optimizer_lib.make_optimizer(c, steps_per_epoch=100)
-  mesh = sharding.data_mesh()
-  step = sharding.make_sharded_train_step(
+  mesh = parallel.data_mesh()
+  step = sharded_step.make_sharded_train_step(
       lambda p, x, r: model.apply({"params": p}, x, train=True), loss_fn, optimizer, mesh,
       chunk_size_per_device=chunk_size, keep_activations=True)
-  holder = {"state": sharding.make_sharded_state(params, optimizer, mesh)}
-  batch = sharding.global_batch({"image": images, "label": labels}, mesh)
+  holder = {"state": sharded_step.make_sharded_state(params, optimizer, mesh)}
+  batch = batch_assembly.global_batch({"image": images, "label": labels}, mesh)
 
   def run():
     holder["state"], metrics = step(holder["state"], batch["image"], batch["label"], None)

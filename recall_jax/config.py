@@ -53,6 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.in_memory = False  # hold the training split's encoded images in memory (small datasets)
   c.data.decode_once = False  # with in_memory: hold them decoded (uint8), not encoded
   c.data.eval_batch_size = 256  # images per evaluation batch
+  c.data.max_image_pixels = 64_000_000  # search: images with more pixels are skipped undecoded
   c.data.download = True  # Omniglot only: fetch missing archives from the official repository
   c.data.max_eval_images = _optional(int)  # evaluate on the first N images of each split only
   c.data.aspect_buckets = 0  # >0: whole images (longer side image_size, padded + masked, ResNets)
@@ -92,9 +93,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.protocols = ("easy", "medium", "hard")  # revisited protocols written to metrics.jsonl
   c.eval.scales = (1.0,)  # revisited: descriptor scales, e.g. (1, 2**-0.5, 2**0.5)
   c.eval.whitening = _optional(str)  # revisited: .npz whitening applied to test descriptors
+  c.eval.upscale = False  # revisited: enlarge images under data.image_size (reference: never)
+  c.eval.whitening_target = "eval"  # --mode whiten for eval.whitening | fc_init: whitening_init
+  c.eval.whitening_kind = "learned"  # --mode whiten: learned (same-class pairs) | pca
+  c.eval.whitening_power = 0.5  # --mode whiten, pca: eigenvalue power (0.5 whitens; AP-GeM: 0.25)
+  c.eval.whitening_dim = _optional(int)  # --mode whiten: output dimensions kept; None: all
+  c.eval.whitening_ridge = 0.0  # --mode whiten, learned: + ridge * mean eigenvalue * I to pairs
   c.eval.qe_k = 0  # revisited: alpha query expansion over the k nearest (0: off)
   c.eval.qe_alpha = 3.0  # revisited: query expansion's similarity exponent
-  c.eval.dba_k = 0  # revisited: database-side augmentation over the k nearest (0: off)
+  c.eval.dba_k = 0  # revisited: database augmentation over the k nearest, the item itself excluded
   c.eval.dba_alpha = 3.0  # revisited: database augmentation's similarity exponent
   c.eval.cache_dir = _optional(str)  # distractor embeddings; None: <prepared root>/embeddings
 
@@ -170,16 +177,17 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
-def parse_arg(arg: str | None) -> set[str]:
+def parse_arg(arg: str | None, known: tuple[str, ...] = ("smoke",)) -> set[str]:
   """Comma-separated config-file arguments, e.g. `configs/sop_vit.py:smoke`.
 
   Raises:
-    ConfigError: an argument other than `smoke`.
+    ConfigError: an argument not in `known`.
   """
   parts = {p.strip() for p in (arg or "").split(",") if p.strip()}
-  unknown = parts - {"smoke"}
+  unknown = parts - set(known)
   if unknown:
-    raise errors.ConfigError(f"unknown config argument(s) {sorted(unknown)}; known: smoke")
+    raise errors.ConfigError(f"unknown config argument(s) {sorted(unknown)}; known: "
+                             f"{', '.join(known)}")
   return parts
 
 
@@ -199,13 +207,19 @@ def landmark_config(dataset: str, arg: str | None = None) -> ml_collections.Conf
   c.data.distractors = None  # "revisitop1m": the 1M distractors added to each database
   c.eval.datasets = ("roxford5k", "rparis6k")
   c.eval.protocols = ("medium", "hard")
+  # The gl18 scales (the TPAMI set is (1, 2**-0.5, 0.5)); sizes are rounded and downscaling is
+  # antialiased, where the reference floors and does not antialias (docs/landmarks_model.md).
   c.eval.scales = (1.0, 2**-0.5, 2**0.5)
-  c.eval.whitening = None  # test-time .npz
+  c.eval.whitening = None  # test-time .npz from --mode whiten (eval.whitening_target="eval")
   c.eval.qe_k, c.eval.qe_alpha = 0, 3.0  # alpha query expansion (0: off)
   c.eval.dba_k, c.eval.dba_alpha = 0, 3.0  # database-side augmentation (0: off)
   c.eval_every_epochs = 1000  # evaluate at the end
   c.best_metric = "roxford5k/medium/map"
-  if "smoke" in parse_arg(arg):
+  parts = parse_arg(arg, known=("smoke", "apgem_eval"))
+  if "apgem_eval" in parts:  # AP-GeM's protocol: one scale, PCA power 0.25 on the training set
+    c.eval.scales = (1.0,)
+    c.eval.whitening_target, c.eval.whitening_kind, c.eval.whitening_power = "eval", "pca", 0.25
+  if "smoke" in parts:
     c = smoke(c)
     c.model.name = "resnet_tiny_landmark_test"
     c.data.image_size = c.data.resize_size = 64

@@ -22,10 +22,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import zipfile
 from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
+import numpy as np
 
 from recall_jax import errors
 from recall_jax import ranges
@@ -66,6 +68,7 @@ _RANGES: tuple[tuple[str, ranges.Rule], ...] = (
     ("data.crop_scale", ranges.crop_scale),
     ("data.worker_count", ranges.int_at_least(0)),
     ("data.eval_batch_size", ranges.int_at_least(1)),
+    ("data.max_image_pixels", ranges.int_at_least(1)),
     ("data.max_eval_images", ranges.optional_int_at_least(1, "every image")),
     ("model.embedding_dim", ranges.int_at_least(1)),
     ("optimizer.learning_rate", ranges.finite(above=0)),
@@ -270,6 +273,76 @@ def _file_problem(key: str, value: str | None) -> list[str]:
   return []
 
 
+WHITENING_TARGETS = ("eval", "fc_init")
+WHITENING_KINDS = ("learned", "pca")
+
+
+def whitening_space(c: ml_collections.ConfigDict, target: str) -> dict[str, object]:
+  """The descriptors a whitening for `target` is learned on and applied to (`--mode whiten`).
+
+  'eval': those `eval.whitening` whitens, the model's output at `eval.scales` (after the landmark
+  head's FC when `model.whiten`); 'fc_init': the single-scale L2-normalised GeM that
+  `model.whitening_init`'s FC takes. Two targets with the same descriptors share a space.
+  """
+  fc = target != "fc_init" and bool(c.model.get("whiten", True))
+  return {"model": c.model.name, "head": c.model.get("head"), "fc": fc,
+          "embedding_dim": c.model.embedding_dim if fc else None,
+          "scales": [1.0] if target == "fc_init" else [float(s) for s in c.eval.scales]}
+
+
+def read_whitening_space(path: str) -> dict[str, object] | None:
+  """The space recorded in a whitening `.npz` (its `space` JSON string); None when none is."""
+  path = os.path.expanduser(path)
+  if not zipfile.is_zipfile(path):
+    return None
+  try:
+    with np.load(path, allow_pickle=False) as data:
+      return json.loads(str(data["space"])) if "space" in data.files else None
+  except (OSError, ValueError, TypeError, zipfile.BadZipFile):
+    return None  # A damaged file is reported when it is loaded.
+
+
+def _whitening_space_problem(c: ml_collections.ConfigDict, key: str, target: str) -> list[str]:
+  path = c.get(key.split(".")[0]).get(key.split(".")[1])
+  if not path or not os.path.isfile(os.path.expanduser(path)):
+    return []
+  recorded = read_whitening_space(path)
+  if recorded is None:
+    return []  # No record (an older or hand-made file): its size is checked when it is loaded.
+  expected = whitening_space(c, target)
+  differ = sorted(k for k in expected if recorded.get(k) != expected[k])
+  if not differ:
+    return []
+  return [f"{key} file {path} was learned for " + ", ".join(
+      f"{k}={recorded.get(k)!r}" for k in differ) + " but is applied with " + ", ".join(
+          f"{k}={expected[k]!r}" for k in differ) + " (learn it again with --mode whiten and "
+      f"--config.eval.whitening_target={target})"]
+
+
+def _whitening_option_problems(c: ml_collections.ConfigDict) -> list[str]:
+  found = []
+  e = c.eval
+  if e.get("whitening_target", "eval") not in WHITENING_TARGETS:
+    found.append(f"eval.whitening_target must be one of {WHITENING_TARGETS}, got "
+                    f"{e.whitening_target!r}")
+  if e.get("whitening_kind", "learned") not in WHITENING_KINDS:
+    found.append(f"eval.whitening_kind must be one of {WHITENING_KINDS}, got "
+                    f"{e.whitening_kind!r}")
+  power = e.get("whitening_power", 0.5)
+  if isinstance(power, bool) or not isinstance(power, (int, float)) or not 0 <= power <= 1:
+    found.append(f"eval.whitening_power must be a number in [0, 1], got {power!r}")
+  dim = e.get("whitening_dim")
+  if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 1):
+    found.append(f"eval.whitening_dim must be None or a positive integer, got {dim!r}")
+  ridge = e.get("whitening_ridge", 0.0)
+  if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not (
+      math.isfinite(ridge) and ridge >= 0):
+    found.append(f"eval.whitening_ridge must be a finite number >= 0, got {ridge!r}")
+  if not isinstance(e.get("upscale", False), bool):
+    found.append(f"eval.upscale must be True or False, got {e.upscale!r}")
+  return found
+
+
 def _landmark_problems(c: ml_collections.ConfigDict) -> list[str]:
   """Every problem of the instance-level keys (revisited evaluation, aspect buckets, heads)."""
   found = []
@@ -308,6 +381,9 @@ def _landmark_problems(c: ml_collections.ConfigDict) -> list[str]:
     found.append("model.whitening_init needs the whitening FC (model.whiten=True)")
   found += _file_problem("model.whitening_init", c.model.get("whitening_init"))
   found += _file_problem("eval.whitening", c.eval.get("whitening"))
+  found += _whitening_option_problems(c)
+  found += _whitening_space_problem(c, "eval.whitening", "eval")
+  found += _whitening_space_problem(c, "model.whitening_init", "fc_init")
   return found
 
 

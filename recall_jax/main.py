@@ -11,6 +11,11 @@ r"""Command line: train, evaluate or embed with a config file.
       --gallery photos/ --query query.jpg --top_k 10
   python -m recall_jax.main --config configs/omniglot.py --workdir runs/omniglot --mode export \
       --output embedder.bin
+  python -m recall_jax.main --config configs/gldv1_resnet101.py --workdir runs/gldv1 --mode whiten
+
+Modes (--mode): train (default), eval, embed, search, export, whiten. Every config key, its
+default and its meaning is listed in configs/default.py (recall_jax.config.base_config); override
+any of them with --config.KEY=VALUE, e.g. --config.data.path=/data/photos.
 
 `train` resumes from the newest checkpoint in `--workdir`. Unknown config keys and values of the
 wrong type are rejected while the flags are parsed; everything else is checked by
@@ -18,6 +23,9 @@ wrong type are rejected while the flags are parsed; everything else is checked b
 (`recall_jax.errors.UserInputError`) are printed as one line with exit status 2; a training run
 that diverged (NaN/inf loss or state, nothing bad saved) as one line with exit status 1; anything
 else is a bug and keeps its traceback.
+
+Serves both tasks: the config picks the input layout and the evaluation protocol; no mode here
+asks which task it runs.
 """
 
 from __future__ import annotations
@@ -37,7 +45,9 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: checkpoints, metrics, plots.")
 _MODE = flags.DEFINE_enum(
     "mode", "train", ["train", "eval", "embed", "search", "export", "whiten"],
-    "What to do (whiten: learn a whitening .npz, landmark models).")
+    "What to do: train (resumes), eval (a checkpoint), embed (a split to .npz), search (a folder "
+    "of images), export (a portable embedder), whiten (learn a whitening .npz, landmark models). "
+    "Config keys: see configs/default.py, set with --config.KEY=VALUE.")
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", "latest", "eval/embed/search/export: 'latest', 'best' or a step number.")
 _SPLIT = flags.DEFINE_string(
@@ -49,11 +59,16 @@ _OUTPUT = flags.DEFINE_string(
     "<workdir>/whitening.npz).")
 _GALLERY = flags.DEFINE_string("gallery", None, "search: the folder of images searched.")
 _QUERY = flags.DEFINE_string("query", None, "search: a query image or a folder of them.")
+_CACHE_DIR = flags.DEFINE_string(
+    "cache_dir", None, "search: where gallery embeddings are cached (default: "
+    "<workdir>/search_cache, or the user's cache folder when the workdir is not writable).")
 _TOP_K = flags.DEFINE_integer("top_k", 10, "search: results per query.", lower_bound=1)
-_WHITENING = flags.DEFINE_enum("whitening", "learned", ["learned", "pca"],
-                               "whiten: learned from same-class pairs, or PCA-whitening.")
+_WHITENING = flags.DEFINE_enum("whitening", None, ["learned", "pca"],
+                               "whiten: learned from same-class pairs, or PCA-whitening "
+                               "(default: --config.eval.whitening_kind).")
 _WHITENING_DIM = flags.DEFINE_integer("whitening_dim", None,
-                                      "whiten: keep the leading directions (default: all).")
+                                      "whiten: keep the leading directions (default: "
+                                      "--config.eval.whitening_dim).")
 
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -64,8 +79,8 @@ def main(argv: list[str]) -> int:
   # Imported here so that `--help` and flag errors do not pay for importing JAX.
   from recall_jax.train import integrity  # pylint: disable=import-outside-toplevel
   from recall_jax.serve import commands  # pylint: disable=import-outside-toplevel
+  from recall_jax.train import distributed  # pylint: disable=import-outside-toplevel
   from recall_jax.train import modes  # pylint: disable=import-outside-toplevel
-  from recall_jax.train import sharding  # pylint: disable=import-outside-toplevel
   from recall_jax.train import trainer  # pylint: disable=import-outside-toplevel
 
   # Orbax and grain log every file operation at INFO; keep the console for progress and results
@@ -75,7 +90,7 @@ def main(argv: list[str]) -> int:
   config = _CONFIG.value
   try:
     # Multi-host runs (SLURM, MPI) must connect before any other JAX call; no-op otherwise.
-    sharding.initialize_distributed()
+    distributed.initialize_distributed()
     if _MODE.value == "train":
       trainer.train_and_evaluate(config, _WORKDIR.value)
     elif _MODE.value == "eval":
@@ -89,7 +104,8 @@ def main(argv: list[str]) -> int:
                         output=_OUTPUT.value)
     elif _MODE.value == "search":
       commands.search_folder(config, _WORKDIR.value, _CHECKPOINT.value, gallery_dir=_GALLERY.value,
-                             query=_QUERY.value, top_k=_TOP_K.value, output=_OUTPUT.value)
+                             query=_QUERY.value, top_k=_TOP_K.value, output=_OUTPUT.value,
+                             cache_dir=_CACHE_DIR.value)
     else:
       commands.export_checkpoint(config, _WORKDIR.value, _CHECKPOINT.value, output=_OUTPUT.value)
   except errors.UserInputError as e:

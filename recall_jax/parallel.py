@@ -1,8 +1,8 @@
 """The 1-D device mesh shared by training and evaluation, its shardings and row padding.
 
-Both are data parallel only: training splits the mega-batch's rows over the `data` axis
-(`recall_jax.train.sharding`); evaluation replicates the database and splits the rows it
-processes (queries for k-NN and metrics, examples for embedding extraction).
+Serves both tasks. Both are data parallel only: training splits the mega-batch's rows over the
+`data` axis (`recall_jax.train.sharded_step`); evaluation replicates the database and splits the
+rows it processes (queries for k-NN and metrics, examples for embedding extraction).
 """
 
 from __future__ import annotations

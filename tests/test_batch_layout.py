@@ -43,6 +43,5 @@ def test_the_rules_import_no_jax_and_the_sharded_step_uses_them():
   code = "import sys, recall_jax.batch_layout; print('jax' in sys.modules)"
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
   assert out.stdout.strip() == "False"
-  from recall_jax.train import sharding  # noqa: PLC0415 (imports JAX; after the check above)
-  assert sharding.batch_layout_problems is batch_layout.batch_layout_problems
-  assert sharding.check_batch_layout is batch_layout.check_batch_layout
+  from recall_jax.train import sharded_step  # noqa: PLC0415 (imports JAX; after the check above)
+  assert sharded_step.check_batch_layout is batch_layout.check_batch_layout

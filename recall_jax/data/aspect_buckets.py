@@ -1,10 +1,14 @@
 """Full-resolution images of any aspect ratio as a few fixed shapes: aspect buckets.
 
+Serves instance-level retrieval (landmarks).
+
 An image is resized so that its longer side is `image_size` (1024 px for landmark retrieval),
 keeping its aspect ratio, and padded at the bottom and right to the smallest of a few fixed
-bucket shapes that holds it, with a (H, W) validity mask. A model compiles once per bucket; the
-ResNet trunk zeroes the padding after input normalisation (so it is zero in normalised space
-whatever the stored pixels, which are 0 here) and GeM pools the real cells only.
+bucket shapes that holds it, with a (H, W) validity mask. For evaluation (`upscale=False`) an
+image whose longer side is already at most `image_size` keeps its size, as the revisited
+benchmarks' reference code (PIL `thumbnail`) only ever downscales. A model compiles once per
+bucket; the ResNet trunk zeroes the padding after input normalisation (so it is zero in
+normalised space whatever the stored pixels, which are 0 here) and GeM pools the real cells only.
 
 A training mega-batch holds each bucket's images in an array of fixed capacity
 (`bucket_plan`), so every chunk of the two-pass step has one fixed shape.
@@ -75,27 +79,35 @@ def bucket_shapes(image_size: int, *, num_buckets: int = 4,
   return tuple(sorted(shapes, key=lambda s: (s[0] * s[1], s[0])))
 
 
-def resized_shape(height: int, width: int, image_size: int) -> tuple[int, int]:
-  """(h, w) with max(h, w) = image_size and the aspect ratio kept (up- or downscaling)."""
+def resized_shape(height: int, width: int, image_size: int, *,
+                  upscale: bool = True) -> tuple[int, int]:
+  """(h, w) with max(h, w) = image_size and the aspect ratio kept.
+
+  With `upscale=False` an image whose longer side is at most `image_size` keeps its size (only
+  downscaling, as PIL's `thumbnail` and the revisited benchmarks' reference code do).
+  """
   if min(height, width) < 1:
     raise errors.DataError(f"image has no pixels: {height} x {width}")
+  if not upscale and max(height, width) <= image_size:
+    return height, width
   scale = image_size / max(height, width)
   return (max(1, min(image_size, round(height * scale))),
           max(1, min(image_size, round(width * scale))))
 
 
-def resize_longer_side(image: np.ndarray | bytes, image_size: int, *,
-                       channels: int = 3) -> np.ndarray:
+def resize_longer_side(image: np.ndarray | bytes, image_size: int, *, channels: int = 3,
+                       upscale: bool = True) -> np.ndarray:
   """Decodes (if bytes) and resizes an image so that its longer side is `image_size`.
 
   Args:
     image: encoded bytes (any format PIL reads), or uint8 (H, W) / (H, W, C) pixels.
     image_size: target longer side, in pixels.
     channels: 1 (grey) or 3 (RGB) output channels.
+    upscale: False: an image no larger than `image_size` keeps its pixels (`resized_shape`).
 
   Returns:
-    uint8 (h, w, channels), (h, w) = `resized_shape(H, W, image_size)`; bilinear, antialiased
-    when shrinking.
+    uint8 (h, w, channels), (h, w) = `resized_shape(H, W, image_size, upscale=upscale)`;
+    bilinear, antialiased when shrinking; unresampled when the size is kept.
 
   Raises:
     DataError: undecodable bytes or a bad array.
@@ -106,7 +118,7 @@ def resize_longer_side(image: np.ndarray | bytes, image_size: int, *,
   try:
     if isinstance(image, (bytes, bytearray)):
       pil = PIL.Image.open(io.BytesIO(image))
-      target = resized_shape(pil.height, pil.width, image_size)
+      target = resized_shape(pil.height, pil.width, image_size, upscale=upscale)
       pil.draft(_MODES[channels], (target[1], target[0]))  # JPEG: decode at 1/2-1/8 if large.
     else:
       array = np.asarray(image)
@@ -115,8 +127,10 @@ def resize_longer_side(image: np.ndarray | bytes, image_size: int, *,
                                f"{array.shape}")
       pil = PIL.Image.fromarray(array[..., 0] if array.ndim == 3 and array.shape[2] == 1
                                 else array)
-      target = resized_shape(pil.height, pil.width, image_size)
-    pil = pil.convert(_MODES[channels]).resize((target[1], target[0]), PIL.Image.BILINEAR)
+      target = resized_shape(pil.height, pil.width, image_size, upscale=upscale)
+    pil = pil.convert(_MODES[channels])
+    if pil.size != (target[1], target[0]):
+      pil = pil.resize((target[1], target[0]), PIL.Image.BILINEAR)
   except errors.DataError:
     raise
   except Exception as e:  # PIL.UnidentifiedImageError, OSError, ...
@@ -154,9 +168,10 @@ def pad_to_bucket(image: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray
 
 
 def bucket_image(image: np.ndarray | bytes, image_size: int,
-                 shapes: Sequence[tuple[int, int]], *, channels: int = 3) -> BucketedImage:
+                 shapes: Sequence[tuple[int, int]], *, channels: int = 3,
+                 upscale: bool = True) -> BucketedImage:
   """`resize_longer_side`, then `pad_to_bucket` into the bucket from `assign_bucket`."""
-  resized = resize_longer_side(image, image_size, channels=channels)
+  resized = resize_longer_side(image, image_size, channels=channels, upscale=upscale)
   size = resized.shape[:2]
   bucket = assign_bucket(*size, shapes)
   padded, mask = pad_to_bucket(resized, shapes[bucket])

@@ -11,9 +11,13 @@ ResNet, whose GeM then pools the real pixels only.
   capacities of a `bucket_plan.BucketPlan`, and where each batch row sits; the mega-batch step
   cuts its chunks within each bucket, so every chunk has one fixed shape and the step compiles
   once. No crop; random horizontal flips.
-- Evaluation (`make_bucketed_eval_loader`): consecutive images in fixed-size batches; a batch
-  is padded to the smallest bucket of `bucket_shapes(image_size, num_buckets=...)` that holds all
-  of its images, so each bucket shape compiles once.
+- Evaluation (`make_bucketed_eval_loader`): consecutive images in fixed-size batches, only
+  downscaled by default (an image no larger than `image_size` keeps its size, as the reference
+  code of the revisited benchmarks does; `upscale=True` resizes every image); a batch is padded
+  to the smallest bucket of `bucket_shapes(image_size, num_buckets=...)` that holds all of its
+  images, so each bucket shape compiles once.
+
+Serves instance-level retrieval.
 """
 
 from __future__ import annotations
@@ -160,10 +164,10 @@ class _BucketedEvalBatch:
   """Maps a batch number to consecutive whole images padded to one bucket (rows padded too)."""
 
   def __init__(self, source: Source, *, image_size: int, batch_size: int, num_buckets: int,
-               channels: int):
+               channels: int, upscale: bool):
     self.source, self.image_size, self.batch_size = source, image_size, batch_size
     self.shapes = aspect_buckets.bucket_shapes(image_size, num_buckets=num_buckets)
-    self.channels = channels
+    self.channels, self.upscale = channels, upscale
 
   def __call__(self, batch: int) -> dict[str, np.ndarray]:
     start = int(batch) * self.batch_size
@@ -172,8 +176,8 @@ class _BucketedEvalBatch:
     resized, labels = [], []
     for index, record in zip(indices, records):
       try:
-        resized.append(aspect_buckets.resize_longer_side(record["image"], self.image_size,
-                                                         channels=self.channels))
+        resized.append(aspect_buckets.resize_longer_side(
+            record["image"], self.image_size, channels=self.channels, upscale=self.upscale))
       except DataError as e:
         raise DataError(f"record {_name(self.source, index, record)}: {e}") from None
       labels.append(record["label"])
@@ -193,14 +197,16 @@ class _BucketedEvalBatch:
 
 
 def make_bucketed_eval_loader(source: Source, *, image_size: int, batch_size: int,
-                              num_buckets: int = 4, channels: int = 3, worker_count: int = 0,
-                              read_threads: int = 2, prefetch_batches: int = 2
-                              ) -> grain.IterDataset:
+                              num_buckets: int = 4, channels: int = 3, upscale: bool = False,
+                              worker_count: int = 0, read_threads: int = 2,
+                              prefetch_batches: int = 2) -> grain.IterDataset:
   """Every image of `source` in order, whole (longer side `image_size`), in bucketed batches.
 
   Args:
     source: records `{'image': encoded bytes, 'label': int, ...}`.
-    image_size: the longer side of every image, in pixels.
+    image_size: the longer side of every image larger than that, in pixels.
+    upscale: also enlarge smaller images to a longer side of `image_size` (False: they keep
+      their size, the revisited benchmarks' convention).
     batch_size: images per batch (the last batch is padded with empty rows).
     num_buckets: short-side steps per orientation (`aspect_buckets.bucket_shapes`).
     channels: 1 or 3.
@@ -215,7 +221,7 @@ def make_bucketed_eval_loader(source: Source, *, image_size: int, batch_size: in
     raise ConfigError(f"batch_size must be positive, got {batch_size}")
   num_batches = -(-len(source) // batch_size)
   batch_fn = _BucketedEvalBatch(source, image_size=image_size, batch_size=batch_size,
-                                num_buckets=num_buckets, channels=channels)
+                                num_buckets=num_buckets, channels=channels, upscale=upscale)
   batches = grain.MapDataset.range(num_batches).map(batch_fn)
   return pipeline.ahead(batches, worker_count=worker_count, read_threads=read_threads,
                         prefetch_batches=prefetch_batches)

@@ -375,8 +375,11 @@ def load_split(name: str, split: str, *, data_root: str | os.PathLike[str] | Non
   if spec.fetch is not None:
     load_function(spec.fetch)(folder, url_base=url_base, download=download)
   elif not folder.exists():
-    raise MissingFileError(f"{name}: dataset folder {folder} does not exist (download the official "
-                           f"files by hand, or pass path= / set {paths.DATA_ENV_VAR})")
+    raise MissingFileError(
+        f"{name}: dataset folder {folder} does not exist; download the official files by hand"
+        + (f" ({spec.official_page})" if spec.official_page else "") + " and pass "
+        f"--config.data.path=FOLDER or set {paths.DATA_ENV_VAR} to the folder above it (see "
+        "docs/data.md)")
   shared = parsing.label_splits(folder, split, label_splits) if spec.user_splits else ()
   target = paths.prepared_root(root, prepared_dir) / f"{name}-{_fingerprint(spec, folder, shared)}"
   with _quiet_tfds():

@@ -7,7 +7,10 @@ Evaluation (`load_revisited`, `RevisitedSource`, `read_distractors`):
 The ground truth holds `imlist` (database names), `qimlist` (query names) and `gnd`, one entry per
 query with 0-based database indices `easy`, `hard`, `junk` and the query's box `bbx` = (x1, y1,
 x2, y2) in pixels. Queries are not part of the database, and a query image is cropped to its box at
-full resolution before any resizing (the protocol's rule); database images are used whole. Pickles
+full resolution before any resizing (the protocol's rule); database images are used whole. A box
+reaching past its image is cropped as the reference code crops (PIL `crop`: the outside is black)
+and counted in a warning; a box with no pixel in its image, or under `MIN_BOX_SIDE` pixels on a
+side, is refused when the benchmark is opened, before any work. Pickles
 are read with `safe_pickle` (no code can run); the `.mat` files with scipy (1-based indices there).
 
 The landmark training sets (Google Landmarks v1 / v2-clean, SfM-120k) are datasets like the
@@ -48,6 +51,8 @@ REVISITOP1M_SIZE = 1_001_001
 KNOWN_SHA256: dict[str, str] = {}
 
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+# Query boxes narrower or lower than this (in pixels) are refused: nothing to describe.
+MIN_BOX_SIDE = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,12 +198,23 @@ def read_ground_truth(path: str | os.PathLike[str]) -> tuple[list[str], list[str
     for key, values in lists.items():
       if values.size and (values.min() < 0 or values.max() >= len(imlist)):
         raise DataError(f"{what}['{key}'] holds an index outside the {len(imlist)} database images")
-    box = np.asarray(entry["bbx"], np.float64).ravel()
-    if box.shape != (4,) or not np.all(np.isfinite(box)) or box[2] <= box[0] or box[3] <= box[1]:
-      raise DataError(f"{what}['bbx'] must be (x1, y1, x2, y2) with x1 < x2, y1 < y2, got "
-                      f"{entry['bbx']!r}")
-    gnd.append({**lists, "bbx": box})
+    gnd.append({**lists, "bbx": _box(entry["bbx"], f"{what}['bbx']")})
   return imlist, qimlist, gnd
+
+
+def _box(value: Any, what: str) -> np.ndarray:
+  """A float64 (4,) box (x1, y1, x2, y2) of numbers, at least `MIN_BOX_SIDE` on each side."""
+  raw = np.asarray(value)
+  if raw.dtype.kind not in "iuf" or raw.size != 4:
+    raise DataError(f"{what} must be 4 numbers (x1, y1, x2, y2), got {value!r}")
+  box = raw.astype(np.float64).ravel()
+  if not np.all(np.isfinite(box)) or box[2] <= box[0] or box[3] <= box[1]:
+    raise DataError(f"{what} must be (x1, y1, x2, y2) with x1 < x2, y1 < y2, got {value!r}")
+  width, height = (int(round(box[2])) - int(round(box[0])), int(round(box[3])) - int(round(box[1])))
+  if min(width, height) < MIN_BOX_SIDE:
+    raise DataError(f"{what} {tuple(box.tolist())} is too small: {width} x {height} pixels, "
+                    f"under {MIN_BOX_SIDE} on a side")
+  return box
 
 
 def _image_file(folder: pathlib.Path, name: str) -> pathlib.Path:
@@ -260,21 +276,50 @@ def load_revisited(name: str, *, data_root: str | os.PathLike[str] | None = None
   query_files = [_image_file(images, n) for n in qimlist]
   _require_images(database_files + query_files, f"{name} ({images})")
   boxes = np.stack([g["bbx"] for g in gnd]) if gnd else np.zeros((0, 4))
+  _check_query_boxes(name, query_files, boxes)
   return RevisitedDataset(name, database_files, query_files, boxes, gnd)
 
 
+def _box_overlap(box: Sequence[float], width: int, height: int) -> str:
+  """'inside', 'partly' (reaches past the image) or 'outside' (no pixel of the image)."""
+  x1, y1, x2, y2 = (int(round(float(v))) for v in box)
+  if x2 <= 0 or y2 <= 0 or x1 >= width or y1 >= height:
+    return "outside"
+  return "inside" if x1 >= 0 and y1 >= 0 and x2 <= width and y2 <= height else "partly"
+
+
+def _check_query_boxes(name: str, files: Sequence[pathlib.Path], boxes: np.ndarray) -> None:
+  """Refuses a box with no pixel in its image; warns with the count of boxes reaching past it.
+
+  Reads only the images' headers, so that a bad box stops the run before any work.
+  """
+  partly = 0
+  for file, box in zip(files, boxes):
+    try:
+      with PIL.Image.open(file) as image:
+        width, height = image.size
+    except Exception as e:  # PIL raises many types for broken files.
+      raise DataError(f"{file}: unreadable image ({type(e).__name__}: {e})") from e
+    overlap = _box_overlap(box, width, height)
+    if overlap == "outside":
+      raise DataError(f"{name}: the query box {tuple(box.tolist())} of {file.name} lies outside "
+                      f"its {width}x{height} image")
+    partly += overlap == "partly"
+  if partly:
+    warnings.warn(f"{name}: {partly} of {len(files)} query boxes reach past their image; they are "
+                  "cropped as the reference code crops (PIL: the outside is black)", stacklevel=3)
+
+
 def crop_box(image: PIL.Image.Image, box: Sequence[float]) -> PIL.Image.Image:
-  """Crops to (x1, y1, x2, y2), rounded as `PIL.Image.crop` rounds, clipped to the image.
+  """`PIL.Image.crop` to (x1, y1, x2, y2), as the reference code crops: the box is rounded to
+  whole pixels and what lies outside the image is black.
 
   Raises:
     DataError: the box holds no pixel of the image.
   """
-  x1, y1, x2, y2 = (int(round(float(v))) for v in box)
-  x1, y1 = max(x1, 0), max(y1, 0)
-  x2, y2 = min(x2, image.width), min(y2, image.height)
-  if x2 <= x1 or y2 <= y1:
+  if _box_overlap(box, image.width, image.height) == "outside":
     raise DataError(f"box {tuple(box)} lies outside the {image.width}x{image.height} image")
-  return image.crop((x1, y1, x2, y2))
+  return image.crop(tuple(float(v) for v in box))
 
 
 class RevisitedSource:

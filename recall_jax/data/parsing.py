@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import decimal
+import logging
 import os
 import pathlib
 import re
@@ -34,6 +35,8 @@ import numpy as np
 
 from recall_jax.data import safe_pickle
 from recall_jax.errors import ConfigError, DataError, MissingFileError
+
+_log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -350,12 +353,22 @@ def _csv_rows(listing: pathlib.Path) -> list[tuple[int, list[str]]]:
 
 
 def _csv_entries(listing: pathlib.Path, what: str) -> list[Entry]:
-  entries = []
+  entries, first_line, repeated = [], {}, []
   for lineno, row in _csv_rows(listing):
     if len(row) != 2 or not row[0].strip() or not row[1].strip():
       raise DataError(f"{listing}:{lineno}: malformed row {row!r}, expected `path,label`")
     rel, label = row[0].strip(), row[1].strip()
+    # A row listed again (a merged or appended listing) is stored once: twice would weigh the
+    # image double in sampling and count it as its own positive in evaluation.
+    key = (os.path.normpath(rel), label)
+    if key in first_line:
+      repeated.append(f"{lineno} (as {first_line[key]})")
+      continue
+    first_line[key] = lineno
     entries.append((listing.parent / rel, None, label, rel, f"{listing.name}:{lineno}"))
+  if repeated:
+    _log.warning("%s: %d rows repeat an earlier row and are stored once: lines %s%s", listing,
+                 len(repeated), ", ".join(repeated[:5]), ", ..." if len(repeated) > 5 else "")
   check_images_exist(entries, what)
   return entries
 
@@ -458,7 +471,8 @@ def parse_folder(folder: pathlib.Path, split: str,
       raise MissingFileError(
           f"folder/{name}: neither {folder / (name + '.csv')} nor the folder {folder / name} "
           "exists "
-          "(give `path=` a CSV `path,label` file or a folder of `<split>/<class>/<image>`)")
+          "(give `--config.data.path=` a CSV `path,label` file or a folder of "
+          "`<split>/<class>/<image>`; see docs/data.md)")
     if source.is_file():
       per_split[name] = ("csv", _csv_entries(source, f"folder/{name}"))
     else:

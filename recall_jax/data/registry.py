@@ -43,6 +43,7 @@ class DatasetSpec:
     inputs: with `user_splits`, 'module:function' of (folder, splits) -> the files defining them.
     fetch: 'module:function' of (folder, url_base=, download=) fetching missing files, or None
       when the files are placed by hand.
+    official_page: where the official files are published (named when they are missing).
   """
   name: str
   folder: str
@@ -54,6 +55,7 @@ class DatasetSpec:
   user_splits: bool = False
   inputs: str | None = None
   fetch: str | None = None
+  official_page: str | None = None
 
   def parse(self, folder: pathlib.Path, split: str | None = None,
             shared: Sequence[str] = ()) -> dict[str, Any]:
@@ -76,17 +78,22 @@ _VEHICLEID_LISTS = ("train_list.txt", "test_list_800.txt", "test_list_1600.txt",
 # The registered datasets, one entry each: config name -> spec.
 DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in (
     DatasetSpec("sop", "Stanford_Online_Products", f"{_PARSING}:parse_sop",
-                ("Ebay_train.txt", "Ebay_test.txt"), k_values=(1, 10, 100, 1000)),
+                ("Ebay_train.txt", "Ebay_test.txt"), k_values=(1, 10, 100, 1000),
+                official_page="https://cvgl.stanford.edu/projects/lifted_struct/"),
     DatasetSpec("inat2018", "inaturalist2018", f"{_PARSING}:parse_inat2018",
                 ("Inaturalist_train_set1.txt", "Inaturalist_test_set1.txt"),
-                k_values=(1, 4, 16, 32)),
+                k_values=(1, 4, 16, 32),
+                official_page="https://github.com/visipedia/inat_comp/tree/master/2018"),
     DatasetSpec("vehicleid", "VehicleID_V1.0", f"{_PARSING}:parse_vehicleid",
                 tuple(f"train_test_split/{n}" for n in _VEHICLEID_LISTS), k_values=(1, 5),
-                reid_k_values=(1, 5)),
+                reid_k_values=(1, 5),
+                official_page="https://www.pkuml.org/resources/pku-vehicleid.html"),
     DatasetSpec("cars196", "cars196", f"{_PARSING}:parse_cars196", ("cars_annos.mat",),
-                k_values=(1, 2, 4, 8, 16)),
+                k_values=(1, 2, 4, 8, 16),
+                official_page="https://ai.stanford.edu/~jkrause/cars/car_dataset.html"),
     DatasetSpec("cub200", "CUB_200_2011", f"{_PARSING}:parse_cub200", ("images.txt",),
-                k_values=(1, 2, 4, 8, 16)),
+                k_values=(1, 2, 4, 8, 16),
+                official_page="https://www.vision.caltech.edu/datasets/cub_200_2011/"),
     # Characters are 1-bit strokes: stored and decoded as single-channel images.
     DatasetSpec("omniglot", "omniglot", f"{_PARSING}:parse_omniglot",
                 ("images_background.zip", "images_evaluation.zip"), channels=1,
@@ -95,10 +102,13 @@ DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in (
                 inputs=f"{_PARSING}:folder_inputs"),
     # Landmark training sets (classes: landmarks / 3D models). GLDv1 skips missing images: the
     # `train` folder's own modification time changes when images are added.
-    DatasetSpec("gldv2_clean", "gldv2", f"{_PARSING}:parse_gldv2_clean", ("train_clean.csv",)),
-    DatasetSpec("gldv1", "gldv1", f"{_PARSING}:parse_gldv1", ("train.csv", "train")),
+    DatasetSpec("gldv2_clean", "gldv2", f"{_PARSING}:parse_gldv2_clean", ("train_clean.csv",),
+                official_page="https://github.com/cvdfoundation/google-landmark"),
+    DatasetSpec("gldv1", "gldv1", f"{_PARSING}:parse_gldv1", ("train.csv", "train"),
+                official_page="https://www.kaggle.com/c/landmark-retrieval-challenge"),
     DatasetSpec("sfm120k", "retrieval-SfM-120k", f"{_PARSING}:parse_sfm120k",
-                ("retrieval-SfM-120k.pkl",)),
+                ("retrieval-SfM-120k.pkl",),
+                official_page="http://cmp.felk.cvut.cz/cnnimageretrieval/"),
 )}
 
 

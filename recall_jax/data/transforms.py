@@ -1,11 +1,14 @@
 """Image decoding and augmentation with PIL: RandomResizedCrop + flip (train), resize + center crop
-(test).
+(test). Serves both tasks (square crops; the landmark task's evaluation transform of a gallery).
 
 All functions take encoded bytes (or an image `decode_image` already decoded) and return uint8
-(H, W, C) arrays; normalisation happens on the device. JPEGs are decoded with PIL's DCT-domain
-downscaling (`draft`) by at most the factor that keeps the region of interest at least as large
-as the output, so a 224 px crop of a large photo does not pay for a full-resolution decode; the
-bilinear (antialiased) resize then does the rest.
+(H, W, C) arrays; normalisation happens on the device. Images are used upright: the EXIF
+orientation tag (phone photos) is applied in every path (`PIL.ImageOps.exif_transpose`), and crop
+boxes are in the upright image's coordinates. An image with more than `max_pixels` pixels
+(`data.max_image_pixels`) is refused from its header, before anything is decoded. JPEGs are
+decoded with PIL's DCT-domain downscaling (`draft`) by at most the factor that keeps the region of
+interest at least as large as the output, so a 224 px crop of a large photo does not pay for a
+full-resolution decode; the bilinear (antialiased) resize then does the rest.
 
 Every mode PIL opens becomes the configured channels (1: "L", 3: "RGB") as uint8, with these rules:
 
@@ -27,21 +30,52 @@ import math
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 
 from recall_jax.errors import ConfigError, DataError
 
 _MODES = {1: "L", 3: "RGB"}
 _HIGH_DEPTH = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _WITH_ALPHA = ("RGBA", "RGBa", "LA", "La", "PA")
+# Default `max_pixels`: a 48-megapixel phone photo decodes, a pixel bomb does not (~256 MB as RGBA).
+DEFAULT_MAX_PIXELS = 64_000_000
+_EXIF_ORIENTATION = 0x0112
+# EXIF orientations whose upright image is the stored one transposed (width and height swapped).
+_SWAPS_AXES = (5, 6, 7, 8)
 
 
-def _open(data: bytes | np.ndarray, record: str) -> PIL.Image.Image:
+def _open(data: bytes | np.ndarray, record: str,
+          max_pixels: int = DEFAULT_MAX_PIXELS) -> PIL.Image.Image:
+  """Opens (reads the header, decodes nothing) and refuses images over `max_pixels` pixels."""
   if isinstance(data, np.ndarray):  # Already decoded (`decode_image`): uint8 (H, W, 1 or 3).
     return PIL.Image.fromarray(data[..., 0] if data.shape[-1] == 1 else data)
   try:
-    return PIL.Image.open(io.BytesIO(data))
+    image = PIL.Image.open(io.BytesIO(data))
   except Exception as e:
     raise DataError(f"Cannot decode image of record {record}: {type(e).__name__}: {e}") from e
+  if image.size[0] * image.size[1] > max_pixels:
+    raise DataError(f"Image of record {record} has {image.size[0]} x {image.size[1]} pixels, "
+                    f"more than the limit of {max_pixels} (data.max_image_pixels)")
+  return image
+
+
+def _orientation(image: PIL.Image.Image) -> int:
+  """The EXIF orientation (1..8; 1 = stored upright), 1 when absent or unreadable."""
+  try:
+    orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+  except Exception:  # pylint: disable=broad-except
+    return 1  # A damaged EXIF block does not make the pixels unusable.
+  return orientation if orientation in range(1, 9) else 1
+
+
+def upright_size(image: PIL.Image.Image) -> tuple[int, int]:
+  """(width, height) of `image` once its EXIF orientation is applied."""
+  width, height = image.size
+  return (height, width) if _orientation(image) in _SWAPS_AXES else (width, height)
+
+
+def _upright(image: PIL.Image.Image) -> PIL.Image.Image:
+  return PIL.ImageOps.exif_transpose(image) if _orientation(image) != 1 else image
 
 
 def _on_white(pixels: np.ndarray) -> np.ndarray:
@@ -71,24 +105,26 @@ def _convert(image: PIL.Image.Image, channels: int) -> PIL.Image.Image:
   return image if image.mode == target else image.convert(target)
 
 
-def decode_image(data: bytes, channels: int = 3, *, record: str = "?") -> np.ndarray:
-  """Decodes an image at full resolution to the configured channels.
+def decode_image(data: bytes, channels: int = 3, *, record: str = "?",
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+  """Decodes an image at full resolution, upright, to the configured channels.
 
   Args:
     data: encoded image bytes (any format and mode PIL opens).
     channels: 1 (grey) or 3 (RGB); modes are converted by the rules in the module docstring.
     record: names the record in error messages.
+    max_pixels: refuse (DataError) images with more pixels than this.
 
   Returns:
-    uint8 (H, W, channels).
+    uint8 (H, W, channels), H and W upright (EXIF orientation applied).
 
   Raises:
     ValueError: the bytes cannot be decoded, or channels is not 1 or 3.
   """
   _check_channels(channels)
-  image = _open(data, record)
+  image = _open(data, record, max_pixels)
   try:
-    return _to_array(_convert(image, channels), channels)
+    return _to_array(_convert(_upright(image), channels), channels)
   except Exception as e:
     raise DataError(f"Cannot decode image of record {record}: {type(e).__name__}: {e}") from e
 
@@ -101,10 +137,11 @@ def _check_channels(channels: int) -> str:
 
 def _resize(image: PIL.Image.Image, channels: int, box: tuple[float, float, float, float],
             size: int, record: str) -> PIL.Image.Image:
-  """Decodes (in L / RGB, so 1-bit and palette images are resampled bilinearly too) and resizes."""
+  """Decodes (in L / RGB, so 1-bit and palette images are resampled bilinearly too), turns upright
+  and resizes `box` (upright coordinates)."""
   try:
     box = _draft(image, channels, box, (size, size))
-    image = _convert(image, channels)
+    image = _convert(_upright(image), channels)
     return image.resize((size, size), PIL.Image.BILINEAR, box=box)
   except Exception as e:
     raise DataError(f"Cannot decode image of record {record}: {type(e).__name__}: {e}") from e
@@ -120,16 +157,21 @@ def _draft(image: PIL.Image.Image, channels: int, box: tuple[float, float, float
            out_size: tuple[int, int]) -> tuple[float, float, float, float]:
   """Lets a JPEG decode at 1/2, 1/4 or 1/8 scale when `box` still covers `out_size` pixels.
 
-  Returns `box` in the coordinates of the (possibly smaller) decoded image.
+  `box` and `out_size` are in upright coordinates (EXIF orientation applied); returns `box` in the
+  upright coordinates of the (possibly smaller) decoded image.
   """
   if image.format != "JPEG":
     return box
-  width, height = image.size
+  swap = _orientation(image) in _SWAPS_AXES
+  stored = image.size
+  width, height = stored[::-1] if swap else stored
   bw, bh = box[2] - box[0], box[3] - box[1]
   # The smallest full-image size at which the box is still >= the output size.
   need = (math.ceil(width * out_size[0] / bw), math.ceil(height * out_size[1] / bh))
-  image.draft(_MODES[channels], need)
-  sx, sy = image.size[0] / width, image.size[1] / height
+  image.draft(_MODES[channels], need[::-1] if swap else need)
+  sx, sy = image.size[0] / stored[0], image.size[1] / stored[1]
+  if swap:
+    sx, sy = sy, sx
   return (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
 
 
@@ -167,7 +209,7 @@ def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
 def train_augment(data: bytes | np.ndarray, rng: np.random.Generator, *, image_size: int,
                   channels: int = 3,
                   crop_scale: tuple[float, float] = (0.08, 1.0), flip: bool = True,
-                  record: str = "?") -> np.ndarray:
+                  record: str = "?", max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
   """Decode -> RandomResizedCrop (bilinear) -> random horizontal flip.
 
   Args:
@@ -178,13 +220,14 @@ def train_augment(data: bytes | np.ndarray, rng: np.random.Generator, *, image_s
     crop_scale: range of the crop's area as a fraction of the image.
     flip: flip left-right with probability 1/2.
     record: names the record in error messages.
+    max_pixels: refuse (DataError) images with more pixels than this.
 
   Returns:
-    uint8 (image_size, image_size, channels).
+    uint8 (image_size, image_size, channels), cropped from the upright image.
   """
   _check_channels(channels)
-  image = _open(data, record)
-  box = random_resized_crop_box(*image.size, rng, scale=crop_scale)
+  image = _open(data, record, max_pixels)
+  box = random_resized_crop_box(*upright_size(image), rng, scale=crop_scale)
   do_flip = flip and rng.random() < 0.5
   image = _resize(image, channels, box, image_size, record)
   if do_flip:
@@ -193,11 +236,13 @@ def train_augment(data: bytes | np.ndarray, rng: np.random.Generator, *, image_s
 
 
 def eval_transform(data: bytes | np.ndarray, *, image_size: int, resize_size: int,
-                   channels: int = 3,
-                   record: str = "?") -> np.ndarray:
-  """Decode -> resize the shorter side to `resize_size` (bilinear) -> center crop `image_size`.
+                   channels: int = 3, record: str = "?",
+                   max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+  """Decode -> turn upright -> resize the shorter side to `resize_size` (bilinear) -> center crop
+  `image_size`.
 
   The resize and crop are done as one resampling of the matching box of the original image.
+  `max_pixels` refuses (DataError) larger images before they are decoded.
 
   Returns:
     uint8 (image_size, image_size, channels).
@@ -205,8 +250,8 @@ def eval_transform(data: bytes | np.ndarray, *, image_size: int, resize_size: in
   _check_channels(channels)
   if image_size > resize_size:
     raise ConfigError(f"image_size {image_size} exceeds resize_size {resize_size}")
-  image = _open(data, record)
-  width, height = image.size
+  image = _open(data, record, max_pixels)
+  width, height = upright_size(image)
   scale = resize_size / min(width, height)
   left = (width * scale - image_size) / 2 / scale
   top = (height * scale - image_size) / 2 / scale

@@ -7,8 +7,8 @@ with `revisited_metrics`: keys `<dataset>/<protocol>/<metric>`, e.g. `roxford5k/
 embedded once per set of parameters and cached on disk (`cached_embeddings`), whose fingerprint
 holds a digest of the parameters, so a checkpoint evaluated again reuses them.
 
-Like `Evaluator`, this is decoupled from the data package: each image set is a zero-argument
-callable returning batches for `extract_embeddings`.
+Serves instance-level retrieval. Like `Evaluator`, this is decoupled from the data package: each
+image set is a zero-argument callable returning batches for `extract_embeddings`.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from recall_jax.errors import DataError
 from recall_jax.evaluation import embedding_cache
 from recall_jax.evaluation import extraction
 from recall_jax.evaluation import query_expansion
@@ -77,6 +78,28 @@ def params_digest(params: Any) -> str:
     digest.update(f"{jax.tree_util.keystr(path)}:{array.shape}:{array.dtype}".encode())
     digest.update(array.tobytes())
   return digest.hexdigest()
+
+
+def check_distractor_cache(path: pathlib.Path) -> None:
+  """Refuses, before any work, a distractor cache that no run wrote: not a 2-D float32 `.npy`.
+
+  A cache of other parameters or another image list is recomputed, not refused
+  (`embedding_cache.cached_embeddings`); one of the wrong type or rank is damaged.
+
+  Raises:
+    DataError: the file exists but is not a readable 2-D float32 `.npy`.
+  """
+  if not path.exists():
+    return
+  try:
+    header = np.load(path, mmap_mode="r", allow_pickle=False)  # reads the header only
+    shape, dtype = header.shape, header.dtype
+  except (OSError, ValueError) as e:
+    raise DataError(f"distractor cache {path} is unreadable ({e}); delete it to recompute"
+                    ) from None
+  if len(shape) != 2 or dtype != np.float32:
+    raise DataError(f"distractor cache {path} holds {dtype} {shape}, not 2-D float32 embeddings; "
+                    "delete it to recompute")
 
 
 def whitened_embed_fn(embed_fn: extraction.EmbedFn,
@@ -141,6 +164,8 @@ class RevisitedEvaluator:
     self._whitening, self._protocols, self._kappas = whitening, tuple(protocols), tuple(kappas)
     self._expansion = dict(qe_k=qe_k, qe_alpha=qe_alpha, dba_k=dba_k, dba_alpha=dba_alpha)
     self._mesh, self._log_fn, self._progress = mesh, log_fn, progress
+    if distractors is not None:
+      check_distractor_cache(distractors.cache_path)
 
   def _embed(self, embed_fn, batches: Batches, desc: str) -> np.ndarray:
     embeddings, _, indices = extraction.extract_embeddings(

@@ -8,6 +8,11 @@ d_s are combined with a power mean and L2-normalised (Radenovic et al., TPAMI 20
 with p the GeM exponent learned by a landmark head without whitening (its descriptors are
 non-negative), and p = 1 (a plain mean) when a whitening FC follows GeM (`multiscale_power`).
 
+The default scales are the set of the gl18 models (the TPAMI paper's is (1, 1/sqrt(2), 1/2)).
+Each scaled size is rounded and downscaling is antialiased (bilinear `jax.image.resize`), where
+the reference code (cirtorch) floors the size and does not antialias, so descriptors at scales
+below 1 differ slightly from the reference's. Serves instance-level retrieval.
+
 Padded images (aspect buckets) with a validity mask are rescaled so that their real part is
 exactly the rescaled unpadded image: every image's real region is resized by its own factor
 round(h s) / h (what resizing the unpadded image to round(h s) rows does), with the padding

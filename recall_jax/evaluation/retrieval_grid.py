@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from recall_jax import figures
 from recall_jax.evaluation.knn import knn
 from recall_jax.evaluation.evaluator import SetEmbeddings
 
@@ -32,13 +33,6 @@ def neighbours_of(embedded: SetEmbeddings, query_rows: np.ndarray, k: int) -> np
   return np.stack([row[row != q][:k] for row, q in zip(indices, query_rows)])
 
 
-def _pyplot():
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  return plt
-
-
 def retrieval_grid(embedded: SetEmbeddings, load_image: Callable[[int], np.ndarray],
                    out_path: str | pathlib.Path, *,
                    load_query_image: Callable[[int], np.ndarray] | None = None,
@@ -57,7 +51,6 @@ def retrieval_grid(embedded: SetEmbeddings, load_image: Callable[[int], np.ndarr
   Returns:
     `out_path`.
   """
-  plt = _pyplot()
   separate = embedded.query_embeddings is not None
   query_labels = embedded.query_labels if separate else embedded.labels
   load_query_image = load_query_image or load_image
@@ -67,7 +60,7 @@ def retrieval_grid(embedded: SetEmbeddings, load_image: Callable[[int], np.ndarr
   available = len(embedded.labels) - (0 if separate else 1)
   neighbours = neighbours_of(embedded, queries, min(k, available))
   rows, cols = len(queries), neighbours.shape[1] + 1
-  fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.3 * rows), squeeze=False)
+  fig, axes = figures.new_figure(rows, cols, figsize=(1.3 * cols, 1.3 * rows), squeeze=False)
   for r, q in enumerate(queries):
     for c, index in enumerate([q, *neighbours[r]]):
       ax = axes[r, c]
@@ -87,5 +80,4 @@ def retrieval_grid(embedded: SetEmbeddings, load_image: Callable[[int], np.ndarr
   fig.tight_layout()
   out_path = pathlib.Path(out_path)
   fig.savefig(out_path, dpi=80)
-  plt.close(fig)
   return out_path

@@ -1,5 +1,7 @@
 """Descriptor whitening: learned from positive pairs, or PCA-whitening; stored as `.npz`.
 
+Serves instance-level retrieval (landmarks).
+
 A whitening is an affine map x -> P (x - m) followed by L2 normalisation, with m (D,) a mean and
 P (D_out, D) a projection whose rows are sorted by decreasing variance, so the first d rows are
 the dimension reduction to d.
@@ -15,13 +17,15 @@ the dimension reduction to d.
 
 Both are learned once on the host in float64 NumPy. A whitening either initialises the landmark
 head's FC before training (`recall_jax.models.load_whitening`) or is applied to descriptors at
-test time (`apply_whitening`). Files hold plain arrays `mean`, `projection` and a string `kind`,
-read with `allow_pickle=False`.
+test time (`apply_whitening`), and only to the descriptors it was learned from: files hold plain
+arrays `mean`, `projection`, a string `kind` and (from `--mode whiten`) a JSON string `space`
+naming those descriptors (`config_checks.whitening_space`), read with `allow_pickle=False`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 import zipfile
 
@@ -43,11 +47,13 @@ class Whitening:
     mean: float64 (D,) m.
     projection: float64 (D_out, D) P, rows by decreasing variance.
     kind: 'learned' or 'pca'.
+    space: what descriptors it was learned on (model, head, scales...), or None if unrecorded.
   """
 
   mean: np.ndarray
   projection: np.ndarray
   kind: str
+  space: dict | None = None
 
 
 def _as_matrix(descriptors: np.ndarray, name: str) -> np.ndarray:
@@ -73,7 +79,8 @@ def _check_dim(dim: int | None, width: int) -> int:
 
 
 def learn_whitening(descriptors: np.ndarray, query_indices: np.ndarray,
-                    positive_indices: np.ndarray, *, dim: int | None = None) -> Whitening:
+                    positive_indices: np.ndarray, *, dim: int | None = None,
+                    ridge: float = 0.0) -> Whitening:
   """Learns a whitening from matching pairs (Radenovic et al.'s `whitenlearn`).
 
   Args:
@@ -81,14 +88,17 @@ def learn_whitening(descriptors: np.ndarray, query_indices: np.ndarray,
     query_indices: (P,) int rows of the pairs' queries.
     positive_indices: (P,) int rows of their positives (same landmark / 3D model).
     dim: keep the first `dim` output dimensions (default: D).
+    ridge: adds ridge * trace(S) / D * I to the pair covariance S, which makes it invertible
+      with fewer than D independent pairs (the reference code's regularisation; 0: none).
 
   Returns:
-    A `Whitening` of kind 'learned'; P (q - p) over the pairs has identity second moment.
+    A `Whitening` of kind 'learned'; P (q - p) over the pairs has identity second moment (that
+    of S + ridge * trace(S) / D * I with a ridge).
 
   Raises:
     DataError: bad shapes, out-of-range indices, or pair differences whose covariance is
-      singular (fewer than D independent pairs).
-    ConfigError: `dim` out of range.
+      singular (fewer than D independent pairs) with no ridge.
+    ConfigError: `dim` out of range or a negative ridge.
   """
   x = _as_matrix(descriptors, "descriptors")
   q, p = np.asarray(query_indices), np.asarray(positive_indices)
@@ -102,14 +112,17 @@ def learn_whitening(descriptors: np.ndarray, query_indices: np.ndarray,
   dim = _check_dim(dim, x.shape[1])
   mean = x[q].mean(axis=0)
   diff = x[q] - x[p]
+  if not (np.isfinite(ridge) and ridge >= 0):
+    raise errors.ConfigError(f"whitening ridge must be a finite number >= 0, got {ridge}")
   covariance = diff.T @ diff / len(diff)
+  covariance += ridge * np.trace(covariance) / len(covariance) * np.eye(len(covariance))
   try:
     lower = np.linalg.cholesky(covariance)
   except np.linalg.LinAlgError as e:
     raise errors.DataError(
         f"the covariance of the {len(diff)} pair differences is singular in {x.shape[1]} "
         f"dimensions; learning a whitening needs at least as many independent pairs as "
-        f"dimensions") from e
+        f"dimensions, or a ridge (eval.whitening_ridge, e.g. 1e-3)") from e
   inverse_cholesky = np.linalg.solve(lower, np.eye(len(lower)))
   projected = (x - mean) @ inverse_cholesky.T
   _, eigvec = _descending_eigh(projected.T @ projected)
@@ -170,10 +183,11 @@ def apply_whitening(descriptors: jax.Array, whitening: Whitening, *,
 
 
 def save_whitening(path: str | pathlib.Path, whitening: Whitening) -> None:
-  """Writes `mean`, `projection` and `kind` to an uncompressed `.npz` (no pickled objects)."""
+  """Writes `mean`, `projection`, `kind` (and `space` as JSON) to an uncompressed `.npz`."""
+  extra = {} if whitening.space is None else {"space": np.array(json.dumps(whitening.space))}
   np.savez(pathlib.Path(path), mean=np.asarray(whitening.mean, np.float64),
            projection=np.asarray(whitening.projection, np.float64),
-           kind=np.array(whitening.kind))
+           kind=np.array(whitening.kind), **extra)
 
 
 def load_whitening(path: str | pathlib.Path) -> Whitening:
@@ -181,7 +195,8 @@ def load_whitening(path: str | pathlib.Path) -> Whitening:
 
   Raises:
     MissingFileError: the file does not exist.
-    DataError: not a `.npz` of the expected plain arrays (pickled objects are never loaded).
+    DataError: not a `.npz` of the expected plain arrays (pickled objects are never loaded),
+      non-numeric or non-finite values.
   """
   path = pathlib.Path(path)
   if not path.is_file():
@@ -193,15 +208,24 @@ def load_whitening(path: str | pathlib.Path) -> Whitening:
       arrays = {k: np.asarray(data[k]) for k in data.files}
   except ValueError as e:
     raise errors.DataError(f"could not read whitening {path}: {e}") from e
-  if set(arrays) != {"mean", "projection", "kind"}:
-    raise errors.DataError(f"whitening {path} must hold mean, projection and kind, got "
+  if not {"mean", "projection", "kind"} <= set(arrays) <= {"mean", "projection", "kind", "space"}:
+    raise errors.DataError(f"whitening {path} must hold mean, projection, kind (and space), got "
                            f"{sorted(arrays)}")
   mean, projection, kind = arrays["mean"], arrays["projection"], str(arrays["kind"])
+  if mean.dtype.kind not in "iuf" or projection.dtype.kind not in "iuf":
+    raise errors.DataError(f"whitening {path} must hold numbers, got mean {mean.dtype} and "
+                           f"projection {projection.dtype}")
   if mean.ndim != 1 or projection.ndim != 2 or projection.shape[1] != len(mean) or (
       kind not in KINDS):
     raise errors.DataError(f"whitening {path} is inconsistent: mean {mean.shape}, projection "
                            f"{projection.shape}, kind {kind!r}")
-  return Whitening(mean.astype(np.float64), projection.astype(np.float64), kind)
+  if not (np.isfinite(mean).all() and np.isfinite(projection).all()):
+    raise errors.DataError(f"whitening {path} holds NaN or infinite values")
+  try:
+    space = json.loads(str(arrays["space"])) if "space" in arrays else None
+  except ValueError as e:
+    raise errors.DataError(f"whitening {path}: unreadable space record: {e}") from None
+  return Whitening(mean.astype(np.float64), projection.astype(np.float64), kind, space)
 
 
 def pairs_from_labels(labels: np.ndarray, *, pairs_per_class: int = 10,

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from recall_jax import figures
 from recall_jax.errors import DataError, MissingFileError
 from recall_jax.evaluation import knn
 from recall_jax.serve import gallery as gallery_lib
@@ -125,11 +126,22 @@ def search(embed_fn: gallery_lib.EmbedFn, gallery_dir: str | pathlib.Path,
 
 def write_json(results: Mapping[str, Sequence[Mapping[str, str | float]]],
                path: str | pathlib.Path) -> pathlib.Path:
-  """Writes results as `{query_path: [{"path": ..., "score": ...}, ...]}` JSON."""
+  """Writes results as `{query_path: [{"path": ..., "score": ...}, ...]}` JSON.
+
+  The file is ASCII: other characters are `\\uXXXX` escapes, and the bytes of a file name that is
+  not UTF-8 are Python's surrogate escapes (`\\udcNN`; `os.fsencode` of the string read back gives
+  the file's name).
+  """
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(results, indent=1) + "\n")
+  path.write_text(json.dumps(results, indent=1) + "\n", encoding="ascii")
   return path
+
+
+def printable(text: str) -> str:
+  """`text` with the bytes of file names that are not UTF-8 (surrogate escapes) as `\\xNN`, so a
+  strict UTF-8 console can show it."""
+  return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def format_results(results: Mapping[str, Sequence[Mapping[str, str | float]]]) -> str:
@@ -140,13 +152,6 @@ def format_results(results: Mapping[str, Sequence[Mapping[str, str | float]]]) -
     lines.extend(f"  {rank:>3}. {n['score']:.4f}  {n['path']}"
                  for rank, n in enumerate(neighbours, 1))
   return "\n".join(lines)
-
-
-def _pyplot():
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  return plt
 
 
 def results_grid(results: Mapping[str, Sequence[Mapping[str, str | float]]],
@@ -164,12 +169,12 @@ def results_grid(results: Mapping[str, Sequence[Mapping[str, str | float]]],
   Returns:
     `out_path`.
   """
-  plt = _pyplot()
   rows = list(results.items())[:max_queries]
   if not rows:
     raise ValueError("results has no query to draw")
   cols = 1 + min(max_results, max(len(neighbours) for _, neighbours in rows))
-  fig, axes = plt.subplots(len(rows), cols, figsize=(1.4 * cols, 1.5 * len(rows)), squeeze=False)
+  fig, axes = figures.new_figure(len(rows), cols, figsize=(1.4 * cols, 1.5 * len(rows)),
+                                 squeeze=False)
   for r, (query, neighbours) in enumerate(rows):
     cells = [(query, "query")] + [(n["path"], f"{n['score']:.3f}")
                                   for n in neighbours[:cols - 1]]
@@ -191,10 +196,9 @@ def results_grid(results: Mapping[str, Sequence[Mapping[str, str | float]]],
       for spine in ax.spines.values():
         spine.set_edgecolor("black" if c == 0 else "0.6")
         spine.set_linewidth(2 if c == 0 else 1)
-    axes[r, 0].set_ylabel(pathlib.Path(query).name, fontsize=6)
+    axes[r, 0].set_ylabel(printable(pathlib.Path(query).name), fontsize=6)
   fig.tight_layout()
   out_path = pathlib.Path(out_path)
   out_path.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(out_path, dpi=80)
-  plt.close(fig)
   return out_path

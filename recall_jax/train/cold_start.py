@@ -9,6 +9,8 @@ starts. The paper starts from pretrained weights, where positives already rank n
 `median_positive_rank` measures where the positives are; `diagnose_cold_start` adds RS@k's
 gradient norm with respect to the embeddings and decides whether the run is stuck, with a message
 naming the remedies. Both are pure; showing the message once is the caller's business.
+
+Serves both tasks (any run trained with RS@k); the input layout says how a batch is embedded.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from recall_jax import data
 from recall_jax.losses import _common
 from recall_jax.losses import recall_at_k as rsk
 
@@ -183,21 +184,21 @@ class ColdStartMonitor:
   """Checks a training run's batches at a few early steps and says once when RS@k cannot learn.
 
   Call it before each update with the current parameters and that step's batch; at the check
-  steps it embeds the batch in inference mode (in chunks) and runs `diagnose_cold_start`.
+  steps it embeds the batch in inference mode and runs `diagnose_cold_start`.
 
   Args:
-    embed_fn_for: params -> (`images (b, ...) -> (b, D)` embeddings), inference mode.
+    embed_batch_for: params -> (a batch's images -> (b, D) embeddings in row order), inference
+      mode (`layouts.SquareCrops.batch_embedder`: in chunks, whatever the input layout).
     k_values: RS@k's k values.
-    chunk_size: images embedded at once.
     steps: update indices at which to check.
     say: shows the message (once per run).
     **loss_kwargs: RS@k's other keywords (tau1, tau2, max_positives, ...).
   """
 
-  def __init__(self, embed_fn_for, *, k_values: Sequence[int], chunk_size: int,
+  def __init__(self, embed_batch_for, *, k_values: Sequence[int],
                steps: Sequence[int] = DEFAULT_CHECK_STEPS, say=print, **loss_kwargs: Any):
-    self._embed_fn_for, self._k_values = embed_fn_for, tuple(k_values)
-    self._chunk_size, self._steps = chunk_size, frozenset(steps)
+    self._embed_batch_for, self._k_values = embed_batch_for, tuple(k_values)
+    self._steps = frozenset(steps)
     self._say, self._loss_kwargs = say, loss_kwargs
     self.warned = False
 
@@ -208,7 +209,7 @@ class ColdStartMonitor:
     Args:
       step: the update about to be made (0-based).
       params: the parameters before that update.
-      images: (B, ...) the batch's images (this process's rows), or a `data.BucketedImages`.
+      images: the batch's images (this process's rows), as `embed_batch_for` takes them.
       labels: (B,) their labels.
 
     Returns:
@@ -218,15 +219,7 @@ class ColdStartMonitor:
     # A process's slice of a batch may be too small for RS@k's k values (several hosts).
     if step not in self._steps or len(labels) - 1 <= max(self._k_values):
       return None
-    embed = self._embed_fn_for(params)
-    in_chunks = lambda x: jnp.concatenate([embed(x[i:i + self._chunk_size])
-                                           for i in range(0, len(x), self._chunk_size)])
-    if isinstance(images, data.BucketedImages):  # whole images in aspect buckets
-      slots = data.flat_slots(images.bucket, images.position,
-                              tuple(len(b) for b in images.buckets))
-      embeddings = jnp.concatenate([in_chunks(b) for b in images.buckets if len(b)])[slots]
-    else:
-      embeddings = in_chunks(jax.device_get(images))
+    embeddings = self._embed_batch_for(params)(images)
     diagnosis = diagnose_cold_start(embeddings, jnp.asarray(jax.device_get(labels)),
                                     k_values=self._k_values, **self._loss_kwargs)
     if diagnosis.cannot_learn and not self.warned:

@@ -1,53 +1,49 @@
 """Everything a training run is built from, made from its config: one typed `Experiment`.
 
-`make_experiment(config)` prepares the data (sources, sampler), the model and its frozen
-variables, the loss, the optimizer and schedule, the mesh, the compiled-on-first-call train step
-and the evaluator. It holds no training state: `init_state(experiment)` makes step 0's, a
-checkpoint gives a resumed run's. The smaller `make_*` pieces serve programs that need only some
-of it (evaluating or embedding with a checkpoint).
+Serves both tasks. `make_experiment(config)` picks the task's input layout (`layouts`: square
+crops or whole images in aspect buckets) and evaluation protocol (`eval_protocols`: Recall@k or
+the revisited benchmarks) once, then prepares the data (sources, sampler), the model and its
+frozen variables, the loss, the optimizer and schedule, the mesh, the compiled-on-first-call
+train step and the evaluator. It holds no training state: `init_state(experiment)` makes step
+0's, a checkpoint gives a resumed run's. The checkpoint programs build only the pieces they need
+(`components`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from recall_jax import config as config_lib
 from recall_jax import data
 from recall_jax import evaluation
 from recall_jax import losses
 from recall_jax import models
+from recall_jax import parallel
 from recall_jax import simix as simix_lib
 from recall_jax.data.source import LabelledSource
-from recall_jax.train import landmarks
+from recall_jax.train import components
+from recall_jax.train import eval_protocols
+from recall_jax.train import layouts
 from recall_jax.train import optimizer as optimizer_lib
-from recall_jax.train import sharding
+from recall_jax.train import sharded_step
 from recall_jax.train import train_step as train_step_lib
+# Re-exported: programs that build only some of a run's pieces (serve, benchmarks) name them
+# here as well as in `components`.
+from recall_jax.train.components import make_embed_fn  # noqa: F401
+from recall_jax.train.components import make_model  # noqa: F401
+from recall_jax.train.components import make_source
+from recall_jax.train.components import make_variables  # noqa: F401
 
 PyTree = Any
 LossFn = Callable[..., jax.Array]
-
-
-class EvalSet(NamedTuple):
-  """The sources of one evaluated set.
-
-  Attributes:
-    database: the split searched (leave-one-out: also the queries; otherwise the gallery).
-    queries: the query split, or None for leave-one-out.
-  """
-
-  database: LabelledSource
-  queries: LabelledSource | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,9 +52,10 @@ class Experiment:
 
   Attributes:
     config: the (validated) config it was built from.
+    layout: the input layout (`layouts.SquareCrops` or `layouts.AspectBuckets`).
+    protocol: the evaluation protocol (`eval_protocols.RecallProtocol` or `RevisitedProtocol`).
     train_source: the training records (held in memory, turned, as the config asks).
     sampler: the m-per-class batch sampler over `train_source`.
-    eval_sets: evaluated set name -> its sources (`EvalSet`).
     model: the backbone + head.
     frozen: the model's non-trainable variable collections (frozen BatchNorm statistics).
     initial_params: step 0's parameters (fresh or pretrained, before head centring), held on the
@@ -69,19 +66,18 @@ class Experiment:
     schedule: step -> learning rate.
     mesh: the data mesh over every device.
     train_step: `train_step(state, images, labels, rng) -> (state, metrics)`, data parallel.
-    warmup_train_step: the same with `loss.warmup_name`'s loss (compiled separately), used for
-      the first `loss.warmup_steps` steps; None without a warm-up loss.
-    evaluator: embeds and scores `eval_sets` for given parameters.
+    evaluator: `evaluator(params, step)`: the protocol's metrics and embeddings.
     steps_per_epoch: sampler steps per epoch.
     total_steps: steps of the whole run (`epochs`, capped by `max_steps`).
-    bucket_plan: with `data.aspect_buckets`, each aspect bucket's training slots per process and
-      step (`data.BucketPlan`); None otherwise.
+    warmup_train_step: the same with `loss.warmup_name`'s loss (compiled separately), used for
+      the first `loss.warmup_steps` steps; None without a warm-up loss.
   """
 
   config: ml_collections.ConfigDict
+  layout: layouts.SquareCrops
+  protocol: eval_protocols.RecallProtocol | eval_protocols.RevisitedProtocol
   train_source: LabelledSource
   sampler: data.MPerClassSampler
-  eval_sets: dict[str, EvalSet]
   model: nn.Module
   frozen: dict[str, PyTree]
   initial_params: PyTree
@@ -95,7 +91,16 @@ class Experiment:
   steps_per_epoch: int
   total_steps: int
   warmup_train_step: Callable[..., Any] | None = None
-  bucket_plan: data.BucketPlan | None = None
+
+  @property
+  def eval_sets(self) -> dict[str, eval_protocols.EvalSet]:
+    """The protocol's evaluated sets from the dataset's splits (empty for the benchmarks)."""
+    return self.protocol.eval_sets
+
+  @property
+  def bucket_plan(self) -> data.BucketPlan | None:
+    """The layout's aspect-bucket plan (None for square crops)."""
+    return self.layout.bucket_plan
 
   def train_step_at(self, step: int) -> tuple[str, Callable[..., Any]]:
     """The loss name and train step used for update `step` (0-based): the warm-up loss's for
@@ -141,35 +146,6 @@ def make_loss_fn(c: ml_collections.ConfigDict, name: str | None = None) -> tuple
   return loss_with_simix, True
 
 
-def make_model(c: ml_collections.ConfigDict) -> nn.Module:
-  """The configured backbone + head (`model.head` / `model.whiten` where set, for ResNets)."""
-  heads = {"head": c.model.head} if c.model.get("head") else {}
-  model = models.get_model(c.model.name, embedding_dim=c.model.embedding_dim,
-                           dtype=jnp.dtype(c.model.dtype), image_size=c.data.image_size, **heads)
-  if getattr(model, "head", None) == "landmark" and not c.model.get("whiten", True):
-    model = model.clone(whiten=False)
-  return model
-
-
-def make_variables(c: ml_collections.ConfigDict, model: nn.Module) -> dict[str, PyTree]:
-  """Fresh variables, with the pretrained weights loaded when the config names them."""
-  variables = models.init_variables(model, jax.random.key(c.seed), c.data.image_size,
-                                    channels=c.data.channels)
-  if c.model.pretrained:
-    variables = models.load_pretrained(c.model.name, variables, c.model.pretrained)
-  if c.model.get("whitening_init"):
-    variables = models.load_whitening(variables, c.model.whitening_init)
-  return variables
-
-
-def make_source(c: ml_collections.ConfigDict, split: str, *,
-                max_images: int | None = None) -> LabelledSource:
-  """One split of the configured dataset (its first `max_images` records when given)."""
-  source = data.load_split(c.data.name, split, data_root=c.data.root, path=c.data.path,
-                           download=c.data.download)
-  return data.FirstN(source, max_images) if max_images else source
-
-
 def make_train_source(c: ml_collections.ConfigDict, *, progress: bool = True) -> LabelledSource:
   """The training split, held in memory and turned as the config asks."""
   source = make_source(c, c.data.train_split)
@@ -182,48 +158,6 @@ def make_train_source(c: ml_collections.ConfigDict, *, progress: bool = True) ->
   return source
 
 
-def make_eval_sets(c: ml_collections.ConfigDict) -> dict[str, EvalSet]:
-  """The evaluated sets (`config.evaluated_sets`), each cut to `data.max_eval_images`."""
-  load = functools.partial(make_source, c, max_images=c.data.max_eval_images)
-  if c.data.query_split and c.data.gallery_split:
-    return {c.data.query_split: EvalSet(load(c.data.gallery_split), load(c.data.query_split))}
-  return {split: EvalSet(load(split)) for split in c.data.test_splits}
-
-
-def make_eval_batches(c: ml_collections.ConfigDict, source: LabelledSource) -> Callable[[], Any]:
-  """A zero-argument callable returning a fresh evaluation loader over `source`."""
-  return lambda: data.make_eval_loader(
-      source, image_size=c.data.image_size, resize_size=c.data.resize_size,
-      batch_size=c.data.eval_batch_size, channels=c.data.channels)
-
-
-def make_embed_fn(model: nn.Module, frozen: dict[str, PyTree], *, bucketed: bool = False
-                  ) -> Callable[[PyTree], Callable[[jax.Array], jax.Array]]:
-  """params -> `embed_fn(images) -> embeddings` in inference mode (one jitted function).
-
-  With `bucketed`, the images' last channel is the pixels' validity mask (`data.aspect_buckets`).
-  """
-  def apply(params, images):
-    images, mask = landmarks.model_inputs(images, bucketed=bucketed)
-    return model.apply({"params": params, **frozen}, images, train=False, **mask)
-
-  apply = jax.jit(apply)
-  return lambda params: functools.partial(apply, params)
-
-
-def make_evaluator(c: ml_collections.ConfigDict, embed_fn_for: Callable[[PyTree], Any],
-                   eval_sets: dict[str, EvalSet], *, log_fn: Callable[[str], Any] | None,
-                   progress: bool = True) -> evaluation.Evaluator:
-  """The evaluator of `eval_sets` with the configured cut-offs and protocols."""
-  splits = {name: (make_eval_batches(c, s.database) if s.queries is None else
-                   evaluation.QueryGallery(queries=make_eval_batches(c, s.queries),
-                                           gallery=make_eval_batches(c, s.database)))
-            for name, s in eval_sets.items()}
-  return evaluation.Evaluator(embed_fn_for, splits, c.data.name,
-                              k_values=config_lib.eval_k_values(c), reid_protocol=c.eval.reid,
-                              log_fn=log_fn, progress=progress)
-
-
 def make_experiment(c: ml_collections.ConfigDict, *, log_fn: Callable[[str], Any] | None = print,
                     progress: bool = True) -> Experiment:
   """Builds every part of a training run from a validated config (prepares the data).
@@ -234,75 +168,39 @@ def make_experiment(c: ml_collections.ConfigDict, *, log_fn: Callable[[str], Any
     progress: show progress bars (reading into memory, embedding).
   """
   train_source = make_train_source(c, progress=progress)
-  eval_sets = make_eval_sets(c)
+  protocol = eval_protocols.make_protocol(c)
   sampler = data.MPerClassSampler(train_source.labels, c.batch_size, c.samples_per_class,
                                   seed=c.seed)
+  layout = layouts.make_layout(c, train_source, sampler)
   total_steps = c.epochs * sampler.steps_per_epoch
   if c.max_steps:
     total_steps = min(total_steps, c.max_steps)
-  model = make_model(c)
-  variables = make_variables(c, model)
+  model = components.make_model(c)
+  variables = components.make_variables(c, model)
   params = variables.pop("params")
   optimizer, schedule = optimizer_lib.make_optimizer(c, sampler.steps_per_epoch)
-  mesh = sharding.data_mesh()
+  mesh = parallel.data_mesh()
   loss_fn, loss_uses_rng = make_loss_fn(c)
-
-  def embed_fn(params, images, rng):
-    rngs = {} if rng is None else {"dropout": rng}
-    # Whole-image batches carry the pixels' validity mask as their last channel.
-    images, mask = landmarks.model_inputs(images, bucketed=bool(c.data.get("aspect_buckets")))
-    return model.apply({"params": params, **variables}, images, train=True, rngs=rngs, **mask)
+  embed_fn = layout.train_embed_fn(model, variables)
 
   # Each device embeds `chunk_size` of its own rows at a time; the loss sees the global batch.
   # The CPU backend runs the chunks as straight-line code keeping their activations (see
   # megabatch_value_and_grad); accelerators keep the memory-flat two-pass loop.
-  # Whole images come in aspect buckets whose chunks the step cuts within each bucket.
-  bucketed = bool(c.data.get("aspect_buckets"))
-
   def make_step(loss_fn, loss_uses_rng):
-    return sharding.make_sharded_train_step(
+    return sharded_step.make_sharded_train_step(
         embed_fn, loss_fn, optimizer, mesh, chunk_size_per_device=c.chunk_size,
-        loss_uses_rng=loss_uses_rng, keep_activations=jax.default_backend() == "cpu",
-        bucketed=bucketed)
+        loss_uses_rng=loss_uses_rng, keep_activations=jax.default_backend() == "cpu")
 
   train_step = make_step(loss_fn, loss_uses_rng)
   # One compiled step per loss: the switch after the warm-up is a different function, not a
   # traced branch (which would run both losses' code at every step).
   warmup_train_step = (make_step(*make_loss_fn(c, c.loss.warmup_name))
                        if c.loss.warmup_name and c.loss.warmup_steps > 0 else None)
-  if c.eval.get("datasets"):
-    evaluator = landmarks.make_revisited_evaluator(c, model, variables, log_fn=log_fn,
-                                                   progress=progress)
-  else:
-    evaluator = make_evaluator(c, make_embed_fn(model, variables), eval_sets, log_fn=log_fn,
-                               progress=progress)
-  return Experiment(c, train_source, sampler, eval_sets, model, variables,
+  evaluator = protocol.make_evaluator(model, variables, log_fn=log_fn, progress=progress)
+  return Experiment(c, layout, protocol, train_source, sampler, model, variables,
                     jax.device_get(params), loss_fn, loss_uses_rng, optimizer, schedule, mesh,
                     train_step, evaluator, sampler.steps_per_epoch, total_steps,
-                    warmup_train_step=warmup_train_step,
-                    bucket_plan=make_bucket_plan(c, train_source, sampler) if bucketed else None)
-
-
-def make_bucket_plan(c: ml_collections.ConfigDict, train_source: LabelledSource,
-                     sampler: data.MPerClassSampler) -> data.BucketPlan:
-  """Each aspect bucket's training slots per process and step, from the first batches' images.
-
-  Every process reads the same (global) batches, so all compute the same plan.
-  """
-  return data.estimate_bucket_plan(
-      train_source, sampler, image_size=c.data.image_size, num_buckets=c.data.aspect_buckets,
-      chunk_rows=c.chunk_size * jax.local_device_count(), process_count=jax.process_count(),
-      margin=c.data.bucket_margin)
-
-
-def first_batch_images(experiment: Experiment) -> jax.Array:
-  """The images of training batch 0 (as the training loop will see them)."""
-  c = experiment.config
-  with contextlib.closing(data.make_train_loader(
-      experiment.train_source, experiment.sampler, image_size=c.data.image_size, seed=c.seed,
-      num_steps=1, channels=c.data.channels, crop_scale=tuple(c.data.crop_scale),
-      flip=c.data.flip)) as first:
-    return next(first)["image"]
+                    warmup_train_step=warmup_train_step)
 
 
 def init_state(experiment: Experiment, *, center_head: bool = False) -> train_step_lib.TrainState:
@@ -316,7 +214,8 @@ def init_state(experiment: Experiment, *, center_head: bool = False) -> train_st
   params = experiment.initial_params
   if center_head:
     variables = {"params": params, **experiment.frozen}
-    variables = models.center_embedding_head(experiment.model, variables,
-                                             first_batch_images(experiment))
+    variables = models.center_embedding_head(
+        experiment.model, variables,
+        experiment.layout.first_batch_images(experiment.train_source, experiment.sampler))
     params = variables["params"]
-  return sharding.make_sharded_state(params, experiment.optimizer, experiment.mesh)
+  return sharded_step.make_sharded_state(params, experiment.optimizer, experiment.mesh)

@@ -1,5 +1,7 @@
 """Landmark retrieval from a config: descriptors, the revisited evaluator and learned whitening.
 
+Serves the instance-level task (`eval_protocols.RevisitedProtocol` calls it).
+
 - `make_describe_fn(c, model, frozen)`: params -> `describe(images)`, the test descriptor of
   bucketed images (pixel mask in the last channel): the model at each of `eval.scales`,
   combined by `multiscale_descriptors`.
@@ -8,15 +10,15 @@
 - `make_revisited_evaluator(c, model, frozen)`: the evaluator of `eval.datasets` (queries cropped
   to their boxes, whole database images, `data.distractors` cached), used by the training loop
   and `--mode eval`.
-- `evaluate_checkpoint(c, workdir, which)`: `--mode eval` for these configs; prints the table and
-  appends the metrics to `<workdir>/metrics.jsonl`.
-- `learn_whitening_file(c, workdir, which, output)`: `--mode whiten`, a learned whitening
-  from positive pairs of the training split's GeM descriptors, written as `.npz` for
-  `model.whitening_init` or `eval.whitening`.
+- `learn_whitening_file(c, workdir, which, output)`: `--mode whiten`, a whitening (learned from
+  positive pairs, or PCA) of the training split's descriptors in the space it will be applied
+  to (`eval.whitening_target`): the evaluation's descriptors for `eval.whitening`, or the
+  single-scale GeM before the FC for `model.whitening_init`; the `.npz` records that space.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -30,23 +32,17 @@ import numpy as np
 from recall_jax import config as config_lib
 from recall_jax import data
 from recall_jax import errors
+from recall_jax import config_checks
 from recall_jax import evaluation
 from recall_jax.data import landmarks as landmark_data
 from recall_jax.evaluation import landmark_evaluator
 from recall_jax.evaluation import multiscale
 from recall_jax.evaluation import whitening as whitening_lib
 from recall_jax.train import checkpointing
+from recall_jax.train import components
 from recall_jax.train import reporting
 
 PyTree = Any
-
-
-def model_inputs(images: jax.Array, bucketed: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """A batch as the model takes it: (pixels, {'mask': ...}) when the last channel is the mask."""
-  if not bucketed:
-    return images, {}
-  pixels, mask = data.split_mask_channel(images)
-  return pixels, {"mask": mask}
 
 
 def make_describe_fn(c: ml_collections.ConfigDict, model, frozen: dict[str, PyTree]
@@ -60,7 +56,7 @@ def make_describe_fn(c: ml_collections.ConfigDict, model, frozen: dict[str, PyTr
 
   @jax.jit
   def describe(params, images, power):
-    pixels, extra = model_inputs(images, bucketed=True)
+    pixels, extra = components.model_inputs(images, masked=True)
     variables = {"params": params, **frozen}
     apply = lambda x, m: model.apply(variables, x, mask=m, train=False)
     if scales == (1.0,):
@@ -78,7 +74,8 @@ def make_describe_fn(c: ml_collections.ConfigDict, model, frozen: dict[str, PyTr
 def _eval_batches(c: ml_collections.ConfigDict, source) -> Callable[[], Any]:
   return lambda: data.make_bucketed_eval_loader(
       source, image_size=c.data.image_size, batch_size=c.data.eval_batch_size,
-      num_buckets=max(int(c.data.aspect_buckets), 1), channels=c.data.channels)
+      num_buckets=max(int(c.data.aspect_buckets), 1), channels=c.data.channels,
+      upscale=bool(c.eval.get("upscale", False)))
 
 
 def describe_split(c: ml_collections.ConfigDict, model, frozen: dict[str, PyTree], params: PyTree,
@@ -91,7 +88,7 @@ def describe_split(c: ml_collections.ConfigDict, model, frozen: dict[str, PyTree
 
   Args:
     c: the config (data, eval and model keys).
-    model: the configured model (`experiment.make_model`).
+    model: the configured model (`components.make_model`).
     frozen: its variables other than `params` (BatchNorm statistics).
     params: the parameters to describe with.
     source: records with 'image' (encoded bytes) and 'label'.
@@ -101,12 +98,14 @@ def describe_split(c: ml_collections.ConfigDict, model, frozen: dict[str, PyTree
     float32 (N, D) descriptors, (N,) labels and (N,) source indices, in source order.
 
   Raises:
-    MissingFileError / DataError: an unreadable `eval.whitening` file.
+    MissingFileError / DataError: an unreadable or non-finite `eval.whitening` file.
+    ConfigError: an `eval.whitening` of another width than the descriptors.
   """
   embed_fn = make_describe_fn(c, model, frozen)(params)
   if c.eval.whitening:
-    embed_fn = landmark_evaluator.whitened_embed_fn(
-        embed_fn, whitening_lib.load_whitening(c.eval.whitening))
+    whitening = whitening_lib.load_whitening(c.eval.whitening)
+    _check_whitening_width(c, model, whitening)
+    embed_fn = landmark_evaluator.whitened_embed_fn(embed_fn, whitening)
   return evaluation.extract_embeddings(embed_fn, _eval_batches(c, source)(), desc=desc)
 
 
@@ -138,6 +137,20 @@ def _distractors(c: ml_collections.ConfigDict) -> landmark_evaluator.DistractorS
       cache_dir / f"{c.data.distractors}-{c.model.name}-{c.data.image_size}px.npy", fingerprint)
 
 
+def _check_whitening_width(c: ml_collections.ConfigDict, model,
+                           whitening: whitening_lib.Whitening) -> None:
+  """Refuses, before any work, an `eval.whitening` whose input width is not the model's output."""
+  side = 64
+  x = jax.numpy.zeros((1, side, side, c.data.channels), jax.numpy.float32)
+  mask = jax.numpy.ones((1, side, side), bool)
+  width = jax.eval_shape(lambda: model.init_with_output(
+      jax.random.key(0), x, mask=mask, train=False)[0]).shape[-1]
+  if whitening.projection.shape[1] != width:
+    raise errors.ConfigError(f"eval.whitening {c.eval.whitening} whitens "
+                             f"{whitening.projection.shape[1]}-d descriptors, the model describes "
+                             f"with {width}")
+
+
 def make_revisited_evaluator(c: ml_collections.ConfigDict, model, frozen: dict[str, PyTree], *,
                              log_fn: Callable[[str], Any] | None = print,
                              progress: bool = True) -> landmark_evaluator.RevisitedEvaluator:
@@ -155,7 +168,10 @@ def make_revisited_evaluator(c: ml_collections.ConfigDict, model, frozen: dict[s
         queries=_eval_batches(c, landmark_data.RevisitedSource(dataset, "queries")),
         database=_eval_batches(c, landmark_data.RevisitedSource(dataset, "database")),
         gnd=dataset.gnd)
-  whitening = whitening_lib.load_whitening(c.eval.whitening) if c.eval.whitening else None
+  whitening = None
+  if c.eval.whitening:
+    whitening = whitening_lib.load_whitening(c.eval.whitening)
+    _check_whitening_width(c, model, whitening)
   return landmark_evaluator.RevisitedEvaluator(
       make_describe_fn(c, model, frozen), sets, distractors=_distractors(c), whitening=whitening,
       protocols=tuple(c.eval.protocols), qe_k=c.eval.qe_k, qe_alpha=c.eval.qe_alpha,
@@ -170,76 +186,66 @@ def _params(workdir: str | pathlib.Path, which: str,
   return checkpointing.restore_params(workdir, which, initial)
 
 
-def evaluate_checkpoint(c: ml_collections.ConfigDict, workdir: str | pathlib.Path,
-                        which: str = "latest") -> dict[str, Any]:
-  """`--mode eval` on the revisited benchmarks: prints the table, appends to metrics.jsonl.
-
-  Returns:
-    The metrics, {'<setting>/<protocol>/<metric>': value}.
-  """
-  from recall_jax.train import experiment as experiment_lib  # pylint: disable=import-outside-toplevel
-
-  config_lib.validate(c)
-  checkpointing.check_name(which)
-  model = experiment_lib.make_model(c)
-  variables = experiment_lib.make_variables(c, model)
-  initial = variables.pop("params")
-  # The benchmarks' files are checked before the checkpoint is read.
-  evaluator = make_revisited_evaluator(c, model, variables, log_fn=print)
-  params, step = _params(workdir, which, initial)
-  metrics = evaluator(params, step).metrics
-  if jax.process_index() == 0:
-    writer = reporting.MetricWriter(workdir)
-    writer.write(step, "eval", metrics)
-    writer.close()
-  print(f"checkpoint {which} (step {step})")
-  return metrics
-
-
-WHITENING_KINDS = ("learned", "pca")
+WHITENING_KINDS = config_checks.WHITENING_KINDS
 
 
 def learn_whitening_file(c: ml_collections.ConfigDict, workdir: str | pathlib.Path,
                          which: str = "latest", output: str | None = None, *,
-                         kind: str = "learned", dim: int | None = None, power: float = 0.5,
-                         pairs_per_class: int = 10) -> pathlib.Path:
-  """`--mode whiten`: learns a whitening from the training split's GeM descriptors.
+                         kind: str | None = None, dim: int | None = None,
+                         power: float | None = None, pairs_per_class: int = 10) -> pathlib.Path:
+  """`--mode whiten`: learns a whitening from the training split's descriptors.
 
-  The descriptors are the model's GeM -> L2 output without the whitening FC (single scale), of
-  the first `data.max_eval_images` training images (all when None). `kind='learned'`: pairs of
+  The descriptors are those the whitening will be applied to (`eval.whitening_target`):
+  'eval' (default): the evaluation's own descriptors, `describe_split` without `eval.whitening`
+  (the model's output at `eval.scales`), for `eval.whitening`; 'fc_init': the single-scale
+  GeM -> L2 output without the whitening FC, for `model.whitening_init`. They are taken of the
+  first `data.max_eval_images` training images (all when None). `kind='learned'`: pairs of
   images of the same class (`pairs_from_labels` with the config's `seed`) give `learn_whitening`
-  (Radenovic et al.; it needs at least D independent pairs); `kind='pca'`: `pca_whitening` with
-  eigenvalue `power`. `dim` keeps the leading directions (e.g. the FC's output size). With no
-  checkpoint in `workdir` (or `which='initial'`), the config's initial (pretrained) weights are
-  used: the whitening that `model.whitening_init` expects before training.
+  (Radenovic et al.; it needs at least D independent pairs unless `eval.whitening_ridge` > 0);
+  `kind='pca'`: `pca_whitening` with eigenvalue `power`. `dim` keeps the leading directions. With
+  no checkpoint in `workdir` (or `which='initial'`), the config's initial (pretrained) weights
+  are used: what `model.whitening_init` expects before training. The file records its space
+  (`config_checks.whitening_space` and the input width `dim_in`), checked where it is used.
+
+  Args:
+    kind, dim, power: override `eval.whitening_kind`, `eval.whitening_dim`,
+      `eval.whitening_power` (None: the config's).
 
   Returns:
     The `.npz` written (`output`, default `<workdir>/whitening.npz`).
 
   Raises:
-    ConfigError: an unknown kind.
+    ConfigError: an unknown kind or target.
     DataError: no class with two images, too few pairs for the descriptor dimension, or
       descriptors spanning fewer than `dim` dimensions (PCA).
   """
-  from recall_jax.train import experiment as experiment_lib  # pylint: disable=import-outside-toplevel
-
+  kind = c.eval.get("whitening_kind", "learned") if kind is None else kind
+  dim = c.eval.get("whitening_dim") if dim is None else dim
+  power = c.eval.get("whitening_power", 0.5) if power is None else power
+  target = c.eval.get("whitening_target", "eval")
   if kind not in WHITENING_KINDS:
     raise errors.ConfigError(f"whitening kind must be one of {WHITENING_KINDS}, got {kind!r}")
+  # The file is learned for the config's target, so a file named there is not applied here.
+  c = c.copy_and_resolve_references()
+  c.eval.whitening = None
+  if target == "fc_init":
+    c.model.whitening_init = None
   config_lib.validate(c)
-  model = experiment_lib.make_model(c)
-  variables = experiment_lib.make_variables(c, model)
+  model = components.make_model(c)
+  variables = components.make_variables(c, model)
   if which == "latest" and (not pathlib.Path(workdir).is_dir() or checkpointing.make_checkpoints(
       workdir, read_only=True).latest.latest_step() is None):
     reporting.say(f"no checkpoint in {workdir}: whitening the initial weights' descriptors")
     which = "initial"
   params, _ = _params(workdir, which, variables.pop("params"))
-  gem_only = model.clone(whiten=False) if getattr(model, "head", None) == "landmark" else model
-  single = c.copy_and_resolve_references()
-  single.eval.scales = (1.0,)
-  source = experiment_lib.make_source(c, c.data.train_split, max_images=c.data.max_eval_images)
-  describe = make_describe_fn(single, gem_only, variables)(params)
-  descriptors, labels, _ = evaluation.extract_embeddings(
-      describe, _eval_batches(c, source)(), desc="describe training images")
+  source = components.make_source(c, c.data.train_split, max_images=c.data.max_eval_images)
+  described = c
+  if target == "fc_init":
+    model = model.clone(whiten=False) if getattr(model, "head", None) == "landmark" else model
+    described = c.copy_and_resolve_references()
+    described.eval.scales = (1.0,)
+  descriptors, labels, _ = describe_split(described, model, variables, params, source,
+                                          desc="describe training images")
   descriptors = np.asarray(descriptors, np.float64)
   if kind == "pca":
     whitening = whitening_lib.pca_whitening(descriptors, power=power, dim=dim)
@@ -247,11 +253,16 @@ def learn_whitening_file(c: ml_collections.ConfigDict, workdir: str | pathlib.Pa
   else:
     queries, positives = whitening_lib.pairs_from_labels(
         labels, pairs_per_class=pairs_per_class, seed=c.seed)
-    whitening = whitening_lib.learn_whitening(descriptors, queries, positives, dim=dim)
+    whitening = whitening_lib.learn_whitening(descriptors, queries, positives, dim=dim,
+                                              ridge=c.eval.get("whitening_ridge", 0.0))
     what = f"a whitening learned from {len(queries)} pairs"
+  space = {**config_checks.whitening_space(c, target), "target": target,
+           "dim_in": int(descriptors.shape[1])}
+  whitening = dataclasses.replace(whitening, space=space)
   path = pathlib.Path(output) if output else pathlib.Path(workdir) / "whitening.npz"
   path.parent.mkdir(parents=True, exist_ok=True)
   whitening_lib.save_whitening(path, whitening)
+  use = "model.whitening_init" if target == "fc_init" else "eval.whitening"
   print(f"wrote {what} of {len(descriptors)} {descriptors.shape[1]}-d descriptors of "
-        f"{c.data.name}/{c.data.train_split} to {path}")
+        f"{c.data.name}/{c.data.train_split} for {use} to {path}")
   return path

@@ -1,5 +1,7 @@
 """Exact mega-batch gradients: a chunked two-pass step whose memory is flat in the batch size.
 
+Serves both tasks (one image array, or whole images in aspect buckets as several groups).
+
 Recall is a metric over the whole database, so RS@k wants batches of thousands of images, far more
 than backprop through a ViT can hold at once. The loss couples the images only through their
 embeddings, so the exact gradient splits by the chain rule:
@@ -137,7 +139,7 @@ def _accumulation_dtype(param: jax.Array) -> jnp.dtype:
 
 def _check_batch(images: Any, labels: Any) -> int:
   """Shape checks that need no tracing; returns B."""
-  batch_size = _rows_of(images)
+  batch_size = rows_of(images)
   if np.ndim(labels) != 1:
     raise ValueError(f"labels must have shape (B,), got shape {np.shape(labels)}")
   if np.shape(labels)[0] != batch_size:
@@ -202,7 +204,7 @@ def grouped_value_and_grad(
     if loss_has_params != (loss_params is not None):
       raise ValueError("loss_params must be given exactly when the loss has parameters "
                        f"(loss_has_params={loss_has_params})")
-    counts = [num_chunks_of(_rows_of(group), chunk_size) for group in groups]
+    counts = [num_chunks_of(rows_of(group), chunk_size) for group in groups]
     offsets = np.cumsum([0] + counts[:-1]).tolist()
     chunk_keys, loss_rng = chunk_rngs(rng, sum(counts))
     key_of = (lambda c: None) if rng is None else (lambda c: chunk_keys[c])
@@ -279,7 +281,7 @@ def grouped_value_and_grad(
   return step_fn
 
 
-def _rows_of(images: Any) -> int:
+def rows_of(images: Any) -> int:
   """The common leading axis of an images array or pytree (ValueError when there is none)."""
   leaves = jax.tree.leaves(images)
   if not leaves:
@@ -431,11 +433,11 @@ def check_bucketed_batch(batch: BucketedBatch, labels: Any) -> tuple[Any, ...]:
     ValueError: no slots at all, slots/labels not (B,) of one length, or (when the slots are
       concrete) a repeated slot or one outside the buckets.
   """
-  buckets = tuple(b for b in batch.buckets if _rows_of(b))
+  buckets = tuple(b for b in batch.buckets if rows_of(b))
   if not buckets:
     raise ValueError("the bucketed batch has no slots")
   _check_batch(batch.slots, labels)
-  total = sum(_rows_of(b) for b in buckets)
+  total = sum(rows_of(b) for b in buckets)
   if numerics.is_concrete(batch.slots):
     slots = np.asarray(batch.slots)
     if slots.min() < 0 or slots.max() >= total or len(np.unique(slots)) != len(slots):

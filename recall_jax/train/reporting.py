@@ -13,6 +13,8 @@ import jax
 import numpy as np
 import tqdm
 
+from recall_jax import figures
+
 _log = logging.getLogger(__name__)
 
 
@@ -90,13 +92,6 @@ def read_metrics(path: str | pathlib.Path) -> list[dict[str, Any]]:
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _pyplot():
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  return plt
-
-
 def plot_curves(rows: Sequence[Mapping[str, Any]],
                 out_dir: str | pathlib.Path) -> list[pathlib.Path]:
   """Writes `training_curve.png` (loss and learning rate) and `recall.png` (Recall@k over steps).
@@ -108,12 +103,11 @@ def plot_curves(rows: Sequence[Mapping[str, Any]],
   Returns:
     The paths written (a plot without data is not written).
   """
-  plt = _pyplot()
   out_dir = pathlib.Path(out_dir)
   written = []
   train = [r for r in rows if r["kind"] == "train" and "loss" in r]
   if train:
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = figures.new_figure(figsize=(7, 4))
     ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="loss", color="C0")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
@@ -126,12 +120,11 @@ def plot_curves(rows: Sequence[Mapping[str, Any]],
     fig.tight_layout()
     written.append(out_dir / "training_curve.png")
     fig.savefig(written[-1], dpi=100)
-    plt.close(fig)
   evals = [r for r in rows if r["kind"] == "eval"]
   keys = sorted({k for r in evals for k in r if "/recall@" in k},
                 key=lambda k: (k.split("/")[0], int(k.rsplit("@", 1)[1])))
   if evals and keys:
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = figures.new_figure(figsize=(7, 4))
     for key in keys:
       points = [(r["step"], r[key]) for r in evals if key in r]
       ax.plot(*zip(*points), marker="o", label=key)
@@ -143,7 +136,6 @@ def plot_curves(rows: Sequence[Mapping[str, Any]],
     fig.tight_layout()
     written.append(out_dir / "recall.png")
     fig.savefig(written[-1], dpi=100)
-    plt.close(fig)
   return written
 
 

@@ -8,12 +8,14 @@ batches, keys and updates it would have seen (bit for bit on a CPU).
 A run holds an exclusive lock on its workdir, refuses to resume with a config its checkpoints do
 not fit, resumes from the newest checkpoint that matches its checksums, and never saves a state
 that is not finite (docs/reliability.md).
+
+Serves both tasks: the experiment's input layout loads and assembles the batches, its
+evaluation protocol scores the run.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import math
 import pathlib
@@ -40,7 +42,6 @@ from recall_jax.train import experiment as experiment_lib
 from recall_jax.train import integrity
 from recall_jax.train import preemption
 from recall_jax.train import reporting
-from recall_jax.train import sharding
 from recall_jax.train import train_step as train_step_lib
 from recall_jax.train import workdir as workdir_lib
 
@@ -127,14 +128,8 @@ def _train(c: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, Any
   best_value, start, results = meta.get("best_value", -math.inf), int(state.step), {}
   log = _Log(c, workdir, start, exp.total_steps, exp.steps_per_epoch)
   _record_skipped_images(exp, log.writer, start)
-  make_loader = (functools.partial(data.make_bucketed_train_loader, plan=exp.bucket_plan)
-                 if c.data.aspect_buckets else data.make_train_loader)
-  batches = make_loader(
-      exp.train_source, exp.sampler, image_size=c.data.image_size, start_step=start, seed=c.seed,
-      worker_count=c.data.worker_count, process_index=jax.process_index(),
-      process_count=jax.process_count(), channels=c.data.channels,
-      crop_scale=tuple(c.data.crop_scale), flip=c.data.flip,
-      num_steps=max(exp.total_steps - start, 0))
+  batches = exp.layout.train_batches(exp.train_source, exp.sampler, start_step=start,
+                                     num_steps=max(exp.total_steps - start, 0))
   check_start = _cold_start_monitor(exp)
   first_bad = _no_bad_loss()
   with (preemption.stop_requests(reporting.say) as poll_stop, contextlib.closing(batches), log,
@@ -235,9 +230,7 @@ def _cold_start_monitor(exp: experiment_lib.Experiment) -> cold_start.ColdStartM
   kwargs = {k: (tuple(v) if isinstance(v, (list, tuple)) else v)
             for k, v in c.loss.recall_at_k.items()}
   return cold_start.ColdStartMonitor(
-      experiment_lib.make_embed_fn(exp.model, exp.frozen,
-                                   bucketed=bool(c.data.get("aspect_buckets"))),
-      chunk_size=c.chunk_size, steps=steps,
+      exp.layout.batch_embedder(exp.model, exp.frozen, c.chunk_size), steps=steps,
       say=reporting.say, max_positives=max(c.samples_per_class - 1, 1), **kwargs)
 
 
@@ -249,9 +242,7 @@ def _host_params(state: train_step_lib.TrainState):
 def _step(exp: experiment_lib.Experiment, train_step, state: train_step_lib.TrainState,
           local_batch, step: int):
   """One update on this process's slice of batch `step` (dispatched: nothing waits for it)."""
-  assemble = (sharding.global_bucketed_batch if exp.bucket_plan is not None
-              else sharding.global_batch)
-  batch = assemble(local_batch, exp.mesh)
+  batch = exp.layout.global_batch(local_batch, exp.mesh)
   return train_step(state, batch["image"], batch["label"],
                     jax.random.fold_in(jax.random.key(exp.config.seed), step))
 

@@ -34,6 +34,16 @@ def test_resized_shape_keeps_aspect_ratio_and_longer_side(hw, want):
   assert ab.resized_shape(*hw, 1024) == want
 
 
+@pytest.mark.parametrize("hw,want", [((3000, 4000), (768, 1024)), ((300, 200), (300, 200)),
+                                     ((1024, 700), (1024, 700)), ((1025, 10), (1024, 10))])
+def test_without_upscaling_only_larger_images_shrink(hw, want):
+  # PIL's thumbnail, which the revisited benchmarks' reference code uses, never enlarges.
+  assert ab.resized_shape(*hw, 1024, upscale=False) == want
+  image = np.random.default_rng(0).integers(0, 256, (*hw, 3), np.uint8)
+  if max(hw) <= 1024:
+    np.testing.assert_array_equal(ab.resize_longer_side(image, 1024, upscale=False), image)
+
+
 def test_bucket_image_from_array_and_bytes():
   rng = np.random.default_rng(1)
   image = rng.integers(0, 256, size=(90, 60, 3), dtype=np.uint8)

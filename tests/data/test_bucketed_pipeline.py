@@ -49,29 +49,47 @@ def test_mask_channel_round_trip():
   np.testing.assert_array_equal(unpacked, mask)
 
 
-def test_eval_batches_hold_whole_images_in_their_bucket():
+def _reference_pixels(encoded, image_size, upscale):
+  """PIL's decode, then (only when the size changes) a bilinear resize to the longer side."""
+  image = PIL.Image.open(io.BytesIO(encoded)).convert("RGB")
+  longer = max(image.size)
+  if longer <= image_size and not upscale:
+    return np.asarray(image)
+  scale = image_size / longer
+  size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+  return np.asarray(image.resize(size, PIL.Image.BILINEAR))
+
+
+@pytest.mark.parametrize("upscale", [False, True])
+def test_eval_batches_hold_whole_images_in_their_bucket(upscale):
   source = _Source()
-  batches = list(data.make_bucketed_eval_loader(source, image_size=64, batch_size=3,
-                                                num_buckets=2, read_threads=0,
+  image_size = 48  # some images are larger (downscaled), some smaller (kept unless upscale)
+  batches = list(data.make_bucketed_eval_loader(source, image_size=image_size, batch_size=3,
+                                                num_buckets=2, upscale=upscale, read_threads=0,
                                                 prefetch_batches=0))
-  shapes = aspect_buckets.bucket_shapes(64, num_buckets=2)
+  shapes = aspect_buckets.bucket_shapes(image_size, num_buckets=2)
   assert len(batches) == 3
+  kept = 0
   for number, batch in enumerate(batches):
     indices = batch["index"][batch["mask"]]
     np.testing.assert_array_equal(indices, np.arange(3 * number, min(3 * number + 3, 8)))
     assert tuple(batch["image"].shape[1:3]) in shapes
     pixels, masks = data.split_mask_channel(batch["image"])
     for k, index in enumerate(indices):
-      expected = aspect_buckets.resize_longer_side(source[index]["image"], 64)
+      expected = _reference_pixels(source[index]["image"], image_size, upscale)
       h, w = expected.shape[:2]
-      assert max(h, w) == 64
+      native = max(SHAPES[index]) <= image_size and not upscale
+      kept += native
+      assert (h, w) == (SHAPES[index] if native else (h, w)) and (native or max(h, w) == image_size)
       np.testing.assert_array_equal(pixels[k, :h, :w], expected)
       assert masks[k, :h, :w].all() and masks[k].sum() == h * w
       assert not pixels[k][~masks[k]].any()
     # The batch's bucket is the smallest holding all of its images.
-    sizes = [aspect_buckets.resized_shape(*SHAPES[i], 64) for i in indices]
+    sizes = [aspect_buckets.resized_shape(*SHAPES[i], image_size, upscale=upscale)
+             for i in indices]
     need = (max(s[0] for s in sizes), max(s[1] for s in sizes))
     assert tuple(batch["image"].shape[1:3]) == shapes[aspect_buckets.assign_bucket(*need, shapes)]
+  assert kept == (0 if upscale else 3)  # (40, 40), (33, 33) and (45, 30) keep their pixels
   assert not batches[-1]["mask"][2] and batches[-1]["index"][2] == -1
 
 

@@ -92,6 +92,35 @@ def test_queries_are_cropped_at_full_resolution_and_database_kept_whole(tmp_path
     database[5]
 
 
+def test_boxes_reaching_past_the_image_are_cropped_as_pil_crops_and_counted(tmp_path):
+  # The reference code crops queries with PIL: what lies outside the image is black.
+  boxes = [[-6.0, 4.0, 20.0, 30.0], [10.0, 2.0, 40.0, 12.0]]  # both reach past the 32 x 24 image
+  folder = write_revisited(tmp_path, gnd=[{**GND[0], "bbx": boxes[0]}, {**GND[1], "bbx": boxes[1]}])
+  with pytest.warns(UserWarning, match="2 of 2 query boxes reach past their image"):
+    dataset = landmarks.load_revisited("roxford5k", path=folder, expected_sizes=None)
+  queries = landmarks.RevisitedSource(dataset, "queries")
+  for index, box in enumerate(boxes):
+    crop = np.asarray(PIL.Image.open(io.BytesIO(queries[index]["image"])))
+    with PIL.Image.open(folder / "jpg" / f"{QUERIES[index]}.jpg") as image:
+      reference = np.asarray(image.convert("RGB").crop(tuple(box)))
+    np.testing.assert_array_equal(crop, reference)
+  assert crop.shape == (10, 30, 3) and not crop[:, 22:].any()  # columns 32..39 are black
+
+
+@pytest.mark.parametrize("bbx, match", [
+    ([40.0, 2.0, 60.0, 20.0], "lies outside its 32x24 image"),
+    ([3.0, 3.0, 8.0, 8.0], "too small: 5 x 5 pixels"),
+    (["3", "2", "21", "17"], "must be 4 numbers"),
+    ("3 2 21 17", "must be 4 numbers"),
+    ([3.0, 2.0, 21.0], "must be 4 numbers"),
+])
+def test_bad_query_boxes_are_refused_in_one_line_when_the_benchmark_opens(tmp_path, bbx, match):
+  write_revisited(tmp_path, gnd=[{**GND[0], "bbx": bbx}, GND[1]])
+  with pytest.raises(DataError, match=match) as raised:
+    landmarks.load_revisited("roxford5k", data_root=tmp_path, expected_sizes=None)
+  assert "\n" not in str(raised.value)
+
+
 def test_a_malicious_ground_truth_pickle_is_refused(tmp_path):
   folder = write_revisited(tmp_path)
   marker = tmp_path / "executed"

@@ -182,3 +182,58 @@ def test_bad_input():
     transforms.decode_image(b"not an image", 3, record="x")
   with pytest.raises(ValueError, match="channels must be 1 or 3"):
     transforms.decode_image(_case_rgb_png()[0], 4)
+
+
+def _phone_photo(width: int, height: int, orientation: int) -> tuple[bytes, np.ndarray]:
+  """A JPEG stored sideways with an EXIF orientation tag, and its stored pixels as decoded."""
+  y, x = np.mgrid[0:height, 0:width]
+  # Asymmetric in both axes (a bright left band, a gradient downwards): a rotation shows.
+  pixels = np.stack([np.where(x < width // 3, 250, 20), (y * 200 // height), x * 0 + 90],
+                    -1).astype(np.uint8)
+  exif = PIL.Image.Exif()
+  exif[0x0112] = orientation
+  buffer = io.BytesIO()
+  PIL.Image.fromarray(pixels).save(buffer, "JPEG", quality=95, exif=exif)
+  data = buffer.getvalue()
+  stored = np.asarray(PIL.Image.open(io.BytesIO(data)).convert("RGB"))
+  return data, stored
+
+
+# The stored pixels turned upright, by the EXIF specification (independent of PIL.ImageOps).
+_UPRIGHT = {3: lambda a: a[::-1, ::-1], 6: lambda a: np.rot90(a, k=-1),
+            8: lambda a: np.rot90(a, k=1), 5: lambda a: np.swapaxes(a, 0, 1)}
+
+
+@pytest.mark.parametrize("orientation", [3, 5, 6, 8])
+def test_exif_orientation_is_applied_in_every_decode_path(orientation):
+  data, stored = _phone_photo(48, 32, orientation)
+  upright = np.ascontiguousarray(_UPRIGHT[orientation](stored))
+  np.testing.assert_array_equal(transforms.decode_image(data, 3), upright)
+  np.testing.assert_array_equal(
+      transforms.eval_transform(data, image_size=20, resize_size=24),
+      transforms.eval_transform(upright, image_size=20, resize_size=24))
+  for seed in range(3):
+    np.testing.assert_array_equal(
+        transforms.train_augment(data, np.random.default_rng(seed), image_size=16),
+        transforms.train_augment(upright, np.random.default_rng(seed), image_size=16))
+
+
+def test_exif_orientation_with_reduced_scale_jpeg_decode():
+  # 640 x 400 stored, 400 x 640 upright, decoded at 1/8 scale for a 28 px output.
+  data, stored = _phone_photo(640, 400, 6)
+  upright = np.ascontiguousarray(_UPRIGHT[6](stored))
+  got = transforms.eval_transform(data, image_size=28, resize_size=32).astype(np.float64)
+  want = transforms.eval_transform(upright, image_size=28, resize_size=32).astype(np.float64)
+  assert np.abs(got - want).mean() < 4
+  sideways = transforms.eval_transform(stored, image_size=28, resize_size=32).astype(np.float64)
+  assert np.abs(sideways - want).mean() > 40
+
+
+def test_images_over_the_pixel_limit_are_refused_before_decoding():
+  data, _ = _case_rgb_png()
+  for decode in (lambda **kw: transforms.decode_image(data, 3, **kw),
+                 lambda **kw: transforms.eval_transform(data, image_size=4, resize_size=5, **kw),
+                 lambda **kw: transforms.train_augment(data, _rng(), image_size=4, **kw)):
+    with pytest.raises(ValueError, match=f"{_W} x {_H} pixels, more than the limit of 47"):
+      decode(max_pixels=_H * _W - 1)
+    assert decode(max_pixels=_H * _W).dtype == np.uint8

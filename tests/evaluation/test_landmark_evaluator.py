@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from recall_jax.errors import DataError
 from recall_jax.evaluation import landmark_evaluator
 from recall_jax.evaluation import query_expansion
 from recall_jax.evaluation import revisited
@@ -109,6 +110,25 @@ def test_distractors_are_appended_and_cached_per_parameters(tmp_path):
   calls = embed.calls
   evaluator(2.0, step=2)  # new parameters: embedded again
   assert embed.calls - calls == 6
+
+
+@pytest.mark.parametrize("damage", ["float64", "rank", "not npy"])
+def test_a_damaged_distractor_cache_is_refused_before_any_work(tmp_path, damage):
+  _, _, sets = _setup()
+  distractors = _vectors(2, 5)
+  cache = tmp_path / "r1m.npy"
+  if damage == "not npy":
+    cache.write_bytes(b"\x00" * 64)
+  else:
+    np.save(cache, _unit(distractors).astype(np.float64) if damage == "float64"
+            else _unit(distractors).astype(np.float32).ravel())
+  embed = _Embed()
+  with pytest.raises(DataError, match="distractor cache .*(unreadable|not 2-D float32)"):
+    landmark_evaluator.RevisitedEvaluator(
+        embed, sets, distractors=landmark_evaluator.DistractorSet(
+            "revisitop1m", _batches(distractors), len(distractors), cache, "tiny"),
+        log_fn=None, progress=False)
+  assert embed.calls == 0
 
 
 def test_bad_arguments():

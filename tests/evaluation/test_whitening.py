@@ -137,3 +137,39 @@ def test_whitening_fc_init_equals_test_time_whitening(tmp_path):
   whitening.save_whitening(tmp_path / "small.npz", whitening.pca_whitening(descriptors, dim=16))
   with pytest.raises(ValueError, match="does not fit"):
     models.load_whitening(variables, tmp_path / "small.npz")
+
+
+def test_ridge_makes_a_singular_pair_covariance_invertible_as_the_reference_does():
+  x, q, p = synthetic_pairs(3, d=6)
+  q, p = q[:4], p[:4]  # 4 pairs in 6 dimensions: singular
+  with pytest.raises(errors.DataError, match="eval.whitening_ridge"):
+    whitening.learn_whitening(x, q, p)
+  w = whitening.learn_whitening(x, q, p, ridge=1e-3)
+  diff = x[q] - x[p]
+  s = diff.T @ diff / len(q)
+  regularised = s + 1e-3 * np.trace(s) / 6 * np.eye(6)
+  # P^T P is the inverse of the regularised pair covariance, whatever the eigenvector signs.
+  np.testing.assert_allclose(w.projection.T @ w.projection, np.linalg.inv(regularised),
+                             rtol=1e-7, atol=1e-9)
+  with pytest.raises(errors.ConfigError, match="ridge"):
+    whitening.learn_whitening(x, q, p, ridge=-1.0)
+
+
+def test_the_space_a_whitening_was_learned_in_is_saved_and_bad_values_are_refused(tmp_path):
+  x, q, p = synthetic_pairs(4)
+  space = {"target": "eval", "model": "resnet101_landmark", "scales": [1.0, 0.5], "dim_in": 6}
+  w = whitening.learn_whitening(x, q, p)
+  path = tmp_path / "w.npz"
+  whitening.save_whitening(path, whitening.Whitening(w.mean, w.projection, w.kind, space))
+  loaded = whitening.load_whitening(path)
+  assert loaded.space == space
+  np.testing.assert_array_equal(loaded.projection, w.projection)
+  # A NaN whitening is reported as what it is, when it is loaded (not when descriptors are).
+  projection = w.projection.copy()
+  projection[2, 3] = np.nan
+  np.savez(path, mean=w.mean, projection=projection, kind=np.array("pca"))
+  with pytest.raises(errors.DataError, match="NaN or infinite"):
+    whitening.load_whitening(path)
+  np.savez(path, mean=w.mean.astype(str), projection=w.projection, kind=np.array("pca"))
+  with pytest.raises(errors.DataError, match="must hold numbers"):
+    whitening.load_whitening(path)

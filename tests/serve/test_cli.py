@@ -202,3 +202,81 @@ def test_csv_dataset_with_query_and_gallery_splits(tmp_path):
   assert evaluation["query/num_queries"] == 6
   assert 0 <= evaluation["query/recall@1"] <= evaluation["query/recall@4"] <= 1
   assert (workdir / "best").is_dir()
+
+
+def _run_main(folder_run, *args: str, workdir: pathlib.Path | None = None,
+              **env: str) -> subprocess.CompletedProcess:
+  """`_main` on the trained run's config and data, with extra environment variables."""
+  tmp, data, trained, _ = folder_run
+  command = [sys.executable, "-m", "recall_jax.main", "--config", str(tmp / "config.py"),
+             "--workdir", str(workdir or trained), f"--config.data.path={data}",
+             f"--config.data.root={tmp / 'root'}", *args]
+  return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
+                        env={**os.environ, **env}, errors="backslashreplace")
+
+
+def test_search_with_non_utf8_file_names_on_a_strict_utf8_console(folder_run):
+  tmp, data, _, _ = folder_run
+  gallery = tmp / "latin1_gallery"
+  shutil.copytree(data / "test" / "char6", gallery)
+  odd = gallery / os.fsdecode(b"caf\xe9 \xff.png")  # Latin-1 bytes: not UTF-8
+  shutil.copy(gallery / "00.png", odd)
+  output = tmp / "latin1" / "results.json"
+  proc = _run_main(folder_run, "--mode=search", f"--gallery={gallery}", f"--query={odd}",
+                   "--top_k=2", f"--output={output}", PYTHONIOENCODING="utf-8")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "caf\\xe9 \\xff.png" in proc.stdout
+  results = json.loads(output.read_text(encoding="ascii"))
+  (query,) = results
+  assert os.fsencode(query) == os.fsencode(odd)
+  assert {os.fsencode(n["path"]) for n in results[query]} == {os.fsencode(odd),
+                                                              os.fsencode(gallery / "00.png")}
+
+
+def test_search_with_an_unwritable_workdir_caches_in_the_user_cache_folder(folder_run):
+  tmp, _, trained, _ = folder_run
+  workdir = tmp / "unwritable_run"
+  shutil.copytree(trained, workdir, ignore=shutil.ignore_patterns("search_cache"))
+  # What a read-only workdir refuses (root writes anywhere): the default cache folder's creation.
+  (workdir / "search_cache").write_text("a file where the cache folder would be\n")
+  output = tmp / "elsewhere" / "results.json"
+  query = tmp / "photos" / "test" / "char8" / "01.png"
+  proc = _run_main(folder_run, "--mode=search", f"--gallery={tmp / 'photos' / 'test'}",
+                   f"--query={query}", "--top_k=3", f"--output={output}", workdir=workdir,
+                   XDG_CACHE_HOME=str(tmp / "user_cache"))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert json.loads(output.read_text())[str(query)][0]["path"] == str(query)
+  assert list((tmp / "user_cache" / "recall_jax" / "search_cache").glob("gallery_*.npz"))
+  # --cache_dir chooses the folder.
+  proc = _run_main(folder_run, "--mode=search", f"--gallery={tmp / 'photos' / 'test'}",
+                   f"--query={query}", f"--output={output}", f"--cache_dir={tmp / 'chosen'}",
+                   workdir=workdir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert list((tmp / "chosen").glob("gallery_*.npz"))
+
+
+@pytest.mark.parametrize("mode, output, message", [
+    ("search", "{tmp}", "is a folder; name the file to write"),
+    ("search", "{tmp}/config.py/results.json", "its folder is not writable"),
+    ("export", "{tmp}", "is a folder; name the file to write"),
+    ("export", "{tmp}/config.py/embedder.bin", "its folder is not writable"),
+])
+def test_unwritable_output_is_one_line_before_any_work(folder_run, mode, output, message):
+  tmp, _, _, _ = folder_run
+  query = tmp / "photos" / "test" / "char8" / "01.png"
+  proc = _run_main(folder_run, f"--mode={mode}", f"--output={output.format(tmp=tmp)}",
+                   f"--gallery={tmp / 'photos' / 'test'}", f"--query={query}",
+                   f"--cache_dir={tmp / 'never_written'}")
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert message in proc.stderr and "Traceback" not in proc.stderr
+  assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+  assert not list((tmp / "never_written").glob("*"))
+
+
+def test_help_lists_every_mode_and_the_config_keys():
+  proc = subprocess.run([sys.executable, "-m", "recall_jax.main", "--help"], cwd=REPO,
+                        capture_output=True, text=True, timeout=120)
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  for mode in ("train", "eval", "embed", "search", "export", "whiten"):
+    assert f"{mode} (" in proc.stdout, mode
+  assert "configs/default.py" in proc.stdout and "--cache_dir" in proc.stdout

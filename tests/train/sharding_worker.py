@@ -1,5 +1,7 @@
 """Worker for tests/train/test_sharding.py: runs in its own process with forced host devices.
 
+Serves both tasks (square batches and whole images in aspect buckets).
+
 Usage (the test sets JAX_* before starting it; the worker asks chex for its CPU devices):
   python sharding_worker.py eight                 # 8 devices vs the single-device step
   python sharding_worker.py process OUT_DIR       # one of 2 processes x 4 devices (JAX_* set)
@@ -199,24 +201,26 @@ def bucketed_reference():
 def _bucketed_case() -> None:
   """8 devices, chunks of 1 image per device within each bucket == unpadded backprop."""
   import jax
-  from recall_jax.train import sharding
-  mesh = sharding.data_mesh()
+  from recall_jax import parallel
+  from recall_jax.train import batch_assembly
+  from recall_jax.train import sharded_step
+  mesh = parallel.data_mesh()
   images, own, labels = bucketed_rows()
   local = local_bucketed_images(images, own, np.arange(BUCKETED_BATCH), chunk_rows=8)
-  batch = sharding.global_bucketed_batch({"image": local, "label": labels}, mesh)
+  batch = batch_assembly.global_bucketed_batch({"image": local, "label": labels}, mesh)
   loss_fn, _ = loss_fn_for(BUCKETED_BATCH, M, False)
   want_loss, want_grads = bucketed_reference()
   params = init_bucketed_params()
-  vg = jax.jit(sharding.sharded_bucketed_value_and_grad(masked_embed_fn, loss_fn, mesh,
-                                                        chunk_size_per_device=1))
+  vg = jax.jit(sharded_step.sharded_value_and_grad(masked_embed_fn, loss_fn, mesh,
+                                                   chunk_size_per_device=1))
   loss, grads = vg(params, batch["image"], batch["label"])
   # Pooling over a padded image sums in another order than over the unpadded one: float32
   # rounding, amplified by RS@k's tau2, hence 1e-4 (the float64 check in test_megabatch is exact).
   assert relative_error(loss, want_loss) <= 1e-5, (float(loss), float(want_loss))
   assert_trees_close(grads, want_grads, rtol=1e-4, what="bucketed grad ")
-  step = sharding.make_sharded_train_step(masked_embed_fn, loss_fn, optimizer(), mesh,
-                                          chunk_size_per_device=1, bucketed=True)
-  state = sharding.make_sharded_state(params, optimizer(), mesh)
+  step = sharded_step.make_sharded_train_step(masked_embed_fn, loss_fn, optimizer(), mesh,
+                                              chunk_size_per_device=1)
+  state = sharded_step.make_sharded_state(params, optimizer(), mesh)
   state, metrics = step(state, batch["image"], batch["label"], None)
   assert relative_error(metrics["loss"], want_loss) <= 1e-5
   want_params = jax.tree.map(
@@ -234,9 +238,11 @@ def _case(batch_size: int, chunk_per_device: int, use_simix: bool, shuffle: bool
   import jax
   import jax.numpy as jnp
   from recall_jax.train import megabatch
-  from recall_jax.train import sharding
+  from recall_jax import parallel
+  from recall_jax.train import batch_assembly
+  from recall_jax.train import sharded_step
 
-  mesh = sharding.data_mesh()
+  mesh = parallel.data_mesh()
   ndev = mesh.devices.size
   rng = np.random.default_rng(batch_size + chunk_per_device)
   images = rng.integers(0, 256, (batch_size,) + IMAGE_SHAPE, dtype=np.uint8)
@@ -263,11 +269,11 @@ def _case(batch_size: int, chunk_per_device: int, use_simix: bool, shuffle: bool
     want_loss, want_grads = jax.jit(jax.value_and_grad(full_loss))(params, images, labels,
                                                                    loss_key)
 
-  batch = sharding.global_batch({"image": images, "label": labels}, mesh)
-  vg = jax.jit(sharding.sharded_value_and_grad(embed_fn, loss_fn, mesh,
-                                               chunk_size_per_device=chunk_per_device,
-                                               loss_uses_rng=uses_rng))
-  state = sharding.make_sharded_state(params, optimizer(), mesh)
+  batch = batch_assembly.global_batch({"image": images, "label": labels}, mesh)
+  vg = jax.jit(sharded_step.sharded_value_and_grad(embed_fn, loss_fn, mesh,
+                                                   chunk_size_per_device=chunk_per_device,
+                                                   loss_uses_rng=uses_rng))
+  state = sharded_step.make_sharded_state(params, optimizer(), mesh)
   loss, grads = vg(state.params, batch["image"], batch["label"], key)
   assert abs(float(loss) - float(want_loss)) <= 1e-5 * abs(float(want_loss)), \
       (name, float(loss), float(want_loss))
@@ -276,9 +282,9 @@ def _case(batch_size: int, chunk_per_device: int, use_simix: bool, shuffle: bool
     assert leaf.sharding.is_fully_replicated, leaf.sharding
 
   # One optimiser step (SGD with momentum: the first update is -lr * grad) on the same key.
-  step = sharding.make_sharded_train_step(embed_fn, loss_fn, optimizer(), mesh,
-                                          chunk_size_per_device=chunk_per_device,
-                                          loss_uses_rng=uses_rng)
+  step = sharded_step.make_sharded_train_step(embed_fn, loss_fn, optimizer(), mesh,
+                                              chunk_size_per_device=chunk_per_device,
+                                              loss_uses_rng=uses_rng)
   compiled = step.lower(state, batch["image"], batch["label"], key).compile()
   state, metrics = compiled(state, batch["image"], batch["label"], key)
   assert relative_error(metrics["loss"], want_loss) <= 1e-5, name
@@ -294,7 +300,7 @@ def _case(batch_size: int, chunk_per_device: int, use_simix: bool, shuffle: bool
 
 def _check_compiled_hlo(compiled, mesh) -> None:
   """One all-reduce (the gradients) per step, outside every loop; two all-gathers (E, labels)."""
-  from recall_jax.train import sharding
+  from recall_jax import parallel
   hlo = compiled.as_text()
   computations = re.split(r"\n(?=\S)", hlo)
   reducing = [c.split("(", 1)[0] for c in computations if re.search(r" all-reduce(-start)?\(", c)]
@@ -306,33 +312,35 @@ def _check_compiled_hlo(compiled, mesh) -> None:
   assert re.search(r"u8\[8,6,6,1\]", hlo) and re.search(r"f32\[2,36\]", hlo), "local shapes"
   assert not re.search(r"(u8\[(16|64),6,6,1\])|(f32\[(16|64),36\])", hlo), "global chunk found"
   image_sharding = compiled.input_shardings[0][1]
-  assert image_sharding.spec == sharding.batch_sharding(mesh).spec, image_sharding
+  assert image_sharding.spec == parallel.row_sharding(mesh).spec, image_sharding
   print("hlo ok")
 
 
 def _check_errors() -> None:
   import jax
-  from recall_jax.train import sharding
-  mesh = sharding.data_mesh()
+  from recall_jax import parallel
+  from recall_jax.train import batch_assembly
+  from recall_jax.train import sharded_step
+  mesh = parallel.data_mesh()
   loss_fn, _ = loss_fn_for(64, M, False)
-  state = sharding.make_sharded_state(init_params(), optimizer(), mesh)
-  step = sharding.make_sharded_train_step(embed_fn, loss_fn, optimizer(), mesh,
-                                          chunk_size_per_device=3)
+  state = sharded_step.make_sharded_state(init_params(), optimizer(), mesh)
+  step = sharded_step.make_sharded_train_step(embed_fn, loss_fn, optimizer(), mesh,
+                                              chunk_size_per_device=3)
   labels = np.repeat(np.arange(12), M).astype(np.int32)
-  batch = sharding.global_batch({"image": np.zeros((48,) + IMAGE_SHAPE, np.uint8),
-                                 "label": labels}, mesh)
+  batch = batch_assembly.global_batch({"image": np.zeros((48,) + IMAGE_SHAPE, np.uint8),
+                                       "label": labels}, mesh)
   try:  # 48 = 2 x 3 x 8: fine; 64 is not divisible by 3 x 8 = 24.
     step.lower(state, batch["image"], batch["label"], None)
-    batch = sharding.global_batch({"image": np.zeros((64,) + IMAGE_SHAPE, np.uint8),
-                                   "label": np.zeros(64, np.int32)}, mesh)
+    batch = batch_assembly.global_batch({"image": np.zeros((64,) + IMAGE_SHAPE, np.uint8),
+                                         "label": np.zeros(64, np.int32)}, mesh)
     step(state, batch["image"], batch["label"], None)
   except ValueError as e:
     assert "global batch 64 is not divisible by chunk_size_per_device 3 x 8 devices" in str(e), e
   else:
     raise AssertionError("no error for B=64, chunk 3 x 8 devices")
   try:
-    sharding.global_batch({"image": np.zeros((12,) + IMAGE_SHAPE, np.uint8),
-                           "label": np.zeros(12, np.int32)}, mesh)
+    batch_assembly.global_batch({"image": np.zeros((12,) + IMAGE_SHAPE, np.uint8),
+                                 "label": np.zeros(12, np.int32)}, mesh)
   except ValueError as e:
     assert "does not split over this process's 8 devices" in str(e), e
   else:
@@ -344,14 +352,14 @@ def _check_errors() -> None:
 def main_eight() -> None:
   import jax
   assert jax.device_count() == 8, jax.devices()
-  from recall_jax.train import sharding
+  from recall_jax import parallel
   # (B, chunk/device, SiMix, shuffled labels): 2 whole classes per device (4 chunks); classes
   # scattered over devices with SiMix (2 chunks) and without (a single chunk).
   seen, compiled = zip(*[_case(64, 2, True, False), _case(48, 3, True, True),
                          _case(48, 6, False, True)])
   assert seen[0] == (False, True), seen[0]  # 8 rows = 2 whole classes per device
   assert seen[1][0] and seen[2][0], seen  # classes straddle devices
-  _check_compiled_hlo(compiled[0], sharding.data_mesh())
+  _check_compiled_hlo(compiled[0], parallel.data_mesh())
   _check_errors()
   _bucketed_case()
   print("EIGHT_OK")
@@ -363,25 +371,28 @@ def main_eight() -> None:
 
 
 def main_process(out_dir: str) -> None:
-  from recall_jax.train import sharding
-  process_index, process_count = sharding.initialize_distributed()
+  from recall_jax import parallel
+  from recall_jax.train import batch_assembly
+  from recall_jax.train import distributed
+  from recall_jax.train import sharded_step
+  process_index, process_count = distributed.initialize_distributed()
   import jax
   import orbax.checkpoint as ocp
   from recall_jax.data import sampler as sampler_lib
 
   assert process_count == 2 and jax.device_count() == 8 and jax.local_device_count() == 4
   out = pathlib.Path(out_dir)
-  mesh = sharding.data_mesh()
+  mesh = parallel.data_mesh()
   images, labels = dataset()
   sampler = sampler_lib.MPerClassSampler(labels, GLOBAL_BATCH, M, seed=0)
   loss_fn, uses_rng = loss_fn_for(GLOBAL_BATCH, M, True)
-  step_fn = sharding.make_sharded_train_step(embed_fn, loss_fn, optimizer(), mesh,
-                                             chunk_size_per_device=1, loss_uses_rng=uses_rng)
-  state = sharding.make_sharded_state(init_params(), optimizer(), mesh)
+  step_fn = sharded_step.make_sharded_train_step(embed_fn, loss_fn, optimizer(), mesh,
+                                                 chunk_size_per_device=1, loss_uses_rng=uses_rng)
+  state = sharded_step.make_sharded_state(init_params(), optimizer(), mesh)
   losses = []
   for step in range(STEPS):
     local = sampler.local_slice(sampler.batch_indices(step), process_index, process_count)
-    batch = sharding.global_batch({"image": images[local], "label": labels[local]}, mesh)
+    batch = batch_assembly.global_batch({"image": images[local], "label": labels[local]}, mesh)
     state, metrics = step_fn(state, batch["image"], batch["label"],
                              jax.random.fold_in(jax.random.key(0), step))
     losses.append(float(metrics["loss"]))
@@ -397,10 +408,10 @@ def main_process(out_dir: str) -> None:
   images, own, bucket_labels = bucketed_rows()
   rows = np.arange(BUCKETED_BATCH).reshape(process_count, -1)[process_index]
   local = local_bucketed_images(images, own, rows, chunk_rows=4)
-  batch = sharding.global_bucketed_batch({"image": local, "label": bucket_labels[rows]}, mesh)
+  batch = batch_assembly.global_bucketed_batch({"image": local, "label": bucket_labels[rows]}, mesh)
   bucket_loss_fn, _ = loss_fn_for(BUCKETED_BATCH, M, False)
-  vg = jax.jit(sharding.sharded_bucketed_value_and_grad(masked_embed_fn, bucket_loss_fn, mesh,
-                                                        chunk_size_per_device=1))
+  vg = jax.jit(sharded_step.sharded_value_and_grad(masked_embed_fn, bucket_loss_fn, mesh,
+                                                   chunk_size_per_device=1))
   loss, grads = vg(init_bucketed_params(), batch["image"], batch["label"])
   np.savez(out / f"bucketed_{process_index}.npz", loss=np.asarray(loss.addressable_data(0)),
            **{k: np.asarray(v.addressable_data(0)) for k, v in grads.items()})

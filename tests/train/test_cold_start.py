@@ -1,4 +1,7 @@
-"""Cold-start diagnostics (`recall_jax.train.cold_start`) against brute-force NumPy ranks."""
+"""Cold-start diagnostics (`recall_jax.train.cold_start`) against brute-force NumPy ranks.
+
+Serves both tasks; how each input layout embeds a batch for it is tested in test_layouts.py.
+"""
 
 from __future__ import annotations
 
@@ -126,8 +129,7 @@ def test_positives_far_beyond_k_cannot_learn_whatever_the_gradient():
 def _monitor_on(embed, steps=(0, 10)):
   said = []
   monitor = cold_start.ColdStartMonitor(lambda params: embed, k_values=(1, 2, 4, 8, 16),
-                                        chunk_size=16, steps=steps, say=said.append,
-                                        max_positives=3)
+                                        steps=steps, say=said.append, max_positives=3)
   return monitor, said
 
 
@@ -156,36 +158,3 @@ def test_monitor_is_silent_on_a_healthy_start():
   row = monitor(0, None, np.arange(len(labels)), labels)
   assert row["cannot_learn"] == 0.0 and row["median_positive_rank"] <= 3
   assert not said
-
-
-def test_monitor_reads_whole_images_in_aspect_buckets():
-  """Rows held in two bucket arrays (shuffled slots, empty ones) are diagnosed in row order."""
-  from recall_jax import data
-  labels = _classes()
-  b = len(labels)
-  rng = np.random.default_rng(11)
-  centres = _normalise(rng.normal(size=(16, 16)))
-  table = _normalise(np.concatenate([centres[labels] + 0.3 * rng.normal(size=(b, 16)),
-                                     rng.normal(size=(1, 16))]))  # last row: empty slots
-  # An image's pixel (0, 0) holds its row number (b for an empty slot).
-  embed = lambda images: table[np.asarray(images)[:, 0, 0, 0]]
-  bucket = (np.arange(b) % 3 == 0).astype(np.int32)
-  capacities = (int(np.sum(bucket == 0)) + 4, int(np.sum(bucket == 1)) + 2)
-  buckets = [np.full((cap, h, w, 2), b, np.uint8) for cap, (h, w) in zip(capacities,
-                                                                         ((4, 8), (8, 8)))]
-  position = np.zeros(b, np.int32)
-  for k in (0, 1):
-    rows = np.flatnonzero(bucket == k)
-    position[rows] = rng.permutation(capacities[k])[:len(rows)]
-    buckets[k][position[rows], 0, 0, 0] = rows
-  images = data.BucketedImages(tuple(buckets), bucket, position)
-  monitor, _ = _monitor_on(embed, steps=(0,))
-  got = monitor(0, None, images, labels)
-  want = _monitor_on(lambda rows: table[np.asarray(rows)], steps=(0,))[0](
-      0, None, np.arange(b), labels)
-  assert got == pytest.approx(want)
-  # The rows' order matters: the same rows in slot order give another diagnosis.
-  slot_order = np.argsort(bucket * 1000 + position, kind="stable")
-  other = _monitor_on(lambda rows: table[np.asarray(rows)], steps=(0,))[0](
-      0, None, slot_order, labels)
-  assert other != pytest.approx(want)

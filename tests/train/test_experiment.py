@@ -1,4 +1,7 @@
-"""Building a run from a config: each loss gets the keywords of its own config section."""
+"""Building a run from a config: each loss gets the keywords of its own config section.
+
+Serves both tasks.
+"""
 
 import jax
 import numpy as np

@@ -3,6 +3,7 @@ official layouts and are evaluated on ROxford5k / RParis6k fixtures through `rec
 
 import contextlib
 import importlib.util
+import io
 import json
 import pathlib
 import pickle
@@ -24,6 +25,7 @@ from recall_jax import errors
 from recall_jax import config_checks
 from recall_jax.data import aspect_buckets
 from recall_jax.data import landmarks as landmark_data
+from recall_jax.evaluation import multiscale
 from recall_jax.evaluation import revisited
 from recall_jax.evaluation import whitening as whitening_lib
 from recall_jax.train import checkpointing
@@ -214,6 +216,7 @@ def test_whiten_mode_writes_the_whitening_that_initialises_the_fc(tmp_path):
   c.data.image_size = c.data.resize_size = 32
   c.data.eval_batch_size = 16
   c.data.max_eval_images = None
+  c.eval.whitening_target = "fc_init"  # the pooled GeM before the FC
   k = c.model.embedding_dim  # the FC keeps the leading k whitened directions
   # A random tiny ResNet has dead channels: its 256-d descriptors span fewer dimensions, which a
   # learned whitening refuses clearly; PCA-whitening keeps the k leading ones.
@@ -223,8 +226,16 @@ def test_whiten_mode_writes_the_whitening_that_initialises_the_fc(tmp_path):
                                         kind="pca", dim=k)
   whitening = whitening_lib.load_whitening(path)
   assert whitening.kind == "pca" and whitening.projection.shape == (k, 256)
+  assert whitening.space["target"] == "fc_init" and not whitening.space["fc"]
+  assert whitening.space["scales"] == [1.0] and whitening.space["dim_in"] == 256
 
   c.model.whitening_init = str(path)
+  config_lib.validate(c)  # recorded in the FC's input space: accepted for model.whitening_init
+  c.eval.whitening = str(path)
+  with pytest.raises(errors.ConfigError,
+                     match="eval.whitening file .* was learned for embedding_dim=None, fc=False"):
+    config_lib.validate(c)  # the recipe's evaluation describes after the FC, at three scales
+  c.eval.whitening = None
   model = experiment.make_model(c)
   fc = experiment.make_variables(c, model)["params"]["landmark_head"]["whitening"]
   np.testing.assert_allclose(fc["kernel"], whitening.projection[:k].T, rtol=1e-4, atol=1e-5)
@@ -251,8 +262,18 @@ def _save_checkpoint(c, workdir: pathlib.Path, shift_last_block: float = 0.0):
 
 
 def _unpadded(source, image_size: int) -> list[np.ndarray]:
-  return [aspect_buckets.resize_longer_side(source[i]["image"], image_size)
-          for i in range(len(source))]
+  """Each image as PIL decodes it, downscaled by PIL only when larger than `image_size` (the
+  reference code's `thumbnail`): images no larger keep their native size."""
+  images = []
+  for i in range(len(source)):
+    with PIL.Image.open(io.BytesIO(source[i]["image"])) as image:
+      image = image.convert("RGB")
+      if max(image.size) > image_size:
+        scale = image_size / max(image.size)
+        image = image.resize((round(image.width * scale), round(image.height * scale)),
+                             PIL.Image.BILINEAR)
+      images.append(np.asarray(image))
+  return images
 
 
 def _apply_unpadded(model, variables, images: list[np.ndarray]) -> np.ndarray:
@@ -335,6 +356,7 @@ def test_learned_whitening_of_full_rank_descriptors_end_to_end(tmp_path):
   c.data.root = str(tmp_path / "data")
   c.data.max_eval_images = None
   c.model.embedding_dim = 256  # a D x D whitening FC, as the recipe's
+  c.eval.whitening_target = "fc_init"
   workdir = tmp_path / "run"
   model, frozen, params = _save_checkpoint(c, workdir, shift_last_block=2.0)
   path = landmarks.learn_whitening_file(c, workdir, output=str(tmp_path / "w.npz"))
@@ -380,10 +402,10 @@ def test_bucketed_training_step_equals_the_unpadded_images(data_root):
   import jax.numpy as jnp
 
   from recall_jax import data
-  from recall_jax.data import aspect_buckets
   from recall_jax.data import source as source_lib
   from recall_jax.train import megabatch
-  from recall_jax.train import sharding
+  from recall_jax.train import batch_assembly
+  from recall_jax.train import sharded_step
 
   c = _config("gldv1_resnet101")
   c.data.root, c.data.check_sizes, c.data.flip = str(data_root), False, False
@@ -398,7 +420,7 @@ def test_bucketed_training_step_equals_the_unpadded_images(data_root):
     local = next(batches)
   assert set(local["image"].bucket.tolist()) == {0, 2}
   assert [len(b) for b in local["image"].buckets] == [8, 0, 16]
-  batch = sharding.global_bucketed_batch(local, exp.mesh)
+  batch = batch_assembly.global_bucketed_batch(local, exp.mesh)
   assert isinstance(batch["image"], megabatch.BucketedBatch)
 
   def embed_fn(params, images, key):  # as the trainer embeds (frozen BatchNorm, pixel mask)
@@ -406,7 +428,7 @@ def test_bucketed_training_step_equals_the_unpadded_images(data_root):
     pixels, mask = data.split_mask_channel(images)
     return exp.model.apply({"params": params, **exp.frozen}, pixels, mask=mask, train=True)
 
-  value_and_grad = jax.jit(sharding.sharded_bucketed_value_and_grad(
+  value_and_grad = jax.jit(sharded_step.sharded_value_and_grad(
       embed_fn, exp.loss_fn, exp.mesh, chunk_size_per_device=c.chunk_size))
   params = jax.tree.map(jnp.asarray, exp.initial_params)
   loss, grads = value_and_grad(params, batch["image"], batch["label"])
@@ -441,3 +463,123 @@ def test_bucketed_training_step_equals_the_unpadded_images(data_root):
   state = experiment.init_state(exp)
   _, metrics = exp.train_step(state, batch["image"], batch["label"], jax.random.key(0))
   np.testing.assert_allclose(float(metrics["loss"]), float(want_loss), rtol=1e-5)
+
+
+def _reference_descriptors(model, variables, images: list[np.ndarray], scales) -> np.ndarray:
+  """Each unpadded image alone, at its own size: the model at one scale, else the multi-scale
+  combination of the model on the image resized without padding or mask."""
+  if tuple(scales) == (1.0,):
+    return _apply_unpadded(model, variables, images)
+  power = multiscale.multiscale_power(model, variables)
+  describe = lambda x, m: model.apply(variables, x, train=False)
+  return np.concatenate([np.asarray(multiscale.multiscale_descriptors(
+      describe, image[None], None, scales=scales, power=power), np.float64) for image in images])
+
+
+@pytest.mark.parametrize("scales", [(1.0,), (1.0, 2**-0.5, 2**0.5)])
+def test_queries_and_images_smaller_than_image_size_are_described_at_their_size(
+    data_root, scales):
+  c = _config("gldv1_resnet101")
+  c.data.root, c.data.check_sizes = str(data_root), False
+  c.eval.datasets, c.eval.scales = ("roxford5k",), scales
+  model = experiment.make_model(c)
+  frozen = experiment.make_variables(c, model)
+  params = frozen.pop("params")
+  with pytest.warns(UserWarning, match="1 of 2 query boxes reach past their image"):
+    evaluator = landmarks.make_revisited_evaluator(c, model, frozen, log_fn=None, progress=False)
+  described = evaluator(params, 0).embeddings["roxford5k"]
+  dataset = landmark_data.load_revisited("roxford5k", data_root=data_root, expected_sizes=None)
+  crops = []
+  for file, box in zip(dataset.query_files, dataset.query_boxes):
+    with PIL.Image.open(file) as image:  # the reference code's crop (black outside the image)
+      crops.append(np.asarray(image.convert("RGB").crop(tuple(box))))
+  database = [np.asarray(PIL.Image.open(f).convert("RGB")) for f in dataset.database_files]
+  assert max(max(x.shape[:2]) for x in crops + database) < c.data.image_size
+  variables = {"params": params, **frozen}
+  np.testing.assert_allclose(described.query_embeddings,
+                             _reference_descriptors(model, variables, crops, scales), atol=1e-5)
+  np.testing.assert_allclose(described.embeddings,
+                             _reference_descriptors(model, variables, database, scales), atol=1e-5)
+
+
+def test_whiten_then_eval_whitens_the_evaluations_own_descriptors(data_root, tmp_path):
+  # The AP-GeM preset: one scale, PCA-whitening of power 0.25 learned on the training set.
+  c = _config("gldv1_resnet101", "smoke,apgem_eval")
+  c.data.root, c.data.check_sizes = str(data_root), False
+  assert (c.eval.scales, c.eval.whitening_kind, c.eval.whitening_power) == ((1.0,), "pca", 0.25)
+  workdir = tmp_path / "run"
+  model, frozen, params = _save_checkpoint(c, workdir)
+  path = tmp_path / "apgem.npz"
+  # 16 training images of 16-d descriptors span at most 15 dimensions: keep 8.
+  proc = _main("configs/gldv1_resnet101.py:smoke,apgem_eval", workdir, data_root, "--mode=whiten",
+               f"--output={path}", "--config.eval.whitening_dim=8")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  whitening = whitening_lib.load_whitening(path)
+  assert whitening.space["fc"] and whitening.space["scales"] == [1.0]
+
+  # Learned from the descriptors the evaluation computes (NumPy float64 PCA of power 0.25).
+  train = np.load(modes.embed_split(c, workdir, split="train",
+                                    output=str(tmp_path / "train.npz")))["embeddings"]
+  x = np.asarray(train, np.float64)
+  mean = x.mean(axis=0)
+  eigval, eigvec = np.linalg.eigh((x - mean).T @ (x - mean) / len(x))
+  eigval, eigvec = eigval[::-1][:8], eigvec[:, ::-1][:, :8]
+  np.testing.assert_allclose(whitening.mean, mean, atol=1e-6)
+  # Sign-free: P^T P = V diag(lambda^-0.5) V^T.
+  np.testing.assert_allclose(whitening.projection.T @ whitening.projection,
+                             eigvec @ np.diag(eigval**-0.5) @ eigvec.T, rtol=1e-3, atol=1e-3)
+
+  # Applied by the evaluation: its descriptors, whitened by hand in float64.
+  c.eval.datasets = ("roxford5k",)
+  with pytest.warns(UserWarning, match="reach past"):
+    plain = landmarks.make_revisited_evaluator(c, model, frozen, log_fn=None, progress=False)
+  c.eval.whitening = str(path)
+  config_lib.validate(c)
+  with pytest.warns(UserWarning, match="reach past"):
+    whitened = landmarks.make_revisited_evaluator(c, model, frozen, log_fn=None, progress=False)
+  before = plain(params, 1).embeddings["roxford5k"]
+  after = whitened(params, 1).embeddings["roxford5k"]
+  for a, b in ((after.query_embeddings, before.query_embeddings),
+               (after.embeddings, before.embeddings)):
+    assert a.shape[1] == 8
+    np.testing.assert_allclose(a, _whitened(b, whitening), atol=1e-5)
+  proc = _main("configs/gldv1_resnet101.py:smoke,apgem_eval", workdir, data_root, "--mode=eval",
+               f"--config.eval.whitening={path}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+
+  # A file learned in another space is refused in one line, before any work.
+  for flag, where in ((f"--config.eval.whitening={path}", "eval.whitening"),
+                      (f"--config.model.whitening_init={path}", "model.whitening_init")):
+    proc = _main("configs/gldv1_resnet101.py:smoke", workdir, data_root, "--mode=eval", flag)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"{where} file {path} was learned for" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_damaged_whitening_files_are_refused_before_any_work(data_root, tmp_path):
+  rng = np.random.default_rng(0)
+  # The smoke model describes with 16 dimensions.
+  nan = whitening_lib.Whitening(rng.normal(size=16), rng.normal(size=(8, 16)), "pca")
+  nan.projection[3, 5] = np.nan
+  wide = whitening_lib.Whitening(rng.normal(size=24), rng.normal(size=(8, 24)), "pca")
+  for name, whitening, message in (("nan", nan, "holds NaN or infinite values"),
+                                   ("wide", wide, "whitens 24-d descriptors, the model "
+                                                  "describes with 16")):
+    whitening_lib.save_whitening(tmp_path / f"{name}.npz", whitening)
+    proc = _main("configs/gldv1_resnet101.py:smoke", tmp_path / name, data_root, "--mode=eval",
+                 f"--config.eval.whitening={tmp_path / f'{name}.npz'}")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert message in proc.stderr and "embed_fn produced NaN" not in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / name / "metrics.jsonl").exists()
+
+
+def test_whitening_keys_are_range_checked():
+  c = _landmark_config()
+  c.eval.whitening_power, c.eval.whitening_dim, c.eval.whitening_ridge = 2.0, 0, -1.0
+  c.eval.whitening_kind, c.eval.whitening_target = "zca", "head"
+  with pytest.raises(errors.ConfigError) as info:
+    config_lib.validate(c)
+  for key in ("whitening_power", "whitening_dim", "whitening_ridge", "whitening_kind",
+              "whitening_target"):
+    assert f"eval.{key} must" in str(info.value)
+  with pytest.raises(errors.ConfigError, match="known: smoke, apgem_eval"):
+    _config("gldv1_resnet101", "smoke,tpami")

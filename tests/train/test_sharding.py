@@ -1,4 +1,7 @@
-"""Data-parallel training (recall_jax.train.sharding) on forced CPU devices and two processes.
+"""Data-parallel training (start-up, batch assembly, the sharded step) on forced CPU devices.
+
+Serves both tasks: square batches and whole images in aspect buckets, on 8 devices and on two
+processes.
 
 Multi-device checks run in subprocesses (tests/train/sharding_worker.py, which gets its CPU
 devices from `chex.set_n_cpu_devices`): the device count is fixed when JAX starts, and this pytest
@@ -18,7 +21,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from recall_jax.train import sharding
+from recall_jax import parallel
+from recall_jax.train import batch_assembly
+from recall_jax.train import distributed
+from recall_jax.train import sharded_step
+from recall_jax import batch_layout
 from recall_jax.train import train_step as train_step_lib
 
 WORKER = pathlib.Path(__file__).with_name("sharding_worker.py")
@@ -133,7 +140,7 @@ def test_two_processes_match_one_and_checkpoint_restores_in_one(tmp_path):
     ({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "1", "JAX_PROCESS_ID": "0"}, None),
 ])
 def test_distributed_environment_detection(env, expected):
-  assert sharding.distributed_environment(env) == expected
+  assert distributed.distributed_environment(env) == expected
 
 
 @pytest.mark.parametrize("env, message", [
@@ -145,55 +152,55 @@ def test_distributed_environment_detection(env, expected):
 ])
 def test_distributed_environment_errors(env, message):
   with pytest.raises(ValueError) as e:
-    sharding.distributed_environment(env)
+    distributed.distributed_environment(env)
   assert message in str(e.value)
 
 
 def test_initialize_distributed_single_process_is_a_no_op():
-  assert sharding.initialize_distributed({}) == (0, 1)
+  assert distributed.initialize_distributed({}) == (0, 1)
   assert not jax.distributed.is_initialized()
 
 
 def test_check_batch_layout():
-  assert sharding.check_batch_layout(4000, 125, 8) == 4
-  assert sharding.check_batch_layout(32, 4, 8, num_processes=2, samples_per_class=4) == 1
+  assert batch_layout.check_batch_layout(4000, 125, 8) == 4
+  assert batch_layout.check_batch_layout(32, 4, 8, num_processes=2, samples_per_class=4) == 1
   with pytest.raises(ValueError, match=r"global batch 4000 is not divisible by "
                      r"chunk_size_per_device 150 x 8 devices = 1200 \(per-device batch 500"):
-    sharding.check_batch_layout(4000, 150, 8)
+    batch_layout.check_batch_layout(4000, 150, 8)
   with pytest.raises(ValueError, match="multiple of 64"):
-    sharding.check_batch_layout(100, 8, 8)
+    batch_layout.check_batch_layout(100, 8, 8)
   with pytest.raises(ValueError, match="not a multiple of samples_per_class 4"):
-    sharding.check_batch_layout(48, 1, 8, num_processes=8, samples_per_class=4)
+    batch_layout.check_batch_layout(48, 1, 8, num_processes=8, samples_per_class=4)
   with pytest.raises(ValueError, match="8 devices do not split evenly over 3 processes"):
-    sharding.check_batch_layout(48, 1, 8, num_processes=3)
+    batch_layout.check_batch_layout(48, 1, 8, num_processes=3)
   with pytest.raises(ValueError, match="chunk_size_per_device must be a positive integer"):
-    sharding.check_batch_layout(48, 0, 8)
+    batch_layout.check_batch_layout(48, 0, 8)
 
 
 def test_single_device_mesh_step_and_batch_errors():
   """On one device the sharded step is the plain step; bad batches fail before compiling."""
   worker = _worker_module()
-  mesh = sharding.data_mesh()
-  assert mesh.axis_names == (sharding.DATA_AXIS,)
+  mesh = parallel.data_mesh()
+  assert mesh.axis_names == (parallel.DATA_AXIS,)
   assert mesh.axis_types == (jax.sharding.AxisType.Auto,)
   loss_fn, _ = worker.loss_fn_for(8, 4, False)
   opt = worker.optimizer()
-  state = sharding.make_sharded_state(worker.init_params(), opt, mesh)
+  state = sharded_step.make_sharded_state(worker.init_params(), opt, mesh)
   assert all(leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(state))
   images, labels = worker.dataset()
   images, labels = images[:8], np.repeat(np.arange(2), 4).astype(np.int32)
   with pytest.raises(ValueError, match="same leading axis"):
-    sharding.global_batch({"image": images, "label": labels[:7]}, mesh)
-  batch = sharding.global_batch({"image": images, "label": labels}, mesh)
+    batch_assembly.global_batch({"image": images, "label": labels[:7]}, mesh)
+  batch = batch_assembly.global_batch({"image": images, "label": labels}, mesh)
   assert batch["image"].shape == images.shape
-  assert batch["image"].sharding.spec == sharding.batch_sharding(mesh).spec
-  step = sharding.make_sharded_train_step(worker.embed_fn, loss_fn, opt, mesh,
-                                          chunk_size_per_device=3)
+  assert batch["image"].sharding.spec == parallel.row_sharding(mesh).spec
+  step = sharded_step.make_sharded_train_step(worker.embed_fn, loss_fn, opt, mesh,
+                                              chunk_size_per_device=3)
   with pytest.raises(ValueError,
                      match="global batch 8 is not divisible by chunk_size_per_device 3"):
     step(state, batch["image"], batch["label"])
-  step = sharding.make_sharded_train_step(worker.embed_fn, loss_fn, opt, mesh,
-                                          chunk_size_per_device=4)
+  step = sharded_step.make_sharded_train_step(worker.embed_fn, loss_fn, opt, mesh,
+                                              chunk_size_per_device=4)
   with pytest.raises(ValueError, match=r"labels must have shape \(8,\)"):
     step(state, batch["image"], batch["label"][:4])
   ref = train_step_lib.make_train_step(worker.embed_fn, loss_fn, opt, chunk_size=4)(

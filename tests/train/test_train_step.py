@@ -1,4 +1,7 @@
-"""`make_train_step`: mega-batch gradients + optax, jitted with the state donated."""
+"""`make_train_step`: mega-batch gradients + optax, jitted with the state donated.
+
+Serves both tasks.
+"""
 
 from __future__ import annotations
 

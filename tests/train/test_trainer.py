@@ -1,4 +1,7 @@
-"""End-to-end tests of the training program and the checkpoint modes on a tiny Omniglot run."""
+"""End-to-end tests of the training program and the checkpoint modes on a tiny Omniglot run.
+
+Category-level (square crops, Recall@k); the instance-level runs are in test_landmarks.py.
+"""
 
 import contextlib
 import importlib.util
