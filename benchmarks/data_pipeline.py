@@ -18,8 +18,18 @@ in the background (the default: `read_threads=2, prefetch_batches=2`) and built 
 cache (`InMemorySource(decode_channels=...)`) against held encoded bytes on Omniglot-like 105 px
 1-bit PNGs cropped to 28 px in batches of 1,000 (the demo's input).
 
+Last, the mega-batch (`--mega-batch`, default 4,000 images of 224 px per step, 0: skip): the
+loader with `--mega-workers` grain processes (default: one per core) builds `--mega-steps`
+steps; its images per CPU-second of all its processes (main and workers, read from /proc, so
+robust to other programs sharing the cores) against a bare PIL loop (decode, random crop box,
+resize to 224) in one process, and its peak memory (the sum of the processes' proportional set
+sizes, sampled every 50 ms, less this process's before the loader starts) in global batches
+(B x 224 x 224 x 3 bytes). Linux only (/proc).
+
   python benchmarks/data_pipeline.py [--images 400] [--seconds 10] [--workers 2]
                                      [--step-seconds 0.2] [--steps 8] [--repeats 3]
+                                     [--mega-batch 4000] [--mega-workers 2] [--mega-steps 2]
+                                     [--mega-prefetch 2] [--only-mega]
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ import os
 import pathlib
 import statistics
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -39,6 +50,8 @@ import PIL.ImageDraw
 
 from recall_jax import data
 from recall_jax.data import transforms
+
+from descriptors import machine_name  # benchmarks/: the script's own folder
 
 
 def synthetic_jpegs(folder: pathlib.Path, count: int, seed: int = 0) -> list[bytes]:
@@ -123,13 +136,29 @@ def main() -> None:
   parser.add_argument("--step-seconds", type=float, default=0.2, help="the fake training step")
   parser.add_argument("--steps", type=int, default=8, help="steps per overlap measurement")
   parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats (median)")
+  parser.add_argument("--mega-batch", type=int, default=4000, help="images per step; 0: skip")
+  parser.add_argument("--mega-workers", type=int, default=os.cpu_count())
+  parser.add_argument("--mega-steps", type=int, default=2, help="steps measured after the first")
+  parser.add_argument("--mega-prefetch", type=int, default=2, help="the loader's prefetch_batches")
+  parser.add_argument("--only-mega", action="store_true", help="run the mega-batch part only")
   args = parser.parse_args()
+  print(f"machine: {machine_name()}")
 
   with tempfile.TemporaryDirectory() as tmp:
     encoded = synthetic_jpegs(pathlib.Path(tmp), args.images)
   mean_kb = np.mean([len(e) for e in encoded]) / 1024
   print(f"{len(encoded)} synthetic JPEGs, mean {mean_kb:.0f} KiB; "
         f"CPU cores visible: {os.cpu_count()}")
+  if not args.only_mega:
+    small_batches(args, encoded)
+  if args.mega_batch:
+    mega_batch(encoded, batch_size=args.mega_batch, workers=args.mega_workers,
+               steps=args.mega_steps, image_size=args.image_size, seconds=args.seconds,
+               prefetch_batches=args.mega_prefetch)
+
+
+def small_batches(args: argparse.Namespace, encoded: list[bytes]) -> None:
+  """Per-record costs, the loader in batches of `--batch-size`, overlap and the decode cache."""
 
   position = iter(range(1 << 62))
 
@@ -226,6 +255,128 @@ def main() -> None:
   print(f"  ratio decoded / encoded: {decoded_rate / encoded_rate:.2f}x "
         f"({held['decoded once (decode_channels=1)'].nbytes / 2**20:.0f} MiB held for "
         f"{len(strokes)} images)")
+
+
+def _descendants(pid: int) -> list[int]:
+  """`pid` and every process below it (grain's workers), from /proc."""
+  children: dict[int, list[int]] = {}
+  for entry in os.listdir("/proc"):
+    if entry.isdigit():
+      try:
+        with open(f"/proc/{entry}/stat") as f:
+          ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+      except (OSError, IndexError, ValueError):
+        continue
+      children.setdefault(ppid, []).append(int(entry))
+  out, todo = [], [pid]
+  while todo:
+    out.append(todo.pop())
+    todo.extend(children.get(out[-1], []))
+  return out
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+  """User + system CPU seconds of `pids` (those still alive)."""
+  total, tick = 0.0, os.sysconf("SC_CLK_TCK")
+  for pid in pids:
+    try:
+      with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+      total += (int(fields[11]) + int(fields[12])) / tick
+    except (OSError, IndexError, ValueError):
+      pass
+  return total
+
+
+def _pss_bytes(pids: list[int]) -> int:
+  """The summed proportional set size of `pids`: shared pages counted once overall."""
+  total = 0
+  for pid in pids:
+    try:
+      with open(f"/proc/{pid}/smaps_rollup") as f:
+        total += next(int(line.split()[1]) * 1024 for line in f if line.startswith("Pss:"))
+    except (OSError, StopIteration, ValueError):
+      pass
+  return total
+
+
+class _PeakMemory:
+  """Samples the summed PSS of this process and its descendants every 50 ms, keeping the peak."""
+
+  def __init__(self):
+    self.peak, self._stop = 0, threading.Event()
+    self._thread = threading.Thread(target=self._sample, daemon=True)
+
+  def _sample(self) -> None:
+    while not self._stop.wait(0.05):
+      self.peak = max(self.peak, _pss_bytes(_descendants(os.getpid())))
+
+  def __enter__(self) -> _PeakMemory:
+    self._thread.start()
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self._stop.set()
+    self._thread.join()
+
+
+def mega_batch(encoded: list[bytes], *, batch_size: int, workers: int, steps: int,
+               image_size: int, seconds: float, prefetch_batches: int) -> None:
+  """The loader at a mega-batch against a bare PIL loop: rate per core and peak memory."""
+  # Records cycle through the JPEGs, so any batch size needs no more unique images.
+  count = max(batch_size, len(encoded))
+  labels = np.arange(count) // 4
+  source = [{"image": encoded[i % len(encoded)], "label": int(labels[i]), "id": str(i)}
+            for i in range(count)]
+  sampler = data.MPerClassSampler(labels, batch_size, 4, seed=0)
+  rng = np.random.default_rng(0)
+
+  def bare_pil_some() -> int:
+    for e in encoded[:50]:
+      image = PIL.Image.open(io.BytesIO(e)).convert("RGB")
+      box = transforms.random_resized_crop_box(*image.size, rng)
+      np.asarray(image.resize((image_size, image_size), PIL.Image.BILINEAR, box=box))
+    return 50
+
+  bare, _ = _rate(bare_pil_some, seconds)
+  batch_bytes = batch_size * image_size * image_size * 3
+  before = _pss_bytes([os.getpid()])
+  with _PeakMemory() as memory:
+    start = time.perf_counter()
+    loader = data.make_train_loader(source, sampler, image_size=image_size, seed=0,
+                                    worker_count=workers, prefetch_batches=prefetch_batches)
+    try:
+      next(loader)
+      first_s = time.perf_counter() - start
+      # Workers that die are not counted; grain keeps them for the iterator's life.
+      pids = _descendants(os.getpid())
+      workers_pids = [pid for pid in pids if pid != os.getpid()]
+      main_start, workers_start = _cpu_seconds([os.getpid()]), _cpu_seconds(workers_pids)
+      wall_start = time.perf_counter()
+      for _ in range(steps):
+        next(loader)
+      main_cpu = _cpu_seconds([os.getpid()]) - main_start
+      workers_cpu = _cpu_seconds(workers_pids) - workers_start
+      cpu = main_cpu + workers_cpu
+      wall = time.perf_counter() - wall_start
+      workers_pss = _pss_bytes(workers_pids)
+    finally:
+      loader.close()
+  per_core = steps * batch_size / cpu
+  print(f"mega-batch B = {batch_size:,} at {image_size} px ({batch_bytes / 2**20:.0f} MiB per "
+        f"global batch), {workers} grain workers, prefetch_batches={prefetch_batches}, "
+        f"{steps} steps after the first:")
+  print(f"  bare PIL loop (decode, crop box, resize), one process: {bare:7.0f} img/s per core")
+  print(f"  make_train_loader, all its processes:                 {per_core:7.0f} img/s per core "
+        f"({steps * batch_size / wall:.0f} img/s wall-clock, first batch after {first_s:.1f} s)")
+  print(f"  CPU seconds per 1,000 images: workers {1000 * workers_cpu / (steps * batch_size):.2f}, "
+        f"main process (receiving, stacking) {1000 * main_cpu / (steps * batch_size):.2f}; "
+        f"bare PIL {1000 / bare:.2f}")
+  print(f"  ratio loader / bare PIL per core: {per_core / bare:.2f}x (goal >= 0.9x)")
+  print(f"  peak memory of the loader's processes: {(memory.peak - before) / 2**30:.2f} GiB = "
+        f"{(memory.peak - before) / batch_bytes:.2f} global batches (goal <= 3), of which the "
+        f"worker processes at the end {workers_pss / 2**30:.2f} GiB (their interpreters and "
+        "imports, a few images)")
 
 
 class _ListSource(list):

@@ -46,7 +46,7 @@ def largest_divisor_at_most(n: int, limit: int) -> int:
 
 def _setup(args, batch: int):
   kwargs = dict(dtype=jnp.dtype(args.dtype), image_size=args.image_size,
-                embedding_dim=args.embedding_dim)
+                embedding_dim=args.embedding_dim, remat=args.remat)
   if args.attention == "cudnn":
     kwargs.update(attention_implementation="cudnn", attention_pad_to=args.pad_to)
   model = models.get_model(args.model, **kwargs)
@@ -153,6 +153,7 @@ def main():
   parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
   parser.add_argument("--attention", default="xla", choices=["xla", "cudnn"])
   parser.add_argument("--pad-to", type=int, default=200)
+  parser.add_argument("--remat", default="none", help="backbone remat: none, block (or dots)")
   parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: 'mode:batch' in this process
   args = parser.parse_args()
 

@@ -1,7 +1,7 @@
 """The layout rules of a training batch: whole chunks per device, whole classes per process.
 
 Serves both tasks. Pure arithmetic on sizes, with no JAX import, so that validating a config
-(`config_checks`) and the sharded step (`train.sharding`) apply the one rule without the config
+(`config_checks`) and the sharded step (`train.sharded_step`) apply the one rule without the config
 loading JAX.
 """
 

@@ -67,6 +67,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.name = "vit_b16"  # backbone (recall_jax.models.available_models())
   c.model.embedding_dim = 512  # output dimension of the embedding head
   c.model.dtype = "float32"  # compute dtype of the backbone; "bfloat16" on GPUs
+  c.model.remat = "none"  # ViT/ResNet blocks: "block"/"dots" recompute in backward (GPU memory)
   c.model.pretrained = _optional(str)  # .npz / .safetensors weights for the backbone
   c.model.center_head_init = False  # centre the head on the first batch (training from scratch)
   c.model.head = _optional(str)  # ResNets: "embedding" or "landmark"; None: the model's own
@@ -122,6 +123,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every_steps = 10  # write a metrics.jsonl train row every this many steps
   c.num_grid_queries = 8  # retrieval-grid PNG rows (0 disables it)
   c.cold_start_checks = True  # RS@k: log the median positive rank early, warn if it cannot learn
+  c.compilation_cache_dir = _optional(str)  # XLA cache; None: <workdir>/compilation_cache, "": off
   return c
 
 

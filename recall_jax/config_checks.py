@@ -209,6 +209,9 @@ def problems(c: ml_collections.ConfigDict, num_devices: int = 1,
   if in_range("data.image_size", "data.resize_size") and c.data.image_size > c.data.resize_size:
     found.append(f"data.image_size {c.data.image_size} exceeds data.resize_size "
                  f"{c.data.resize_size}")
+  if c.get("compilation_cache_dir") and os.path.isfile(
+      os.path.expanduser(c.compilation_cache_dir)):
+    found.append(f"compilation_cache_dir {c.compilation_cache_dir!r} is a file, not a folder")
   found += _file_problem("model.pretrained weights", c.model.pretrained)
   found += _evaluation_problems(c)
   found += _landmark_problems(c)

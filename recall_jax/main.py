@@ -30,6 +30,7 @@ asks which task it runs.
 
 from __future__ import annotations
 
+import pathlib
 import sys
 
 from absl import app
@@ -50,6 +51,9 @@ _MODE = flags.DEFINE_enum(
     "Config keys: see configs/default.py, set with --config.KEY=VALUE.")
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", "latest", "eval/embed/search/export: 'latest', 'best' or a step number.")
+# Checked while parsing, so a bad value is one line before anything is read or embedded.
+flags.register_validator("checkpoint", lambda v: v in ("latest", "best") or v.isascii() and
+                         v.isdigit(), "must be 'latest', 'best' or a step number")
 _SPLIT = flags.DEFINE_string(
     "split", None, "embed: the split to embed (default: the gallery split, else the first test).")
 _OUTPUT = flags.DEFINE_string(
@@ -88,6 +92,7 @@ def main(argv: list[str]) -> int:
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
+  _use_compilation_cache(config.compilation_cache_dir, _WORKDIR.value)
   try:
     # Multi-host runs (SLURM, MPI) must connect before any other JAX call; no-op otherwise.
     distributed.initialize_distributed()
@@ -117,6 +122,17 @@ def main(argv: list[str]) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 1
   return 0
+
+
+def _use_compilation_cache(cache_dir: str | None, workdir: str) -> None:
+  """Keeps compiled steps on disk, so that a resumed or re-launched run loads, not recompiles."""
+  if cache_dir == "":
+    return
+  import jax  # pylint: disable=import-outside-toplevel
+  path = pathlib.Path(cache_dir or pathlib.Path(workdir) / "compilation_cache").expanduser()
+  jax.config.update("jax_compilation_cache_dir", str(path.absolute()))
+  # Every compilation, not only those over JAX's default second: the small ones add up too.
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -1,4 +1,4 @@
-"""docs/extending.md's examples, run as written: a new loss and a new dataset, trained 2 steps."""
+"""docs/architecture.md's examples, run as written: a new loss and a new dataset, trained 2 steps."""
 
 import math
 import pathlib
@@ -21,7 +21,7 @@ from recall_jax.losses.registry import LossSpec, Option
 from recall_jax.train import reporting
 from recall_jax.train import trainer
 
-DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "extending.md"
+DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "architecture.md"
 
 
 def _code_blocks() -> list[str]:

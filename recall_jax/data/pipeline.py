@@ -1,18 +1,23 @@
-"""grain input pipelines: one element per training step (sampler order) or per evaluation batch.
+"""grain input pipelines (both tasks): one element per image, batched after.
 
-Each element is built by one worker: the records of the step are read from the source, decoded
-and augmented with PIL, and stacked as uint8 NHWC (normalisation happens on the device). The
-augmentation RNG of a record is `np.random.default_rng([seed, step, global position])`, so a
-batch depends only on (seed, step, sampler), never on worker count, thread timing, process
-count or where a run was resumed. A record's own decoded-image transform (set by a source wrapper,
-see `source.DECODED_TRANSFORM`) is applied to its augmented or resized image.
+The elements are images: the training loader's element `t * b + k` is position k of this
+process's slice of global step t, the evaluation loader's element i is record i (or padding).
+Each is read from the source, decoded and augmented (or resized) with PIL, as uint8 HWC
+(normalisation happens on the device); grain's own batching then stacks `b` consecutive elements.
+So every worker decodes part of every step, and a step's first images are ready after a few
+decodes, not after a whole batch. The augmentation RNG of a record is
+`np.random.default_rng([seed, step, global position])`, so a batch depends only on (seed, step,
+sampler), never on worker count, thread timing, process count or where a run was resumed. A
+record's own decoded-image transform (set by a source wrapper, see `source.DECODED_TRANSFORM`) is
+applied to its augmented or resized image.
 
-Batches are built ahead of the consumer, in the background, so that building batch t + 1 overlaps
-the training step on batch t instead of following it: `read_threads` threads each build one batch
-(grain's threaded prefetch, in the worker processes when `worker_count > 0`: `mp_prefetch`), and
-`prefetch_batches` finished batches wait in a queue filled by a background thread (grain's
-`ThreadPrefetchIterDataset`), which also takes the copy out of the worker processes off the
-consumer's thread. Both keep the element order, so the batches are the same with or without them;
+Elements are built ahead of the consumer, in the background, so that building batch t + 1
+overlaps the training step on batch t instead of following it: `read_threads` threads each decode
+one image at a time (grain's threaded prefetch, in each worker process when `worker_count > 0`:
+`mp_prefetch`, which deals the images out to the workers in turn), and `prefetch_batches` stacked
+batches wait in a queue filled by a background thread (grain's `ThreadPrefetchIterDataset`),
+which also does the stacking and takes the copy out of the worker processes off the consumer's
+thread. All keep the element order, so the batches are the same with or without them;
 `prefetch_batches=0` and `read_threads=0` build each batch on demand, in series with the caller.
 Closing the iterator stops the threads and workers.
 """
@@ -33,6 +38,8 @@ from recall_jax.errors import ConfigError
 
 # Steps a training iterator covers when `num_steps` is not given (effectively unbounded).
 _UNBOUNDED_STEPS = 1 << 40
+# Decoded images each read thread may hold ahead of the batching (a few MB at 224 px).
+_IMAGES_AHEAD_PER_THREAD = 4
 
 
 def _record_name(source: Source, index: int, record: dict[str, Any]) -> str:
@@ -41,79 +48,82 @@ def _record_name(source: Source, index: int, record: dict[str, Any]) -> str:
   return f"{index} (id {record.get('id', '?')!r}) of {where}"
 
 
-class _TrainStep:
-  """Maps a global step to this process's augmented batch."""
+class _TrainImage:
+  """Maps element `t * b + k` to image k of this process's slice of global step t, augmented."""
 
   def __init__(self, source: Source, sampler: sampler_lib.MPerClassSampler, *, image_size: int,
                seed: int, process_index: int, process_count: int, channels: int,
                crop_scale: tuple[float, float], flip: bool):
     self.source, self.sampler = source, sampler
     self.image_size, self.seed, self.channels = image_size, seed, channels
-    self.process_index, self.process_count = process_index, process_count
+    self.local_batch = sampler.batch_size // process_count
+    self.offset = process_index * self.local_batch
     self.crop_scale, self.flip = tuple(crop_scale), flip
 
-  def __call__(self, step: int) -> dict[str, np.ndarray]:
-    step = int(step)
-    indices = self.sampler.local_slice(self.sampler.batch_indices(step), self.process_index,
-                                       self.process_count)
-    offset = self.process_index * len(indices)
-    images = np.empty((len(indices), self.image_size, self.image_size, self.channels), np.uint8)
-    labels = np.empty(len(indices), np.int32)
-    for k, (index, record) in enumerate(zip(indices, read_records(self.source, indices))):
-      rng = np.random.default_rng([self.seed, step, offset + k])
-      image = transforms.train_augment(
-          record["image"], rng, image_size=self.image_size, channels=self.channels,
-          crop_scale=self.crop_scale, flip=self.flip,
-          record=_record_name(self.source, index, record))
-      images[k] = apply_decoded_transform(record, image)
-      labels[k] = record["label"]
-    return {"image": images, "label": labels}
+  def __call__(self, element: int) -> dict[str, np.ndarray]:
+    step, k = divmod(int(element), self.local_batch)
+    position = self.offset + k  # In the global batch: what the seed names.
+    index = self.sampler.record_index(step, position)
+    record = read_records(self.source, [index])[0]
+    rng = np.random.default_rng([self.seed, step, position])
+    image = transforms.train_augment(
+        record["image"], rng, image_size=self.image_size, channels=self.channels,
+        crop_scale=self.crop_scale, flip=self.flip,
+        record=_record_name(self.source, index, record))
+    return {"image": apply_decoded_transform(record, image), "label": np.int32(record["label"])}
 
 
-class _EvalBatch:
-  """Maps a batch number to resized, center-cropped images of consecutive records (padded)."""
+class _EvalImage:
+  """Maps element i to record i resized and center-cropped, or to padding past the source."""
 
-  def __init__(self, source: Source, *, image_size: int, resize_size: int, batch_size: int,
-               channels: int):
+  def __init__(self, source: Source, *, image_size: int, resize_size: int, channels: int):
     self.source, self.image_size, self.resize_size = source, image_size, resize_size
-    self.batch_size, self.channels = batch_size, channels
+    self.channels = channels
 
-  def __call__(self, batch: int) -> dict[str, np.ndarray]:
-    start = int(batch) * self.batch_size
-    indices = np.arange(start, min(start + self.batch_size, len(self.source)), dtype=np.int64)
-    b = self.batch_size
-    out = {
-        "image": np.zeros((b, self.image_size, self.image_size, self.channels), np.uint8),
-        "label": np.full(b, -1, np.int32),
-        "mask": np.zeros(b, bool),
-        "index": np.full(b, -1, np.int64),
-    }
-    for k, (index, record) in enumerate(zip(indices, read_records(self.source, indices))):
-      image = transforms.eval_transform(
-          record["image"], image_size=self.image_size, resize_size=self.resize_size,
-          channels=self.channels, record=_record_name(self.source, index, record))
-      out["image"][k] = apply_decoded_transform(record, image)
-      out["label"][k] = record["label"]
-    out["mask"][:len(indices)] = True
-    out["index"][:len(indices)] = indices
-    return out
+  def __call__(self, element: int) -> dict[str, Any]:
+    index = int(element)
+    if index >= len(self.source):
+      return {"image": np.zeros((self.image_size, self.image_size, self.channels), np.uint8),
+              "label": np.int32(-1), "mask": np.False_, "index": np.int64(-1)}
+    record = read_records(self.source, [index])[0]
+    image = transforms.eval_transform(
+        record["image"], image_size=self.image_size, resize_size=self.resize_size,
+        channels=self.channels, record=_record_name(self.source, index, record))
+    return {"image": apply_decoded_transform(record, image), "label": np.int32(record["label"]),
+            "mask": np.True_, "index": np.int64(index)}
 
 
-def ahead(batches: grain.MapDataset, *, worker_count: int, read_threads: int,
-           prefetch_batches: int) -> grain.IterDataset:
-  """Builds `batches` ahead of the consumer (see the module docstring), in order."""
+def ahead(elements: grain.MapDataset, *, worker_count: int, read_threads: int,
+          prefetch_batches: int, batch_size: int | None = None) -> grain.IterDataset:
+  """Builds `elements` ahead of the consumer (see the module docstring), in order.
+
+  Args:
+    elements: images (with `batch_size`) or whole batches (without).
+    worker_count, read_threads, prefetch_batches: as in `make_train_loader`.
+    batch_size: stack this many consecutive elements into a batch, after the workers; None: the
+      elements are batches already.
+
+  Returns:
+    The batches, in element order.
+  """
   if worker_count < 0 or read_threads < 0 or prefetch_batches < 0:
     raise ConfigError(f"worker_count {worker_count}, read_threads {read_threads} and "
                       f"prefetch_batches {prefetch_batches} must be non-negative")
-  dataset = batches.to_iter_dataset(
-      grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=read_threads))
+  # Images are small: a worker keeps a few per thread ready, to ride out uneven decode times.
+  per_thread = 1 if batch_size is None else _IMAGES_AHEAD_PER_THREAD
+  dataset = elements.to_iter_dataset(
+      grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=read_threads * per_thread))
   if worker_count > 0:
     # grain 0.2.x reads an Abseil flag in mp_prefetch and fails in programs that do not parse
     # flags with absl.app (google/grain#1355); the flags' defaults are what such programs want.
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
+    buffered = max(prefetch_batches, 1) * (1 if batch_size is None else
+                                           max(read_threads, 1) * _IMAGES_AHEAD_PER_THREAD)
     dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=worker_count, per_worker_buffer_size=max(prefetch_batches, 1)))
+        num_workers=worker_count, per_worker_buffer_size=buffered))
+  if batch_size is not None:
+    dataset = dataset.batch(batch_size, drop_remainder=True)
   if prefetch_batches > 0:
     dataset = grain.experimental.ThreadPrefetchIterDataset(
         dataset, prefetch_buffer_size=prefetch_batches)
@@ -145,8 +155,8 @@ def make_train_loader(source: Source, sampler: sampler_lib.MPerClassSampler, *, 
     crop_scale: RandomResizedCrop's area range (ratio is 3/4-4/3).
     flip: random horizontal flips (off makes sense for characters).
     num_steps: steps to yield; default effectively unbounded.
-    read_threads: threads per worker (or in this process), each building one batch ahead of
-      the consumer (PIL releases the GIL); 0: one batch at a time.
+    read_threads: threads per worker (or in this process), each decoding one image at a time
+      ahead of the consumer (PIL releases the GIL); 0: one image at a time, when asked for.
     prefetch_batches: finished batches a background thread keeps ready, so that building them
       overlaps the caller's training step; 0: none (built when asked for, unless read_threads).
 
@@ -161,12 +171,13 @@ def make_train_loader(source: Source, sampler: sampler_lib.MPerClassSampler, *, 
   # Validates.
   sampler.local_slice(np.zeros(sampler.batch_size, np.int64), process_index, process_count)
   stop = start_step + (_UNBOUNDED_STEPS if num_steps is None else int(num_steps))
-  step_fn = _TrainStep(source, sampler, image_size=image_size, seed=seed,
-                       process_index=process_index, process_count=process_count,
-                       channels=channels, crop_scale=crop_scale, flip=flip)
-  batches = grain.MapDataset.range(start_step, stop).map(step_fn)
-  return iter(ahead(batches, worker_count=worker_count, read_threads=read_threads,
-                     prefetch_batches=prefetch_batches))
+  image_fn = _TrainImage(source, sampler, image_size=image_size, seed=seed,
+                         process_index=process_index, process_count=process_count,
+                         channels=channels, crop_scale=crop_scale, flip=flip)
+  b = image_fn.local_batch
+  images = grain.MapDataset.range(start_step * b, stop * b).map(image_fn)
+  return iter(ahead(images, worker_count=worker_count, read_threads=read_threads,
+                    prefetch_batches=prefetch_batches, batch_size=b))
 
 
 def make_eval_loader(source: Source, *, image_size: int, resize_size: int, batch_size: int,
@@ -181,7 +192,7 @@ def make_eval_loader(source: Source, *, image_size: int, resize_size: int, batch
     batch_size: images per batch.
     channels: 1 or 3.
     worker_count: grain worker processes (0: in this process).
-    read_threads, prefetch_batches: batches built ahead, as in `make_train_loader`.
+    read_threads, prefetch_batches: read-ahead, as in `make_train_loader`.
 
   Returns:
     Re-iterable batches `{'image': uint8 (batch_size, image_size, image_size, channels),
@@ -193,8 +204,8 @@ def make_eval_loader(source: Source, *, image_size: int, resize_size: int, batch
   if image_size > resize_size:
     raise ConfigError(f"image_size {image_size} exceeds resize_size {resize_size}")
   num_batches = -(-len(source) // batch_size)
-  batch_fn = _EvalBatch(source, image_size=image_size, resize_size=resize_size,
-                        batch_size=batch_size, channels=channels)
-  batches = grain.MapDataset.range(num_batches).map(batch_fn)
-  return ahead(batches, worker_count=worker_count, read_threads=read_threads,
-                prefetch_batches=prefetch_batches)
+  image_fn = _EvalImage(source, image_size=image_size, resize_size=resize_size,
+                        channels=channels)
+  images = grain.MapDataset.range(num_batches * batch_size).map(image_fn)
+  return ahead(images, worker_count=worker_count, read_threads=read_threads,
+               prefetch_batches=prefetch_batches, batch_size=batch_size)

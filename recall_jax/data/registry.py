@@ -5,7 +5,7 @@ training sets). Pure Python, with no JAX or data-library import, so the config a
 a dataset's protocol without loading anything; the parser is named as 'module:function' and
 imported when a split is first prepared (`data.datasets.load_split`). The splits are whatever the
 parser returns. Adding a dataset in a new on-disk format is one parser (`data/parsing.py`) plus
-one entry in `DATASETS` (docs/extending.md).
+one entry in `DATASETS` (docs/architecture.md).
 """
 
 from __future__ import annotations

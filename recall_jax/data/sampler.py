@@ -88,12 +88,15 @@ class MPerClassSampler:
       raise DataError("Not enough images for a single batch")
     self._groups = np.minimum(groups, steps)
     self.steps_per_epoch = steps
-    self._cache: tuple[int, np.ndarray] | None = None
+    # The last two epochs' layouts: readers working ahead across an epoch boundary alternate
+    # between them. Replaced whole, never mutated, so concurrent readers only ever recompute.
+    self._cache: tuple[tuple[int, np.ndarray], ...] = ()
 
   def _epoch_layout(self, epoch: int) -> np.ndarray:
     """int64 (steps_per_epoch, B) record indices of every batch of `epoch`."""
-    if self._cache is not None and self._cache[0] == epoch:
-      return self._cache[1]
+    for cached_epoch, cached in self._cache:
+      if cached_epoch == epoch:
+        return cached
     m, p, steps = self.samples_per_class, self.classes_per_batch, self.steps_per_epoch
     rng = np.random.default_rng([self.seed, epoch])
     chunks = []
@@ -108,7 +111,7 @@ class MPerClassSampler:
     # Column-major fill: group g goes to row g % steps, column g // steps.
     grid = flat.reshape(p, steps, m).transpose(1, 0, 2)
     layout = grid[rng.permutation(steps)].reshape(steps, p * m).astype(np.int64)
-    self._cache = (epoch, layout)
+    self._cache = (*self._cache[-1:], (epoch, layout))
     return layout
 
   def batch_indices(self, step: int) -> np.ndarray:
@@ -117,6 +120,14 @@ class MPerClassSampler:
       raise ValueError(f"step must be non-negative, got {step}")
     epoch, position = divmod(int(step), self.steps_per_epoch)
     return self._epoch_layout(epoch)[position].copy()
+
+  def record_index(self, step: int, position: int) -> int:
+    """The record index at `position` (0 <= position < B) of global step `step`'s batch."""
+    if step < 0 or not 0 <= position < self.batch_size:
+      raise ValueError(f"step {step} must be non-negative and position {position} in "
+                       f"[0, {self.batch_size})")
+    epoch, row = divmod(int(step), self.steps_per_epoch)
+    return int(self._epoch_layout(epoch)[row, position])
 
   def local_slice(self, indices: np.ndarray, process_index: int, process_count: int) -> np.ndarray:
     """This process's contiguous share of a global batch, class groups intact.

@@ -3,17 +3,23 @@
 The embeddings are written chunk by chunk into a `.npy` file (never held whole in memory: R1M at
 2,048 dimensions is 8.2 GB) and opened memory-mapped, which is what `revisited_metrics` reads in
 blocks. A JSON sidecar records the fingerprint of what produced them (model, weights, image size:
-whatever the caller puts in it); a cache is reused only when the fingerprint and the size match and
-the file was completed, so an interrupted or outdated run is recomputed, never half-used.
+whatever the caller puts in it) and the SHA-256 of the `.npy` file, as a checkpoint's manifest
+does; a cache is reused only when the fingerprint and the size match, the file was completed and its
+bytes still match the checksum, so an interrupted, outdated or altered cache is recomputed (an
+altered one saying so), never used. Checking costs one read of the file per use (seconds per GB).
+
+Instance-level task (revisited Oxford/Paris with the R1M distractors).
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
 import pathlib
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 import tqdm
@@ -27,10 +33,22 @@ def _sidecar(path: pathlib.Path) -> pathlib.Path:
   return path.with_suffix(".json")
 
 
-def _cached(path: pathlib.Path, fingerprint: str, num_examples: int) -> np.ndarray | None:
+def _sha256(path: pathlib.Path) -> str:
+  with path.open("rb") as f:
+    return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _cached(path: pathlib.Path, fingerprint: str, num_examples: int,
+            log_fn: Callable[[str], Any] | None) -> np.ndarray | None:
   try:
     meta = json.loads(_sidecar(path).read_text())
-    if meta.get("fingerprint") != fingerprint or meta.get("num_examples") != num_examples:
+    if (not isinstance(meta, dict) or meta.get("fingerprint") != fingerprint
+        or meta.get("num_examples") != num_examples):
+      return None
+    if _sha256(path) != meta.get("sha256"):
+      if log_fn is not None and "sha256" in meta:
+        log_fn(f"{path}: its bytes do not match the checksum recorded when it was written "
+               "(altered since): computing the embeddings again")
       return None
     embeddings = np.load(path, mmap_mode="r")
   except (OSError, ValueError):
@@ -41,7 +59,8 @@ def _cached(path: pathlib.Path, fingerprint: str, num_examples: int) -> np.ndarr
 def cached_embeddings(path: str | os.PathLike[str], embed_fn: extraction.EmbedFn,
                       make_batches: Callable[[], Iterable[extraction.Batch]], *,
                       num_examples: int, fingerprint: str, batches_per_chunk: int = 64,
-                      mesh: Mesh | None = None, progress: bool = True) -> np.ndarray:
+                      mesh: Mesh | None = None, progress: bool = True,
+                      log_fn: Callable[[str], Any] | None = print) -> np.ndarray:
   """The L2-normalised embeddings of every example, from the cache or computed and cached.
 
   Args:
@@ -55,6 +74,7 @@ def cached_embeddings(path: str | os.PathLike[str], embed_fn: extraction.EmbedFn
     batches_per_chunk: batches embedded between two writes to the file.
     mesh: 1-D device mesh (default: all devices).
     progress: show a progress bar.
+    log_fn: told when a cache is recomputed because its bytes were altered (None: silent).
 
   Returns:
     (num_examples, D) float32 read-only memory-mapped array.
@@ -63,7 +83,7 @@ def cached_embeddings(path: str | os.PathLike[str], embed_fn: extraction.EmbedFn
     DataError: the batches did not cover every row exactly once.
   """
   path = pathlib.Path(path)
-  cached = _cached(path, fingerprint, num_examples)
+  cached = _cached(path, fingerprint, num_examples, log_fn)
   if cached is not None:
     return cached
   path.parent.mkdir(parents=True, exist_ok=True)
@@ -96,6 +116,7 @@ def cached_embeddings(path: str | os.PathLike[str], embed_fn: extraction.EmbedFn
   os.replace(partial_path, path)
   sidecar = _sidecar(path)
   sidecar.with_name(sidecar.name + ".partial").write_text(json.dumps(
-      {"fingerprint": fingerprint, "num_examples": num_examples, "dim": dim}))
+      {"fingerprint": fingerprint, "num_examples": num_examples, "dim": dim,
+       "sha256": _sha256(path)}))
   os.replace(sidecar.with_name(sidecar.name + ".partial"), sidecar)
   return np.load(path, mmap_mode="r")

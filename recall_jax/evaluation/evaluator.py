@@ -1,4 +1,9 @@
-"""Periodic evaluation: embed each evaluated set, compute its protocol's metrics, log them."""
+"""Periodic evaluation: embed each evaluated set, compute its protocol's metrics, log them.
+
+Category-level task (Recall@k and the other rank metrics). On several processes every process
+embeds its share of each batch and gets the whole set back (`extract_embeddings`), then scores it
+on its own devices: every process returns the same metrics, those one process would compute.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,11 @@ import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from recall_jax import parallel
 from recall_jax.evaluation import extraction
 from recall_jax.evaluation import metrics as metrics_lib
 from recall_jax.evaluation import protocols
@@ -60,6 +67,16 @@ class EvaluationResult:
   embeddings: dict[str, SetEmbeddings]
 
 
+def _process_local(mesh: Mesh | None) -> Mesh:
+  """The devices of `mesh` (default: all) that this process addresses, as a 1-D mesh.
+
+  The metrics run on them alone: the embeddings are already whole on every process, and a mesh
+  spanning other processes' devices would leave ranks that this process cannot fetch.
+  """
+  devices = jax.devices() if mesh is None else list(mesh.devices.flat)
+  return parallel.data_mesh([d for d in devices if d.process_index == jax.process_index()])
+
+
 class Evaluator:
   """Retrieval evaluation of one or more sets: leave-one-out ("all-vs-all") or query vs gallery.
 
@@ -106,6 +123,7 @@ class Evaluator:
     self._reid = reid_protocol
     self._block = block
     self._mesh = mesh
+    self._metrics_mesh = _process_local(mesh)
     self._log_fn = log_fn
     self._progress = progress
 
@@ -122,15 +140,15 @@ class Evaluator:
       embedded = SetEmbeddings(*gallery, *queries)
       return metrics_lib.retrieval_metrics(
           *gallery, query_embeddings=queries[0], query_labels=queries[1],
-          k_values=self.k_values, block=self._block, mesh=self._mesh), embedded
+          k_values=self.k_values, block=self._block, mesh=self._metrics_mesh), embedded
     embedded = SetEmbeddings(*self._embed(embed_fn, batches, f"embed {name}"))
     metrics = metrics_lib.retrieval_metrics(
         embedded.embeddings, embedded.labels, k_values=self.k_values, block=self._block,
-        mesh=self._mesh)
+        mesh=self._metrics_mesh)
     if self._reid:
       reid_metrics = reid.vehicleid_reid_metrics(
           embedded.embeddings, embedded.labels, k_values=self.protocol["reid_k_values"],
-          block=self._block, mesh=self._mesh)
+          block=self._block, mesh=self._metrics_mesh)
       metrics.update({f"reid_{key}": value for key, value in reid_metrics.items()})
     return metrics, embedded
 

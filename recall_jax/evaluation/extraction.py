@@ -3,6 +3,10 @@
 Each batch is split across the devices of a 1-D mesh along its leading axis (padded to a multiple of
 the device count); `embed_fn` is called on the sharded batch, so a jitted `embed_fn` runs data
 parallel. Padding rows (mask False) are dropped on the host.
+
+Serves both tasks. On several processes (`jax.distributed`) every process passes the same batches:
+the mesh spans all processes' devices, each embeds its rows, and the rows are gathered back so that
+every process returns the whole split, equal to what one process would return.
 """
 
 from collections.abc import Callable, Iterable, Mapping
@@ -11,6 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 import tqdm
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from recall_jax import parallel
@@ -22,6 +27,15 @@ Batch = Mapping[str, Any]
 
 # Compiled once: called on every sharded batch of device outputs.
 _l2_normalize = jax.jit(l2_normalize)
+
+
+def _to_host(device_out: jax.Array) -> np.ndarray:
+  """The whole of a (possibly multi-process) sharded output, on this host."""
+  if isinstance(device_out, jax.Array) and not device_out.is_fully_addressable:
+    # Rows embedded on other processes' devices: a collective, so every process calls it for
+    # every batch, in the same order.
+    return np.asarray(multihost_utils.process_allgather(device_out, tiled=True))
+  return np.asarray(device_out)
 
 
 def _host_batch(batch: Batch, position: int) -> tuple[np.ndarray, ...]:
@@ -71,7 +85,7 @@ def extract_embeddings(embed_fn: EmbedFn, batches: Iterable[Batch], *,
 
   def collect(position, device_out, size, lab, mask, idx):
     nonlocal dim
-    out = np.asarray(device_out)
+    out = _to_host(device_out)
     if out.ndim != 2 or out.shape[0] < size:
       raise ValueError(f"embed_fn must return (b, D) embeddings; batch {position} of {size} images "
                        f"gave shape {out.shape}")

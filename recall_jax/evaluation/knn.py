@@ -3,7 +3,9 @@
 Similarity is the inner product in float32 at `Precision.HIGHEST`; for cosine similarity pass
 L2-normalised embeddings (what `extract_embeddings` returns). Queries are processed `block` rows at
 a time against the whole database, so peak memory is O(block x N) and never O(N^2). Rows of a block
-are split across the devices of a 1-D mesh; the database is replicated.
+are split across the devices of a 1-D mesh; the database is replicated. The default mesh holds this
+process's devices only: the queries and database are host arrays of this process, so a search run
+by one of several `jax.distributed` processes (a retrieval grid drawn by process 0) needs no other.
 
 Tie-breaking is deterministic: among equal similarities the lower database index ranks first
 (`lax.top_k` guarantees this within a row, and a row is never split). Every metric in this package
@@ -76,7 +78,7 @@ def knn(queries, database, k: int, *, exclude_self: bool = False, block: int = 1
     exclude_self: leave-one-out mode: `queries` are the database itself and query i never retrieves
       database item i (excluded by index, so duplicates of query i are still retrieved).
     block: queries per matmul; peak memory is about block x N x 4 bytes.
-    mesh: 1-D mesh to split query blocks over (default: all devices).
+    mesh: 1-D mesh to split query blocks over (default: this process's devices).
 
   Returns:
     similarities: (Q, k) float32, descending per row.
@@ -94,7 +96,7 @@ def knn(queries, database, k: int, *, exclude_self: bool = False, block: int = 1
   if not isinstance(k, (int, np.integer)) or not 1 <= k <= available:
     raise ValueError(f"k must be an integer in [1, {available}] (database size"
                      f"{' minus the excluded query' if exclude_self else ''}), got {k}")
-  mesh = parallel.data_mesh() if mesh is None else mesh
+  mesh = parallel.data_mesh(jax.local_devices()) if mesh is None else mesh
   num_queries = queries.shape[0]
   block = block_size(block, num_queries, mesh.size)
   padded = parallel.round_up(num_queries, block)

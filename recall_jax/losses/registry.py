@@ -4,7 +4,7 @@ Serves both tasks. Pure Python, with no JAX import: the config (`config.base_con
 (`config_checks`), the train step's loss (`train.experiment.make_loss_fn`) and the cold-start
 check (`train.trainer`) all read a loss's facts from its `LossSpec`, and its module is imported
 only when the function is first asked for (`LossSpec.load`). Adding a loss is one new module
-under `recall_jax/losses/` plus one entry in `LOSSES` (docs/extending.md).
+under `recall_jax/losses/` plus one entry in `LOSSES` (docs/architecture.md).
 """
 
 from __future__ import annotations

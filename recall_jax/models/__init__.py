@@ -26,6 +26,11 @@ Every model maps images to embeddings:
 * ViT dropout (`dropout_rate`, default 0) is active only with `train=True` and needs the flax
   'dropout' rng. ViT attention uses `jax.nn.dot_product_attention`; cuDNN flash attention rejects
   197 tokens, so `attention_implementation='cudnn'` needs `attention_pad_to` (e.g. 200).
+* Repeated layers run under `nn.scan` with their variables stacked on a leading layer axis (the
+  ViT's `encoderblock`, a ResNet stage's bottlenecks 1..n-1 as `layer{s}`); `scan=False` unrolls
+  them with per-layer names. `remat='block'` (ViT also `'dots'`) recomputes each block in the
+  backward pass, for activation memory on accelerators; the default `'none'` is faster on a CPU.
+  `layer_stack.stack_layers` / `split_layers` convert variables between the two layouts.
 """
 
 from recall_jax.models.pretrained import load_pretrained

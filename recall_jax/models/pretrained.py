@@ -5,7 +5,8 @@ Supported files (nothing is ever unpickled; nothing is downloaded):
 * ViT, `.npz` in the AugReg / vit_jax layout (the paper's `B_16-i21k-300ep-lr_0.001-aug_medium1-
   wd_0.1-do_0.0-sd_0.0.npz`): keys `embedding/kernel`, `cls`, `Transformer/posembed_input/
   pos_embedding`, `Transformer/encoderblock_{i}/MultiHeadDotProductAttention_1/query/kernel`, ...
-  Read with `np.load(allow_pickle=False)`. A leading `params/` or `opt/target/` is ignored.
+  Read with `np.load(allow_pickle=False)`. A leading `params/` or `opt/target/` is ignored; the
+  blocks may also come stacked (`Transformer/encoderblock/...`, big_vision's scanned layout).
 * ViT, `.safetensors` in the timm layout (e.g. `vit_base_patch16_224.augreg_in21k`):
   `patch_embed.proj.weight`, `cls_token`, `pos_embed`, `blocks.{i}.attn.qkv.weight`, ...
   (PyTorch (out, in) Linear and OIHW conv weights are transposed; the fused qkv is split.)
@@ -16,7 +17,9 @@ Supported files (nothing is ever unpickled; nothing is downloaded):
 The checkpoint's classifier (`head`, `pre_logits`, `fc`) is dropped; the model's own head (the
 `embedding_head` and GeM `p`) keeps its fresh initialisation. When the model's image size differs
 from the checkpoint's, the ViT position embedding grid is resampled (bicubic). Any missing or
-unexpected key and any shape mismatch raise one `ValueError` that lists all of them.
+unexpected key and any shape mismatch raise one `ValueError` that lists all of them. The
+checkpoints' per-layer arrays are stacked into the scanned layers' leading axis
+(`recall_jax.models.layer_stack`). Serves both tasks.
 """
 
 import pathlib
@@ -30,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from recall_jax.models import layer_stack
 from recall_jax.models import registry
 
 Path = tuple[str, ...]
@@ -286,7 +290,8 @@ def load_pretrained(name: str, variables: Any, path: str | pathlib.Path) -> dict
                      f"checkpoints for it")
   path = pathlib.Path(path)
   checkpoint = read_checkpoint(path)
-  fresh = dict(_iter_flat(variables))
+  # Checkpoints name each layer; the scanned layers are matched one by one, then stacked again.
+  fresh = dict(_iter_flat(layer_stack.split_layers(variables)))
 
   num_heads = 1
   if family == "vit":
@@ -297,6 +302,9 @@ def load_pretrained(name: str, variables: Any, path: str | pathlib.Path) -> dict
     # AugReg keys use '/', timm keys use '.'; either may come in either container.
     rules = _vit_augreg_rules if any("/" in k for k in checkpoint) or "cls" in checkpoint else (
         _vit_timm_rules)
+    if rules is _vit_augreg_rules:  # big_vision's scanned ViTs save the blocks stacked.
+      checkpoint = {"/".join(k): v for k, v in flax.traverse_util.flatten_dict(
+          layer_stack.split_layers(flax.traverse_util.unflatten_dict(checkpoint, sep="/"))).items()}
   else:
     if path.suffix.lower() == ".npz":
       raise ValueError(f"ResNet weights load from torchvision/timm .safetensors files, got {path}")
@@ -335,8 +343,8 @@ def load_pretrained(name: str, variables: Any, path: str | pathlib.Path) -> dict
         lines.extend(f"    {item}" for item in items)
     raise ValueError("\n".join(lines))
 
-  merged = {k: loaded.get(k, v) for k, v in fresh.items()}
-  return flax.traverse_util.unflatten_dict(merged)
+  merged = flax.traverse_util.unflatten_dict({k: loaded.get(k, v) for k, v in fresh.items()})
+  return jax.tree.map(jnp.asarray, layer_stack.stack_layers(merged, variables))
 
 
 def load_whitening(variables: Any, path: str | pathlib.Path) -> dict[str, Any]:

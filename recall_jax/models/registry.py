@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from recall_jax import errors
 from recall_jax.models import resnet
 from recall_jax.models import small_cnn
 from recall_jax.models import vit
@@ -66,11 +67,12 @@ def get_model(name: str, **kwargs: Any) -> nn.Module:
     name: one of `available_models()`: 'vit_ti16', 'vit_s16', 'vit_b16', 'vit_b32', 'vit_l16',
       'resnet50', 'resnet101', 'resnet101_landmark' (landmark head), 'small_cnn' and the test
       sizes 'vit_tiny_test', 'resnet_tiny_test', 'resnet_tiny_landmark_test'.
-    **kwargs: module attributes overriding the defaults, e.g. `embedding_dim=512`,
-      `with_head=True`, `dtype=jnp.bfloat16` (compute), `param_dtype=jnp.float32`,
-      `image_size=224`, for ResNets `head='landmark'` and `whiten`, for ViTs and ResNets `remat`
-      ('none' | 'block'), for ViTs `dropout_rate`, `attention_implementation`, `attention_pad_to`,
-      and for the small CNNs `ops` ('auto', 'standard', 'cpu').
+    **kwargs: module attributes overriding the defaults, e.g. `embedding_dim=512`, `with_head=True`,
+      `dtype=jnp.bfloat16` (compute), `param_dtype=jnp.float32`, `image_size=224`, for ResNets
+      `head='landmark'` and `whiten`, for ViTs and ResNets `remat` ('none' | 'block', and 'dots' for
+      ViTs), `scan` (False: unrolled per-layer blocks), for ViTs `dropout_rate`,
+      `attention_implementation`, `attention_pad_to`, and for the small CNNs `ops` ('auto',
+      'standard', 'cpu').
 
   Returns:
     A linen Module; `model.apply(variables, images, train=False, rngs=...)` maps uint8 or [0, 1]
@@ -78,6 +80,12 @@ def get_model(name: str, **kwargs: Any) -> nn.Module:
   """
   constructor, defaults = _lookup(name)
   config = {**defaults, **kwargs}
+  if constructor is small_cnn.SmallCNN and config.get("remat") == "none":
+    del config["remat"]  # Its few convolutions have nothing worth rematerialising.
+  remats = vit.REMAT if constructor is vit.ViT else resnet.REMAT
+  if config.get("remat", "none") not in remats:
+    raise errors.ConfigError(f"remat must be one of {', '.join(remats)} for model {name!r}, got "
+                             f"{config['remat']!r}")
   try:
     return constructor(**config)
   except TypeError as e:

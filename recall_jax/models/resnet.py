@@ -2,7 +2,11 @@
 
 torchvision's v1.5 bottleneck puts the stride in the 3x3 convolution. Module names mirror the
 torchvision / timm state dict (`conv1`, `bn1`, `layer{1-4}_{j}/conv{1-3}`, `bn{1-3}`,
-`downsample_conv`, `downsample_bn`), so `recall_jax.models.pretrained` maps them one to one.
+`downsample_conv`, `downsample_bn`), so `recall_jax.models.pretrained` maps them one to one. With
+`scan` (the default), a stage's bottlenecks after the first (same shapes) run as one `nn.scan`
+whose variables are stacked on a leading axis under `layer{s}` (bottleneck j at index j - 1);
+bottleneck 0, which changes the shape, stays `layer{s}_0` (`recall_jax.models.layer_stack`).
+Serves both tasks: category-level (embedding head) and instance-level (landmark head).
 
 Padded images (aspect buckets, `recall_jax.data.aspect_buckets`) come with a (B, H, W) validity
 mask: the trunk zeroes the padding before every convolution or pooling wider than 1x1, so the
@@ -31,6 +35,7 @@ import jax.numpy as jnp
 from recall_jax.models import common
 
 Dtype = Any
+REMAT = ("none", "block")  # the `remat` settings
 
 # torchvision initialises convolutions with kaiming_normal_(mode='fan_out', nonlinearity='relu').
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -90,6 +95,13 @@ class Bottleneck(nn.Module):
     return nn.relu(y + shortcut)
 
 
+class _ScannedBottleneck(Bottleneck):
+  """A bottleneck returning the (carry, output) pair of `nn.scan`."""
+
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> tuple[jax.Array, None]:
+    return super().__call__(x, mask), None
+
+
 class ResNetTrunk(nn.Module):
   """Stem (7x7/2 conv, BN, ReLU, 3x3/2 max-pool) and four stages of bottlenecks."""
 
@@ -98,6 +110,7 @@ class ResNetTrunk(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat: str = "none"  # or 'block': each bottleneck recomputed in the backward pass
+  scan: bool = True  # scan each stage's bottlenecks 1..n-1 (stacked variables)
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -105,9 +118,13 @@ class ResNetTrunk(nn.Module):
 
     `mask` (B, H, W, 1), if given, is 1 on real pixels and 0 on padding.
     """
-    if self.remat not in ("none", "block"):
-      raise ValueError(f"remat must be 'none' or 'block', got {self.remat!r}")
-    block_cls = nn.remat(Bottleneck) if self.remat == "block" else Bottleneck
+    if self.remat not in REMAT:
+      raise ValueError(f"remat must be one of {REMAT}, got {self.remat!r}")
+    block_cls, scanned_cls = Bottleneck, _ScannedBottleneck
+    if self.remat == "block":
+      block_cls = nn.remat(Bottleneck)
+      # The scan loop already keeps XLA from merging the recomputation into the forward pass.
+      scanned_cls = nn.remat(_ScannedBottleneck, prevent_cse=False)
     # The mask at stride s keeps the cells whose top-left input pixel is real.
     def masked(y, stride):
       return y if mask is None else y * mask[:, ::stride, ::stride].astype(y.dtype)
@@ -121,13 +138,24 @@ class ResNetTrunk(nn.Module):
     x = nn.max_pool(masked(x, 2), (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     stride = 4
     for stage, num_blocks in enumerate(self.stage_sizes):
-      for block in range(num_blocks):
-        strides = 2 if stage > 0 and block == 0 else 1
-        block_mask = None if mask is None else mask[:, ::stride, ::stride]
-        x = block_cls(self.base_width * 2**stage, strides, downsample=block == 0,
-                      dtype=self.dtype, param_dtype=self.param_dtype,
+      planes = self.base_width * 2**stage
+      strides = 2 if stage > 0 else 1
+      # A bottleneck masks its input-resolution map (after conv1).
+      block_mask = None if mask is None else mask[:, ::stride, ::stride]
+      x = block_cls(planes, strides, downsample=True, dtype=self.dtype,
+                    param_dtype=self.param_dtype, name=f"layer{stage + 1}_0")(x, block_mask)
+      stride *= strides
+      block_mask = None if mask is None else mask[:, ::stride, ::stride]
+      if self.scan and num_blocks > 1:
+        repeated = nn.scan(scanned_cls, variable_axes={"params": 0, "batch_stats": 0},
+                           split_rngs={"params": True}, in_axes=nn.broadcast,
+                           length=num_blocks - 1)
+        x, _ = repeated(planes, dtype=self.dtype, param_dtype=self.param_dtype,
+                        name=f"layer{stage + 1}")(x, block_mask)
+        continue
+      for block in range(1, num_blocks):
+        x = block_cls(planes, dtype=self.dtype, param_dtype=self.param_dtype,
                       name=f"layer{stage + 1}_{block}")(x, block_mask)
-        stride *= strides
     return x
 
 
@@ -153,6 +181,8 @@ class ResNet(nn.Module):
     param_dtype: dtype of the parameters.
     remat: 'none' (default) or 'block': rematerialise each bottleneck in the backward pass
       (`nn.remat`): the same outputs and gradients, less activation memory, one more forward.
+    scan: scan each stage's repeated bottlenecks with stacked variables (default); False unrolls
+      them with per-layer names (`layer{s}_{j}`), the torchvision layout.
   """
 
   stage_sizes: Sequence[int] = (3, 4, 6, 3)
@@ -167,10 +197,11 @@ class ResNet(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat: str = "none"
+  scan: bool = True
 
   def setup(self):
     self.backbone = ResNetTrunk(tuple(self.stage_sizes), self.base_width, self.dtype,
-                                self.param_dtype, self.remat)
+                                self.param_dtype, self.remat, self.scan)
     if self.head not in ("embedding", "landmark"):
       raise ValueError(f"head must be 'embedding' or 'landmark', got {self.head!r}")
     if self.with_head and self.head == "embedding":

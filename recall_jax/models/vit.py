@@ -3,7 +3,9 @@
 Pre-LN encoder blocks (LayerNorm eps 1e-6, exact-erf GELU MLP as in timm), a class token and a
 learned position embedding. The parameter tree of `ViT.backbone` mirrors the AugReg / vit_jax
 `.npz` checkpoints (`embedding`, `cls`, `Transformer/encoderblock_{i}/MultiHeadDotProductAttention_1
-/query`, ...), so those load by name; see `recall_jax.models.pretrained`.
+/query`, ...), with the blocks stacked on a leading layer axis under `nn.scan`
+(`Transformer/encoderblock/...`, as big_vision's scanned ViTs); see `recall_jax.models.pretrained`.
+Serves both tasks (category-level retrieval; instance-level where a ViT is chosen).
 
 Attention goes through `jax.nn.dot_product_attention`. `attention_implementation=None` or `'xla'`
 works everywhere. cuDNN flash attention (`'cudnn'`, GPU only, bf16/fp16) rejects the 197 tokens of
@@ -27,7 +29,11 @@ from recall_jax.models import common
 
 Dtype = Any
 AttentionImplementation = Literal["xla", "cudnn"] | None
-REMAT = ("none", "block")  # the `remat` settings
+# The `remat` settings -> the `jax.checkpoint` policy of each encoder block. 'dots' keeps the
+# blocks' weight matmul outputs (no batch dimensions: not attention's) and recomputes the rest.
+REMAT_POLICIES = {"none": None, "block": None,
+                  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+REMAT = tuple(REMAT_POLICIES)
 
 # Exact GELU, as timm and PyTorch's nn.GELU; flax's default is the tanh approximation.
 _gelu = functools.partial(nn.gelu, approximate=False)
@@ -111,8 +117,9 @@ class EncoderBlock(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, kv_lengths: jax.Array | None, train: bool) -> jax.Array:
-    """(B, T, D) -> (B, T, D)."""
+  def __call__(self, x: jax.Array, kv_lengths: jax.Array | None, train: bool
+               ) -> tuple[jax.Array, None]:
+    """(B, T, D) -> ((B, T, D), None): the (carry, output) pair of `nn.scan`."""
     norm = functools.partial(nn.LayerNorm, epsilon=1e-6, dtype=self.dtype,
                              param_dtype=self.param_dtype)
     y = norm(name="LayerNorm_0")(x)
@@ -123,11 +130,18 @@ class EncoderBlock(nn.Module):
     y = norm(name="LayerNorm_2")(x)
     y = MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, self.param_dtype,
                  name="MlpBlock_3")(y, train)
-    return x + y
+    return x + y, None
 
 
 class Encoder(nn.Module):
-  """Position embedding, `depth` encoder blocks and the final LayerNorm (eps 1e-6)."""
+  """Position embedding, `depth` encoder blocks and the final LayerNorm (eps 1e-6).
+
+  With `scan` (the default) the blocks are one `nn.scan` over a module whose parameters are
+  stacked on a leading layer axis (`encoderblock/...`, shape (depth, ...)); without it they are
+  unrolled as `encoderblock_{i}` (the per-layer layout of the checkpoints). Both compute the same
+  function; the scanned one compiles one block instead of `depth`, and only under a loop does
+  XLA's buffer assignment free a rematerialised block's activations.
+  """
 
   depth: int
   num_heads: int
@@ -138,16 +152,21 @@ class Encoder(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat: str = "none"
+  scan: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     """(B, T, D) tokens -> (B, T, D) normalised tokens, in float32."""
     if self.remat not in REMAT:
       raise ValueError(f"remat must be one of {REMAT}, got {self.remat!r}")
-    # Rematerialised blocks keep only their inputs for the backward pass and recompute the rest:
-    # activation memory of one block instead of all of them, for one more forward. `train` is
-    # argument 3 counting the module.
-    block = nn.remat(EncoderBlock, static_argnums=(3,)) if self.remat == "block" else EncoderBlock
+    block = EncoderBlock
+    if self.remat != "none":
+      # Rematerialised blocks keep only their inputs (and with 'dots' their weight matmuls) for
+      # the backward pass and recompute the rest: activation memory of one block instead of all
+      # of them, for one more forward. `train` is argument 3 counting the module. Under scan the
+      # loop already keeps XLA from merging the recomputation into the forward pass.
+      block = nn.remat(block, static_argnums=(3,), prevent_cse=not self.scan,
+                       policy=REMAT_POLICIES[self.remat])
     x = AddPositionEmbedding(self.param_dtype, name="posembed_input")(x)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
     batch, num_tokens, _ = x.shape
@@ -158,9 +177,16 @@ class Encoder(nn.Module):
                          f"{num_tokens} tokens")
       x = jnp.pad(x, ((0, 0), (0, self.attention_pad_to - num_tokens), (0, 0)))
       kv_lengths = jnp.full((batch,), num_tokens, jnp.int32)
-    for i in range(self.depth):
-      x = block(self.num_heads, self.mlp_dim, self.dropout_rate, self.attention_implementation,
-                self.dtype, self.param_dtype, name=f"encoderblock_{i}")(x, kv_lengths, train)
+    config = (self.num_heads, self.mlp_dim, self.dropout_rate, self.attention_implementation,
+              self.dtype, self.param_dtype)
+    if self.scan:
+      block = nn.scan(block, variable_axes={"params": 0},
+                      split_rngs={"params": True, "dropout": True},
+                      in_axes=(nn.broadcast, nn.broadcast), length=self.depth)
+      x, _ = block(*config, name="encoderblock")(x, kv_lengths, train)
+    else:
+      for i in range(self.depth):
+        x, _ = block(*config, name=f"encoderblock_{i}")(x, kv_lengths, train)
     x = x[:, :num_tokens]
     return nn.LayerNorm(epsilon=1e-6, dtype=jnp.float32, param_dtype=self.param_dtype,
                         name="encoder_norm")(x)
@@ -183,6 +209,7 @@ class VisionTransformer(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat: str = "none"
+  scan: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -196,7 +223,7 @@ class VisionTransformer(nn.Module):
     x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (batch, 1, c)), x], axis=1)
     return Encoder(self.depth, self.num_heads, self.mlp_dim, self.dropout_rate,
                    self.attention_implementation, self.attention_pad_to, self.dtype,
-                   self.param_dtype, self.remat, name="Transformer")(x, train)
+                   self.param_dtype, self.remat, self.scan, name="Transformer")(x, train)
 
 
 class ViT(nn.Module):
@@ -216,9 +243,12 @@ class ViT(nn.Module):
     dtype: compute dtype of the trunk (e.g. jnp.bfloat16 on GPU); norms, head and outputs are
       float32.
     param_dtype: dtype of the parameters.
-    remat: 'none' (default) or 'block': rematerialise each encoder block in the backward pass
-      (`nn.remat`), keeping only the blocks' inputs; the same outputs and gradients for about one
-      more forward pass of compute.
+    remat: 'none' (default), 'block' or 'dots': rematerialise each encoder block in the backward
+      pass (`nn.remat`), keeping only the blocks' inputs ('block') or also their weight matmul
+      outputs ('dots'); the same outputs and gradients for about one more forward pass.
+    scan: run the encoder blocks as one `nn.scan` with parameters stacked on a leading layer axis
+      (default); False unrolls them with per-layer parameters (`encoderblock_{i}`), which compiles
+      `depth` times the code (`recall_jax.models.layer_stack` converts between the layouts).
   """
 
   patch_size: int = 16
@@ -235,6 +265,7 @@ class ViT(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat: str = "none"
+  scan: bool = True
 
   def setup(self):
     if self.image_size % self.patch_size:
@@ -243,7 +274,7 @@ class ViT(nn.Module):
     self.backbone = VisionTransformer(
         self.patch_size, self.width, self.depth, self.num_heads, self.mlp_dim,
         self.dropout_rate, self.attention_implementation, self.attention_pad_to, self.dtype,
-        self.param_dtype, self.remat)
+        self.param_dtype, self.remat, self.scan)
     if self.with_head:
       self.embedding_head = common.EmbeddingHead(self.embedding_dim, self.param_dtype)
 

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import pathlib
+import shutil
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -32,6 +34,7 @@ from jax.experimental import multihost_utils
 
 from recall_jax import errors
 from recall_jax import parallel
+from recall_jax.models import layer_stack
 from recall_jax.train import integrity
 from recall_jax.train import train_step as train_step_lib
 
@@ -66,17 +69,33 @@ def make_checkpoints(workdir: str | pathlib.Path, *, keep: int = 2,
   # `replica_slices.transfer_arrays_to_host` has them in host memory (`np.asarray` blocks; see
   # `_serialize_arrays` in orbax/checkpoint/_src/serialization/jax_array_handlers.py). On a CPU
   # that host copy may be a view of the buffer, and a buffer so referenced is not donated.
-  options = dict(create=not read_only, read_only=read_only,
-                 cleanup_tmp_directories=not read_only, enable_async_checkpointing=not read_only)
+  # Interrupted saves are removed here, before returning: Orbax would remove them in a background
+  # thread that, when the run then stops at once (a refused resume), prints a traceback at exit.
+  options = dict(create=not read_only, read_only=read_only, cleanup_tmp_directories=False,
+                 enable_async_checkpointing=not read_only)
   if read_only:  # what Orbax would otherwise reset, warning about each
     options.update(save_interval_steps=0)
   workdir = pathlib.Path(workdir).expanduser().absolute()  # Orbax refuses relative paths
+  if not read_only and jax.process_index() == 0:
+    for folder in ("checkpoints", "best"):
+      _remove_unfinished_saves(workdir / folder)
   with _orbax_warnings_hidden(read_only):  # "Given directory is read only": as asked
     latest = ocp.CheckpointManager(workdir / "checkpoints", options=ocp.CheckpointManagerOptions(
         max_to_keep=None if read_only else keep, **options))
     best = ocp.CheckpointManager(workdir / "best", options=ocp.CheckpointManagerOptions(
         max_to_keep=None if read_only else 1, **options))
   return Checkpoints(latest, best)
+
+
+def _remove_unfinished_saves(directory: pathlib.Path) -> None:
+  """Deletes the temporary folders of saves that never finished (Orbax's step.orbax-...-tmp-N)."""
+  if directory.is_dir():
+    for unfinished in directory.glob(f"*{_ORBAX_TMP_SUFFIX}*"):
+      shutil.rmtree(unfinished, ignore_errors=True)
+
+
+# Orbax names a step's folder `<step><suffix>-<timestamp>` until the save has finished.
+_ORBAX_TMP_SUFFIX = ".orbax-checkpoint-tmp"
 
 
 @contextlib.contextmanager
@@ -199,14 +218,52 @@ def restore(manager: ocp.CheckpointManager, step: int, template: train_step_lib.
             ) -> tuple[train_step_lib.TrainState, dict[str, Any]]:
   """The state and meta saved at `step`, with the shapes, dtypes and shardings of `template`."""
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+  except (ValueError, KeyError) as e:
+    layer_stack.raise_if_unrolled(e, f"{manager.directory} step {step}")
+    raise
   return restored["state"], dict(restored["meta"] or {})
+
+
+def _saved_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any] | None:
+  """The JSON meta saved with `step` (None when it cannot be read: a damaged step)."""
+  try:
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  except (OSError, ValueError, KeyError):
+    return None
+  return meta if isinstance(meta, dict) else None
+
+
+def best_value(manager: ocp.CheckpointManager) -> float:
+  """The evaluation value recorded with the newest step of `manager` (-inf: none saved).
+
+  A run saves its latest step before evaluating it, so after a resume the best checkpoint's meta
+  may hold a value that the latest checkpoint's meta does not.
+  """
+  step = manager.latest_step()
+  value = None if step is None else (_saved_meta(manager, step) or {}).get("best_value")
+  return float(value) if isinstance(value, (int, float)) else -math.inf
+
+
+def saved_config(manager: ocp.CheckpointManager) -> tuple[dict[str, Any] | None, str]:
+  """The run config saved in the meta of the newest step that has one, and where it was read.
+
+  Returns:
+    (config, source): the config as JSON-compatible dicts, or None when no step holds one
+    (saved by an older version, or every step's meta is damaged); source names the step.
+  """
+  for step in sorted(manager.all_steps(), reverse=True):
+    config = (_saved_meta(manager, step) or {}).get("config")
+    if isinstance(config, dict):
+      return config, f"checkpoint {step} in {manager.directory}"
+  return None, str(manager.directory)
 
 
 def check_name(which: str) -> None:
   """Raises ConfigError unless `which` is 'latest', 'best' or a step number."""
-  if which not in ("latest", "best") and not which.isdigit():
+  if which not in ("latest", "best") and not (which.isascii() and which.isdigit()):
     raise errors.ConfigError(
         f"--checkpoint must be 'latest', 'best' or a step number, got {which!r}")
 
@@ -258,6 +315,10 @@ def restore_params(workdir: str | pathlib.Path, which: str, params_template: PyT
                    log_fn: Callable[[str], Any] | None = None) -> tuple[PyTree, int]:
   """The parameters of one checkpoint (without its optimizer state), and its step.
 
+  Safe while a run trains in `workdir`: when training deletes the step being read (it keeps
+  only the newest `keep_checkpoints`), `latest` and `best` go to the step that is newest now,
+  saying so; a step number that disappears is a one-line MissingFileError.
+
   Args:
     workdir: the run folder.
     which: 'latest', 'best' or a step number (`resolve`).
@@ -271,12 +332,48 @@ def restore_params(workdir: str | pathlib.Path, which: str, params_template: PyT
     ConfigError / MissingFileError / CorruptCheckpointError: as `resolve`.
   """
   check_name(which)
-  manager, step = resolve(make_checkpoints(workdir, read_only=True), which, log_fn)
+  log_fn = log_fn or print
   everywhere = parallel.replicated(parallel.data_mesh())
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=everywhere),
                           {"params": params_template})
   restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.PyTreeRestore(abstract, restore_args=restore_args, partial_restore=True),
-      meta=ocp.args.JsonRestore()))
-  return restored["state"]["params"], step
+  error, failed = None, None
+  for _ in range(_READ_ATTEMPTS):
+    manager, step = resolve(make_checkpoints(workdir, read_only=True), which, log_fn)
+    if failed is not None:
+      if failed == (manager.directory, step):
+        raise error  # the same step fails again, still there: not a race, a real problem
+      log_fn(f"checkpoint {failed[1]} in {failed[0]} was deleted while it was read (the run "
+             f"training there replaced it); reading step {step} instead")
+    folder = integrity.step_path(manager.directory, step)
+    verified = integrity.has_manifest(folder)
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.PyTreeRestore(abstract, restore_args=restore_args, partial_restore=True),
+          meta=ocp.args.JsonRestore()))
+    except Exception as e:  # pylint: disable=broad-except
+      layer_stack.raise_if_unrolled(e, f"{manager.directory} step {step}")
+      # Orbax reports a folder deleted under it as whatever file it missed (TensorStore,
+      # FileNotFoundError, KeyError 'meta'). `latest` and `best` resolve again: a step deleted
+      # meanwhile gives way to the newest one; the same step again is a real failure.
+      if which in ("latest", "best"):
+        error, failed = e, (manager.directory, step)
+        continue
+      listed = make_checkpoints(workdir, read_only=True).latest.all_steps()
+      gone = (not folder.is_dir() or step not in listed
+              or (verified and integrity.verify_step(folder) is not None))
+      if not gone:
+        raise
+      raise errors.MissingFileError(
+          f"checkpoint {step} in {manager.directory} was deleted while it was read (a run "
+          "training there keeps only its newest steps): name a newer step, or latest") from None
+    return restored["state"]["params"], step
+  raise errors.DataError(
+      f"the {which} checkpoint in {workdir} was replaced {_READ_ATTEMPTS} times while it was "
+      "read; try again, or stop the run training there")
+
+
+# Reads of `latest` or `best` retried while a training run deletes the step being read: each
+# retry picks the step that is newest now, so only a run saving faster than one restore can
+# exhaust them.
+_READ_ATTEMPTS = 5

@@ -26,6 +26,7 @@ PyTree = Any
 def make_model(c: ml_collections.ConfigDict) -> nn.Module:
   """The configured backbone + head (`model.head` / `model.whiten` where set, for ResNets)."""
   heads = {"head": c.model.head} if c.model.get("head") else {}
+  heads["remat"] = c.model.get("remat", "none")
   model = models.get_model(c.model.name, embedding_dim=c.model.embedding_dim,
                            dtype=jnp.dtype(c.model.dtype), image_size=c.data.image_size, **heads)
   if getattr(model, "head", None) == "landmark" and not c.model.get("whiten", True):

@@ -27,7 +27,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import tqdm
 from jax.experimental import multihost_utils
 
 from recall_jax import config as config_lib
@@ -41,6 +40,7 @@ from recall_jax.train import cold_start
 from recall_jax.train import experiment as experiment_lib
 from recall_jax.train import integrity
 from recall_jax.train import preemption
+from recall_jax.train import progress
 from recall_jax.train import reporting
 from recall_jax.train import train_step as train_step_lib
 from recall_jax.train import workdir as workdir_lib
@@ -98,15 +98,21 @@ def _locked(workdir: pathlib.Path):
 
 def _check_resumable(c: ml_collections.ConfigDict, workdir: pathlib.Path,
                      checkpoints: checkpointing.Checkpoints) -> None:
-  """Refuses a config the run's checkpoints do not fit, before config.json is overwritten."""
-  stored_path = workdir / "config.json"
-  if checkpoints.latest.latest_step() is None or not stored_path.is_file():
+  """Refuses a config the run's checkpoints do not fit, before config.json is overwritten.
+
+  Compares with the config saved in the newest checkpoint's meta, so a torn or deleted
+  config.json does not skip the check; config.json only for checkpoints saved without one.
+  """
+  if checkpoints.latest.latest_step() is None:
     return
-  try:
-    stored = json.loads(stored_path.read_text())
-  except ValueError:
-    stored = None  # torn by a crash: nothing to compare with; it is rewritten below
-  config_checks.check_resume_compatible(stored, c, source=str(stored_path))
+  stored, source = checkpointing.saved_config(checkpoints.latest)
+  stored_path = workdir / "config.json"
+  if stored is None and stored_path.is_file():
+    try:
+      stored, source = json.loads(stored_path.read_text()), str(stored_path)
+    except ValueError:
+      stored = None  # torn by a crash: nothing to compare with; it is rewritten below
+  config_checks.check_resume_compatible(stored, c, source=source)
 
 
 def _train(c: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, Any]:
@@ -125,15 +131,20 @@ def _train(c: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, Any
           f"checkpoint {resume_from} in {checkpoints.latest.directory} holds NaN/inf values; "
           "move it away to resume from an older one")
     reporting.say(f"resumed from step {int(state.step)} in {workdir / 'checkpoints'}")
-  best_value, start, results = meta.get("best_value", -math.inf), int(state.step), {}
+  # The latest step was saved before its own evaluation: the best step's meta is newer.
+  best_value = max(meta.get("best_value", -math.inf), checkpointing.best_value(checkpoints.best))
+  start, results = int(state.step), {}
   log = _Log(c, workdir, start, exp.total_steps, exp.steps_per_epoch)
   _record_skipped_images(exp, log.writer, start)
   batches = exp.layout.train_batches(exp.train_source, exp.sampler, start_step=start,
                                      num_steps=max(exp.total_steps - start, 0))
   check_start = _cold_start_monitor(exp)
   first_bad = _no_bad_loss()
-  with (preemption.stop_requests(reporting.say) as poll_stop, contextlib.closing(batches), log,
-        checkpointing.AsyncSaves() as saves):
+  with (checkpointing.AsyncSaves() as saves, preemption.stop_requests(reporting.say) as poll_stop,
+        contextlib.closing(batches), log):
+    if resuming and _evaluation_missing(c, exp, log.writer, start):  # saved, then stopped
+      results, best_value = _evaluate_and_keep_best(exp, state, log.writer, workdir, checkpoints,
+                                                    saves, best_value)
     for step in range(start, exp.total_steps):
       local_batch = next(batches)
       if check_start and (found := check_start(step, _host_params(state), local_batch["image"],
@@ -147,18 +158,18 @@ def _train(c: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, Any
       done = step + 1
       evaluates, logs = _evaluates_after(c, done, exp), log.due(done)
       stop = poll_stop(collective=logs or evaluates or done % c.checkpoint_every_steps == 0)
-      saves_now = done % c.checkpoint_every_steps == 0 or done == exp.total_steps or bool(stop)
-      if logs or evaluates or saves_now:
+      saves_now = (evaluates or done % c.checkpoint_every_steps == 0 or done == exp.total_steps
+                   or bool(stop))
+      if logs or saves_now:
         _require_finite_loss(first_bad, checkpoints, saves)
       log.step(done, metrics, loss_name, exp.schedule, write=logs or bool(stop))
-      if evaluates:
-        _require_finite(checkpoints, saves, state)  # a diverged update is reported, not evaluated
-        results = _evaluate(exp, state.params, done, log.writer, workdir)
-        if results.get(c.best_metric, -math.inf) > best_value:
-          best_value = results[c.best_metric]
-          _save(checkpoints, saves, checkpoints.best, state, _meta(c, best_value, state, exp))
+      # Saved before evaluating, so a failing evaluation loses no training (and a diverged
+      # update is reported, not evaluated).
       if saves_now:
         _save(checkpoints, saves, checkpoints.latest, state, _meta(c, best_value, state, exp))
+      if evaluates:
+        results, best_value = _evaluate_and_keep_best(exp, state, log.writer, workdir,
+                                                      checkpoints, saves, best_value)
       if stop:
         saves.wait()
         reporting.say(f"stopped by {stop} at step {done}; checkpoint saved in "
@@ -278,10 +289,35 @@ def _evaluates_after(c: ml_collections.ConfigDict, done: int,
   return (end_of_epoch == 0 and epoch % c.eval_every_epochs == 0) or done == exp.total_steps
 
 
+def _evaluation_missing(c: ml_collections.ConfigDict, exp: experiment_lib.Experiment,
+                        writer: reporting.MetricWriter, step: int) -> bool:
+  """Whether `step`, resumed from, is one to evaluate that has no evaluation row (process 0's
+  answer on every process: evaluating is collective)."""
+  missing = (step > 0 and _evaluates_after(c, step, exp) and writer.enabled and
+             not any(r.get("kind") == "eval" and r.get("step") == step for r in writer.rows))
+  if jax.process_count() > 1:
+    missing = bool(multihost_utils.broadcast_one_to_all(np.bool_(missing)))
+  return missing
+
+
+def _evaluate_and_keep_best(exp: experiment_lib.Experiment, state: train_step_lib.TrainState,
+                            writer: reporting.MetricWriter, workdir: pathlib.Path,
+                            checkpoints: checkpointing.Checkpoints, saves: checkpointing.AsyncSaves,
+                            best_value: float) -> tuple[dict[str, Any], float]:
+  """Evaluates `state` (already saved) and saves it as the best if it is; (metrics, best)."""
+  c = exp.config
+  results = _evaluate(exp, state.params, int(state.step), writer, workdir)
+  if results.get(c.best_metric, -math.inf) > best_value:
+    best_value = results[c.best_metric]
+    _save(checkpoints, saves, checkpoints.best, state, _meta(c, best_value, state, exp))
+  return results, best_value
+
+
 def _meta(c: ml_collections.ConfigDict, best_value: float, state: train_step_lib.TrainState,
           exp: experiment_lib.Experiment) -> dict[str, Any]:
   return {"best_value": best_value, "best_metric": c.best_metric,
-          "epoch": int(state.step) / exp.steps_per_epoch}
+          "epoch": int(state.step) / exp.steps_per_epoch,
+          "config": json.loads(c.to_json_best_effort())}  # what a resume is compared with
 
 
 def _evaluate(exp: experiment_lib.Experiment, params, step: int, writer: reporting.MetricWriter,
@@ -313,11 +349,10 @@ class _Log:
     self._c, self._total, self._steps_per_epoch = c, total, steps_per_epoch
     if _is_main():
       # A resumed run replays the steps after its checkpoint: their earlier rows go.
-      workdir_lib.truncate_metrics(workdir / "metrics.jsonl", start)
+      workdir_lib.truncate_metrics(workdir / "metrics.jsonl", start, log_fn=reporting.say)
       workdir_lib.atomic_write_text(workdir / "config.json", c.to_json_best_effort(indent=2))
     self.writer = reporting.MetricWriter(workdir, enabled=_is_main())
-    self._bar = tqdm.tqdm(total=total, initial=start, desc="train", unit="step",
-                          disable=not _is_main(), dynamic_ncols=True)
+    self._bar = progress.progress_bar(total=total, initial=start, enabled=_is_main())
     self._done, self._time = start, time.perf_counter()
 
   def due(self, done: int) -> bool:

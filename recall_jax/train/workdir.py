@@ -21,7 +21,7 @@ import os
 import pathlib
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from recall_jax import errors
@@ -231,36 +231,47 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     raise
 
 
-def truncate_metrics(path: str | os.PathLike, step: int) -> int:
+def truncate_metrics(path: str | os.PathLike, step: int,
+                     log_fn: Callable[[str], Any] | None = None) -> int:
   """Drops the rows of a metrics.jsonl beyond `step`, so a resumed run does not log steps twice.
 
   A run killed after logging step 45 but resumed from the checkpoint of step 40 replays steps
-  41-45; their first rows are removed here. A torn last line (killed mid-write) is dropped too.
-  The file is rewritten atomically; nothing is written when no row goes.
+  41-45; their first rows are removed here. A torn last line (killed mid-write) is dropped too,
+  and so is any damaged line (not UTF-8, not JSON, not an object with an integer "step"), with
+  one warning through `log_fn` saying how many: a damaged log never blocks a resume. The file is
+  rewritten atomically; nothing is written when no row goes.
 
   Args:
     path: the metrics.jsonl file (absent: nothing to do).
     step: the restored step; rows with `"step" > step` go.
+    log_fn: receives the warning about damaged lines (None: no warning).
 
   Returns:
-    The number of rows (or torn lines) dropped.
+    The number of rows (or torn or damaged lines) dropped.
   """
   path = pathlib.Path(path)
   if not path.exists():
     return 0
-  kept, dropped = [], 0
-  for line in path.read_text().splitlines():
-    if not line.strip():
+  kept, dropped, damaged = [], 0, 0
+  for raw in path.read_bytes().splitlines():
+    if not raw.strip():
       continue
     try:
+      line = raw.decode("utf-8")
       row = json.loads(line)
-    except ValueError:
-      dropped += 1
+      row_step = row["step"]
+      if isinstance(row_step, bool) or not isinstance(row_step, int):
+        raise TypeError(row_step)
+    except (ValueError, TypeError, KeyError, IndexError):
+      damaged += 1
       continue
-    if int(row.get("step", 0)) > step:
+    if row_step > step:
       dropped += 1
     else:
       kept.append(line)
-  if dropped:
+  if damaged and log_fn is not None:
+    log_fn(f"{path}: skipped {damaged} damaged line(s) (not a JSON object with an integer "
+           "\"step\"); the other rows are kept")
+  if dropped or damaged:
     atomic_write_text(path, "".join(line + "\n" for line in kept))
-  return dropped
+  return dropped + damaged

@@ -134,6 +134,35 @@ def test_train_loader_follows_sampler_and_is_deterministic():
   assert not np.array_equal(other_seed["image"], batches[0]["image"])
 
 
+def _reference_batch(source, sampler, step, *, seed=3, image_size=12, process_index=0,
+                     process_count=1):
+  """The documented batch, image by image: record `batch_indices(step)[p]` augmented with
+  `default_rng([seed, step, p])`, for global positions p of the process's slice."""
+  indices = sampler.batch_indices(step)
+  local = len(indices) // process_count
+  positions = range(process_index * local, (process_index + 1) * local)
+  images = [transforms.train_augment(source[indices[p]]["image"],
+                                     np.random.default_rng([seed, step, p]),
+                                     image_size=image_size) for p in positions]
+  return np.stack(images), np.array([source[indices[p]]["label"] for p in positions], np.int32)
+
+
+@pytest.mark.parametrize("worker_count", [0, 2])
+def test_train_batches_match_a_per_image_reference_from_the_seeds(worker_count):
+  source = _source()
+  sampler = data.MPerClassSampler(np.array([r["label"] for r in source]), 8, 2, seed=0)
+  # Two epochs (steps_per_epoch is 3), resumed mid-epoch, as two processes.
+  for process_index in (0, 1):
+    loader = _loader(source, sampler, start_step=2, num_steps=3, worker_count=worker_count,
+                     process_index=process_index, process_count=2)
+    for step, batch in enumerate(loader, start=2):
+      images, labels = _reference_batch(source, sampler, step, process_index=process_index,
+                                        process_count=2)
+      np.testing.assert_array_equal(batch["image"], images)
+      np.testing.assert_array_equal(batch["label"], labels)
+      assert batch["label"].dtype == np.int32
+
+
 def test_train_loader_resume_and_process_slices():
   source = _source()
   labels = np.array([r["label"] for r in source])

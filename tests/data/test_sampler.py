@@ -135,3 +135,19 @@ def test_bad_arguments():
     MPerClassSampler(labels, 8, 4, seed=-1)
   with pytest.raises(ValueError, match="step must be non-negative"):
     MPerClassSampler(labels, 8, 4, seed=0).batch_indices(-1)
+
+
+def test_record_index_is_the_batch_entry_across_epochs():
+  labels = np.repeat(np.arange(7), 6)
+  sampler = MPerClassSampler(labels, 8, 2, seed=5)
+  for step in [0, 1, sampler.steps_per_epoch, 3 * sampler.steps_per_epoch + 1, 1, 0]:
+    batch = sampler.batch_indices(step)
+    assert [sampler.record_index(step, p) for p in range(8)] == batch.tolist()
+  # Alternating between two epochs (readers ahead across a boundary) gives the same entries.
+  last, first = sampler.steps_per_epoch - 1, sampler.steps_per_epoch
+  expected = {s: sampler.batch_indices(s).tolist() for s in (last, first)}
+  for _ in range(3):
+    for s in (last, first):
+      assert sampler.record_index(s, 3) == expected[s][3]
+  with pytest.raises(ValueError, match="position 8"):
+    sampler.record_index(0, 8)

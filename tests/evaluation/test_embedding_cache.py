@@ -59,3 +59,23 @@ def test_incomplete_batches_are_an_error_and_leave_no_cache(tmp_path):
     embedding_cache.cached_embeddings(path, CountingEmbed(), make_batches(8), num_examples=12,
                                       fingerprint="a", progress=False)
   assert not path.exists()
+
+
+def test_an_altered_cache_is_not_used(tmp_path):
+  path = tmp_path / "revisitop1m.npy"
+  compute = lambda embed, said: embedding_cache.cached_embeddings(
+      path, embed, make_batches(9), num_examples=9, fingerprint="a", progress=False,
+      log_fn=said.append)
+  first = np.array(compute(CountingEmbed(), []))
+  # Same shape and header, one value changed: only the checksum can tell.
+  values = np.load(path)
+  values[4, 1] += 0.5
+  np.save(path, values)
+  embed, said = CountingEmbed(), []
+  again = compute(embed, said)
+  assert embed.calls > 0
+  np.testing.assert_array_equal(again, first)
+  assert len(said) == 1 and "do not match the checksum" in said[0]
+  embed, said = CountingEmbed(), []
+  compute(embed, said)  # the recomputed cache verifies: reused, nothing said
+  assert embed.calls == 0 and said == []

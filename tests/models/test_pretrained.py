@@ -4,6 +4,8 @@ The exporters below are written independently of the loader (model layout -> Aug
 torchvision state dict), so a load after an export checks the conversion rules both ways.
 """
 
+import re
+
 import ml_dtypes
 import jax
 import jax.numpy as jnp
@@ -20,6 +22,23 @@ def random_variables(model, image_size, seed):
       jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)), train=False))
   rng = np.random.default_rng(seed)
   return jax.tree.map(lambda s: np.asarray(rng.normal(size=s.shape), np.float32), shapes)
+
+
+def stack_reference(tree):
+  """A per-layer tree in the scanned layout, by hand: the ViT's `encoderblock_{i}` stacked into
+  `encoderblock`, a ResNet stage's `layer{s}_{j}`, j >= 1, into `layer{s}`."""
+  if not isinstance(tree, dict):
+    return np.asarray(tree)
+  out, groups = {}, {}
+  for k, v in tree.items():
+    match = re.fullmatch(r"(encoderblock|layer\d)_(\d+)", k)
+    if match and (match.group(1) == "encoderblock" or int(match.group(2)) > 0):
+      groups.setdefault(match.group(1), {})[int(match.group(2))] = v
+    else:
+      out[k] = stack_reference(v)
+  for name, layers in groups.items():
+    out[name] = jax.tree.map(lambda *xs: np.stack(xs), *[layers[i] for i in sorted(layers)])
+  return out
 
 
 def flat(tree, prefix=""):
@@ -104,16 +123,21 @@ def assert_tree_equal(a, b):
   jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
 
 
+# Checkpoints are exported from the per-layer (unrolled) layout, that of the files; the model
+# loads them into its scanned layout.
 @pytest.fixture(scope="module")
 def vit():
   model = models.get_model("vit_tiny_test")
-  return model, random_variables(model, 32, 0), random_variables(model, 32, 1)
+  per_layer = models.get_model("vit_tiny_test", scan=False)
+  return model, random_variables(per_layer, 32, 0), random_variables(model, 32, 1)
 
 
 @pytest.fixture(scope="module")
 def resnet():
-  model = models.get_model("resnet_tiny_test")
-  return model, random_variables(model, 32, 0), random_variables(model, 32, 1)
+  # Two bottlenecks in stage 1 and three in stage 3: those stages are scanned.
+  model = models.get_model("resnet_tiny_test", stage_sizes=(2, 1, 3, 1))
+  per_layer = model.clone(scan=False)
+  return model, random_variables(per_layer, 32, 0), random_variables(model, 32, 1)
 
 
 def test_vit_augreg_npz_round_trip(vit, tmp_path):
@@ -121,7 +145,7 @@ def test_vit_augreg_npz_round_trip(vit, tmp_path):
   path = tmp_path / "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz"
   np.savez(path, **export_augreg(source))
   loaded = models.load_pretrained("vit_tiny_test", fresh, path)
-  assert_tree_equal(loaded["params"]["backbone"], source["params"]["backbone"])
+  assert_tree_equal(loaded["params"]["backbone"], stack_reference(source)["params"]["backbone"])
   # The checkpoint's classifier is dropped; the model's head keeps its fresh values.
   assert_tree_equal(loaded["params"]["embedding_head"], fresh["params"]["embedding_head"])
   assert jax.tree.structure(loaded) == jax.tree.structure(fresh)
@@ -132,7 +156,7 @@ def test_vit_timm_safetensors_round_trip_including_bf16(vit, tmp_path):
   state = export_timm_vit(source)
   safetensors.numpy.save_file(state, tmp_path / "vit.safetensors")
   loaded = models.load_pretrained("vit_tiny_test", fresh, tmp_path / "vit.safetensors")
-  assert_tree_equal(loaded["params"]["backbone"], source["params"]["backbone"])
+  assert_tree_equal(loaded["params"]["backbone"], stack_reference(source)["params"]["backbone"])
   assert_tree_equal(loaded["params"]["embedding_head"], fresh["params"]["embedding_head"])
   # bf16 checkpoints load into float32 variables.
   safetensors.numpy.save_file({k: v.astype(ml_dtypes.bfloat16) for k, v in state.items()},
@@ -147,8 +171,8 @@ def test_resnet_torchvision_safetensors_round_trip(resnet, tmp_path):
   _, source, fresh = resnet
   safetensors.numpy.save_file(export_torchvision_resnet(source), tmp_path / "rn.safetensors")
   loaded = models.load_pretrained("resnet_tiny_test", fresh, tmp_path / "rn.safetensors")
-  assert_tree_equal(loaded["params"]["backbone"], source["params"]["backbone"])
-  assert_tree_equal(loaded["batch_stats"], source["batch_stats"])
+  assert_tree_equal(loaded["params"]["backbone"], stack_reference(source)["params"]["backbone"])
+  assert_tree_equal(loaded["batch_stats"], stack_reference(source)["batch_stats"])
   assert_tree_equal(loaded["params"]["gem"], fresh["params"]["gem"])
   assert_tree_equal(loaded["params"]["embedding_head"], fresh["params"]["embedding_head"])
 
@@ -156,13 +180,14 @@ def test_resnet_torchvision_safetensors_round_trip(resnet, tmp_path):
 def test_resnet101_landmark_loads_torchvision_keys_and_keeps_its_head(tmp_path):
   # ResNet-101's real key layout (layer3.0 ... layer3.22) at 1/16 of its width.
   model = models.get_model("resnet101_landmark", base_width=4, embedding_dim=128)
-  source, fresh = random_variables(model, 32, 0), random_variables(model, 32, 1)
+  source = random_variables(model.clone(scan=False), 32, 0)
+  fresh = random_variables(model, 32, 1)
   state = export_torchvision_resnet(source)
   assert "layer3.22.bn3.running_var" in state and "layer3.23.conv1.weight" not in state
   safetensors.numpy.save_file(state, tmp_path / "resnet101.safetensors")
   loaded = models.load_pretrained("resnet101_landmark", fresh, tmp_path / "resnet101.safetensors")
-  assert_tree_equal(loaded["params"]["backbone"], source["params"]["backbone"])
-  assert_tree_equal(loaded["batch_stats"], source["batch_stats"])
+  assert_tree_equal(loaded["params"]["backbone"], stack_reference(source)["params"]["backbone"])
+  assert_tree_equal(loaded["batch_stats"], stack_reference(source)["batch_stats"])
   assert_tree_equal(loaded["params"]["landmark_head"], fresh["params"]["landmark_head"])
   del state["layer3.22.conv2.weight"]
   safetensors.numpy.save_file(state, tmp_path / "short.safetensors")
@@ -249,3 +274,33 @@ def test_resnet_missing_running_stats_are_reported(resnet, tmp_path):
   safetensors.numpy.save_file(state, tmp_path / "rn.safetensors")
   with pytest.raises(ValueError, match="batch_stats/backbone/layer2_0/downsample_bn/var"):
     models.load_pretrained("resnet_tiny_test", fresh, tmp_path / "rn.safetensors")
+
+
+def test_big_vision_scanned_npz_loads_as_the_per_layer_one(vit, tmp_path):
+  # big_vision's scanned ViTs save the blocks stacked: `Transformer/encoderblock/...`, (depth, ...).
+  _, source, fresh = vit
+  stacked = stack_reference(source)
+  np.savez(tmp_path / "scanned.npz", **export_augreg(stacked))
+  assert "Transformer/encoderblock/LayerNorm_0/scale" in np.load(tmp_path / "scanned.npz")
+  loaded = models.load_pretrained("vit_tiny_test", fresh, tmp_path / "scanned.npz")
+  assert_tree_equal(loaded["params"]["backbone"], stacked["params"]["backbone"])
+
+
+@pytest.mark.parametrize("family", ["vit", "resnet"])
+def test_loaded_scanned_model_computes_what_the_per_layer_model_did(family, vit, resnet,
+                                                                    tmp_path):
+  # The reference: the per-layer (unrolled) model with the checkpoint's arrays as they are.
+  model, source, fresh = vit if family == "vit" else resnet
+  if family == "vit":
+    path, state = tmp_path / "vit.safetensors", export_timm_vit(source)
+  else:
+    path, state = tmp_path / "rn.safetensors", export_torchvision_resnet(source)
+  safetensors.numpy.save_file(state, path)
+  loaded = models.load_pretrained("vit_tiny_test" if family == "vit" else "resnet_tiny_test",
+                                  fresh, path)
+  # The head is not in the checkpoint: both models use the fresh one.
+  reference = dict(source, params={**source["params"], **{
+      k: v for k, v in fresh["params"].items() if k != "backbone"}})
+  images = np.random.default_rng(3).integers(0, 256, (2, 32, 32, 3), np.uint8)
+  want = model.clone(scan=False).apply(reference, images)
+  np.testing.assert_allclose(model.apply(loaded, images), want, rtol=1e-5, atol=1e-6)

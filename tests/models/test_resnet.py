@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from recall_jax import models
+from recall_jax.models import layer_stack
 from recall_jax.models import resnet
 
 
@@ -55,9 +56,13 @@ def test_frozen_batch_norm_matches_numpy_and_has_no_batch_dependence(x64):
 def test_layout_matches_torchvision_resnet50_shapes():
   model = models.get_model("resnet50")
   variables = jax.eval_shape(lambda: models.init_variables(model, jax.random.key(0), 64))
-  params, stats = variables["params"]["backbone"], variables["batch_stats"]["backbone"]
+  # Bottlenecks 1..n-1 of a stage are stacked; split, they have torchvision's layout.
+  assert variables["params"]["backbone"]["layer3"]["conv2"]["kernel"].shape == (5, 3, 3, 256, 256)
+  assert "layer3_1" not in variables["params"]["backbone"]
+  split = jax.eval_shape(layer_stack.split_layers, variables)
+  params, stats = split["params"]["backbone"], split["batch_stats"]["backbone"]
   assert params["conv1"]["kernel"].shape == (7, 7, 3, 64)
-  assert [k for k in params if k.startswith("layer")] == (
+  assert sorted(k for k in params if k.startswith("layer")) == sorted(
       [f"layer1_{i}" for i in range(3)] + [f"layer2_{i}" for i in range(4)]
       + [f"layer3_{i}" for i in range(6)] + [f"layer4_{i}" for i in range(3)])
   assert params["layer4_0"]["downsample_conv"]["kernel"].shape == (1, 1, 1024, 2048)
@@ -129,7 +134,7 @@ def test_without_head_is_global_average_pool(tiny):
 def test_resnet101_layout_matches_torchvision_shapes():
   model = models.get_model("resnet101")
   variables = jax.eval_shape(lambda: models.init_variables(model, jax.random.key(0), 64))
-  params = variables["params"]["backbone"]
+  params = jax.eval_shape(layer_stack.split_layers, variables)["params"]["backbone"]
   assert sum(k.startswith("layer3_") for k in params) == 23
   assert params["layer3_22"]["conv3"]["kernel"].shape == (1, 1, 256, 1024)
   n_backbone = sum(np.prod(x.shape) for x in jax.tree.leaves(variables["params"]["backbone"]))

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from recall_jax import models
+from recall_jax.models import layer_stack
 
 TINY = dict(depth=1)  # vit_tiny_test with one block: same code paths, half the compile time.
 
@@ -56,6 +57,11 @@ def test_param_tree_mirrors_augreg_layout():
   assert backbone["cls"].shape == (1, 1, 32)
   enc = backbone["Transformer"]
   assert enc["posembed_input"]["pos_embedding"].shape == (1, 17, 32)
+  # The blocks are stacked on a leading layer axis; split, they have the checkpoints' layout.
+  assert enc["encoderblock"]["MlpBlock_3"]["Dense_0"]["kernel"].shape == (2, 32, 64)
+  enc = jax.eval_shape(layer_stack.split_layers, enc)
+  assert sorted(k for k in enc if k.startswith("encoderblock")) == [
+      "encoderblock_0", "encoderblock_1"]
   attn = enc["encoderblock_1"]["MultiHeadDotProductAttention_1"]
   assert attn["query"]["kernel"].shape == (32, 2, 16)
   assert attn["out"]["kernel"].shape == (2, 16, 32)

@@ -1,5 +1,8 @@
 """Checkpoints of a run: latest/best managers, `latest|best|N`, full and params-only restores."""
 
+import shutil
+import threading
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,6 +48,8 @@ def test_missing_and_malformed_checkpoints(tmp_path):
   assert not (tmp_path / "run").exists()  # read-only use creates nothing
   with pytest.raises(errors.ConfigError, match="'latest', 'best' or a step number, got 'newest'"):
     checkpointing.restore_params(tmp_path / "run", "newest", state_at(0).params)
+  with pytest.raises(errors.ConfigError, match="a step number, got '\u00b2'"):
+    checkpointing.restore_params(tmp_path / "run", "\u00b2", state_at(0).params)
 
 
 def test_saves_are_checksummed_and_damaged_steps_are_not_restored(tmp_path):
@@ -111,3 +116,69 @@ def test_a_failed_async_save_is_raised_by_wait(tmp_path, monkeypatch):
   with pytest.raises(OSError, match="No space left on device"):
     saves.wait()
   saves.wait()  # reported once
+
+
+def _deleting_after_resolve(monkeypatch, steps_to_delete):
+  """Makes the step that `resolve` picks vanish before Orbax reads it, as a training run's
+  `keep_checkpoints` clean-up does, once for each of `steps_to_delete` (in order)."""
+  real = checkpointing.resolve
+  pending = list(steps_to_delete)
+
+  def resolve_then_delete(checkpoints, which, log_fn=None):
+    manager, step = real(checkpoints, which, log_fn)
+    if pending and pending[0] == step:
+      pending.pop(0)
+      shutil.rmtree(integrity.step_path(manager.directory, step))
+    return manager, step
+
+  monkeypatch.setattr(checkpointing, "resolve", resolve_then_delete)
+  return pending
+
+
+def test_a_step_deleted_while_read_falls_back_to_the_newest_one(tmp_path, monkeypatch):
+  checkpoints = checkpointing.make_checkpoints(tmp_path, keep=3)
+  for step in (1, 2, 3):
+    checkpointing.save(checkpoints.latest, state_at(step), {})
+  said = []
+  pending = _deleting_after_resolve(monkeypatch, [3, 2])
+  params, step = checkpointing.restore_params(tmp_path, "latest", state_at(0).params,
+                                              log_fn=said.append)
+  assert step == 1 and not pending
+  jax.tree.map(np.testing.assert_array_equal, params, state_at(1).params)
+  assert len(said) == 2 and "checkpoint 3 in" in said[0] and "deleted while it was read" in said[0]
+
+
+def test_a_named_step_deleted_while_read_is_one_line(tmp_path, monkeypatch):
+  checkpoints = checkpointing.make_checkpoints(tmp_path, keep=3)
+  for step in (1, 2):
+    checkpointing.save(checkpoints.latest, state_at(step), {})
+  _deleting_after_resolve(monkeypatch, [1])
+  with pytest.raises(errors.MissingFileError, match=r"checkpoint 1 in .* was deleted while it was "
+                     r"read .*name a newer step, or latest$"):
+    checkpointing.restore_params(tmp_path, "1", state_at(0).params)
+
+
+def test_a_step_that_fails_to_read_without_being_deleted_keeps_its_traceback(tmp_path):
+  checkpoints = checkpointing.make_checkpoints(tmp_path, keep=3)
+  checkpointing.save(checkpoints.latest, state_at(1), {})
+  wrong_shape = {"w": jnp.zeros((5, 5)), "b": jnp.zeros(3)}
+  with pytest.raises(Exception) as info:
+    checkpointing.restore_params(tmp_path, "latest", wrong_shape)
+  assert not isinstance(info.value, errors.UserInputError)
+
+
+def test_unfinished_saves_are_removed_before_make_checkpoints_returns(tmp_path):
+  checkpoints = checkpointing.make_checkpoints(tmp_path, keep=2)
+  checkpointing.save(checkpoints.latest, state_at(1), {})
+  unfinished = [tmp_path / "checkpoints" / "2.orbax-checkpoint-tmp-1733350000",
+                tmp_path / "best" / "2.orbax-checkpoint-tmp-1733350001"]
+  for folder in unfinished:
+    (folder / "state").mkdir(parents=True)
+    (folder / "state" / "partial").write_bytes(b"x" * 10)
+  before = set(threading.enumerate())
+  checkpoints = checkpointing.make_checkpoints(tmp_path, keep=2)
+  # Done synchronously: no thread is left to print a traceback if the program stops at once.
+  assert not any(folder.exists() for folder in unfinished)
+  assert [t for t in threading.enumerate() if t not in before and not t.daemon] == []
+  assert checkpoints.latest.all_steps() == [1]
+  assert checkpointing.make_checkpoints(tmp_path, read_only=True).latest.all_steps() == [1]

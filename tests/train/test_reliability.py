@@ -14,6 +14,7 @@ import pathlib
 import subprocess
 import sys
 import textwrap
+import time
 
 import jax
 import jax.numpy as jnp
@@ -310,6 +311,9 @@ def test_main_prints_a_divergence_as_one_line(dataset, tmp_path):
     ("--config.max_steps=0", "max_steps must be None (train for `epochs`) or an integer >= 1"),
     ("--config.max_steps=-5", "max_steps must be None (train for `epochs`) or an integer >= 1"),
     ("--config.no_such_key=1", "unknown config key --config.no_such_key"),
+    ("--checkpoint=newest", "--checkpoint=newest: must be 'latest', 'best' or a step number"),
+    ("--checkpoint=\u00b2", "must be 'latest', 'best' or a step number"),  # a digit to isdigit
+    ("--checkpoint=-1", "--checkpoint=-1: must be 'latest', 'best' or a step number"),
 ])
 def test_config_errors_are_one_line_with_exit_status_2(dataset, tmp_path, extra, message):
   proc = cli(dataset, tmp_path / "run", extra)
@@ -341,7 +345,7 @@ def test_resuming_with_an_incompatible_config_is_refused(dataset, tmp_path):
   message = str(info.value)
   assert "model.embedding_dim: 16 when the run started, 8 now" in message
   assert "seed: 0 when the run started, 1 now" in message
-  assert str(workdir / "config.json") in message
+  assert f"checkpoint 2 in {workdir / 'checkpoints'}" in message  # the config saved with it
   assert (workdir / "config.json").read_bytes() == stored
   assert saved_steps(workdir / "checkpoints") == [2]
   # Keys the checkpoints do not depend on may change: the run resumes and trains on.
@@ -384,3 +388,88 @@ def test_skipped_images_are_said_and_recorded_in_metrics(dataset, tmp_path, caps
   trainer.train_and_evaluate(c, workdir)
   assert [r["step"] for r in rows(workdir, "data")] == [0, 1]
   assert "folder/train: 1 of 33 listed images are unreadable" in capsys.readouterr().out
+
+
+def test_a_failing_evaluation_loses_no_training(dataset, tmp_path, monkeypatch):
+  workdir = tmp_path / "run"
+  c = load(dataset)
+  c.max_steps = 3  # step 3 is evaluated (the last) but is not a checkpoint_every_steps step
+
+  def fail(*args, **kwargs):
+    raise RuntimeError("evaluation failed")
+
+  with monkeypatch.context() as patch:
+    patch.setattr(trainer, "_evaluate", fail)
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+      trainer.train_and_evaluate(c, workdir)
+  assert saved_steps(workdir / "checkpoints") == [2, 3]  # saved before the evaluation
+  assert rows(workdir, "eval") == []
+  # The rerun resumes at step 3 and runs the evaluation that failed, training nothing again.
+  results = trainer.train_and_evaluate(c, workdir)
+  assert [r["step"] for r in rows(workdir, "eval")] == [3]
+  assert results == {k: v for k, v in rows(workdir, "eval")[0].items() if "/" in k}
+  assert [r["step"] for r in rows(workdir, "train")] == [1, 2, 3]
+  assert saved_steps(workdir / "best") == [3]
+
+
+def test_damaged_metrics_lines_do_not_block_a_resume(dataset, tmp_path, capsys):
+  workdir = tmp_path / "run"
+  c = load(dataset)
+  c.max_steps = 2
+  trainer.train_and_evaluate(c, workdir)
+  with (workdir / "metrics.jsonl").open("ab") as f:
+    f.write(b'\xff\xfe\n{"step": null, "kind": "train"}\n[1, 2]\n')
+  c.max_steps = 4
+  trainer.train_and_evaluate(c, workdir)
+  assert "skipped 3 damaged line(s)" in capsys.readouterr().out
+  assert [r["step"] for r in rows(workdir, "train")] == [1, 2, 3, 4]
+
+
+def test_reading_latest_while_a_run_replaces_it_every_step(dataset, tmp_path):
+  """eval/search/export restore `latest` while training keeps only its newest step."""
+  workdir = tmp_path / "run"
+  c = load(dataset)
+  c.max_steps, c.keep_checkpoints, c.checkpoint_every_steps = 25, 1, 1
+  argv = ["recall_jax.main", "--config", str(dataset), "--workdir", str(workdir),
+          "--config.max_steps=25", "--config.keep_checkpoints=1",
+          "--config.checkpoint_every_steps=1"]
+  program = f"import sys\nfrom recall_jax import main\nsys.argv = {argv!r}\nmain.run()"
+  training = subprocess.Popen([sys.executable, "-c", program], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+  steps_read = []
+  try:
+    while training.poll() is None and not saved_steps_if_any(workdir / "checkpoints"):
+      time.sleep(0.05)
+    while training.poll() is None:
+      _, variables, step = modes.restore_variables(c, workdir, "latest")
+      assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(variables["params"]))
+      steps_read.append(step)
+    output = training.communicate(timeout=300)[0]
+  finally:
+    if training.poll() is None:
+      training.kill()
+      training.communicate()
+  assert training.returncode == 0, output[-4000:]
+  assert len(steps_read) >= 3 and steps_read == sorted(steps_read), steps_read
+  assert saved_steps(workdir / "checkpoints") == [25]
+
+
+def saved_steps_if_any(folder):
+  return saved_steps(folder) if folder.is_dir() else []
+
+
+@pytest.mark.parametrize("damage", ["deleted", "torn"])
+def test_a_damaged_config_json_does_not_skip_the_resume_check(dataset, tmp_path, damage):
+  workdir = tmp_path / "run"
+  c = load(dataset)
+  c.max_steps = 2
+  trainer.train_and_evaluate(c, workdir)
+  if damage == "deleted":
+    (workdir / "config.json").unlink()
+  else:
+    (workdir / "config.json").write_text('{"model": {"embedding_dim"')
+  c.model.embedding_dim, c.max_steps = 8, 4
+  with pytest.raises(errors.ConfigError,
+                     match="model.embedding_dim: 16 when the run started, 8 now"):
+    trainer.train_and_evaluate(c, workdir)
+  assert saved_steps(workdir / "checkpoints") == [2]

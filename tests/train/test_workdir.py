@@ -224,3 +224,16 @@ def test_atomic_write_text_replaces_the_file(tmp_path):
   finally:
     os.umask(umask)
   assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_truncate_metrics_skips_damaged_lines_with_one_warning(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  good = [json.dumps({"step": s, "kind": "train", "loss": 1.0}) for s in (1, 2, 3)]
+  damaged = [b"\xff\xfe not utf-8", b'{"step": null, "kind": "train"}', b"[1, 2]", b'"text"',
+             b'{"kind": "eval"}', b'{"step": true}']
+  path.write_bytes(b"\n".join([good[0].encode(), *damaged, good[1].encode(), good[2].encode()])
+                   + b"\n")
+  said = []
+  assert workdir_lib.truncate_metrics(path, 2, log_fn=said.append) == len(damaged) + 1
+  assert path.read_text().splitlines() == good[:2]
+  assert len(said) == 1 and f"skipped {len(damaged)} damaged line(s)" in said[0]
