@@ -9,6 +9,10 @@ its parameters only.
 Every saved step gets a checksum manifest (`integrity.write_manifest`), and every restore checks
 it first: a resumed run (`resume_step`) and `latest` go back to the newest intact step, saying
 why; a named step or `best` that does not verify is refused.
+
+Training saves asynchronously (`AsyncSaves`): Orbax copies the state to host memory before
+`save` returns and writes the files in the background while training goes on; the manifest is
+written once Orbax has committed the step, so a step without one never counts as intact.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import dataclasses
 import math
 import pathlib
 import shutil
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -59,12 +64,15 @@ def make_checkpoints(workdir: str | pathlib.Path, *, keep: int = 2,
     read_only: for reading only (eval, embed): nothing is created, cleaned or deleted. Otherwise
       the folders are created and the temporary folders of interrupted saves are deleted.
   """
-  # Synchronous saves: the train step donates the state's buffers, so a save must have read
-  # them before the next step runs. Interrupted saves are removed here, before returning: Orbax
-  # would remove them in a background thread that, when the run then stops at once (a refused
-  # resume), prints a traceback at exit.
+  # Async saves are safe although the train step donates the state's buffers: without a
+  # device-to-host byte limit every array is "prioritized", and Orbax's `save` returns only once
+  # `replica_slices.transfer_arrays_to_host` has them in host memory (`np.asarray` blocks; see
+  # `_serialize_arrays` in orbax/checkpoint/_src/serialization/jax_array_handlers.py). On a CPU
+  # that host copy may be a view of the buffer, and a buffer so referenced is not donated.
+  # Interrupted saves are removed here, before returning: Orbax would remove them in a background
+  # thread that, when the run then stops at once (a refused resume), prints a traceback at exit.
   options = dict(create=not read_only, read_only=read_only, cleanup_tmp_directories=False,
-                 enable_async_checkpointing=False)
+                 enable_async_checkpointing=not read_only)
   if read_only:  # what Orbax would otherwise reset, warning about each
     options.update(save_interval_steps=0)
   workdir = pathlib.Path(workdir).expanduser().absolute()  # Orbax refuses relative paths
@@ -103,19 +111,72 @@ def _orbax_warnings_hidden(hidden: bool):
 
 def save(manager: ocp.CheckpointManager, state: train_step_lib.TrainState,
          meta: Mapping[str, Any]) -> None:
-  """Writes `state` and `meta` as the checkpoint of step `state.step` (replacing one there).
+  """Writes `state` and `meta` as the checkpoint of step `state.step` and waits for it and its
+  checksum manifest (`AsyncSaves` for saves that do not wait)."""
+  with AsyncSaves() as saves:
+    saves.save(manager, state, meta)
 
-  Once Orbax has finished, process 0 records the step's checksum manifest: a step without one
-  did not finish saving.
+
+class AsyncSaves:
+  """Saves that return once the state is in host memory; files and manifests follow in the
+  background.
+
+  Each checkpoint manager has at most one save in flight: a new save to it first waits for the
+  previous one. Once Orbax has committed a step (renamed its temporary folder), a thread writes
+  its checksum manifest on process 0, so a step killed before that has no manifest and is not
+  intact. `wait()` (and leaving the context) waits for every save and raises the first error of
+  one (e.g. a full disk).
   """
-  step = int(state.step)
-  if step in manager.all_steps():  # a resumed run replaying steps saved before (e.g. the best)
-    manager.delete(step)
-  manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta))), force=True)
-  manager.wait_until_finished()
-  if jax.process_index() == 0:
-    integrity.write_manifest(integrity.step_path(manager.directory, step))
+
+  def __init__(self):
+    self._pending: dict[ocp.CheckpointManager, threading.Thread] = {}
+    self._errors: list[BaseException] = []
+
+  def save(self, manager: ocp.CheckpointManager, state: train_step_lib.TrainState,
+           meta: Mapping[str, Any]) -> None:
+    """Starts writing `state` and `meta` as the checkpoint of step `state.step` (replacing one
+    there); returns once the state is copied to host memory, so it may be donated after."""
+    self.wait(manager)
+    step = int(state.step)
+    if step in manager.all_steps():  # a resumed run replaying steps saved before (e.g. the best)
+      manager.delete(step)
+    manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta))), force=True)
+    thread = threading.Thread(target=self._finish, args=(manager, step), daemon=True,
+                              name=f"manifest-{step}")
+    self._pending[manager] = thread
+    thread.start()
+
+  def _finish(self, manager: ocp.CheckpointManager, step: int) -> None:
+    try:
+      manager.wait_until_finished()
+      if jax.process_index() == 0:
+        integrity.write_manifest(integrity.step_path(manager.directory, step))
+    except BaseException as e:  # pylint: disable=broad-except  # raised again by `wait`
+      self._errors.append(e)
+
+  def wait(self, manager: ocp.CheckpointManager | None = None) -> None:
+    """Waits for the save in flight to `manager` (None: to every manager) and its manifest.
+
+    Raises:
+      The first error of a save waited for (Orbax's, or the file system's).
+    """
+    for m in ([manager] if manager is not None else list(self._pending)):
+      thread = self._pending.pop(m, None)
+      if thread is not None:
+        thread.join()
+    if self._errors:
+      raise self._errors.pop(0)
+
+  def __enter__(self) -> AsyncSaves:
+    return self
+
+  def __exit__(self, exc_type, exc, traceback) -> None:
+    if exc_type is None:
+      self.wait()
+      return
+    with contextlib.suppress(Exception):  # the error that ended the run is the one to report
+      self.wait()
 
 
 def resume_step(manager: ocp.CheckpointManager, set_aside_to: str | pathlib.Path,

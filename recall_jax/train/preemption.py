@@ -1,7 +1,13 @@
 """A polite stop: SIGTERM (cluster preemption) or a first Ctrl-C asks the run to save and stop.
 
-The training loop polls the request once per step; on several hosts each poll is a collective, so
-that all hosts stop after the same step.
+Used by both tasks' training loop. It polls the request once per step: a single process reads the
+signal flag (no device work); several hosts agree with a collective, which the loop asks for only
+at its boundaries (log, evaluation and save steps) so that ordinary steps do not wait for each
+other. On several hosts a stop therefore waits for the next boundary: keep `log_every_steps`
+short enough for the cluster's grace period.
+
+The coordination service's own preemption notice (`multihost_utils.reached_preemption_sync_point`)
+is not used: it covers SIGTERM only, and only once the Python handler here does not replace it.
 """
 
 from __future__ import annotations
@@ -23,9 +29,10 @@ def stop_requests(say: Callable[[str], None] = print) -> Iterator[Callable[[], s
     say: shows the user that a signal arrived (process 0's progress output).
 
   Yields:
-    `poll() -> str | None`: what asked to stop (a signal's name), or None. On several processes
-    every process must call it at the same point (it all-gathers the hosts' flags): if any host
-    was asked, all of them stop.
+    `poll(collective=True) -> str | None`: what asked to stop (a signal's name), or None. On
+    several processes, a poll with `collective` all-gathers the hosts' flags (if any host was
+    asked, all of them stop), so every process must make it at the same point; one without it
+    returns None until such a poll. A single process always reads its own flag.
 
   The previous handlers are restored on exit; a second Ctrl-C interrupts at once. Outside the
   main thread signals are left alone.
@@ -47,8 +54,10 @@ def stop_requests(say: Callable[[str], None] = print) -> Iterator[Callable[[], s
     except ValueError:  # not the main thread
       pass
 
-  def poll() -> str | None:
+  def poll(collective: bool = True) -> str | None:
     if jax.process_count() > 1:
+      if not collective:
+        return None
       # Hosts must agree, or one would save while the others step on.
       flags = multihost_utils.process_allgather(np.array(len(received) > 0))
       if np.any(flags) and not received:

@@ -20,9 +20,11 @@ import json
 import math
 import pathlib
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
@@ -137,31 +139,39 @@ def _train(c: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, Any
   batches = exp.layout.train_batches(exp.train_source, exp.sampler, start_step=start,
                                      num_steps=max(exp.total_steps - start, 0))
   check_start = _cold_start_monitor(exp)
-  if resuming and _evaluation_missing(c, exp, log.writer, start):  # saved, then stopped
-    results, best_value = _evaluate_and_keep_best(exp, state, log.writer, workdir, checkpoints,
-                                                  best_value)
-  with preemption.stop_requests(reporting.say) as poll_stop, contextlib.closing(batches), log:
+  first_bad = _no_bad_loss()
+  with (checkpointing.AsyncSaves() as saves, preemption.stop_requests(reporting.say) as poll_stop,
+        contextlib.closing(batches), log):
+    if resuming and _evaluation_missing(c, exp, log.writer, start):  # saved, then stopped
+      results, best_value = _evaluate_and_keep_best(exp, state, log.writer, workdir, checkpoints,
+                                                    saves, best_value)
     for step in range(start, exp.total_steps):
       local_batch = next(batches)
       if check_start and (found := check_start(step, _host_params(state), local_batch["image"],
                                                local_batch["label"])):
         log.writer.write(step, "cold_start", found)
-      tick = time.perf_counter()
       loss_name, train_step = exp.train_step_at(step)
-      state, metrics = _step(exp, train_step, state, local_batch, step, checkpoints)
+      state, metrics = _step(exp, train_step, state, local_batch, step)
+      first_bad = _first_bad_loss(first_bad, metrics["loss"], state.step)
+      # The loop reads the device only at boundaries, so the next batch is assembled and sent
+      # while the step runs.
       done = step + 1
-      images_per_s = c.batch_size / (time.perf_counter() - tick)
-      log.step(done, {**metrics, "loss_name": loss_name}, float(exp.schedule(step)), images_per_s)
-      evaluates = _evaluates_after(c, done, exp)
-      stop = poll_stop()  # once per step: on several hosts a collective
+      evaluates, logs = _evaluates_after(c, done, exp), log.due(done)
+      stop = poll_stop(collective=logs or evaluates or done % c.checkpoint_every_steps == 0)
+      saves_now = (evaluates or done % c.checkpoint_every_steps == 0 or done == exp.total_steps
+                   or bool(stop))
+      if logs or saves_now:
+        _require_finite_loss(first_bad, checkpoints, saves)
+      log.step(done, metrics, loss_name, exp.schedule, write=logs or bool(stop))
       # Saved before evaluating, so a failing evaluation loses no training (and a diverged
       # update is reported, not evaluated).
-      if evaluates or done % c.checkpoint_every_steps == 0 or done == exp.total_steps or stop:
-        _save(checkpoints, checkpoints.latest, state, _meta(c, best_value, state, exp))
+      if saves_now:
+        _save(checkpoints, saves, checkpoints.latest, state, _meta(c, best_value, state, exp))
       if evaluates:
         results, best_value = _evaluate_and_keep_best(exp, state, log.writer, workdir,
-                                                      checkpoints, best_value)
+                                                      checkpoints, saves, best_value)
       if stop:
+        saves.wait()
         reporting.say(f"stopped by {stop} at step {done}; checkpoint saved in "
                       f"{workdir / 'checkpoints'}: rerun the same command to resume")
         break
@@ -172,19 +182,53 @@ def _is_main() -> bool:
   return jax.process_index() == 0
 
 
-def _save(checkpoints: checkpointing.Checkpoints, manager, state: train_step_lib.TrainState,
-          meta: dict[str, Any]) -> None:
-  """Saves `state` to `manager` unless the update made it NaN/inf (then names a good step)."""
-  _require_finite(checkpoints, state)
-  checkpointing.save(manager, state, meta)
+def _save(checkpoints: checkpointing.Checkpoints, saves: checkpointing.AsyncSaves, manager,
+          state: train_step_lib.TrainState, meta: dict[str, Any]) -> None:
+  """Starts saving `state` to `manager` unless the update made it NaN/inf (then names a good
+  step)."""
+  _require_finite(checkpoints, saves, state)
+  saves.save(manager, state, meta)
 
 
-def _require_finite(checkpoints: checkpointing.Checkpoints,
+def _require_finite(checkpoints: checkpointing.Checkpoints, saves: checkpointing.AsyncSaves,
                     state: train_step_lib.TrainState) -> None:
   """Raises NonFiniteStateError, naming the newest intact checkpoint, if `state` is NaN/inf."""
-  integrity.raise_if_not_finite(state, step=int(state.step),
-                                checkpoint_dir=checkpoints.latest.directory,
-                                steps=checkpoints.latest.all_steps())
+  if not integrity.is_finite_tree(state):
+    saves.wait()  # the checkpoint being written is the newest intact one once it is complete
+    integrity.raise_if_not_finite(state, step=int(state.step),
+                                  checkpoint_dir=checkpoints.latest.directory,
+                                  steps=checkpoints.latest.all_steps())
+
+
+@jax.jit
+def _first_bad_loss(first_bad: tuple[jax.Array, jax.Array], loss: jax.Array, done: jax.Array
+                    ) -> tuple[jax.Array, jax.Array]:
+  """(step, loss) of the first non-finite loss: `first_bad` (int32 step 0 while all were
+  finite, float32 loss), updated on the device with update `done`'s float32 `loss`."""
+  new = (first_bad[0] == 0) & ~jnp.isfinite(loss)
+  return jnp.where(new, done, first_bad[0]), jnp.where(new, loss, first_bad[1])
+
+
+def _no_bad_loss() -> tuple[jax.Array, jax.Array]:
+  return jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32)
+
+
+def _require_finite_loss(first_bad: tuple[jax.Array, jax.Array],
+                         checkpoints: checkpointing.Checkpoints,
+                         saves: checkpointing.AsyncSaves) -> None:
+  """Raises NonFiniteLossError naming the first bad step and the newest intact checkpoint."""
+  step, loss = (x.item() for x in jax.device_get(first_bad))
+  if not step:
+    return
+  saves.wait()
+  good, _ = integrity.newest_intact_step(checkpoints.latest.directory,
+                                         checkpoints.latest.all_steps())
+  where = (f"The last good checkpoint (step {good}) in {checkpoints.latest.directory} is "
+           "intact: lower the learning rate or check the data, then rerun to resume from it."
+           if good is not None else f"There is no intact checkpoint in "
+           f"{checkpoints.latest.directory}: lower the learning rate or check the data and "
+           "start again.")
+  raise NonFiniteLossError(f"loss is {loss} at step {step}; stopping without saving. {where}")
 
 
 def _cold_start_monitor(exp: experiment_lib.Experiment) -> cold_start.ColdStartMonitor | None:
@@ -207,23 +251,11 @@ def _host_params(state: train_step_lib.TrainState):
 
 
 def _step(exp: experiment_lib.Experiment, train_step, state: train_step_lib.TrainState,
-          local_batch, step: int, checkpoints: checkpointing.Checkpoints):
-  """One update on this process's slice of batch `step`; stops on a non-finite loss."""
+          local_batch, step: int):
+  """One update on this process's slice of batch `step` (dispatched: nothing waits for it)."""
   batch = exp.layout.global_batch(local_batch, exp.mesh)
-  state, metrics = train_step(state, batch["image"], batch["label"],
-                              jax.random.fold_in(jax.random.key(exp.config.seed), step))
-  metrics = {k: float(v) for k, v in metrics.items()}  # waits for the step
-  if not math.isfinite(metrics["loss"]):
-    good, _ = integrity.newest_intact_step(checkpoints.latest.directory,
-                                           checkpoints.latest.all_steps())
-    where = (f"The last good checkpoint (step {good}) in {checkpoints.latest.directory} is "
-             "intact: lower the learning rate or check the data, then rerun to resume from it."
-             if good is not None else f"There is no intact checkpoint in "
-             f"{checkpoints.latest.directory}: lower the learning rate or check the data and "
-             "start again.")
-    raise NonFiniteLossError(
-        f"loss is {metrics['loss']} at step {step + 1}; stopping without saving. {where}")
-  return state, metrics
+  return train_step(state, batch["image"], batch["label"],
+                    jax.random.fold_in(jax.random.key(exp.config.seed), step))
 
 
 def _skipped_and_listed(source) -> tuple[str, int, int] | None:
@@ -270,14 +302,14 @@ def _evaluation_missing(c: ml_collections.ConfigDict, exp: experiment_lib.Experi
 
 def _evaluate_and_keep_best(exp: experiment_lib.Experiment, state: train_step_lib.TrainState,
                             writer: reporting.MetricWriter, workdir: pathlib.Path,
-                            checkpoints: checkpointing.Checkpoints,
+                            checkpoints: checkpointing.Checkpoints, saves: checkpointing.AsyncSaves,
                             best_value: float) -> tuple[dict[str, Any], float]:
   """Evaluates `state` (already saved) and saves it as the best if it is; (metrics, best)."""
   c = exp.config
   results = _evaluate(exp, state.params, int(state.step), writer, workdir)
   if results.get(c.best_metric, -math.inf) > best_value:
     best_value = results[c.best_metric]
-    _save(checkpoints, checkpoints.best, state, _meta(c, best_value, state, exp))
+    _save(checkpoints, saves, checkpoints.best, state, _meta(c, best_value, state, exp))
   return results, best_value
 
 
@@ -321,16 +353,30 @@ class _Log:
       workdir_lib.atomic_write_text(workdir / "config.json", c.to_json_best_effort(indent=2))
     self.writer = reporting.MetricWriter(workdir, enabled=_is_main())
     self._bar = progress.progress_bar(total=total, initial=start, enabled=_is_main())
+    self._done, self._time = start, time.perf_counter()
 
-  def step(self, done: int, metrics: dict[str, float], lr: float, images_per_s: float) -> None:
+  def due(self, done: int) -> bool:
+    """Whether step `done` writes a train row (every `log_every_steps` and the last)."""
+    return done % self._c.log_every_steps == 0 or done == self._total
+
+  def step(self, done: int, metrics: dict[str, jax.Array], loss_name: str,
+           schedule: Callable[[int], Any], *, write: bool) -> None:
+    """Advances the bar; with `write`, fetches `metrics` from the device and writes the train
+    row of step `done` (learning rate: `schedule` of its update; images/s: the mean since the
+    previous row)."""
     self._bar.update(1)
+    if not write:
+      return
+    metrics = {k: v.item() for k, v in jax.device_get(metrics).items()}  # waits for the step
+    now, lr = time.perf_counter(), float(schedule(done - 1))
+    images_per_s = self._c.batch_size * (done - self._done) / (now - self._time)
+    self._done, self._time = done, now
     self._bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}",
                           img_s=f"{images_per_s:.0f}")
-    if done % self._c.log_every_steps == 0 or done == self._total:
-      self.writer.write(done, "train", {
-          "loss": metrics["loss"], "learning_rate": lr, "images_per_s": images_per_s,
-          "epoch": done / self._steps_per_epoch,
-          **{k: v for k, v in metrics.items() if k != "loss"}})
+    self.writer.write(done, "train", {
+        "loss": metrics["loss"], "learning_rate": lr, "images_per_s": images_per_s,
+        "epoch": done / self._steps_per_epoch, "loss_name": loss_name,
+        **{k: v for k, v in metrics.items() if k != "loss"}})
 
   def __enter__(self) -> _Log:
     return self

@@ -85,6 +85,39 @@ def test_saves_are_checksummed_and_damaged_steps_are_not_restored(tmp_path):
   assert integrity.verify_step(tmp_path / "checkpoints" / "2") is None
 
 
+def test_async_save_survives_donation_and_writes_the_manifest_once_committed(tmp_path):
+  checkpoints = checkpointing.make_checkpoints(tmp_path, keep=2)
+  state = state_at(1)
+  expected = jax.tree.map(np.array, state)  # host copies, taken before anything is donated
+  donate = jax.jit(lambda s: jax.tree.map(lambda x: x * 0 + 7, s), donate_argnums=0)
+  with checkpointing.AsyncSaves() as saves:
+    saves.save(checkpoints.latest, state, {"best_value": 0.5})
+    overwritten = donate(state)  # as the next train step does, while the files are written
+    saves.save(checkpoints.best, overwritten, {})  # another manager: written concurrently
+    saves.wait(checkpoints.latest)
+    assert integrity.verify_step(tmp_path / "checkpoints" / "1") is None
+  assert integrity.verify_step(tmp_path / "best" / "7") is None  # waited for on leaving
+  restored, meta = checkpointing.restore(checkpoints.latest, 1, state_at(0))
+  assert meta == {"best_value": 0.5}
+  jax.tree.map(np.testing.assert_array_equal, restored, expected)
+  restored, _ = checkpointing.restore(checkpoints.best, 7, state_at(0))
+  jax.tree.map(np.testing.assert_array_equal, restored, jax.tree.map(lambda x: x * 0 + 7, expected))
+
+
+def test_a_failed_async_save_is_raised_by_wait(tmp_path, monkeypatch):
+  checkpoints = checkpointing.make_checkpoints(tmp_path, keep=2)
+
+  def disk_full(step_dir):
+    raise OSError(28, "No space left on device", str(step_dir))
+
+  monkeypatch.setattr(integrity, "write_manifest", disk_full)
+  saves = checkpointing.AsyncSaves()
+  saves.save(checkpoints.latest, state_at(1), {})
+  with pytest.raises(OSError, match="No space left on device"):
+    saves.wait()
+  saves.wait()  # reported once
+
+
 def _deleting_after_resolve(monkeypatch, steps_to_delete):
   """Makes the step that `resolve` picks vanish before Orbax reads it, as a training run's
   `keep_checkpoints` clean-up does, once for each of `steps_to_delete` (in order)."""

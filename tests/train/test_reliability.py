@@ -210,6 +210,57 @@ def test_no_duplicate_metric_rows_after_a_resume(dataset, tmp_path):
   assert [r["step"] for r in rows(workdir, "eval")] == [4]  # step 3's evaluation was replayed
 
 
+# Code run before `main` that SIGKILLs the run while the save of step 4 is being written: right
+# after Orbax's async `save` returned (files still being written in the background), or once
+# Orbax committed the step but before its checksum manifest is written.
+KILL_DURING_SAVE_4 = {
+    "orbax_write": textwrap.dedent("""
+        import os, signal
+        import orbax.checkpoint as ocp
+        real_save = ocp.CheckpointManager.save
+        def save(self, step, *args, **kwargs):
+          out = real_save(self, step, *args, **kwargs)
+          if step == 4 and self.directory.name == "checkpoints":
+            os.kill(os.getpid(), signal.SIGKILL)
+          return out
+        ocp.CheckpointManager.save = save
+        """),
+    "manifest": textwrap.dedent("""
+        import os, pathlib, signal
+        from recall_jax.train import integrity
+        real_write = integrity.write_manifest
+        def write_manifest(step_dir):
+          if pathlib.Path(step_dir).parts[-2:] == ("checkpoints", "4"):
+            os.kill(os.getpid(), signal.SIGKILL)
+          return real_write(step_dir)
+        integrity.write_manifest = write_manifest
+        """),
+}
+
+
+@pytest.mark.parametrize("when", sorted(KILL_DURING_SAVE_4))
+def test_kill_during_an_async_save_resumes_from_the_newest_intact_step(dataset, tmp_path, when,
+                                                                      capsys):
+  workdir = tmp_path / "run"
+  proc = cli(dataset, workdir, code=KILL_DURING_SAVE_4[when])
+  assert proc.returncode == -9, proc.stderr
+  checkpoints = workdir / "checkpoints"
+  assert integrity.verify_step(checkpoints / "2") is None
+  assert integrity.verify_step(checkpoints / "4") is not None  # absent, in flight or unverified
+  capsys.readouterr()
+  trainer.train_and_evaluate(load(dataset), workdir)
+  out = capsys.readouterr().out
+  assert "resumed from step 2" in out
+  if when == "manifest":  # committed by Orbax, without its manifest: set aside, said once
+    said = [line for line in out.splitlines() if "is corrupt" in line]
+    assert len(said) == 1 and said[0].startswith("checkpoint 4 is corrupt or incomplete ("), said
+    assert f"no {integrity.MANIFEST_NAME}" in said[0] and said[0].endswith("resuming from step 2")
+    assert (workdir / "corrupt_checkpoints" / "4").is_dir()
+  assert saved_steps(checkpoints) == [2, 4]
+  assert all(integrity.verify_step(checkpoints / str(s)) is None for s in (2, 4))
+  assert [r["step"] for r in rows(workdir, "train")] == [1, 2, 3, 4]
+
+
 def blow_up_on_update(number, real):
   """Wraps `real` (make_optimizer) so that update `number` (1-based) turns the params into inf."""
 

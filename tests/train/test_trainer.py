@@ -3,6 +3,7 @@
 Category-level (square crops, Recall@k); the instance-level runs are in test_landmarks.py.
 """
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -10,11 +11,15 @@ import pathlib
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from jax._src import array as jax_array  # the one Python path of float(), int(), device_get
 
 from recall_jax import errors
 from recall_jax.train import checkpointing
@@ -134,6 +139,83 @@ def test_resume_is_bit_identical_and_nan_keeps_last_good_checkpoint(smoke_config
   after = restored_state(smoke_config, straight)
   assert int(after.step) == 4
   jax.tree.map(np.testing.assert_array_equal, state_a.params, after.params)
+
+
+def test_no_device_to_host_transfer_between_log_steps(smoke_config, tmp_path, monkeypatch):
+  """Between two log steps the loop only dispatches work: nothing is read back from the device.
+
+  From each train step after a log step to the next log step's train step, the main thread runs
+  under `jax.transfer_guard_device_to_host("disallow")` (which an accelerator enforces), and a
+  read of an array's value (`float`, `int`, `bool`, `jax.device_get`: what a CPU does not guard)
+  raises.
+  """
+  c = smoke_config
+  c.max_steps, c.log_every_steps, c.checkpoint_every_steps = 7, 3, 100
+  c.cold_start_checks, c.num_grid_queries = False, 0
+  guard, guarded = contextlib.ExitStack(), []
+  reads = {"at boundaries": 0}
+  real_value = jax_array.ArrayImpl._value
+
+  def value(self):
+    if guarded and threading.current_thread() is threading.main_thread():
+      raise AssertionError(f"a device-to-host read between log steps (after step {guarded[-1]})")
+    reads["at boundaries"] += 1
+    return real_value.fget(self)
+
+  real_step_at = experiment.Experiment.train_step_at
+
+  def train_step_at(self, step):
+    name, train_step = real_step_at(self, step)
+
+    def step_under_guard(*args):
+      if not guarded:
+        guard.enter_context(jax.transfer_guard_device_to_host("disallow"))
+      guarded.append(step + 1)
+      out = train_step(*args)
+      if (step + 1) % c.log_every_steps == 0 or step + 1 == c.max_steps:
+        guard.close()
+        guarded.clear()
+      return out
+
+    return name, step_under_guard
+
+  monkeypatch.setattr(jax_array.ArrayImpl, "_value", property(value))
+  guarded.append(0)
+  with pytest.raises(AssertionError, match="a device-to-host read"):
+    float(jnp.ones(()) * 2)  # the spy sees a read
+  guarded.clear()
+  monkeypatch.setattr(experiment.Experiment, "train_step_at", train_step_at)
+  trainer.train_and_evaluate(c, tmp_path)
+  assert [r["step"] for r in train_rows(tmp_path)] == [3, 6, 7]
+  assert reads["at boundaries"] > 0  # the boundaries did read (the spy sees reads)
+  assert all(np.isfinite(r["loss"]) and r["images_per_s"] > 0 for r in train_rows(tmp_path))
+
+
+def test_nan_between_boundaries_names_its_first_step(smoke_config, tmp_path, monkeypatch):
+  c = smoke_config
+  c.max_steps, c.log_every_steps, c.checkpoint_every_steps = 8, 100, 3
+  c.cold_start_checks, c.num_grid_queries = False, 0
+  real_make = optimizer_lib.make_optimizer
+
+  def make_optimizer(c, steps_per_epoch):
+    optimizer, schedule = real_make(c, steps_per_epoch)
+
+    def update(updates, count, params=None):  # update 4 turns the parameters into NaN
+      del params
+      nan_at_4 = jnp.where(count + 1 == 4, jnp.nan, 1.0)
+      return jax.tree.map(lambda u: u * nan_at_4, updates), count + 1
+
+    return optax.chain(optimizer, optax.GradientTransformation(
+        lambda _: jnp.zeros([], jnp.int32), update)), schedule
+
+  monkeypatch.setattr(experiment.optimizer_lib, "make_optimizer", make_optimizer)
+  # Step 5's loss is the first NaN; nothing reads it until the save step 6, whose check names
+  # step 5 and the save of step 3.
+  with pytest.raises(trainer.NonFiniteLossError,
+                     match=r"loss is nan at step 5; stopping without saving. .*\(step 3\)"):
+    trainer.train_and_evaluate(c, tmp_path)
+  assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [3]
+  assert train_rows(tmp_path) == []
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(omniglot_root, tmp_path):
