@@ -15,6 +15,8 @@ groups. Epoch `e` is a pure function of `(labels, seed, e)`:
 So every class appears in `min(n_c // m, steps_per_epoch)` batches of each epoch, spread at random
 over it. The sampler's only state is the global step: `batch_indices(step)` for `step >= s` is
 exactly what a run resumed at step `s` sees, on any number of hosts.
+
+Serves both tasks.
 """
 
 from __future__ import annotations

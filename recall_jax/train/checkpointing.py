@@ -13,6 +13,8 @@ why; a named step or `best` that does not verify is refused.
 Training saves asynchronously (`AsyncSaves`): Orbax copies the state to host memory before
 `save` returns and writes the files in the background while training goes on; the manifest is
 written once Orbax has committed the step, so a step without one never counts as intact.
+
+Serves both tasks.
 """
 
 from __future__ import annotations

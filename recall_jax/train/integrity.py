@@ -15,6 +15,8 @@ local or mounted file system (not a `gs://` path).
 
 `is_finite_tree` guards the other end: a state that diverged in its last update is never saved,
 so every checkpoint that verifies is also one that training can resume from.
+
+Serves both tasks.
 """
 
 from __future__ import annotations
