@@ -1,4 +1,4 @@
-"""docs/architecture.md's examples, run as written: a new loss and a new dataset, trained 2 steps."""
+"""docs/architecture.md's examples, run as written: a new loss and a new dataset, 2 steps."""
 
 import math
 import pathlib
