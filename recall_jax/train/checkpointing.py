@@ -341,7 +341,16 @@ def restore_params(workdir: str | pathlib.Path, which: str, params_template: PyT
   restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
   error, failed = None, None
   for _ in range(_READ_ATTEMPTS):
-    manager, step = resolve(make_checkpoints(workdir, read_only=True), which, log_fn)
+    checkpoints = make_checkpoints(workdir, read_only=True)
+    try:
+      manager, step = resolve(checkpoints, which, log_fn)
+    except integrity.CorruptCheckpointError:
+      # Every step listed was gone by the time it was checked: with `keep_checkpoints=1` a run
+      # training there deleted it after saving a newer one, which a new listing shows.
+      if which not in ("latest", "best") or _listed_steps(checkpoints) == _listed_steps(
+          make_checkpoints(workdir, read_only=True)):
+        raise
+      continue
     if failed is not None:
       if failed == (manager.directory, step):
         raise error  # the same step fails again, still there: not a race, a real problem
@@ -373,6 +382,11 @@ def restore_params(workdir: str | pathlib.Path, which: str, params_template: PyT
   raise errors.DataError(
       f"the {which} checkpoint in {workdir} was replaced {_READ_ATTEMPTS} times while it was "
       "read; try again, or stop the run training there")
+
+
+def _listed_steps(checkpoints: Checkpoints) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """The steps each folder of `checkpoints` listed when its manager was made."""
+  return tuple(checkpoints.latest.all_steps()), tuple(checkpoints.best.all_steps())
 
 
 # Reads of `latest` or `best` retried while a training run deletes the step being read: each

@@ -148,6 +148,33 @@ def test_a_step_deleted_while_read_falls_back_to_the_newest_one(tmp_path, monkey
   assert len(said) == 2 and "checkpoint 3 in" in said[0] and "deleted while it was read" in said[0]
 
 
+def test_the_only_listed_step_replaced_while_checked_lists_again(tmp_path, monkeypatch):
+  """keep_checkpoints=1: the run saves step 2 and deletes step 1 after the reader listed [1]."""
+  checkpoints = checkpointing.make_checkpoints(tmp_path, keep=1)
+  checkpointing.save(checkpoints.latest, state_at(1), {})
+  real = integrity.newest_usable_step
+  replaced = []
+
+  def replaced_while_checked(directory, steps):
+    if not replaced:
+      replaced.append(True)
+      checkpointing.save(checkpoints.latest, state_at(2), {})  # deletes step 1 (keep=1)
+    return real(directory, steps)
+
+  monkeypatch.setattr(integrity, "newest_usable_step", replaced_while_checked)
+  params, step = checkpointing.restore_params(tmp_path, "latest", state_at(0).params)
+  assert step == 2 and replaced
+  jax.tree.map(np.testing.assert_array_equal, params, state_at(2).params)
+
+
+def test_a_corrupt_only_step_is_still_refused(tmp_path):
+  checkpoints = checkpointing.make_checkpoints(tmp_path, keep=1)
+  checkpointing.save(checkpoints.latest, state_at(1), {})
+  shutil.rmtree(tmp_path / "checkpoints" / "1" / "state")  # damaged, nobody writing
+  with pytest.raises(integrity.CorruptCheckpointError, match="no intact checkpoint"):
+    checkpointing.restore_params(tmp_path, "latest", state_at(0).params)
+
+
 def test_a_named_step_deleted_while_read_is_one_line(tmp_path, monkeypatch):
   checkpoints = checkpointing.make_checkpoints(tmp_path, keep=3)
   for step in (1, 2):
