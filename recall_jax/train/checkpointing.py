@@ -82,11 +82,28 @@ def make_checkpoints(workdir: str | pathlib.Path, *, keep: int = 2,
     for folder in ("checkpoints", "best"):
       _remove_unfinished_saves(workdir / folder)
   with _orbax_warnings_hidden(read_only):  # "Given directory is read only": as asked
-    latest = ocp.CheckpointManager(workdir / "checkpoints", options=ocp.CheckpointManagerOptions(
-        max_to_keep=None if read_only else keep, **options))
-    best = ocp.CheckpointManager(workdir / "best", options=ocp.CheckpointManagerOptions(
-        max_to_keep=None if read_only else 1, **options))
+    latest = _manager(workdir / "checkpoints", ocp.CheckpointManagerOptions(
+        max_to_keep=None if read_only else keep, **options), read_only)
+    best = _manager(workdir / "best", ocp.CheckpointManagerOptions(
+        max_to_keep=None if read_only else 1, **options), read_only)
   return Checkpoints(latest, best)
+
+
+def _manager(directory: pathlib.Path, options: ocp.CheckpointManagerOptions,
+             read_only: bool) -> ocp.CheckpointManager:
+  """Orbax's manager of `directory`; a reader's is made again when a listed step vanishes.
+
+  Orbax reads the folder of every step it lists; a run training in the same workdir deletes its
+  older steps meanwhile (it keeps the newest `keep_checkpoints`), which is a race to retry, not
+  a missing checkpoint.
+  """
+  for attempt in range(_READ_ATTEMPTS):
+    try:
+      return ocp.CheckpointManager(directory, options=options)
+    except FileNotFoundError:
+      if not read_only or attempt + 1 == _READ_ATTEMPTS:
+        raise
+  raise AssertionError("unreachable")
 
 
 def _remove_unfinished_saves(directory: pathlib.Path) -> None:

@@ -167,6 +167,23 @@ def test_the_only_listed_step_replaced_while_checked_lists_again(tmp_path, monke
   jax.tree.map(np.testing.assert_array_equal, params, state_at(2).params)
 
 
+def test_a_step_deleted_while_orbax_lists_the_folder_is_listed_again(tmp_path, monkeypatch):
+  checkpoints = checkpointing.make_checkpoints(tmp_path, keep=1)
+  checkpointing.save(checkpoints.latest, state_at(1), {})
+  real, vanished = checkpointing.ocp.CheckpointManager, []
+
+  def listing_loses_a_step(directory, *args, **kwargs):
+    if not vanished:  # a step listed, then deleted by the run before Orbax read its folder
+      vanished.append(directory)
+      raise FileNotFoundError(2, "No such file or directory", str(directory) + "/0")
+    return real(directory, *args, **kwargs)
+
+  monkeypatch.setattr(checkpointing.ocp, "CheckpointManager", listing_loses_a_step)
+  params, step = checkpointing.restore_params(tmp_path, "latest", state_at(0).params)
+  assert step == 1 and vanished
+  jax.tree.map(np.testing.assert_array_equal, params, state_at(1).params)
+
+
 def test_a_corrupt_only_step_is_still_refused(tmp_path):
   checkpoints = checkpointing.make_checkpoints(tmp_path, keep=1)
   checkpointing.save(checkpoints.latest, state_at(1), {})
