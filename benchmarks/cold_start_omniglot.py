@@ -39,47 +39,13 @@ import shutil
 import sys
 import tempfile
 import time
-import zipfile
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_FILE = REPO / "configs" / "omniglot.py"
 sys.path.insert(0, str(REPO))  # this checkout's recall_jax, not another installed copy
+sys.path.insert(0, str(REPO / "benchmarks"))
 
-
-def validation_folder(background_zip: pathlib.Path, every: int, cache: pathlib.Path
-                      ) -> tuple[pathlib.Path, list[str]]:
-  """A folder whose two Omniglot archives split the background alphabets in training/validation.
-
-  Args:
-    background_zip: the official `images_background.zip`.
-    every: hold out every `every`-th alphabet (sorted by name, starting with the third).
-    cache: parent of the folder (written once, reused).
-
-  Returns:
-    (folder usable as `config.data.path`, names of the validation alphabets).
-  """
-  with zipfile.ZipFile(background_zip) as z:
-    infos = [i for i in z.infolist() if i.filename.lower().endswith(".png")]
-    # images_background/<Alphabet>/character<NN>/<file>.png
-    alphabets = sorted({i.filename.split("/")[1] for i in infos})
-    held_out = alphabets[2::every]
-    folder = cache / f"omniglot_val_every{every}"
-    if (folder / "images_evaluation.zip").is_file():
-      return folder, held_out
-    folder.mkdir(parents=True, exist_ok=True)
-    partials = {name: folder / f"{name}.zip.partial"
-                for name in ("images_background", "images_evaluation")}
-    with zipfile.ZipFile(partials["images_background"], "w") as train, \
-        zipfile.ZipFile(partials["images_evaluation"], "w") as val:
-      for info in infos:
-        alphabet = info.filename.split("/")[1]
-        if alphabet in held_out:
-          val.writestr("images_evaluation/" + info.filename.split("/", 1)[1], z.read(info))
-        else:
-          train.writestr(info, z.read(info))
-  for name, partial in partials.items():
-    partial.rename(folder / f"{name}.zip")  # the evaluation archive last: it marks completion
-  return folder, held_out
+from omniglot_folders import validation_folder  # noqa: E402
 
 
 def load_demo_config():

@@ -60,13 +60,14 @@ import statistics
 import sys
 import tempfile
 import time
-import zipfile
 from typing import Any
 
-import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_FILE = REPO / "configs" / "omniglot.py"
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from omniglot_folders import class_subset_folder, validation_folder  # noqa: E402
 
 LOSSES = ("recall_at_k", "smooth_ap", "contrastive", "multi_similarity")
 PROXY_LOSSES = ("proxy_anchor", "normalized_softmax")
@@ -76,6 +77,11 @@ LOSS_LABELS = {"recall_at_k": "RS@k", "smooth_ap": "Smooth-AP", "contrastive": "
                "normalized_softmax": "Normalized softmax"}
 STUDIES = ("losses", "batch", "simix", "memory", "proxies")
 DEFAULT_STUDIES = ("losses", "batch", "simix")  # memory and proxies: with --only
+# Studies whose settings are compared on a validation split of the background alphabets; only the
+# settings they compare (and, for proxies, the batch size chosen on validation) meet the test
+# alphabets, once, after every validation run.
+VALIDATED_STUDIES = ("memory", "proxies")
+VALIDATION_EVERY = 6  # hold out every 6th background alphabet: 5 of 30, 158 characters
 DEMO_BATCH = 1024
 BATCH_SIZES = (64, 256, 1024, 3072)
 SIMIX_BATCH = 256
@@ -100,18 +106,32 @@ class RunSpec:
   class_fraction: float
   seed: int
   memory_size: int = 0  # cross-batch memory rows (`loss.memory_size`); 0: none
+  # "test": trained on the 30 background alphabets, evaluated on the 20 evaluation ones;
+  # "validation": trained on 25 background alphabets, evaluated on the other 5, checkpoint kept
+  # for one evaluation on the test alphabets if its setting is chosen.
+  split: str = "test"
 
   @property
   def key(self) -> str:
     memory = f"|M={self.memory_size}" if self.memory_size else ""
+    split = "|val" if self.split == "validation" else ""
     return (f"{self.loss}|B={self.batch_size}{memory}|simix={int(self.simix)}|"
-            f"classes={self.class_fraction:g}|seed={self.seed}")
+            f"classes={self.class_fraction:g}|seed={self.seed}{split}")
 
 
-def plan(studies: list[str], seeds: int) -> dict[str, list[RunSpec]]:
-  """The runs of each study (runs shared between studies appear in both)."""
+def plan(studies: list[str], seeds: int, sweep_seeds: int | None = None
+         ) -> dict[str, list[RunSpec]]:
+  """The runs of each study (runs shared between studies appear in both).
+
+  Args:
+    studies: names from STUDIES.
+    seeds: seeds of every setting that is reported.
+    sweep_seeds: seeds of each batch size of the proxy losses' sweep (default `seeds`); the
+      batch size chosen on validation is completed to `seeds` by `proxy_completion`.
+  """
   runs: dict[str, list[RunSpec]] = {}
   seed_list = range(seeds)
+  sweep_list = range(seeds if sweep_seeds is None else min(sweep_seeds, seeds))
   if "losses" in studies:
     runs["losses"] = [RunSpec(l, DEMO_BATCH, False, 1.0, s) for l in LOSSES for s in seed_list]
   if "batch" in studies:
@@ -122,12 +142,44 @@ def plan(studies: list[str], seeds: int) -> dict[str, list[RunSpec]]:
                      for x in (False, True) for s in seed_list]
   if "memory" in studies:
     runs["memory"] = [run for l in MEMORY_LOSSES for run in (
-        *(RunSpec(l, DEMO_BATCH, False, 1.0, s) for s in seed_list),
-        *(RunSpec(l, MEMORY_BATCH, False, 1.0, s, memory_size=DEMO_BATCH) for s in seed_list))]
+        *(RunSpec(l, DEMO_BATCH, False, 1.0, s, split="validation") for s in seed_list),
+        *(RunSpec(l, MEMORY_BATCH, False, 1.0, s, memory_size=DEMO_BATCH, split="validation")
+          for s in seed_list))]
   if "proxies" in studies:
-    runs["proxies"] = [RunSpec(l, b, False, 1.0, s) for l in PROXY_LOSSES for b in BATCH_SIZES
-                       for s in seed_list]
+    runs["proxies"] = [RunSpec(l, b, False, 1.0, s, split="validation") for l in PROXY_LOSSES
+                       for b in BATCH_SIZES for s in sweep_list]
   return runs
+
+
+def val_r1(records: list[dict]) -> float:
+  return statistics.mean(r["metrics"]["val/recall@1"] for r in records)
+
+
+def best_batch_sizes(proxy_runs: list[RunSpec], records: dict[str, dict]) -> dict[str, int]:
+  """Each proxy loss's batch size with the highest mean validation R@1 (the smaller on a tie)."""
+  best: dict[str, tuple[float, int]] = {}
+  for run, recs in grouped(proxy_runs, records):
+    score = (val_r1(recs), -run.batch_size)
+    if run.loss not in best or score > best[run.loss]:
+      best[run.loss] = score
+  return {loss: -negative for loss, (_, negative) in best.items()}
+
+
+def proxy_completion(chosen: dict[str, int], seeds: int) -> list[RunSpec]:
+  """The runs that bring each proxy loss's chosen batch size to `seeds` seeds."""
+  return [RunSpec(loss, batch, False, 1.0, s, split="validation")
+          for loss, batch in chosen.items() for s in range(seeds)]
+
+
+def tested_runs(runs_by_study: dict[str, list[RunSpec]], records: dict[str, dict]
+                ) -> list[RunSpec]:
+  """The validated runs that meet the test alphabets: every memory-study run, and each proxy
+  loss's runs at its batch size chosen on validation."""
+  tested = list(runs_by_study.get("memory", []))
+  if "proxies" in runs_by_study:
+    chosen = best_batch_sizes(runs_by_study["proxies"], records)
+    tested += [r for r in runs_by_study["proxies"] if chosen[r.loss] == r.batch_size]
+  return list(dict.fromkeys(tested))
 
 
 def load_demo_config():
@@ -135,50 +187,6 @@ def load_demo_config():
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(None)
-
-
-def class_subset_folder(data_folder: pathlib.Path, fraction: float, seed: int,
-                        cache: pathlib.Path) -> pathlib.Path:
-  """A folder with Omniglot's archives where the background one keeps `fraction` of the characters.
-
-  Args:
-    data_folder: the folder holding the official `images_background.zip` / `images_evaluation.zip`.
-    fraction: share of the 964 background characters kept (rounded to a whole number, >= 1).
-    seed: which characters (numpy `default_rng(seed)` permutation of the sorted character names).
-    cache: parent folder of the subset folders (written once, reused afterwards).
-
-  Returns:
-    The subset folder, usable as `config.data.path` for the `omniglot` dataset.
-  """
-  if not 0 < fraction <= 1:
-    raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-  folder = cache / f"omniglot_classes{fraction:g}_seed{seed}"
-  background = folder / "images_background.zip"
-  if background.is_file():
-    return folder
-  folder.mkdir(parents=True, exist_ok=True)
-  source = data_folder / "images_background.zip"
-  if not source.is_file():
-    raise FileNotFoundError(f"{source} not found: run the demo once (it downloads the archives) or "
-                            "set RECALL_JAX_DATA to the folder holding omniglot/")
-  with zipfile.ZipFile(source) as z:
-    infos = [i for i in z.infolist() if i.filename.lower().endswith(".png")]
-    # images_background/<Alphabet>/character<NN>/<file>.png -> <Alphabet>/character<NN>
-    character = lambda info: "/".join(info.filename.split("/")[1:3])
-    characters = sorted({character(i) for i in infos})
-    keep_count = max(1, round(fraction * len(characters)))
-    order = np.random.default_rng(seed).permutation(len(characters))
-    keep = {characters[i] for i in order[:keep_count]}
-    partial = background.with_suffix(".zip.partial")
-    with zipfile.ZipFile(partial, "w") as out:
-      for info in infos:
-        if character(info) in keep:
-          out.writestr(info, z.read(info))
-  partial.rename(background)  # only complete archives are ever reused
-  link = folder / "images_evaluation.zip"
-  if not link.exists():
-    link.symlink_to((data_folder / "images_evaluation.zip").resolve())
-  return folder
 
 
 def make_config(run: RunSpec, images: int, max_eval_images: int | None,
@@ -208,28 +216,55 @@ def make_config(run: RunSpec, images: int, max_eval_images: int | None,
 
 
 def train_one(run: RunSpec, images: int, max_eval_images: int | None,
-              subset_cache: pathlib.Path) -> dict[str, Any]:
-  """Trains and evaluates one run in a fresh working folder; returns its record."""
+              cache: pathlib.Path) -> dict[str, Any]:
+  """Trains and evaluates one run; returns its record.
+
+  Test-split runs train in a temporary folder. Validation runs keep theirs (under `cache`, named
+  by the run's key) so that `test_one` can later score the final checkpoint on the test
+  alphabets; their metrics are stored as `val/...`.
+  """
   from recall_jax.data import paths
   from recall_jax.train import trainer
 
+  data_folder = paths.data_root() / "omniglot"
   data_path = None
-  if run.class_fraction < 1:
-    data_folder = paths.data_root() / "omniglot"
-    data_path = str(class_subset_folder(data_folder, run.class_fraction, run.seed, subset_cache))
+  if run.split == "validation":
+    folder, _ = validation_folder(data_folder / "images_background.zip", VALIDATION_EVERY, cache)
+    data_path = str(folder)
+  elif run.class_fraction < 1:
+    data_path = str(class_subset_folder(data_folder, run.class_fraction, run.seed,
+                                        cache / "study_subsets"))
   c = make_config(run, images, max_eval_images, data_path)
-  workdir = tempfile.mkdtemp(prefix="study_omniglot_")
+  if run.split == "validation":
+    workdir = cache / "study_runs" / run.key.replace("|", "_").replace("=", "")
+    shutil.rmtree(workdir, ignore_errors=True)  # an interrupted attempt: start it again
+  else:
+    workdir = pathlib.Path(tempfile.mkdtemp(prefix="study_omniglot_"))
   tick = time.perf_counter()
   try:
     results = trainer.train_and_evaluate(c, workdir)
   finally:
-    shutil.rmtree(workdir, ignore_errors=True)
+    if run.split != "validation":
+      shutil.rmtree(workdir, ignore_errors=True)
   seconds = time.perf_counter() - tick
   if not results:
     raise RuntimeError(f"run {run.key} stopped before evaluating")
+  metrics = {k: float(v) for k, v in results.items()}
+  if run.split == "validation":  # the trainer names the evaluated split "test"
+    metrics = {k.replace("test/", "val/", 1): v for k, v in metrics.items()}
   return {**dataclasses.asdict(run), "key": run.key, "steps": c.max_steps,
           "images_seen": c.max_steps * run.batch_size, "seconds": seconds,
-          "metrics": {k: float(v) for k, v in results.items()}}
+          "metrics": metrics, "workdir": str(workdir) if run.split == "validation" else None}
+
+
+def test_one(run: RunSpec, record: dict[str, Any], images: int, max_eval_images: int | None
+             ) -> dict[str, float]:
+  """Scores a validation run's final checkpoint on the 20 test alphabets (`--mode eval`)."""
+  from recall_jax.train import modes
+
+  c = make_config(run, images, max_eval_images, None)
+  metrics = modes.evaluate_checkpoint(c, record["workdir"], "latest")
+  return {k: float(v) for k, v in metrics.items()}
 
 
 def raw_pixel_baseline(max_eval_images: int | None) -> dict[str, float]:
@@ -291,6 +326,8 @@ def markdown_table(runs_by_study: dict[str, list[RunSpec]], records: dict[str, d
            "| study | setting | steps | seeds | R@1 | R@2 | R@4 | R@8 | s/run |",
            "|---|---|---:|---:|---|---|---|---|---:|"]
   for study, runs in runs_by_study.items():
+    if study in VALIDATED_STUDIES:
+      continue  # their own table: validated_table
     for run, recs in grouped(runs, records):
       cells = [mean_std([r["metrics"][f"test/recall@{k}"] for r in recs]) for k in K_VALUES]
       seconds = statistics.mean(r["seconds"] for r in recs)
@@ -298,6 +335,35 @@ def markdown_table(runs_by_study: dict[str, list[RunSpec]], records: dict[str, d
                    f"{len(recs)} | " + " | ".join(cells) + f" | {seconds:.0f} |")
   cells = [f"{baseline[f'test/recall@{k}']:.3f}" for k in K_VALUES]
   lines.append("| reference | raw pixels (no training) | 0 | - | " + " | ".join(cells) + " | - |")
+  return "\n".join(lines) + "\n"
+
+
+def validated_table(runs_by_study: dict[str, list[RunSpec]], records: dict[str, dict],
+                    tested: list[RunSpec], baseline: dict[str, float], header: str) -> str:
+  """Validation R@1 of every setting of the validated studies, then the test Recall@k of the
+  settings that met the test alphabets ('-' for the others)."""
+  titles = {"memory": "Mega-batch vs memory", "proxies": "Proxy losses"}
+  tested_keys = {r.key for r in tested}
+  lines = [header, "",
+           "| study | setting | steps | seeds | val R@1 | test R@1 | test R@2 | test R@4 | "
+           "test R@8 | s/run |",
+           "|---|---|---:|---:|---|---|---|---|---|---:|"]
+  for study, runs in runs_by_study.items():
+    if study not in VALIDATED_STUDIES:
+      continue
+    for run, recs in grouped(runs, records):
+      val = mean_std([r["metrics"]["val/recall@1"] for r in recs])
+      if all(r["key"] in tested_keys for r in recs):
+        test = [mean_std([r["test_metrics"][f"test/recall@{k}"] for r in recs]) for k in K_VALUES]
+      else:
+        test = ["-"] * len(K_VALUES)
+      chosen = " (chosen on val)" if study == "proxies" and test[0] != "-" else ""
+      seconds = statistics.mean(r["seconds"] for r in recs)
+      lines.append(f"| {titles[study]} | {setting_label(study, run)}{chosen} | {recs[0]['steps']} "
+                   f"| {len(recs)} | {val} | " + " | ".join(test) + f" | {seconds:.0f} |")
+  cells = [f"{baseline[f'test/recall@{k}']:.3f}" for k in K_VALUES]
+  lines.append("| reference | raw pixels (no training) | 0 | - | - | " + " | ".join(cells)
+               + " | - |")
   return "\n".join(lines) + "\n"
 
 
@@ -355,7 +421,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--seeds", type=int, default=None, help="seeds per setting (default 3; quick 1)")
   p.add_argument("--images", type=int, default=None,
                  help="training images seen by every run (a multiple of every batch size)")
-  p.add_argument("--only", choices=STUDIES, default=None)
+  p.add_argument("--only", default=None,
+                 help=f"comma-separated studies among {', '.join(STUDIES)} (default: "
+                 f"{', '.join(DEFAULT_STUDIES)})")
+  p.add_argument("--sweep-seeds", type=int, default=1,
+                 help="seeds per batch size in the proxy losses' sweep on validation (the "
+                 "chosen batch size is then completed to --seeds)")
   p.add_argument("--dry-run", action="store_true",
                  help="list the runs and check each one's config; train nothing")
   p.add_argument("--out-dir", type=pathlib.Path, default=REPO / "benchmarks" / "results")
@@ -365,8 +436,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   args.seeds = mode["seeds"] if args.seeds is None else args.seeds
   args.images = mode["images"] if args.images is None else args.images
   args.max_eval_images = mode["max_eval_images"]
-  if args.seeds < 1:
-    p.error("--seeds must be at least 1")
+  if args.seeds < 1 or args.sweep_seeds < 1:
+    p.error("--seeds and --sweep-seeds must be at least 1")
+  args.studies = (list(DEFAULT_STUDIES) if args.only is None
+                  else [name.strip() for name in args.only.split(",") if name.strip()])
+  unknown = [name for name in args.studies if name not in STUDIES]
+  if unknown or not args.studies:
+    p.error(f"--only {args.only!r}: choose among {', '.join(STUDIES)}")
+  validated = {name in VALIDATED_STUDIES for name in args.studies}
+  if len(validated) > 1:
+    p.error(f"the validated studies ({', '.join(VALIDATED_STUDIES)}) have their own protocol "
+            "and files: run them apart from the others")
+  args.stem = "study_omniglot_validated" if validated == {True} else "study_omniglot"
   sizes = (*BATCH_SIZES, MEMORY_BATCH)
   bad = [b for b in sizes if args.images % b]
   if args.images <= 0 or bad:
@@ -396,8 +477,8 @@ def dry_run(runs_by_study: dict[str, list[RunSpec]], images: int,
 def main(argv: list[str] | None = None) -> None:
   args = parse_args(argv)
   if args.dry_run:
-    studies = [args.only] if args.only else list(DEFAULT_STUDIES)
-    print("\n".join(dry_run(plan(studies, args.seeds), args.images, args.max_eval_images)))
+    print("\n".join(dry_run(plan(args.studies, args.seeds, args.sweep_seeds), args.images,
+                            args.max_eval_images)))
     return
   import jax
   from recall_jax.data import paths
@@ -406,60 +487,91 @@ def main(argv: list[str] | None = None) -> None:
   jax.config.update("jax_compilation_cache_dir", str(paths.default_cache_dir() / "jax_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
-  studies = [args.only] if args.only else list(DEFAULT_STUDIES)
-  runs_by_study = plan(studies, args.seeds)
+  runs_by_study = plan(args.studies, args.seeds, args.sweep_seeds)
   demo = load_demo_config()
   # Stored runs are reused only if the demo config they ran with is unchanged.
   digest = hashlib.sha256(demo.to_json_best_effort(sort_keys=True).encode()).hexdigest()[:16]
   settings = {"images": args.images, "max_eval_images": args.max_eval_images,
-              "config": str(CONFIG_FILE.relative_to(REPO)), "config_digest": digest}
+              "config": str(CONFIG_FILE.relative_to(REPO)), "config_digest": digest,
+              "validation_every": VALIDATION_EVERY}
   args.out_dir.mkdir(parents=True, exist_ok=True)
-  json_path = args.out_dir / "study_omniglot.json"
+  json_path = args.out_dir / f"{args.stem}.json"
   stored: dict[str, Any] = {}
   if json_path.is_file() and not args.fresh:
     stored = json.loads(json_path.read_text())
   records: dict[str, dict] = {}
   if stored.get("settings") == settings:
     records = {r["key"]: r for r in stored.get("runs", [])}
-
-  unique = list(dict.fromkeys(run for runs in runs_by_study.values() for run in runs))
-  todo = [run for run in unique if run.key not in records]
-  print(f"study: {len(unique)} runs ({len(unique) - len(todo)} stored), {args.images:,} images "
-        f"each, evaluation on {args.max_eval_images or 'all 13,180'} images", flush=True)
+  cache = paths.default_cache_dir() / "benchmarks"
   start = time.perf_counter()
 
   def save(baseline=None):
     json_path.write_text(json.dumps({"settings": settings, "baseline": baseline,
                                      "runs": list(records.values())}, indent=1))
 
-  for i, run in enumerate(todo, 1):
-    print(f"[{i}/{len(todo)}] {run.key} ...", flush=True)
-    records[run.key] = train_one(run, args.images, args.max_eval_images,
-                                 paths.default_cache_dir() / "study_subsets")
-    m = records[run.key]["metrics"]
-    print(f"[{i}/{len(todo)}] {run.key}: R@1 {m['test/recall@1']:.3f} in "
-          f"{records[run.key]['seconds']:.0f} s (total {time.perf_counter() - start:.0f} s)",
-          flush=True)
-    save(stored.get("baseline") if stored.get("settings") == settings else None)
+  def train(runs: list[RunSpec]) -> None:
+    unique = list(dict.fromkeys(runs))
+    todo = [run for run in unique if run.key not in records]
+    print(f"study: {len(unique)} runs ({len(unique) - len(todo)} stored), {args.images:,} images "
+          f"each, evaluation on {args.max_eval_images or 'all'} images", flush=True)
+    for i, run in enumerate(todo, 1):
+      print(f"[{i}/{len(todo)}] {run.key} ...", flush=True)
+      records[run.key] = train_one(run, args.images, args.max_eval_images, cache)
+      m = records[run.key]["metrics"]
+      r1 = m.get("test/recall@1", m.get("val/recall@1"))
+      print(f"[{i}/{len(todo)}] {run.key}: R@1 {r1:.3f} ({run.split}) in "
+            f"{records[run.key]['seconds']:.0f} s (total {time.perf_counter() - start:.0f} s)",
+            flush=True)
+      save(stored.get("baseline") if stored.get("settings") == settings else None)
+
+  train([run for runs in runs_by_study.values() for run in runs])
+  if "proxies" in runs_by_study and args.sweep_seeds < args.seeds:
+    chosen = best_batch_sizes(runs_by_study["proxies"], records)
+    print(f"proxy losses' batch sizes chosen on validation: {chosen}", flush=True)
+    completion = proxy_completion(chosen, args.seeds)
+    runs_by_study["proxies"] = list(dict.fromkeys(runs_by_study["proxies"] + completion))
+    train(completion)
+
+  # The test alphabets, once, after every validation run: the chosen settings only.
+  tested = tested_runs(runs_by_study, records)
+  for run in tested:
+    if "test_metrics" not in records[run.key]:
+      print(f"test alphabets: {run.key}", flush=True)
+      records[run.key]["test_metrics"] = test_one(run, records[run.key], args.images,
+                                                  args.max_eval_images)
+      save(stored.get("baseline") if stored.get("settings") == settings else None)
 
   baseline = raw_pixel_baseline(args.max_eval_images)
   save(baseline)
   evaluated = args.max_eval_images or "all 13,180"
-  header = (f"Omniglot study ({'quick' if args.quick else 'full'}): {args.images:,} training "
-            f"images per run, {args.seeds} seed(s) (mean ± std over seeds), evaluation on "
-            f"{evaluated} images of the 20 held-out alphabets; {demo.model.name} from scratch, "
-            f"{demo.optimizer.name} lr {demo.optimizer.learning_rate:g} with warm-up over the "
-            f"first quarter of the steps, training classes at {demo.data.rotated_classes} "
-            f"quarter-turn(s), "
-            f"m = {demo.samples_per_class}; machine: "
-            f"{os.cpu_count()}-core CPU ({jax.devices()[0].platform}); total "
+  budget = (f"{args.images:,} training images per run, {args.seeds} seed(s) (mean ± std over "
+            f"seeds); {demo.model.name} from scratch, {demo.optimizer.name} lr "
+            f"{demo.optimizer.learning_rate:g} with warm-up over the first quarter of the steps, "
+            f"training classes at {demo.data.rotated_classes} quarter-turn(s), "
+            f"m = {demo.samples_per_class}; machine: {os.cpu_count()}-core CPU "
+            f"({jax.devices()[0].platform}); total "
             f"{sum(r['seconds'] for r in records.values()):.0f} s of training+evaluation.")
-  table = markdown_table(runs_by_study, records, baseline, header)
+  mode = "quick" if args.quick else "full"
+  tables = []
+  if any(study not in VALIDATED_STUDIES for study in runs_by_study):
+    header = (f"Omniglot study ({mode}): evaluation on {evaluated} images of the 20 held-out "
+              f"alphabets; {budget}")
+    tables.append(markdown_table(runs_by_study, records, baseline, header))
+    plot(runs_by_study, records, baseline, args.out_dir / "study_omniglot.png",
+         f"Omniglot, {args.images:,} images per run, {args.seeds} seed(s), eval on {evaluated}")
+  if any(study in VALIDATED_STUDIES for study in runs_by_study):
+    _, held_out = validation_folder(paths.data_root() / "omniglot" / "images_background.zip",
+                                    VALIDATION_EVERY, cache)
+    header = (f"Omniglot study ({mode}), validated: trained on 25 background alphabets, "
+              f"compared on the other {len(held_out)} ({', '.join(held_out)}; all their images), "
+              "then the compared settings (for the proxy losses, the batch size with the best "
+              f"mean validation R@1 over {args.sweep_seeds} seed(s)) scored once on {evaluated} "
+              f"images of the 20 test alphabets; {budget}")
+    tables.append(validated_table(runs_by_study, records, tested, baseline, header))
+  table = "\n".join(tables)
   print(table)
-  (args.out_dir / "study_omniglot.md").write_text(table)
-  plot(runs_by_study, records, baseline, args.out_dir / "study_omniglot.png",
-       f"Omniglot, {args.images:,} images per run, {args.seeds} seed(s), eval on {evaluated}")
-  print(f"wrote {args.out_dir / 'study_omniglot.md'}, .png and .json")
+  (args.out_dir / f"{args.stem}.md").write_text(table)
+  print(f"wrote {args.out_dir / args.stem}.md and .json")
 
 
 if __name__ == "__main__":
