@@ -203,6 +203,7 @@ def problems(c: ml_collections.ConfigDict, num_devices: int = 1,
     found += batch_layout_problems(c.batch_size, c.chunk_size, num_devices, num_processes,
                                    c.samples_per_class)
   found += _loss_problems(c, in_range)
+  found += _memory_layout_problems(c, num_devices)
   if c.data.decode_once and not c.data.in_memory:
     found.append("data.decode_once needs data.in_memory (it holds the decoded images)")
   if c.optimizer.name not in _OPTIMIZERS:
@@ -255,6 +256,15 @@ def _memory_problems(c: ml_collections.ConfigDict, spec: losses.LossSpec | None)
   if c.simix:
     return ["loss.memory_size: a cross-batch memory does not combine with simix (the memory "
             "would hold mixed embeddings)"]
+  return []
+
+
+def _memory_layout_problems(c: ml_collections.ConfigDict, num_devices: int) -> list[str]:
+  size = c.loss.get("memory_size", 0)
+  if isinstance(size, int) and size > 0 and size % num_devices:
+    return [f"loss.memory_size {size} must be divisible by the {num_devices} devices (each "
+            f"holds an equal share of the memory's rows): try "
+            f"{max(num_devices, size // num_devices * num_devices)}"]
   return []
 
 
@@ -459,7 +469,23 @@ def config_differences(stored: Mapping[str, Any],
     before, now = _lookup(stored, key), _lookup(current, key)
     if before is not _MISSING and now is not _MISSING and before != now:
       lines.append(f"{key}: {json.dumps(before)} when the run started, {json.dumps(now)} now")
-  return lines
+  return lines + _loss_parameter_difference(stored, current)
+
+
+def _loss_parameter_difference(stored: Any, current: Any) -> list[str]:
+  """A change of loss that changes the learned parameters the checkpoints hold (proxies, class
+  weights): to a loss without, from one without, or to another loss's (same shape, other
+  meaning). Losses without parameters can be swapped freely (a warm-up does)."""
+  before, now = _lookup(stored, "loss.name"), _lookup(current, "loss.name")
+  if _MISSING in (before, now) or before == now:
+    return []
+  described = lambda name: (
+      f"{json.dumps(name)} (learned parameters in the checkpoints)"
+      if name in losses.LOSSES and losses.LOSSES[name].parameters else
+      f"{json.dumps(name)} (no learned parameters)")
+  if not any(name in losses.LOSSES and losses.LOSSES[name].parameters for name in (before, now)):
+    return []
+  return [f"loss.name: {described(before)} when the run started, {described(now)} now"]
 
 
 def check_resume_compatible(stored: Mapping[str, Any] | None,

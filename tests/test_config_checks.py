@@ -208,6 +208,27 @@ def test_incompatible_key_is_named(key, value):
   assert line.startswith(f"{key}: ") and json.dumps(value) in line
 
 
+@pytest.mark.parametrize("before,now,refused", [
+    ("recall_at_k", "smooth_ap", False),  # neither has parameters: a warm-up switches freely
+    ("recall_at_k", "proxy_anchor", True),  # the checkpoints hold no proxies
+    ("proxy_anchor", "recall_at_k", True),  # they hold proxies nothing would use
+    ("proxy_anchor", "normalized_softmax", True),  # same shape, another meaning
+    ("normalized_softmax", "normalized_softmax", False)])
+def test_a_change_of_loss_is_refused_when_either_has_learned_parameters(before, now, refused):
+  c = config_lib.base_config()
+  c.loss.name = before
+  stored = _stored(c)
+  c.loss.name = now
+  lines = config_checks.config_differences(stored, c)
+  if not refused:
+    assert lines == []
+    return
+  (line,) = lines
+  assert line.startswith(f'loss.name: "{before}" (') and f'"{now}" (' in line
+  with_params = [n for n in (before, now) if n != "recall_at_k"]
+  assert line.count("(learned parameters in the checkpoints)") == len(with_params)
+
+
 def test_resume_refusal_names_every_key_and_the_file():
   stored = _stored(config_lib.base_config())
   c = config_lib.base_config()

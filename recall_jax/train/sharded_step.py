@@ -9,8 +9,10 @@ gradient as one device holding the whole batch. The recipe, in JAX's global-arra
 * one mesh axis, `data`, over all devices of all processes (`recall_jax.parallel.data_mesh`,
   shared with evaluation);
 * parameters and optimiser state replicated, and born that way (`make_sharded_state` runs
-  `init_train_state` under `jit(out_shardings=replicated)`, so no host ever holds a full copy
-  outside the devices);
+  `init_train_state` under `jit(out_shardings=...)`, so no host ever holds a full copy
+  outside the devices); a cross-batch memory's rows are sharded along `data` like the batch
+  (`state_shardings`), each device holding M / devices of them, and all-gathered inside the
+  step for the loss, as the batch's embeddings are;
 * the global batch sharded along its leading axis; each process feeds only its contiguous slice
   (the sampler's `local_slice`) and `batch_assembly` assembles the global arrays;
 * `sharded_value_and_grad` runs the two-pass `megabatch.grouped_value_and_grad` per device under
@@ -22,7 +24,8 @@ gradient as one device holding the whole batch. The recipe, in JAX's global-arra
   all-reduce at the end of the step.
 
 Communication per step: one all-gather of the B x D embeddings (float32), one all-reduce of the
-parameter gradients, and nothing per chunk. See launch/README.md for the numbers.
+parameter gradients (and, with a memory, one all-gather of its M x D rows), and nothing per
+chunk. See launch/README.md for the numbers.
 
 Chunk size semantics: `chunk_size_per_device` is the number of images ONE device embeds and
 back-propagates at once (what bounds its memory, as `config.chunk_size`); a chunk of the global
@@ -43,6 +46,7 @@ import optax
 from jax.sharding import Mesh, PartitionSpec
 
 from recall_jax import parallel
+from recall_jax.train import cross_batch_memory
 from recall_jax.train import megabatch
 from recall_jax.train import train_step as train_step_lib
 from recall_jax.batch_layout import check_batch_layout
@@ -54,16 +58,42 @@ def make_sharded_state(params: PyTree, optimizer: optax.GradientTransformation,
                        mesh: Mesh, *, loss_params: PyTree = None,
                        loss_optimizer: optax.GradientTransformation | None = None,
                        memory: Any = None) -> train_step_lib.TrainState:
-  """A step-0 `TrainState` whose parameters and optimiser state are replicated over `mesh`.
+  """A step-0 `TrainState` laid out over `mesh` as `state_shardings` says.
 
-  Built under `jit(out_shardings=replicated)`, so each device receives its copy directly.
-  `params` must be identical on every process (same seed / same pretrained file). The loss's
-  parameters and the cross-batch memory (`train_step.init_train_state`) are replicated too:
-  every device computes the same loss on the gathered embeddings.
+  Built under `jit(out_shardings=...)`, so each device receives its part directly. `params`
+  must be identical on every process (same seed / same pretrained file). The loss's parameters
+  are replicated like the model's (every device computes the same loss on the gathered
+  embeddings); the memory's rows are sharded (M must be divisible by the device count).
   """
-  init = jax.jit(train_step_lib.init_train_state, static_argnums=(1, 3),
-                 out_shardings=parallel.replicated(mesh))
-  return init(params, optimizer, loss_params, loss_optimizer, memory)
+  init = functools.partial(train_step_lib.init_train_state, optimizer=optimizer,
+                           loss_optimizer=loss_optimizer)
+  shape = jax.eval_shape(init, params, loss_params=loss_params, memory=memory)
+  return jax.jit(init, out_shardings=state_shardings(mesh, shape))(
+      params, loss_params=loss_params, memory=memory)
+
+
+def memory_shardings(mesh: Mesh) -> cross_batch_memory.MemoryState:
+  """A memory's layout: its (M, D) embeddings and (M,) labels sharded along `data` (M / devices
+  rows per device), its position and count replicated."""
+  rows, full = parallel.row_sharding(mesh), parallel.replicated(mesh)
+  return cross_batch_memory.MemoryState(embeddings=rows, labels=rows, position=full, count=full)
+
+
+def state_shardings(mesh: Mesh, state: train_step_lib.TrainState) -> train_step_lib.TrainState:
+  """The shardings of a train state (arrays or shapes): everything replicated but the memory's
+  rows (`memory_shardings`).
+
+  Raises:
+    ValueError: the memory's M rows do not divide over the devices.
+  """
+  shardings = jax.tree.map(lambda _: parallel.replicated(mesh), state)
+  if state.memory is None:
+    return shardings
+  size = state.memory.labels.shape[0]
+  if size % mesh.devices.size:
+    raise ValueError(f"a cross-batch memory of {size} rows does not divide over "
+                     f"{mesh.devices.size} devices")
+  return shardings.replace(memory=memory_shardings(mesh))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -94,6 +124,18 @@ def _local_embed_fn(embed_fn: megabatch.EmbedFn) -> megabatch.EmbedFn:
       rng = jax.random.fold_in(rng, jax.lax.axis_index(parallel.DATA_AXIS))
     return embed_fn(params, images_chunk, rng)
   return local_embed_fn
+
+
+def _is_memory(x: Any) -> bool:
+  return isinstance(x, cross_batch_memory.MemoryState)
+
+
+def _whole_memory(local: cross_batch_memory.MemoryState, axis_name: str
+                  ) -> cross_batch_memory.MemoryState:
+  """A memory whose rows are sharded along `axis_name`, whole on every device (rows in device
+  order, which is slot order); inside `shard_map` only. Constant: nothing flows back."""
+  gather = lambda x: jax.lax.all_gather(jax.lax.stop_gradient(x), axis_name, tiled=True)
+  return local._replace(embeddings=gather(local.embeddings), labels=gather(local.labels))
 
 
 def _image_groups(images: Any, labels: Any) -> tuple[tuple[Any, ...], jax.Array | None]:
@@ -135,7 +177,9 @@ def sharded_value_and_grad(
 
   Loss parameters (`loss_has_params`: proxies): every device computes the same loss on the
   gathered embeddings, so each already holds their whole gradient; it is taken as it is (a psum
-  would multiply it by the device count). `loss_inputs` (a memory) are replicated.
+  would multiply it by the device count). `loss_inputs` are replicated, except a memory
+  (`cross_batch_memory.MemoryState`), whose rows are sharded along `data` and all-gathered
+  before the loss (no gradient flows into them).
 
   Args:
     embed_fn, loss_fn, loss_uses_rng, keep_activations, loss_has_params: as in
@@ -177,6 +221,7 @@ def sharded_value_and_grad(
       loss_has_params=loss_has_params)
 
   def per_device(params, groups, labels, slots, rng, loss_params, loss_inputs):
+    loss_inputs = tuple(_whole_memory(x, axis) if _is_memory(x) else x for x in loss_inputs)
     loss, grads = local_value_and_grad(params, groups, (labels, slots, *loss_inputs), rng,
                                        loss_params)
     if not loss_has_params:
@@ -185,18 +230,22 @@ def sharded_value_and_grad(
     return loss, (jax.lax.psum(model_grads, axis), loss_param_grads)
 
   data, full = PartitionSpec(axis), PartitionSpec()
-  # check_vma=False: the loss is replicated by construction (same inputs on every device) and
-  # the gradients by the psum; the vma type system cannot see the former.
-  mapped = jax.shard_map(per_device, mesh=mesh,
-                         in_specs=(full, data, data, data, full, full, full),
-                         out_specs=(full, full), check_vma=False)
+  memory_specs = cross_batch_memory.MemoryState(embeddings=data, labels=data, position=full,
+                                                count=full)
 
   def step_fn(params, images, labels, rng=None, *, loss_params=None, loss_inputs=()):
     groups, slots = _image_groups(images, labels)
     for group in groups:
       check_batch_layout(megabatch.rows_of(group), chunk_size_per_device, num_devices)
     check_batch_layout(len(labels), 1, num_devices)
-    return mapped(params, groups, labels, slots, rng, loss_params, tuple(loss_inputs))
+    loss_inputs = tuple(loss_inputs)
+    input_specs = tuple(memory_specs if _is_memory(x) else full for x in loss_inputs)
+    # check_vma=False: the loss is replicated by construction (same inputs on every device) and
+    # the gradients by the psum; the vma type system cannot see the former.
+    mapped = jax.shard_map(per_device, mesh=mesh,
+                           in_specs=(full, data, data, data, full, full, input_specs),
+                           out_specs=(full, full), check_vma=False)
+    return mapped(params, groups, labels, slots, rng, loss_params, loss_inputs)
 
   return step_fn
 
@@ -221,7 +270,8 @@ def make_sharded_train_step(
   mesh: `state` replicated (`make_sharded_state`), `images` and `labels` global arrays sharded
   along their leading axis (`batch_assembly`), `rng` a key identical on every process. `images`
   may be a `megabatch.BucketedBatch` (whole images in aspect buckets). The new state and the
-  metrics come back replicated. Loss, gradients and update equal the single-device step on the
+  metrics come back replicated (the memory's rows sharded, as `make_sharded_state` lays them
+  out). Loss, gradients and update equal the single-device step on the
   whole batch, up to float rounding (see `sharded_value_and_grad`).
 
   Args:
@@ -231,9 +281,9 @@ def make_sharded_train_step(
       memory); the global batch must be divisible by it x the number of devices.
     keep_activations: as in `megabatch.megabatch_value_and_grad`.
     loss_has_params, loss_optimizer, with_memory, memory_start_step: as in
-      `train_step.make_train_step`; the loss's parameters and the memory are replicated, and
-      every device updates its copy identically from the replicated loss gradient and the
-      gathered embeddings.
+      `train_step.make_train_step`; the loss's parameters are replicated and every device
+      updates its copy identically from the replicated loss gradient; each device writes its
+      own rows of the sharded memory from the gathered embeddings.
 
   Raises:
     ConfigError: at trace time, before compiling, for a batch that does not fit the layout.
@@ -248,4 +298,12 @@ def make_sharded_train_step(
   train_step = train_step_lib.make_update(value_and_grad, optimizer, stateful=stateful,
                                           loss_optimizer=loss_optimizer,
                                           memory_start_step=memory_start_step)
-  return jax.jit(train_step, donate_argnums=0, out_shardings=parallel.replicated(mesh))
+
+  def laid_out_train_step(state, images, labels, rng=None):
+    # The new state keeps the layout the state was born with (the memory's rows sharded).
+    new_state, metrics = train_step(state, images, labels, rng)
+    constrain = jax.lax.with_sharding_constraint
+    return (constrain(new_state, state_shardings(mesh, new_state)),
+            constrain(metrics, parallel.replicated(mesh)))
+
+  return jax.jit(laid_out_train_step, donate_argnums=0)

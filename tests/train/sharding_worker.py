@@ -439,6 +439,21 @@ def loss_state_case(name: str):
                             max_positives=M + MEMORY_SIZE - 1), False, True, None)
 
 
+def assert_state_layout(state, mesh) -> None:
+  """Everything replicated but the memory's rows: M / 8 of them on each device, in order."""
+  import jax
+  from jax.sharding import PartitionSpec
+  memory_rows = () if state.memory is None else (state.memory.embeddings, state.memory.labels)
+  for leaf in jax.tree.leaves(state):
+    if any(leaf is rows for rows in memory_rows):
+      assert leaf.sharding.spec == PartitionSpec("data"), leaf.sharding
+      shards = sorted(leaf.addressable_shards, key=lambda s: s.index[0].start)
+      assert [s.data.shape[0] for s in shards] == [MEMORY_SIZE // 8] * 8, leaf.sharding
+      assert [s.index[0].start for s in shards] == list(range(0, MEMORY_SIZE, MEMORY_SIZE // 8))
+    else:
+      assert leaf.sharding.is_fully_replicated, leaf.sharding
+
+
 def loss_state_steps(name: str, sharded: bool):
   """`STEPS` train steps of a case, on 8 devices (`sharded`) or on one; the states, as NumPy."""
   import jax
@@ -463,6 +478,7 @@ def loss_state_steps(name: str, sharded: bool):
     state = sharded_step.make_sharded_state(init_params(), optimizer(), mesh,
                                             loss_params=loss_params,
                                             loss_optimizer=loss_optimizer, memory=memory)
+    assert_state_layout(state, mesh)
   else:
     step_fn = train_step_lib.make_train_step(embed_fn, loss_fn, optimizer(), chunk_size=8,
                                              **kwargs)
@@ -474,8 +490,7 @@ def loss_state_steps(name: str, sharded: bool):
     if sharded:
       batch = batch_assembly.global_batch({"image": images[idx], "label": labels[idx]}, mesh)
       state, metrics = step_fn(state, batch["image"], batch["label"], None)
-      for leaf in jax.tree.leaves(state):
-        assert leaf.sharding.is_fully_replicated, leaf.sharding
+      assert_state_layout(state, mesh)
     else:
       state, metrics = step_fn(state, images[idx], labels[idx], None)
     losses.append(float(metrics["loss"]))
