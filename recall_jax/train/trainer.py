@@ -139,7 +139,7 @@ def _train(c: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, Any
   batches = exp.layout.train_batches(exp.train_source, exp.sampler, start_step=start,
                                      num_steps=max(exp.total_steps - start, 0))
   check_start = _cold_start_monitor(exp)
-  first_bad = _no_bad_loss()
+  first_bad, unchecked = _no_bad_loss(), None
   with (checkpointing.AsyncSaves() as saves, preemption.stop_requests(reporting.say) as poll_stop,
         contextlib.closing(batches), log):
     if resuming and _evaluation_missing(c, exp, log.writer, start):  # saved, then stopped
@@ -152,17 +152,26 @@ def _train(c: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, Any
         log.writer.write(step, "cold_start", found)
       loss_name, train_step = exp.train_step_at(step)
       state, metrics = _step(exp, train_step, state, local_batch, step)
-      first_bad = _first_bad_loss(first_bad, metrics["loss"], state.step)
       # The loop reads the device only at boundaries, so the next batch is assembled and sent
-      # while the step runs.
+      # while the step runs. A log step's reads (its loss check and row) are done one step late,
+      # once the next step is queued, so the device never waits for the host there; saves and
+      # evaluations read at once (never save a non-finite state).
+      if unchecked is not None:
+        _require_finite_loss(unchecked, checkpoints, saves)
+        unchecked = None
+      log.write_pending()
+      first_bad = _first_bad_loss(first_bad, metrics["loss"], state.step)
       done = step + 1
       evaluates, logs = _evaluates_after(c, done, exp), log.due(done)
       stop = poll_stop(collective=logs or evaluates or done % c.checkpoint_every_steps == 0)
       saves_now = (evaluates or done % c.checkpoint_every_steps == 0 or done == exp.total_steps
                    or bool(stop))
-      if logs or saves_now:
+      if saves_now:
         _require_finite_loss(first_bad, checkpoints, saves)
-      log.step(done, metrics, loss_name, exp.schedule, write=logs or bool(stop))
+      elif logs:
+        unchecked = first_bad
+      log.step(done, metrics, loss_name, exp.schedule, write=logs or bool(stop),
+               at_once=saves_now)
       # Saved before evaluating, so a failing evaluation loses no training (and a diverged
       # update is reported, not evaluated).
       if saves_now:
@@ -354,19 +363,34 @@ class _Log:
     self.writer = reporting.MetricWriter(workdir, enabled=_is_main())
     self._bar = progress.progress_bar(total=total, initial=start, enabled=_is_main())
     self._done, self._time = start, time.perf_counter()
+    self._pending: tuple[int, dict[str, jax.Array], str, Callable[[int], Any]] | None = None
 
   def due(self, done: int) -> bool:
     """Whether step `done` writes a train row (every `log_every_steps` and the last)."""
     return done % self._c.log_every_steps == 0 or done == self._total
 
   def step(self, done: int, metrics: dict[str, jax.Array], loss_name: str,
-           schedule: Callable[[int], Any], *, write: bool) -> None:
-    """Advances the bar; with `write`, fetches `metrics` from the device and writes the train
-    row of step `done` (learning rate: `schedule` of its update; images/s: the mean since the
-    previous row)."""
+           schedule: Callable[[int], Any], *, write: bool, at_once: bool = False) -> None:
+    """Advances the bar; with `write`, the train row of step `done` (learning rate: `schedule`
+    of its update; images/s: the mean since the previous row) is due.
+
+    The row's `metrics` stay on the device until `write_pending` (the loop calls it once the
+    next step is queued, as big_vision reads its metrics one step late), or now with `at_once`
+    (a boundary that waits for the step anyway).
+    """
     self._bar.update(1)
-    if not write:
+    self.write_pending()
+    if write:
+      self._pending = (done, metrics, loss_name, schedule)
+      if at_once:
+        self.write_pending()
+
+  def write_pending(self) -> None:
+    """Fetches the due row's metrics from the device (waiting for its step) and writes it."""
+    if self._pending is None:
       return
+    done, metrics, loss_name, schedule = self._pending
+    self._pending = None
     metrics = {k: v.item() for k, v in jax.device_get(metrics).items()}  # waits for the step
     now, lr = time.perf_counter(), float(schedule(done - 1))
     images_per_s = self._c.batch_size * (done - self._done) / (now - self._time)
@@ -381,6 +405,13 @@ class _Log:
   def __enter__(self) -> _Log:
     return self
 
-  def __exit__(self, *exc_info) -> None:
-    self._bar.close()
-    self.writer.close()
+  def __exit__(self, exc_type, *_) -> None:
+    try:
+      self.write_pending()
+    except Exception:  # pylint: disable=broad-except
+      if exc_type is None:
+        raise
+      # The run already failed: its own error is the one to report, not a failed read after it.
+    finally:
+      self._bar.close()
+      self.writer.close()
