@@ -90,7 +90,8 @@ def base_config() -> ml_collections.ConfigDict:
   # Proxy-Anchor paper's ratio).
   c.loss.param_learning_rate = _optional(float)
   # Cross-batch memory of the last memory_size embeddings (pair-based losses: the batch ranked
-  # against batch + memory); 0: off. Filled from step memory_start_step on.
+  # against batch + memory); 0: off. Filled from step memory_start_step on. On several devices
+  # its rows are sharded like the batch: memory_size must be divisible by the device count.
   c.loss.memory_size = 0
   c.loss.memory_start_step = 0
   # One section per registered loss, `loss.<name>.<keyword>`: defaults and comments in its spec.
