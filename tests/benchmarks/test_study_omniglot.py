@@ -32,8 +32,8 @@ def test_memory_study_is_the_mega_batch_against_an_eighth_plus_a_memory(study, c
       "128, memory 1024",
       "memory: smooth_ap|B=1024|simix=0|classes=1|seed=0|val: 6 steps of 1024, chunks of 256, "
       "memory 0",
-      "memory: smooth_ap|B=128|M=1024|simix=0|classes=1|seed=0|val: 48 steps of 128, chunks of 128, "
-      "memory 1024"]  # same images seen: 6 x 1,024 = 48 x 128
+      "memory: smooth_ap|B=128|M=1024|simix=0|classes=1|seed=0|val: 48 steps of 128, chunks of "
+      "128, memory 1024"]  # same images seen: 6 x 1,024 = 48 x 128
 
 
 def test_proxy_study_covers_every_batch_size(study):
