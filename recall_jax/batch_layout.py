@@ -77,3 +77,28 @@ def check_batch_layout(global_batch_size: int, chunk_size_per_device: int, num_d
   if problems:
     raise errors.ConfigError("; ".join(problems))
   return global_batch_size // (chunk_size_per_device * num_devices)
+
+
+def memory_max_positives(samples_per_class: int, batch_size: int, memory_size: int) -> int:
+  """The most database rows of a query's class, less its own, with a cross-batch memory.
+
+  A batch holds at most m images of any class (the m-per-class sampler draws B / m distinct
+  classes of m images each), and every step writes one whole batch into the memory, so its last
+  M rows come from at most ceil(M / B) batches: a query meets at most m - 1 positives in its own
+  batch and m of them from each stored batch. This bounds the losses' static positive slots far
+  below the m + M - 1 that a memory of any content would need (19 instead of 16,003 at B = 4,000,
+  m = 4 and M = 16,000), which is what makes a large memory affordable.
+
+  Args:
+    samples_per_class: m, images per class in a batch.
+    batch_size: B, images per step (the global batch: each step writes all of it).
+    memory_size: M, rows of the memory.
+
+  Returns:
+    (m - 1) + m * ceil(M / B).
+  """
+  for name, value in (("samples_per_class", samples_per_class), ("batch_size", batch_size),
+                      ("memory_size", memory_size)):
+    if int(value) != value or value < 1:
+      raise ValueError(f"{name} must be a positive integer, got {value}")
+  return samples_per_class - 1 + samples_per_class * -(-memory_size // batch_size)

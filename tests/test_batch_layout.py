@@ -4,6 +4,7 @@ import itertools
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from recall_jax import batch_layout
@@ -45,3 +46,39 @@ def test_the_rules_import_no_jax_and_the_sharded_step_uses_them():
   assert out.stdout.strip() == "False"
   from recall_jax.train import sharded_step  # noqa: PLC0415 (imports JAX; after the check above)
   assert sharded_step.check_batch_layout is batch_layout.check_batch_layout
+
+
+def _most_memory_positives(num_classes: int, m: int, batch: int, memory: int, steps: int) -> int:
+  """Brute force: the sampler's batches written into a ring buffer as the train step writes
+  them; the most rows of one query's class in the batch (less itself) plus the memory."""
+  from recall_jax.data import sampler as sampler_lib
+  labels = np.repeat(np.arange(num_classes), 3 * m)
+  sampler = sampler_lib.MPerClassSampler(labels, batch, m, seed=0)
+  stored, most = [], 0
+  for step in range(steps):
+    batch_labels = labels[sampler.batch_indices(step)]
+    in_memory = np.bincount(np.asarray(stored[-memory:], np.int64), minlength=num_classes)
+    in_batch = np.bincount(batch_labels, minlength=num_classes)
+    most = max(most, int(np.max((in_batch - 1 + in_memory)[batch_labels])))
+    stored.extend(batch_labels.tolist())
+  return most
+
+
+@pytest.mark.parametrize("num_classes,m,batch,memory", [
+    (2, 4, 8, 24),  # every batch holds both classes: the bound is met
+    (2, 2, 4, 6),  # M not a multiple of B: the oldest batch is partly overwritten
+    (3, 2, 4, 3),  # M < B
+    (50, 4, 16, 64),  # many classes: far below the bound
+])
+def test_memory_positives_never_exceed_the_bound(num_classes, m, batch, memory):
+  bound = batch_layout.memory_max_positives(m, batch, memory)
+  most = _most_memory_positives(num_classes, m, batch, memory, steps=40)
+  assert most <= bound
+  if num_classes * m == batch:  # every class in every batch: the bound is tight
+    assert most == bound
+  assert bound < m + memory - 1 or memory < batch  # far below any-content's m + M - 1
+
+
+def test_memory_max_positives_rejects_bad_sizes():
+  with pytest.raises(ValueError, match="memory_size must be a positive integer"):
+    batch_layout.memory_max_positives(4, 16, 0)

@@ -23,6 +23,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
+from recall_jax import batch_layout
 from recall_jax import data
 from recall_jax import evaluation
 from recall_jax import losses
@@ -127,7 +128,8 @@ def make_loss_fn(c: ml_collections.ConfigDict, name: str | None = None) -> tuple
   A loss with learned parameters takes them third (`loss_fn(embeddings, labels, params)`).
   With a cross-batch memory (`loss.memory_size` M > 0, the main loss only) it is the loss's
   query/database form, `loss_fn(embeddings, labels, database, database_labels, *,
-  database_valid)`, whose queries have at most m + M - 1 positives.
+  database_valid)`, whose queries have at most (m - 1) + m ceil(M / B) positives
+  (`batch_layout.memory_max_positives`).
 
   Args:
     c: the config.
@@ -145,7 +147,8 @@ def make_loss_fn(c: ml_collections.ConfigDict, name: str | None = None) -> tuple
   if name == c.loss.name and c.loss.get("memory_size", 0):
     loss = spec.load_database_form()
     if spec.takes_layout:
-      kwargs["max_positives"] = m + c.loss.memory_size - 1
+      kwargs["max_positives"] = batch_layout.memory_max_positives(m, c.batch_size,
+                                                                  c.loss.memory_size)
     return functools.partial(loss, **kwargs), False
   # The batch layout fixes the losses' static sizes (positive slots, SiMix pairs); SiMix goes
   # with the main loss only.

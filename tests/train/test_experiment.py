@@ -3,6 +3,8 @@
 Serves both tasks.
 """
 
+import functools
+
 import jax
 import numpy as np
 import pytest
@@ -70,3 +72,35 @@ def test_train_source_held_decoded_gives_the_same_batches(omniglot_root):
   c.data.in_memory = False
   with pytest.raises(errors.ConfigError, match="data.decode_once needs data.in_memory"):
     config_lib.validate(c)
+
+
+@pytest.mark.parametrize("name", ["recall_at_k", "smooth_ap"])
+def test_memory_loss_slots_hold_every_positive_of_a_filled_memory(name):
+  """The query/database loss, sized by `batch_layout.memory_max_positives`, equals the loss
+  sized from the concrete labels once the sampler's batches have filled (and wrapped) the
+  memory; 4 classes of m = 4 in batches of 16 put every class in every batch (the worst case)."""
+  from recall_jax.data import sampler as sampler_lib
+  from recall_jax.train import cross_batch_memory
+  c = config_lib.base_config()
+  c.loss.name, c.batch_size, c.samples_per_class, c.loss.memory_size = name, 16, 4, 40
+  if name == "recall_at_k":
+    c.loss[name].k_values = (1, 2, 4)  # below N - 1 from the first step (N = 16)
+  loss_fn, _ = experiment.make_loss_fn(c)
+  assert loss_fn.keywords["max_positives"] == 3 + 4 * 3  # far below m + M - 1 = 43
+  labels = np.repeat(np.arange(4), 6)
+  sampler = sampler_lib.MPerClassSampler(labels, 16, 4, seed=0)
+  memory = cross_batch_memory.init(40, 8)
+  key = jax.random.key(0)
+  for step in range(4):
+    batch_labels = jax.numpy.asarray(labels[sampler.batch_indices(step)], jax.numpy.int32)
+    embeddings = jax.random.normal(jax.random.fold_in(key, step), (16, 8))
+    embeddings = embeddings / jax.numpy.linalg.norm(embeddings, axis=1, keepdims=True)
+    database, database_labels, valid = cross_batch_memory.database(memory, embeddings,
+                                                                   batch_labels)
+    got = loss_fn(embeddings, batch_labels, database, database_labels, database_valid=valid)
+    exact = functools.partial(loss_fn.func, **{**loss_fn.keywords, "max_positives": None})(
+        embeddings, batch_labels, database, database_labels, database_valid=valid)
+    assert np.isfinite(float(got)), step
+    np.testing.assert_allclose(float(got), float(exact), rtol=1e-6)
+    memory = cross_batch_memory.update(memory, embeddings, batch_labels)
+  assert int(memory.count) == 40
