@@ -22,9 +22,16 @@ Studies (`--only` picks one; without it, the first three):
   memory: the mega-batch against its cheap rival, a cross-batch memory: RS@k and Smooth-AP with
           an exact batch of B = 1,024, and with a batch of B / 8 = 128 ranked against itself plus
           a memory of the last 1,024 embeddings (`loss.memory_size`; the same images seen).
-  proxies: Proxy-Anchor and normalized softmax (learned proxies, their own learning rate
-          `loss.param_learning_rate`, default 100 x the network's) at every batch size of
-          `batch`, to find where each does best.
+  proxies: Proxy-Anchor and normalized softmax (learned proxies), in three stages on validation:
+          the learning rates at B = 256 (the network's, PROXY_LEARNING_RATES, and the proxies'
+          as a multiple of it, PROXY_LR_FACTORS), then every batch size of `batch` with the
+          chosen rates (`--sweep-seeds` seeds), then the best batch size completed to `--seeds`.
+
+memory and proxies are VALIDATED studies (run them apart: `--only memory,proxies`): they train
+on 25 of the 30 background alphabets and compare settings on the other 5 (every sixth by name,
+as `cold_start_omniglot.py` does); once every validation run is done, the settings they compare
+(for the proxy losses, the rates and batch size chosen on validation) score their final
+checkpoints once on the 20 test alphabets. Files: `study_omniglot_validated.{md,json}`.
 
 The 10% subset needs no trainer option: the script writes an `images_background.zip` holding
 only the chosen characters (the original members, bytes copied) next to a link to the official
@@ -39,6 +46,7 @@ interrupted study continues where it stopped; delete the JSON (or pass `--fresh`
   python benchmarks/study_omniglot.py --quick           # 5.5 min on 2 CPU cores: 1 seed
   python benchmarks/study_omniglot.py                   # 36 min: 3 seeds, all 13,180 test images
   python benchmarks/study_omniglot.py --only batch --seeds 2
+  python benchmarks/study_omniglot.py --only memory,proxies     # the validated studies
   python benchmarks/study_omniglot.py --only memory --dry-run   # the runs' configs, checked
 
 Data: `$RECALL_JAX_DATA/omniglot/images_{background,evaluation}.zip` (downloaded there when
@@ -82,6 +90,14 @@ DEFAULT_STUDIES = ("losses", "batch", "simix")  # memory and proxies: with --onl
 # alphabets, once, after every validation run.
 VALIDATED_STUDIES = ("memory", "proxies")
 VALIDATION_EVERY = 6  # hold out every 6th background alphabet: 5 of 30, 158 characters
+# The proxy losses' learning rates, chosen first, on validation at PROXY_PROBE_BATCH: the
+# network's (the demo's 3e-3 suits RS@k from scratch; the Proxy-Anchor paper fine-tunes a
+# pretrained network with AdamW at 1e-4) and the proxies' own, as a multiple of it
+# (`loss.param_learning_rate`; the config's default is the paper's 100 x). The batch size is then
+# swept with the chosen pair.
+PROXY_LEARNING_RATES = (3e-3, 1e-3, 3e-4, 1e-4)
+PROXY_LR_FACTORS = (100.0, 10.0)
+PROXY_PROBE_BATCH = 256
 DEMO_BATCH = 1024
 BATCH_SIZES = (64, 256, 1024, 3072)
 SIMIX_BATCH = 256
@@ -110,13 +126,19 @@ class RunSpec:
   # "validation": trained on 25 background alphabets, evaluated on the other 5, checkpoint kept
   # for one evaluation on the test alphabets if its setting is chosen.
   split: str = "test"
+  # The loss's own parameters' learning rate, as a multiple of the network's; None: the
+  # config's default.
+  param_lr_factor: float | None = None
+  learning_rate: float | None = None  # the network's (`optimizer.learning_rate`); None: the demo's
 
   @property
   def key(self) -> str:
     memory = f"|M={self.memory_size}" if self.memory_size else ""
     split = "|val" if self.split == "validation" else ""
+    factor = "" if self.param_lr_factor is None else f"|plr={self.param_lr_factor:g}x"
+    rate = "" if self.learning_rate is None else f"|lr={self.learning_rate:g}"
     return (f"{self.loss}|B={self.batch_size}{memory}|simix={int(self.simix)}|"
-            f"classes={self.class_fraction:g}|seed={self.seed}{split}")
+            f"classes={self.class_fraction:g}|seed={self.seed}{rate}{factor}{split}")
 
 
 def plan(studies: list[str], seeds: int, sweep_seeds: int | None = None
@@ -146,9 +168,41 @@ def plan(studies: list[str], seeds: int, sweep_seeds: int | None = None
         *(RunSpec(l, MEMORY_BATCH, False, 1.0, s, memory_size=DEMO_BATCH, split="validation")
           for s in seed_list))]
   if "proxies" in studies:
-    runs["proxies"] = [RunSpec(l, b, False, 1.0, s, split="validation") for l in PROXY_LOSSES
-                       for b in BATCH_SIZES for s in sweep_list]
+    # Stage 1 (`proxy_lr_probe`); stages 2 and 3 depend on what it finds (`proxy_sweep`,
+    # `proxy_completion`). Listed here at the default rate, for the dry run.
+    runs["proxies"] = proxy_lr_probe() + [
+        RunSpec(l, b, False, 1.0, s, split="validation") for l in PROXY_LOSSES
+        for b in BATCH_SIZES for s in sweep_list]
   return runs
+
+
+Rates = tuple[float, float]  # (the network's learning rate, the proxies' factor)
+
+
+def proxy_lr_probe() -> list[RunSpec]:
+  """Stage 1 of the proxy study: each proxy loss at PROXY_PROBE_BATCH, seed 0, at every pair of
+  PROXY_LEARNING_RATES x PROXY_LR_FACTORS (on validation)."""
+  return [RunSpec(l, PROXY_PROBE_BATCH, False, 1.0, 0, split="validation", param_lr_factor=f,
+                  learning_rate=lr)
+          for l in PROXY_LOSSES for lr in PROXY_LEARNING_RATES for f in PROXY_LR_FACTORS]
+
+
+def best_rates(probe: list[RunSpec], records: dict[str, dict]) -> dict[str, Rates]:
+  """Each proxy loss's (learning rate, factor) with the highest validation R@1 (the first listed
+  on a tie)."""
+  best: dict[str, tuple[float, Rates]] = {}
+  for run in probe:
+    score = records[run.key]["metrics"]["val/recall@1"]
+    if run.loss not in best or score > best[run.loss][0]:
+      best[run.loss] = (score, (run.learning_rate, run.param_lr_factor))
+  return {loss: rates for loss, (_, rates) in best.items()}
+
+
+def proxy_sweep(rates: dict[str, Rates], sweep_seeds: int) -> list[RunSpec]:
+  """Stage 2: every batch size of BATCH_SIZES with each loss's chosen rates (validation)."""
+  return [RunSpec(l, b, False, 1.0, s, split="validation", learning_rate=rates[l][0],
+                  param_lr_factor=rates[l][1])
+          for l in PROXY_LOSSES for b in BATCH_SIZES for s in range(sweep_seeds)]
 
 
 def val_r1(records: list[dict]) -> float:
@@ -156,7 +210,8 @@ def val_r1(records: list[dict]) -> float:
 
 
 def best_batch_sizes(proxy_runs: list[RunSpec], records: dict[str, dict]) -> dict[str, int]:
-  """Each proxy loss's batch size with the highest mean validation R@1 (the smaller on a tie)."""
+  """Each proxy loss's batch size with the highest mean validation R@1 (the smaller on a tie),
+  among `proxy_runs` (one rate per loss: the sweep's)."""
   best: dict[str, tuple[float, int]] = {}
   for run, recs in grouped(proxy_runs, records):
     score = (val_r1(recs), -run.batch_size)
@@ -165,9 +220,14 @@ def best_batch_sizes(proxy_runs: list[RunSpec], records: dict[str, dict]) -> dic
   return {loss: -negative for loss, (_, negative) in best.items()}
 
 
-def proxy_completion(chosen: dict[str, int], seeds: int) -> list[RunSpec]:
-  """The runs that bring each proxy loss's chosen batch size to `seeds` seeds."""
-  return [RunSpec(loss, batch, False, 1.0, s, split="validation")
+def proxy_completion(chosen: dict[str, int], seeds: int,
+                     rates: dict[str, Rates] | None = None) -> list[RunSpec]:
+  """Stage 3: the runs that bring each proxy loss's chosen batch size (at its chosen rates, if
+  given) to `seeds` seeds."""
+  rates = rates or {}
+  return [RunSpec(loss, batch, False, 1.0, s, split="validation",
+                  learning_rate=rates.get(loss, (None, None))[0],
+                  param_lr_factor=rates.get(loss, (None, None))[1])
           for loss, batch in chosen.items() for s in range(seeds)]
 
 
@@ -177,8 +237,11 @@ def tested_runs(runs_by_study: dict[str, list[RunSpec]], records: dict[str, dict
   loss's runs at its batch size chosen on validation."""
   tested = list(runs_by_study.get("memory", []))
   if "proxies" in runs_by_study:
-    chosen = best_batch_sizes(runs_by_study["proxies"], records)
-    tested += [r for r in runs_by_study["proxies"] if chosen[r.loss] == r.batch_size]
+    rates = best_rates([r for r in runs_by_study["proxies"] if r in proxy_lr_probe()], records)
+    sweep = [r for r in runs_by_study["proxies"]
+             if (r.learning_rate, r.param_lr_factor) == rates.get(r.loss)]
+    chosen = best_batch_sizes(sweep, records)
+    tested += [r for r in sweep if chosen[r.loss] == r.batch_size]
   return list(dict.fromkeys(tested))
 
 
@@ -199,6 +262,10 @@ def make_config(run: RunSpec, images: int, max_eval_images: int | None,
   c.chunk_size = math.gcd(run.batch_size, MAX_CHUNK)
   c.simix = run.simix
   c.loss.memory_size = run.memory_size
+  if run.learning_rate is not None:
+    c.optimizer.learning_rate = run.learning_rate
+  if run.param_lr_factor is not None:
+    c.loss.param_learning_rate = run.param_lr_factor * c.optimizer.learning_rate
   steps = images // run.batch_size
   c.max_steps = steps
   c.epochs = 10**6  # the run is bounded by max_steps
@@ -298,7 +365,11 @@ def mean_std(values: list[float]) -> str:
 
 
 def setting_label(study: str, run: RunSpec) -> str:
-  if study in ("losses", "proxies"):
+  if study == "proxies":
+    rate = "" if run.learning_rate is None else f", lr {run.learning_rate:g}"
+    factor = "" if run.param_lr_factor is None else f", proxies {run.param_lr_factor:g} x"
+    return f"{LOSS_LABELS[run.loss]}, B = {run.batch_size:,}{rate}{factor}"
+  if study == "losses":
     return f"{LOSS_LABELS[run.loss]}, B = {run.batch_size:,}"
   if study == "memory":
     memory = f" + memory {run.memory_size:,}" if run.memory_size else " (exact mega-batch)"
@@ -313,7 +384,8 @@ def grouped(runs: list[RunSpec], records: dict[str, dict]) -> list[tuple[RunSpec
   """Runs grouped over seeds, in plan order: (the seed-0 spec, the records of every seed)."""
   groups: dict[tuple, tuple[RunSpec, list[dict]]] = {}
   for run in runs:
-    key = (run.loss, run.batch_size, run.simix, run.class_fraction, run.memory_size)
+    key = (run.loss, run.batch_size, run.simix, run.class_fraction, run.memory_size,
+           run.param_lr_factor, run.learning_rate)
     groups.setdefault(key, (run, []))[1].append(records[run.key])
   return list(groups.values())
 
@@ -524,13 +596,23 @@ def main(argv: list[str] | None = None) -> None:
             flush=True)
       save(stored.get("baseline") if stored.get("settings") == settings else None)
 
-  train([run for runs in runs_by_study.values() for run in runs])
-  if "proxies" in runs_by_study and args.sweep_seeds < args.seeds:
-    chosen = best_batch_sizes(runs_by_study["proxies"], records)
+  if "proxies" in runs_by_study:
+    # Staged: the proxies' rate, then the batch size at that rate, then the seeds.
+    probe = proxy_lr_probe()
+    train([run for runs in runs_by_study.values() for run in runs
+           if run.split != "validation" or run in probe or run.loss not in PROXY_LOSSES])
+    rates = best_rates(probe, records)
+    print(f"proxy losses' (learning rate, proxies' factor) chosen on validation: {rates}",
+          flush=True)
+    sweep = proxy_sweep(rates, min(args.sweep_seeds, args.seeds))
+    train(sweep)
+    chosen = best_batch_sizes(sweep, records)
     print(f"proxy losses' batch sizes chosen on validation: {chosen}", flush=True)
-    completion = proxy_completion(chosen, args.seeds)
-    runs_by_study["proxies"] = list(dict.fromkeys(runs_by_study["proxies"] + completion))
+    completion = proxy_completion(chosen, args.seeds, rates)
     train(completion)
+    runs_by_study["proxies"] = list(dict.fromkeys(probe + sweep + completion))
+  else:
+    train([run for runs in runs_by_study.values() for run in runs])
 
   # The test alphabets, once, after every validation run: the chosen settings only.
   tested = tested_runs(runs_by_study, records)

@@ -36,16 +36,25 @@ def test_memory_study_is_the_mega_batch_against_an_eighth_plus_a_memory(study, c
       "128, memory 1024"]  # same images seen: 6 x 1,024 = 48 x 128
 
 
-def test_proxy_study_covers_every_batch_size(study):
+def test_proxy_study_probes_the_rate_then_sweeps_every_batch_size(study):
   runs = study.plan(["proxies"], seeds=3)["proxies"]
-  assert {(r.loss, r.batch_size) for r in runs} == {
-      (loss, b) for loss in ("proxy_anchor", "normalized_softmax") for b in study.BATCH_SIZES}
-  assert len(runs) == 2 * len(study.BATCH_SIZES) * 3
+  probe = study.proxy_lr_probe()
+  assert runs[:len(probe)] == probe
+  assert {(r.loss, r.learning_rate, r.param_lr_factor, r.batch_size, r.seed) for r in probe} == {
+      (loss, lr, f, study.PROXY_PROBE_BATCH, 0) for loss in study.PROXY_LOSSES
+      for lr in study.PROXY_LEARNING_RATES for f in study.PROXY_LR_FACTORS}
   assert {r.split for r in runs} == {"validation"}
-  sweep = study.plan(["proxies"], seeds=3, sweep_seeds=1)["proxies"]
+  rates = {"proxy_anchor": (3e-4, 10.0), "normalized_softmax": (1e-3, 100.0)}
+  sweep = study.proxy_sweep(rates, sweep_seeds=1)
+  assert {(r.loss, r.batch_size, r.learning_rate, r.param_lr_factor) for r in sweep} == {
+      (loss, b, *rates[loss]) for loss in study.PROXY_LOSSES for b in study.BATCH_SIZES}
   assert len(sweep) == 2 * len(study.BATCH_SIZES) and {r.seed for r in sweep} == {0}
-  c = study.make_config(runs[0], 6144, None, None)
+  c = study.make_config(sweep[0], 6144, None, None)
   assert c.loss.name == "proxy_anchor" and c.loss.memory_size == 0
+  assert c.optimizer.learning_rate == 3e-4
+  assert c.loss.param_learning_rate == pytest.approx(10 * 3e-4)
+  default = study.make_config(runs[-1], 6144, None, None)
+  assert default.loss.param_learning_rate is None and default.optimizer.learning_rate == 3e-3
 
 
 def test_a_run_the_trainer_would_refuse_is_refused_by_the_dry_run(study):
@@ -58,22 +67,32 @@ def _records(study, runs, val_r1):
   return {r.key: {"key": r.key, "metrics": {"val/recall@1": val_r1(r)}} for r in runs}
 
 
-def test_the_batch_size_chosen_on_validation_is_completed_and_alone_meets_the_test(study):
-  runs = study.plan(["memory", "proxies"], seeds=3, sweep_seeds=1)
+def test_the_rate_and_batch_size_chosen_on_validation_alone_meet_the_test(study):
+  runs = study.plan(["memory"], seeds=3)
+  probe = study.proxy_lr_probe()
+  # Proxy-Anchor best at 3e-4 with proxies at 10 x, normalized softmax at 1e-4 and 100 x.
+  best = {("proxy_anchor", 3e-4, 10.0): 0.6, ("normalized_softmax", 1e-4, 100.0): 0.5}
+  records = _records(study, runs["memory"] + probe,
+                     lambda r: best.get((r.loss, r.learning_rate, r.param_lr_factor), 0.3))
+  rates = study.best_rates(probe, records)
+  assert rates == {"proxy_anchor": (3e-4, 10.0), "normalized_softmax": (1e-4, 100.0)}
+  sweep = study.proxy_sweep(rates, sweep_seeds=1)
   # Proxy-Anchor best at 256, normalized softmax tied between 64 and 1,024 (the smaller wins).
   scores = {("proxy_anchor", 256): 0.7, ("normalized_softmax", 64): 0.6,
             ("normalized_softmax", 1024): 0.6}
-  records = _records(study, [r for v in runs.values() for r in v],
-                     lambda r: scores.get((r.loss, r.batch_size), 0.5 - r.batch_size / 1e5))
-  chosen = study.best_batch_sizes(runs["proxies"], records)
+  score = lambda r: scores.get((r.loss, r.batch_size), 0.5 - r.batch_size / 1e5)
+  records |= _records(study, [r for r in sweep if r.key not in records], score)
+  chosen = study.best_batch_sizes(sweep, records)
   assert chosen == {"proxy_anchor": 256, "normalized_softmax": 64}
-  completion = study.proxy_completion(chosen, seeds=3)
-  assert sorted((r.loss, r.batch_size, r.seed) for r in completion) == sorted(
-      (loss, b, s) for loss, b in chosen.items() for s in range(3))
-  runs["proxies"] = list(dict.fromkeys(runs["proxies"] + completion))
-  records |= _records(study, completion, lambda r: scores[(r.loss, r.batch_size)])
+  completion = study.proxy_completion(chosen, seeds=3, rates=rates)
+  assert sorted((r.loss, r.batch_size, r.seed, r.learning_rate, r.param_lr_factor)
+                for r in completion) == sorted(
+      (loss, b, s, *rates[loss]) for loss, b in chosen.items() for s in range(3))
+  records |= _records(study, [r for r in completion if r.key not in records], score)
+  runs["proxies"] = list(dict.fromkeys(probe + sweep + completion))
   tested = study.tested_runs(runs, records)
-  assert set(tested) == set(runs["memory"]) | set(completion)  # no other proxy batch size
+  # No other rates, no other batch size.
+  assert set(tested) == set(runs["memory"]) | set(completion)
 
 
 def test_validated_and_test_studies_are_run_apart(study, capsys):
