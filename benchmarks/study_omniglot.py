@@ -95,7 +95,7 @@ VALIDATION_EVERY = 6  # hold out every 6th background alphabet: 5 of 30, 158 cha
 # pretrained network with AdamW at 1e-4) and the proxies' own, as a multiple of it
 # (`loss.param_learning_rate`; the config's default is the paper's 100 x). The batch size is then
 # swept with the chosen pair.
-PROXY_LEARNING_RATES = (3e-3, 1e-3, 3e-4, 1e-4)
+PROXY_LEARNING_RATES = (3e-3, 1e-3, 3e-4, 1e-4, 3e-5)
 PROXY_LR_FACTORS = (100.0, 10.0)
 PROXY_PROBE_BATCH = 256
 DEMO_BATCH = 1024
