@@ -129,8 +129,9 @@ def _fresh_zeros(shape: tuple[int, ...]) -> np.ndarray:
 
   A step's bucket arrays are hundreds of MB, allocated anew each step (the caller may keep a
   batch); touching them page by page is most of the copying's cost, and where the first touch
-  of fresh memory is slow (virtual machines) several times the decoding's. Huge pages cut the
-  faults 512-fold. Plain `np.zeros` where the system has no `MADV_HUGEPAGE`.
+  of fresh memory is slow (virtual machines that hand freed memory back to their host) about as
+  much as decoding the image. Huge pages cut the faults 512-fold. Plain `np.zeros` where the
+  system has no `MADV_HUGEPAGE`.
   """
   size = math.prod(shape)
   if not size or not hasattr(mmap, "MADV_HUGEPAGE"):

@@ -289,7 +289,7 @@ class _BatchIterator:
     return item
 
   def close(self) -> None:
-    """Stops the thread (within one image group) and the workers."""
+    """Stops the thread (within one image group, or a batch's final copy) and the workers."""
     self._done = True
     if self._thread is not None:
       self._stop.set()
