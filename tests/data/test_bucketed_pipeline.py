@@ -1,6 +1,8 @@
 """Whole-image loaders: longer side kept, padded into buckets, the mask as the last channel."""
 
 import io
+import threading
+import time
 import warnings
 
 import chex
@@ -391,3 +393,44 @@ def test_bucketed_train_batches_equal_the_one_element_per_step_reference(
     assert batch["image"].bucket.dtype == np.int32 and batch["image"].position.dtype == np.int32
   messages = lambda ws: [str(w.message) for w in ws if "compiles once more" in str(w.message)]
   assert messages(caught) == messages(expected_warnings) and messages(caught)
+
+
+class _SlowSource(_MixedSource):
+  """Reads take 5 ms each, so that a step of 80 images (three groups) takes a while; counted."""
+
+  reads = 0
+
+  def __getitem__(self, index):
+    time.sleep(0.005)
+    self.reads += 1
+    return super().__getitem__(index)
+
+
+def _assembling_threads():
+  return [t for t in threading.enumerate() if t.name == "batch-assembly" and t.is_alive()]
+
+
+def test_bucketed_loader_closes_part_way_through_a_step_and_passes_errors_on():
+  source = _SlowSource(_mixed_sizes(160, seed=5))
+  sampler = data.MPerClassSampler(source.labels, 80, 2, seed=0)
+  plan = data.BucketPlan(aspect_buckets.bucket_shapes(96, num_buckets=3), (0, 0, 0, 0, 80), 4)
+  loader = data.make_bucketed_train_loader(source, sampler, plan=plan, image_size=96, seed=0,
+                                           read_threads=0, prefetch_batches=1)
+  assert len(next(loader)["label"]) == 80
+  assert _assembling_threads()  # now reading step 1's groups, 0.4 s of reads
+  time.sleep(0.1)
+  loader.close()
+  assert not _assembling_threads()
+  assert 80 < source.reads < 160  # stopped part-way through step 1, not after it
+  with pytest.raises(StopIteration):
+    next(loader)
+  # A record's error, raised in the assembling thread, reaches the caller.
+  bad = int(sampler.batch_indices(1)[50])  # in the step's second group
+  broken = _MixedSource(_mixed_sizes(160, seed=5), bad=bad)
+  loader = data.make_bucketed_train_loader(broken, sampler, plan=plan, image_size=96, seed=0,
+                                           read_threads=2, prefetch_batches=2)
+  next(loader)
+  with pytest.raises(DataError,
+                     match=rf"img{bad}'\) of fixture/train: cannot read the image header"):
+    next(loader)
+  loader.close()
