@@ -10,7 +10,12 @@ ResNet, whose GeM then pools the real pixels only.
 - Training (`make_bucketed_train_loader`): a batch is one array per aspect bucket, of the fixed
   capacities of a `bucket_plan.BucketPlan`, and where each batch row sits; the mega-batch step
   cuts its chunks within each bucket, so every chunk has one fixed shape and the step compiles
-  once. No crop; random horizontal flips.
+  once. No crop; random horizontal flips. As in the square-crop loader (`pipeline.batched`), the
+  grain elements are groups of consecutive images of a step, so every worker decodes part of
+  every step: a worker reads each record once, takes its own bucket from the image's header,
+  and returns it resized, maybe flipped, with its mask channel, unpadded (its slot is not known
+  yet); a thread of this process waits for a step's groups, assigns the slots from the own
+  buckets (`bucket_plan.assign_slots`) and copies each image into its slot.
 - Evaluation (`make_bucketed_eval_loader`): consecutive images in fixed-size batches, only
   downscaled by default (an image no larger than `image_size` keeps its size, as the reference
   code of the revisited benchmarks does; `upscale=True` resizes every image); a batch is padded
@@ -22,6 +27,9 @@ Serves instance-level retrieval.
 
 from __future__ import annotations
 
+import collections
+import math
+import mmap
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -48,69 +56,125 @@ def split_mask_channel(images: Any) -> tuple[Any, Any]:
   return images[..., :-1], images[..., -1] > 127
 
 
-def _padded(record: dict[str, Any], what: str, image_size: int, shape: tuple[int, int],
-            channels: int, flip: bool = False) -> np.ndarray:
-  try:
-    resized = aspect_buckets.resize_longer_side(record["image"], image_size, channels=channels)
-  except DataError as e:
-    raise DataError(f"record {what}: {e}") from None
-  if flip:
-    resized = resized[:, ::-1]
-  return with_mask_channel(*aspect_buckets.pad_to_bucket(resized, shape))
-
-
 def _name(source: Source, index: int, record: dict[str, Any]) -> str:
   where = f"{source.name}/{source.split}" if hasattr(source, "split") else type(source).__name__
   return f"{index} (id {record.get('id', '?')!r}) of {where}"
 
 
-class _BucketedTrainStep:
-  """Maps a global step to this process's slice of the batch as per-bucket arrays."""
+def _checked_hw(image: bytes | np.ndarray, max_pixels: int) -> tuple[int, int]:
+  """(height, width) from the header (`bucket_plan.image_hw`); refuses more than `max_pixels`."""
+  height, width = bucket_plan.image_hw(image)
+  if height * width > max_pixels:  # Refused before decoding, as `transforms` does.
+    raise DataError(f"the image has {width} x {height} pixels, more than the limit of "
+                    f"{max_pixels} (data.max_image_pixels)")
+  return height, width
+
+
+class _TrainImage:
+  """Maps element `t * b + k` to image k of this process's slice of global step t, whole.
+
+  The image is resized to the longer side `image_size` and maybe flipped, but not padded: the
+  slot it goes to depends on the whole step. Its own bucket comes from the header of the record
+  read for decoding (no second read).
+  """
 
   def __init__(self, source: Source, sampler: sampler_lib.MPerClassSampler, *,
                plan: bucket_plan.BucketPlan, image_size: int, seed: int, process_index: int,
                process_count: int, channels: int, flip: bool, max_pixels: int):
     self.source, self.sampler, self.plan, self.image_size = source, sampler, plan, image_size
-    self.max_pixels = max_pixels
-    self.seed, self.channels, self.flip = seed, channels, flip
-    self.process_index, self.process_count = process_index, process_count
-    # Capacities already warned about (per worker process); no lock, so that the step pickles
-    # into grain workers: a rare second warning from another read thread is harmless.
-    self.warned: set[tuple[int, ...]] = set()
+    self.seed, self.channels, self.flip, self.max_pixels = seed, channels, flip, max_pixels
+    self.local_batch = sampler.batch_size // process_count
+    self.offset = process_index * self.local_batch
 
-  def _bucket(self, index: int, record: dict[str, Any]) -> int:
+  def __call__(self, element: int) -> dict[str, Any]:
+    step, k = divmod(int(element), self.local_batch)
+    position = self.offset + k  # In the global batch: what the seed names.
+    index = self.sampler.record_index(step, position)
+    record = read_records(self.source, [index])[0]
     try:
-      height, width = bucket_plan.image_hw(record["image"])
-      if height * width > self.max_pixels:  # Refused from the header, as `transforms` does.
-        raise DataError(f"the image has {width} x {height} pixels, more than the limit of "
-                        f"{self.max_pixels} (data.max_image_pixels)")
-      size = aspect_buckets.resized_shape(height, width, self.image_size)
-      return aspect_buckets.assign_bucket(*size, self.plan.shapes)
+      size = aspect_buckets.resized_shape(*_checked_hw(record["image"], self.max_pixels),
+                                          self.image_size)
+      own = aspect_buckets.assign_bucket(*size, self.plan.shapes)
+      resized = aspect_buckets.resize_longer_side(record["image"], self.image_size,
+                                                  channels=self.channels)
     except DataError as e:
       raise DataError(f"record {_name(self.source, index, record)}: {e}") from None
+    if self.flip and np.random.default_rng([self.seed, step, position]).random() < 0.5:
+      resized = resized[:, ::-1]
+    return {"image": resized, "own": own, "label": record["label"], "step": step}
 
-  def __call__(self, step: int) -> dict[str, Any]:
-    step = int(step)
-    indices = self.sampler.local_slice(self.sampler.batch_indices(step), self.process_index,
-                                       self.process_count)
-    records = read_records(self.source, indices)
-    own = np.array([self._bucket(i, r) for i, r in zip(indices, records)], np.int64)
-    capacities, bucket, position = bucket_plan.assign_slots(own, self.plan)
+
+def _pack(images: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+  """A group's images of several shapes as one flat buffer (one shared-memory block out of a
+  worker), with each image's (h, w), own bucket and label, and the step.
+
+  The buffer holds each uint8 (h, w, C) image with its mask channel, all 255: (h, w, C + 1).
+  """
+  sizes = [image["image"].shape for image in images]
+  pixels = np.empty(sum(h * w * (c + 1) for h, w, c in sizes), np.uint8)
+  start = 0
+  for image, (h, w, c) in zip(images, sizes):
+    with_mask = pixels[start:start + h * w * (c + 1)].reshape(h, w, c + 1)
+    with_mask[..., :c] = image["image"]
+    with_mask[..., c] = 255
+    start += h * w * (c + 1)
+  return {"pixels": pixels, "hw": np.array([s[:2] for s in sizes], np.int64),
+          "own": np.array([image["own"] for image in images], np.int64),
+          "label": np.array([image["label"] for image in images], np.int32),
+          "step": np.int64(images[0]["step"])}
+
+
+def _fresh_zeros(shape: tuple[int, ...]) -> np.ndarray:
+  """uint8 zeros in fresh anonymous memory that asks for transparent huge pages.
+
+  A step's bucket arrays are hundreds of MB, allocated anew each step (the caller may keep a
+  batch); touching them page by page is most of the copying's cost, and where the first touch
+  of fresh memory is slow (virtual machines that hand freed memory back to their host) about as
+  much as decoding the image. Huge pages cut the faults 512-fold. Plain `np.zeros` where the
+  system has no `MADV_HUGEPAGE`.
+  """
+  size = math.prod(shape)
+  if not size or not hasattr(mmap, "MADV_HUGEPAGE"):
+    return np.zeros(shape, np.uint8)
+  memory = mmap.mmap(-1, size)  # Anonymous: zero-filled, unmapped when the array goes.
+  memory.madvise(mmap.MADV_HUGEPAGE)
+  return np.frombuffer(memory, np.uint8).reshape(shape)
+
+
+class _IntoSlots:
+  """Combines a step's packed groups into per-bucket arrays (in the consumer's process)."""
+
+  def __init__(self, plan: bucket_plan.BucketPlan, channels: int):
+    self.plan, self.channels = plan, channels
+    # Capacities already warned about: the warning comes once per loader and tuple.
+    self.warned: set[tuple[int, ...]] = set()
+
+  def __call__(self, groups: Iterator[dict[str, np.ndarray]]) -> dict[str, Any]:
+    groups = collections.deque(groups)  # The slots need every own bucket of the step.
+    step = int(groups[0]["step"])
+    capacities, bucket, position = bucket_plan.assign_slots(
+        np.concatenate([group["own"] for group in groups]), self.plan)
     if capacities != self.plan.capacities and capacities not in self.warned:
       self.warned.add(capacities)
       warnings.warn(f"step {step}: the batch needs bucket capacities {capacities}, more than the "
                     f"plan's {self.plan.capacities} for shapes {self.plan.shapes}; the training "
                     f"step compiles once more for this shape", stacklevel=2)
-    arrays = tuple(bucket_plan.empty_slots(c, shape, self.channels)
+    labels = np.concatenate([group["label"] for group in groups])
+    # Zero pixels and mask wherever no image lands (in a larger slot: outside its own shape).
+    arrays = tuple(_fresh_zeros((c, *shape, self.channels + 1))
                    for c, shape in zip(capacities, self.plan.shapes))
-    offset = self.process_index * len(indices)
-    labels = np.empty(len(indices), np.int32)
-    for k, (index, record) in enumerate(zip(indices, records)):
-      flip = self.flip and np.random.default_rng([self.seed, step, offset + k]).random() < 0.5
-      arrays[bucket[k]][position[k]] = _padded(record, _name(self.source, index, record),
-                                               self.image_size, self.plan.shapes[bucket[k]],
-                                               self.channels, flip)
-      labels[k] = record["label"]
+    row = 0
+    while groups:
+      group = groups.popleft()  # Dropped once copied: the step's groups shrink as its batch fills.
+      start = 0
+      for height, width in group["hw"]:
+        end = start + height * width * (self.channels + 1)
+        arrays[bucket[row]][position[row], :height, :width] = (
+            group["pixels"][start:end].reshape(height, width, self.channels + 1))
+        start, row = end, row + 1
+    # Each bucket's images fill its first slots; the rest are empty slots (`empty_slots`).
+    for array, used in zip(arrays, np.bincount(bucket, minlength=len(arrays))):
+      array[used:, ..., -1] = 255
     return {"image": bucket_plan.BucketedImages(arrays, bucket, position), "label": labels}
 
 
@@ -130,8 +194,13 @@ def make_bucketed_train_loader(source: Source, sampler: sampler_lib.MPerClassSam
   one). A batch that does not fit `plan` grows a bucket, with a warning once per new capacities
   tuple (the training step compiles once more for it). Flips are drawn from
   `default_rng([seed, step, global position])`, so batches depend only on (seed, step, sampler,
-  plan). Takes the arguments of `pipeline.make_train_loader` (so either serves the training
-  loop), plus `plan`.
+  plan), never on worker count, read threads, grouping or where a run was resumed. Takes the
+  arguments of `pipeline.make_train_loader` (so either serves the training loop), plus `plan`.
+
+  The workers decode groups of consecutive images of a step (`pipeline.batched`); a thread of
+  this process holds a step's groups until the last one arrives (the slots depend on every
+  image's bucket), then copies them into the step's bucket arrays, dropping each group once
+  copied: the host memory is near `prefetch_batches + 1` batches and the groups in flight.
 
   Args:
     source: records `{'image': encoded bytes or uint8 pixels, 'label': int, ...}`.
@@ -160,22 +229,23 @@ def make_bucketed_train_loader(source: Source, sampler: sampler_lib.MPerClassSam
                       f"of longer side {image_size}")
   sampler.local_slice(np.zeros(sampler.batch_size, np.int64), process_index, process_count)
   stop = start_step + (1 << 40 if num_steps is None else int(num_steps))
-  step_fn = _BucketedTrainStep(source, sampler, plan=plan, image_size=image_size, seed=seed,
-                               process_index=process_index, process_count=process_count,
-                               channels=channels, flip=flip, max_pixels=max_pixels)
-  batches = grain.MapDataset.range(start_step, stop).map(step_fn)
-  return iter(pipeline.ahead(batches, worker_count=worker_count, read_threads=read_threads,
-                             prefetch_batches=prefetch_batches))
+  image_fn = _TrainImage(source, sampler, plan=plan, image_size=image_size, seed=seed,
+                         process_index=process_index, process_count=process_count,
+                         channels=channels, flip=flip, max_pixels=max_pixels)
+  return iter(pipeline.batched(image_fn, batches=range(start_step, stop),
+                               batch_size=image_fn.local_batch, worker_count=worker_count,
+                               read_threads=read_threads, prefetch_batches=prefetch_batches,
+                               pack=_pack, combine=_IntoSlots(plan, channels)))
 
 
 class _BucketedEvalBatch:
   """Maps a batch number to consecutive whole images padded to one bucket (rows padded too)."""
 
   def __init__(self, source: Source, *, image_size: int, batch_size: int, num_buckets: int,
-               channels: int, upscale: bool):
+               channels: int, upscale: bool, max_pixels: int):
     self.source, self.image_size, self.batch_size = source, image_size, batch_size
     self.shapes = aspect_buckets.bucket_shapes(image_size, num_buckets=num_buckets)
-    self.channels, self.upscale = channels, upscale
+    self.channels, self.upscale, self.max_pixels = channels, upscale, max_pixels
 
   def __call__(self, batch: int) -> dict[str, np.ndarray]:
     start = int(batch) * self.batch_size
@@ -184,6 +254,7 @@ class _BucketedEvalBatch:
     resized, labels = [], []
     for index, record in zip(indices, records):
       try:
+        _checked_hw(record["image"], self.max_pixels)
         resized.append(aspect_buckets.resize_longer_side(
             record["image"], self.image_size, channels=self.channels, upscale=self.upscale))
       except DataError as e:
@@ -207,7 +278,9 @@ class _BucketedEvalBatch:
 def make_bucketed_eval_loader(source: Source, *, image_size: int, batch_size: int,
                               num_buckets: int = 4, channels: int = 3, upscale: bool = False,
                               worker_count: int = 0, read_threads: int = 2,
-                              prefetch_batches: int = 2) -> grain.IterDataset:
+                              prefetch_batches: int = 2,
+                              max_pixels: int = transforms.DEFAULT_MAX_PIXELS
+                              ) -> grain.IterDataset:
   """Every image of `source` in order, whole (longer side `image_size`), in bucketed batches.
 
   Args:
@@ -219,6 +292,8 @@ def make_bucketed_eval_loader(source: Source, *, image_size: int, batch_size: in
     num_buckets: short-side steps per orientation (`aspect_buckets.bucket_shapes`).
     channels: 1 or 3.
     worker_count, read_threads, prefetch_batches: as in `pipeline.make_eval_loader`.
+    max_pixels: refuse (DataError, naming the record) an image with more pixels than this, from
+      its header, before decoding it (`data.max_image_pixels`).
 
   Returns:
     Re-iterable batches `{'image': uint8 (batch_size, H_b, W_b, channels + 1), 'label',
@@ -229,7 +304,8 @@ def make_bucketed_eval_loader(source: Source, *, image_size: int, batch_size: in
     raise ConfigError(f"batch_size must be positive, got {batch_size}")
   num_batches = -(-len(source) // batch_size)
   batch_fn = _BucketedEvalBatch(source, image_size=image_size, batch_size=batch_size,
-                                num_buckets=num_buckets, channels=channels, upscale=upscale)
+                                num_buckets=num_buckets, channels=channels, upscale=upscale,
+                                max_pixels=max_pixels)
   batches = grain.MapDataset.range(num_batches).map(batch_fn)
   return pipeline.ahead(batches, worker_count=worker_count, read_threads=read_threads,
                         prefetch_batches=prefetch_batches)

@@ -7,7 +7,8 @@ on the device). A grain element is a group of up to `_MAX_GROUP_IMAGES` consecut
 batch, stacked by the worker that decodes them: moving an element out of a worker process costs
 about the same whatever its size, so a group pays it once for a few dozen images, and every
 worker still decodes part of every step (a step's first images are ready after one group, not a
-whole batch). The consumer's side copies a batch's groups into one fresh array per key. The
+whole batch). The consumer's side copies a batch's groups into one fresh array per key (the
+whole-image loader of `bucketed_pipeline` packs and places its groups its own way). The
 augmentation RNG of a record is `np.random.default_rng([seed, step, global position])`, so a
 batch depends only on (seed, step, sampler), never on worker count, grouping, thread timing,
 process count or where a run was resumed. A record's own decoded-image transform (set by a source
@@ -27,6 +28,7 @@ with the caller. Closing (or dropping) the iterator stops the thread and the wor
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+import functools
 import queue
 import threading
 import weakref
@@ -143,24 +145,30 @@ def _in_workers(dataset: grain.IterDataset, worker_count: int,
                                                          per_worker_buffer_size=buffered))
 
 
+def stack_images(images: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  """A group's images (`image_fn`'s outputs, in order) stacked per key: `batched`'s default."""
+  return {key: np.stack([image[key] for image in images]) for key in images[0]}
+
+
 class _ImageGroup:
-  """Maps element g to up to `group_size` consecutive images of one batch, stacked.
+  """Maps element g to up to `group_size` consecutive images of one batch, packed by `pack`.
 
   Element `n * groups_per_batch + j` is images `j * group_size ...` of batch n, which are the
   images `n * batch_size + i` of `image_fn`.
   """
 
-  def __init__(self, image_fn: Callable[[int], dict[str, np.ndarray]], *, batch_size: int,
-               group_size: int):
+  def __init__(self, image_fn: Callable[[int], dict[str, Any]], *, batch_size: int,
+               group_size: int,
+               pack: Callable[[list[dict[str, Any]]], dict[str, np.ndarray]] = stack_images):
     self.image_fn, self.batch_size, self.group_size = image_fn, batch_size, group_size
+    self.pack = pack
     self.groups_per_batch = -(-batch_size // group_size)
 
   def __call__(self, element: int) -> dict[str, np.ndarray]:
     batch, j = divmod(int(element), self.groups_per_batch)
     first = batch * self.batch_size + j * self.group_size
     last = min(first + self.group_size, (batch + 1) * self.batch_size)
-    images = [self.image_fn(i) for i in range(first, last)]
-    return {key: np.stack([image[key] for image in images]) for key in images[0]}
+    return self.pack([self.image_fn(i) for i in range(first, last)])
 
 
 def _group_size(batch_size: int) -> int:
@@ -176,29 +184,48 @@ class _End:
     self.error = error
 
 
+class _Stopped(Exception):
+  """Ends a batch's `combine` when the loader is closed part-way through the batch."""
+
+
+def stacked_batch(groups: Iterator[dict[str, np.ndarray]], *,
+                  batch_size: int) -> dict[str, np.ndarray]:
+  """Copies a batch's stacked groups, as they arrive, into one fresh array per key: the default
+  `combine` of `batched`."""
+  batch, row = None, 0
+  for group in groups:
+    if batch is None:
+      batch = {key: np.empty((batch_size, *value.shape[1:]), value.dtype)
+               for key, value in group.items()}
+    size = len(next(iter(group.values())))
+    for key, value in group.items():
+      batch[key][row:row + size] = value
+    row += size
+  return batch
+
+
 class _Assembler:
-  """Copies consecutive image groups into one fresh array per key and batch."""
+  """Combines each run of `groups_per_batch` consecutive image groups into a batch."""
 
   def __init__(self, groups: Iterator[dict[str, np.ndarray]], *, groups_per_batch: int,
-               batch_size: int):
-    self.groups, self.groups_per_batch, self.batch_size = groups, groups_per_batch, batch_size
+               combine: Callable[[Iterator[dict[str, np.ndarray]]], Any]):
+    self.groups, self.groups_per_batch, self.combine = groups, groups_per_batch, combine
 
-  def __call__(self, stopped: Callable[[], bool] = lambda: False) -> dict[str, np.ndarray] | None:
+  def __call__(self, stopped: Callable[[], bool] = lambda: False) -> Any:
     """The next batch; None when stopped part-way. StopIteration after the last one."""
-    group = next(self.groups)
-    batch = {key: np.empty((self.batch_size, *value.shape[1:]), value.dtype)
-             for key, value in group.items()}
-    row = 0
-    for j in range(self.groups_per_batch):
-      if j:
+    first = next(self.groups)
+
+    def batch_groups() -> Iterator[dict[str, np.ndarray]]:
+      yield first
+      for _ in range(self.groups_per_batch - 1):
         if stopped():
-          return None
-        group = next(self.groups)
-      size = len(next(iter(group.values())))
-      for key, value in group.items():
-        batch[key][row:row + size] = value
-      row += size
-    return batch
+          raise _Stopped
+        yield next(self.groups)
+
+    try:
+      return self.combine(batch_groups())
+    except _Stopped:
+      return None
 
 
 def _fill(assemble: _Assembler, slots: threading.Semaphore, ready: queue.SimpleQueue,
@@ -228,11 +255,10 @@ class _BatchIterator:
   when the iterator is closed or dropped.
   """
 
-  def __init__(self, groups: grain.IterDataset, *, groups_per_batch: int, batch_size: int,
-               prefetch_batches: int):
+  def __init__(self, groups: grain.IterDataset, *, groups_per_batch: int,
+               combine: Callable[[Iterator[dict[str, np.ndarray]]], Any], prefetch_batches: int):
     self._groups = iter(groups)
-    self._assemble = _Assembler(self._groups, groups_per_batch=groups_per_batch,
-                                batch_size=batch_size)
+    self._assemble = _Assembler(self._groups, groups_per_batch=groups_per_batch, combine=combine)
     self._thread, self._done = None, False
     if prefetch_batches > 0:
       self._slots = threading.Semaphore(prefetch_batches)
@@ -263,7 +289,7 @@ class _BatchIterator:
     return item
 
   def close(self) -> None:
-    """Stops the thread (within one image group) and the workers."""
+    """Stops the thread (within one image group, or a batch's final copy) and the workers."""
     self._done = True
     if self._thread is not None:
       self._stop.set()
@@ -273,46 +299,59 @@ class _BatchIterator:
 
 
 class _GroupedBatches:
-  """Re-iterable batches of `batch_size` images, built as image groups (see `batched`)."""
+  """Re-iterable batches, each combined from its image groups (see `batched`)."""
 
-  def __init__(self, groups: grain.IterDataset, *, groups_per_batch: int, batch_size: int,
-               prefetch_batches: int):
+  def __init__(self, groups: grain.IterDataset, *, groups_per_batch: int,
+               combine: Callable[[Iterator[dict[str, np.ndarray]]], Any], prefetch_batches: int):
     self._groups, self._prefetch_batches = groups, prefetch_batches
-    self._groups_per_batch, self._batch_size = groups_per_batch, batch_size
+    self._groups_per_batch, self._combine = groups_per_batch, combine
 
   def __iter__(self) -> _BatchIterator:
     return _BatchIterator(self._groups, groups_per_batch=self._groups_per_batch,
-                          batch_size=self._batch_size, prefetch_batches=self._prefetch_batches)
+                          combine=self._combine, prefetch_batches=self._prefetch_batches)
 
 
-def batched(image_fn: Callable[[int], dict[str, np.ndarray]], *, batches: range,
-            batch_size: int, worker_count: int, read_threads: int,
-            prefetch_batches: int) -> _GroupedBatches:
+def batched(image_fn: Callable[[int], dict[str, Any]], *, batches: range, batch_size: int,
+            worker_count: int, read_threads: int, prefetch_batches: int,
+            pack: Callable[[list[dict[str, Any]]], dict[str, np.ndarray]] = stack_images,
+            combine: Callable[[Iterator[dict[str, np.ndarray]]], Any] | None = None
+            ) -> _GroupedBatches:
   """Batches n in `batches` of images `image_fn(n * batch_size + i)`, built ahead, in order.
 
   The grain elements are groups of up to `_MAX_GROUP_IMAGES` consecutive images of a batch,
-  stacked by the worker that decodes them (so moving them out of a worker process costs once per
+  packed by the worker that decodes them (so moving them out of a worker process costs once per
   group, not once per image, and every worker still decodes part of every batch); the consumer's
-  side copies the groups of a batch into one fresh array per key.
+  side combines the groups of a batch into the batch.
 
   Args:
-    image_fn: image number -> `{key: array}`, the same keys, shapes and dtypes for all images.
+    image_fn: image number -> `{key: value}`.
     batches: the batch numbers to build.
     batch_size: images per batch.
     worker_count, read_threads, prefetch_batches: as in `make_train_loader`.
+    pack: a group's images (`image_fn`'s outputs, in order) -> its grain element, a dict of
+      NumPy arrays (each moved out of a worker process as one shared-memory block); runs where
+      the images are decoded, so it must pickle. Default: each key stacked, which needs the same
+      keys, shapes and dtypes for all images.
+    combine: an iterator over a batch's groups (in order, as they arrive) -> the batch; runs in
+      this process. Default: the stacked groups copied into one fresh (batch_size, ...) array per
+      key (`stacked_batch`).
 
   Returns:
-    Re-iterable batches `{key: (batch_size, ...) array}`; each iterator has `close()`.
+    Re-iterable batches (by default `{key: (batch_size, ...) array}`); each iterator has
+    `close()`.
   """
   _check_read_ahead(worker_count, read_threads, prefetch_batches)
-  group_fn = _ImageGroup(image_fn, batch_size=batch_size, group_size=_group_size(batch_size))
+  group_fn = _ImageGroup(image_fn, batch_size=batch_size, group_size=_group_size(batch_size),
+                         pack=pack)
   per_batch = group_fn.groups_per_batch
   groups = grain.MapDataset.range(batches.start * per_batch, batches.stop * per_batch).map(
       group_fn).to_iter_dataset(grain.ReadOptions(
           num_threads=read_threads, prefetch_buffer_size=read_threads * _GROUPS_AHEAD_PER_THREAD))
   if worker_count > 0:
     groups = _in_workers(groups, worker_count, max(read_threads, 1) * _GROUPS_AHEAD_PER_THREAD)
-  return _GroupedBatches(groups, groups_per_batch=per_batch, batch_size=batch_size,
+  if combine is None:
+    combine = functools.partial(stacked_batch, batch_size=batch_size)
+  return _GroupedBatches(groups, groups_per_batch=per_batch, combine=combine,
                          prefetch_batches=prefetch_batches)
 
 

@@ -75,7 +75,7 @@ def _eval_batches(c: ml_collections.ConfigDict, source) -> Callable[[], Any]:
   return lambda: data.make_bucketed_eval_loader(
       source, image_size=c.data.image_size, batch_size=c.data.eval_batch_size,
       num_buckets=max(int(c.data.aspect_buckets), 1), channels=c.data.channels,
-      upscale=bool(c.eval.get("upscale", False)))
+      upscale=bool(c.eval.get("upscale", False)), max_pixels=c.data.max_image_pixels)
 
 
 def describe_split(c: ml_collections.ConfigDict, model, frozen: dict[str, PyTree], params: PyTree,

@@ -1,6 +1,8 @@
 """Whole-image loaders: longer side kept, padded into buckets, the mask as the last channel."""
 
 import io
+import threading
+import time
 import warnings
 
 import chex
@@ -10,6 +12,7 @@ import pytest
 
 from recall_jax import data
 from recall_jax.data import aspect_buckets
+from recall_jax.data import bucket_plan
 from recall_jax.errors import ConfigError, DataError
 
 # (height, width) of the source images: landscape, portrait, square.
@@ -91,6 +94,30 @@ def test_eval_batches_hold_whole_images_in_their_bucket(upscale):
     assert tuple(batch["image"].shape[1:3]) == shapes[aspect_buckets.assign_bucket(*need, shapes)]
   assert kept == (0 if upscale else 3)  # (40, 40), (33, 33) and (45, 30) keep their pixels
   assert not batches[-1]["mask"][2] and batches[-1]["index"][2] == -1
+
+
+def test_eval_loader_refuses_images_over_max_pixels_from_the_header(monkeypatch):
+  source = _Source()
+  largest = max(range(len(SHAPES)), key=lambda i: SHAPES[i][0] * SHAPES[i][1])
+  height, width = SHAPES[largest]
+  limit = height * width - 1
+  decoded = []
+  resize = aspect_buckets.resize_longer_side
+  monkeypatch.setattr(aspect_buckets, "resize_longer_side",
+                      lambda image, *a, **k: decoded.append(image) or resize(image, *a, **k))
+  loader = data.make_bucketed_eval_loader(source, image_size=48, batch_size=3, max_pixels=limit,
+                                          read_threads=0, prefetch_batches=0)
+  with pytest.raises(DataError) as info:
+    list(loader)
+  assert str(info.value) == (f"record {largest} (id '{largest}') of fixture/train: the image has "
+                             f"{width} x {height} pixels, more than the limit of {limit} "
+                             f"(data.max_image_pixels)")
+  assert source[largest]["image"] not in decoded  # refused from its header
+  at_limit = data.make_bucketed_eval_loader(source, image_size=48, batch_size=3,
+                                            max_pixels=limit + 1, read_threads=0,
+                                            prefetch_batches=0)
+  assert sum(int(b["mask"].sum()) for b in at_limit) == len(SHAPES)
+  assert source[largest]["image"] in decoded  # the same image, decoded when allowed
 
 
 def test_bad_arguments():
@@ -269,3 +296,141 @@ def test_bucketed_train_refuses_images_over_max_pixels():
     next(_bucketed(source, sampler, plan, max_pixels=limit))
   at_limit = _bucketed(source, sampler, plan, max_pixels=limit + 1, flip=False)
   _check_bucketed_batch(next(at_limit), source, indices, plan)
+
+
+class _OneElementPerStep:
+  """The reference: the former training loader, which built a step's whole batch in one call.
+
+  Headers first (every record's own bucket), the slots of the step, then each image resized,
+  maybe flipped and padded to its slot's shape; a warning per new capacities tuple.
+  """
+
+  def __init__(self, source, sampler, plan, *, image_size, seed, flip, process_index=0,
+               process_count=1, channels=3):
+    self.source, self.sampler, self.plan, self.image_size = source, sampler, plan, image_size
+    self.seed, self.flip, self.channels = seed, flip, channels
+    self.process_index, self.process_count = process_index, process_count
+    self.warned = set()
+
+  def own_buckets(self, step):
+    """This process's records of `step` and the bucket of each, from its header."""
+    indices = self.sampler.local_slice(self.sampler.batch_indices(step), self.process_index,
+                                       self.process_count)
+    records = [self.source[i] for i in indices]
+    return records, np.array([aspect_buckets.assign_bucket(
+        *aspect_buckets.resized_shape(*data.image_hw(r["image"]), self.image_size),
+        self.plan.shapes) for r in records], np.int64)
+
+  def __call__(self, step):
+    records, own = self.own_buckets(step)
+    capacities, bucket, position = data.assign_slots(own, self.plan)
+    if capacities != self.plan.capacities and capacities not in self.warned:
+      self.warned.add(capacities)
+      warnings.warn(f"step {step}: the batch needs bucket capacities {capacities}, more than the "
+                    f"plan's {self.plan.capacities} for shapes {self.plan.shapes}; the training "
+                    f"step compiles once more for this shape", stacklevel=2)
+    arrays = tuple(bucket_plan.empty_slots(c, shape, self.channels)
+                   for c, shape in zip(capacities, self.plan.shapes))
+    offset = self.process_index * len(records)
+    labels = np.empty(len(records), np.int32)
+    for k, record in enumerate(records):
+      resized = aspect_buckets.resize_longer_side(record["image"], self.image_size,
+                                                  channels=self.channels)
+      if self.flip and np.random.default_rng([self.seed, step, offset + k]).random() < 0.5:
+        resized = resized[:, ::-1]
+      arrays[bucket[k]][position[k]] = data.with_mask_channel(
+          *aspect_buckets.pad_to_bucket(resized, self.plan.shapes[bucket[k]]))
+      labels[k] = record["label"]
+    return {"image": data.BucketedImages(arrays, bucket, position), "label": labels}
+
+
+def _mixed_sizes(count, seed):
+  """(height, width) of `count` images: many aspect ratios, longer side 12 .. 90 px."""
+  rng = np.random.default_rng(seed)
+  longer = rng.integers(12, 91, count)
+  ratio = rng.choice([1.0, 0.75, 0.5, 0.3, 0.6], count)
+  sizes = [(max(1, round(n * r)), int(n)) for n, r in zip(longer, ratio)]
+  return [s[::-1] if rng.random() < 0.4 else s for s in sizes]
+
+
+@pytest.mark.parametrize("worker_count, read_threads, prefetch_batches, start_step, process",
+                         [(0, 0, 0, 0, (0, 1)), (0, 2, 2, 2, (1, 2)), (2, 2, 2, 0, (0, 1)),
+                          (2, 1, 1, 1, (1, 2))])
+def test_bucketed_train_batches_equal_the_one_element_per_step_reference(
+    worker_count, read_threads, prefetch_batches, start_step, process):
+  # 320 images of 160 classes, batches of 80 (per process 80 or 40: three or two grain groups).
+  source = _MixedSource(_mixed_sizes(320, seed=3))
+  sampler = data.MPerClassSampler(source.labels, 80, 2, seed=4)
+  rows = 80 // process[1]
+  shapes = aspect_buckets.bucket_shapes(96, num_buckets=3)  # 5 shapes
+  reference = _OneElementPerStep(source, sampler, data.BucketPlan(shapes, (0,) * len(shapes), 4),
+                                 image_size=96, seed=7, flip=True, process_index=process[0],
+                                 process_count=process[1])
+  # A tight plan (no margin, no slack) from the first step's own buckets, that others overflow.
+  reference.plan = plan = data.estimate_plan(
+      reference.own_buckets(start_step)[1], shapes=shapes, rows_per_step=rows, chunk_rows=4,
+      samples_per_class=2, margin=0.0, slack_chunks=0)
+  steps = range(start_step, start_step + 4)
+  with warnings.catch_warnings(record=True) as expected_warnings:
+    warnings.simplefilter("always")
+    expected = [reference(step) for step in steps]
+  grown = [b for b in expected if tuple(len(a) for a in b["image"].buckets) != plan.capacities]
+  assert grown and grown[0] is not expected[0]  # the first step fits, a later one grows
+  # Some images sit in a larger bucket than their own (pixels and mask 0 outside them).
+  assert any((want["image"].bucket != reference.own_buckets(step)[1]).any()
+             for step, want in zip(steps, expected))
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    loader = data.make_bucketed_train_loader(
+        source, sampler, plan=plan, image_size=96, start_step=start_step, seed=7,
+        worker_count=worker_count, read_threads=read_threads, prefetch_batches=prefetch_batches,
+        process_index=process[0], process_count=process[1], num_steps=len(steps))
+    batches = list(loader)
+    loader.close()
+  assert len(batches) == len(expected)
+  for batch, want in zip(batches, expected):
+    chex.assert_trees_all_equal(batch, want)
+    assert batch["image"].bucket.dtype == np.int32 and batch["image"].position.dtype == np.int32
+  messages = lambda ws: [str(w.message) for w in ws if "compiles once more" in str(w.message)]
+  assert messages(caught) == messages(expected_warnings) and messages(caught)
+
+
+class _SlowSource(_MixedSource):
+  """Reads take 5 ms each, so that a step of 80 images (three groups) takes a while; counted."""
+
+  reads = 0
+
+  def __getitem__(self, index):
+    time.sleep(0.005)
+    self.reads += 1
+    return super().__getitem__(index)
+
+
+def _assembling_threads():
+  return [t for t in threading.enumerate() if t.name == "batch-assembly" and t.is_alive()]
+
+
+def test_bucketed_loader_closes_part_way_through_a_step_and_passes_errors_on():
+  source = _SlowSource(_mixed_sizes(160, seed=5))
+  sampler = data.MPerClassSampler(source.labels, 80, 2, seed=0)
+  plan = data.BucketPlan(aspect_buckets.bucket_shapes(96, num_buckets=3), (0, 0, 0, 0, 80), 4)
+  loader = data.make_bucketed_train_loader(source, sampler, plan=plan, image_size=96, seed=0,
+                                           read_threads=0, prefetch_batches=1)
+  assert len(next(loader)["label"]) == 80
+  assert _assembling_threads()  # now reading step 1's groups, 0.4 s of reads
+  time.sleep(0.1)
+  loader.close()
+  assert not _assembling_threads()
+  assert 80 < source.reads < 160  # stopped part-way through step 1, not after it
+  with pytest.raises(StopIteration):
+    next(loader)
+  # A record's error, raised in the assembling thread, reaches the caller.
+  bad = int(sampler.batch_indices(1)[50])  # in the step's second group
+  broken = _MixedSource(_mixed_sizes(160, seed=5), bad=bad)
+  loader = data.make_bucketed_train_loader(broken, sampler, plan=plan, image_size=96, seed=0,
+                                           read_threads=2, prefetch_batches=2)
+  next(loader)
+  with pytest.raises(DataError,
+                     match=rf"img{bad}'\) of fixture/train: cannot read the image header"):
+    next(loader)
+  loader.close()

@@ -502,6 +502,25 @@ def test_queries_and_images_smaller_than_image_size_are_described_at_their_size(
                              _reference_descriptors(model, variables, database, scales), atol=1e-5)
 
 
+def test_evaluation_refuses_images_over_data_max_image_pixels(data_root):
+  c = _config("gldv1_resnet101")
+  c.data.root, c.data.check_sizes = str(data_root), False
+  c.eval.datasets = ("roxford5k",)
+  # The fixture's largest images are 40 x 40 (database image 2); query crops are smaller.
+  c.data.max_image_pixels = 40 * 40 - 1
+  model = experiment.make_model(c)
+  frozen = experiment.make_variables(c, model)
+  params = frozen.pop("params")
+  with pytest.warns(UserWarning, match="query boxes reach past their image"):
+    evaluator = landmarks.make_revisited_evaluator(c, model, frozen, log_fn=None, progress=False)
+  with pytest.raises(errors.DataError) as info:
+    evaluator(params, 0)
+  message = str(info.value)
+  assert "\n" not in message and "roxford5k_db_000002" in message
+  assert message.endswith("the image has 40 x 40 pixels, more than the limit of 1599 "
+                          "(data.max_image_pixels)")
+
+
 def test_whiten_then_eval_whitens_the_evaluations_own_descriptors(data_root, tmp_path):
   # The AP-GeM preset: one scale, PCA-whitening of power 0.25 learned on the training set.
   c = _config("gldv1_resnet101", "smoke,apgem_eval")
