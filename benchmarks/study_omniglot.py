@@ -646,9 +646,11 @@ def main(argv: list[str] | None = None) -> None:
                                     VALIDATION_EVERY, cache)
     header = (f"Omniglot study ({mode}), validated: trained on 25 background alphabets, "
               f"compared on the other {len(held_out)} ({', '.join(held_out)}; all their images), "
-              "then the compared settings (for the proxy losses, the batch size with the best "
-              f"mean validation R@1 over {args.sweep_seeds} seed(s)) scored once on {evaluated} "
-              f"images of the 20 test alphabets; {budget}")
+              "then the compared settings scored once on "
+              f"{evaluated} images of the 20 test alphabets (for the proxy losses: the learning "
+              f"rates with the best validation R@1 at B = {PROXY_PROBE_BATCH}, seed 0, then the "
+              f"batch size with the best mean validation R@1 over {args.sweep_seeds} seed(s), "
+              f"then {args.seeds} seeds of it); {budget}")
     tables.append(validated_table(runs_by_study, records, tested, baseline, header))
   table = "\n".join(tables)
   print(table)

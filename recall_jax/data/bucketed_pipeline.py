@@ -28,8 +28,6 @@ Serves instance-level retrieval.
 from __future__ import annotations
 
 import collections
-import math
-import mmap
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -124,23 +122,6 @@ def _pack(images: list[dict[str, Any]]) -> dict[str, np.ndarray]:
           "step": np.int64(images[0]["step"])}
 
 
-def _fresh_zeros(shape: tuple[int, ...]) -> np.ndarray:
-  """uint8 zeros in fresh anonymous memory that asks for transparent huge pages.
-
-  A step's bucket arrays are hundreds of MB, allocated anew each step (the caller may keep a
-  batch); touching them page by page is most of the copying's cost, and where the first touch
-  of fresh memory is slow (virtual machines that hand freed memory back to their host) about as
-  much as decoding the image. Huge pages cut the faults 512-fold. Plain `np.zeros` where the
-  system has no `MADV_HUGEPAGE`.
-  """
-  size = math.prod(shape)
-  if not size or not hasattr(mmap, "MADV_HUGEPAGE"):
-    return np.zeros(shape, np.uint8)
-  memory = mmap.mmap(-1, size)  # Anonymous: zero-filled, unmapped when the array goes.
-  memory.madvise(mmap.MADV_HUGEPAGE)
-  return np.frombuffer(memory, np.uint8).reshape(shape)
-
-
 class _IntoSlots:
   """Combines a step's packed groups into per-bucket arrays (in the consumer's process)."""
 
@@ -161,7 +142,7 @@ class _IntoSlots:
                     f"step compiles once more for this shape", stacklevel=2)
     labels = np.concatenate([group["label"] for group in groups])
     # Zero pixels and mask wherever no image lands (in a larger slot: outside its own shape).
-    arrays = tuple(_fresh_zeros((c, *shape, self.channels + 1))
+    arrays = tuple(pipeline.fresh_zeros((c, *shape, self.channels + 1))
                    for c, shape in zip(capacities, self.plan.shapes))
     row = 0
     while groups:

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 import functools
+import math
+import mmap
 import queue
 import threading
 import weakref
@@ -48,6 +50,7 @@ _UNBOUNDED_STEPS = 1 << 40
 # Images per grain element: enough that moving an element out of a worker process (a shared
 # memory block per array) costs little per image, few enough that all workers share each batch.
 _MAX_GROUP_IMAGES = 32
+_HUGE_PAGE_BYTES = 2 << 20
 # Image groups each read thread (and each worker's output buffer, per thread) may hold ahead of
 # the batching: a few MB at 224 px.
 _GROUPS_AHEAD_PER_THREAD = 2
@@ -188,14 +191,31 @@ class _Stopped(Exception):
   """Ends a batch's `combine` when the loader is closed part-way through the batch."""
 
 
+def fresh_zeros(shape: tuple[int, ...], dtype: np.dtype = np.uint8) -> np.ndarray:
+  """Zeros in fresh anonymous memory that asks for transparent huge pages, if large.
+
+  A batch's arrays are hundreds of MB, allocated anew each step (the caller may keep a batch);
+  touching them page by page is most of the copying's cost, and where the first touch of fresh
+  memory is slow (virtual machines that hand freed memory back to their host) about as much as
+  decoding the images. Huge pages cut the faults 512-fold. Plain `np.zeros` below 2 MiB (one
+  huge page) or where the system has no `MADV_HUGEPAGE`.
+  """
+  size = math.prod(shape) * np.dtype(dtype).itemsize
+  if size < _HUGE_PAGE_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
+    return np.zeros(shape, dtype)
+  memory = mmap.mmap(-1, size)  # Anonymous: zero-filled, unmapped when the array goes.
+  memory.madvise(mmap.MADV_HUGEPAGE)
+  return np.frombuffer(memory, dtype).reshape(shape)
+
+
 def stacked_batch(groups: Iterator[dict[str, np.ndarray]], *,
                   batch_size: int) -> dict[str, np.ndarray]:
-  """Copies a batch's stacked groups, as they arrive, into one fresh array per key: the default
-  `combine` of `batched`."""
+  """Copies a batch's stacked groups, as they arrive, into one fresh array per key
+  (`fresh_zeros`): the default `combine` of `batched`."""
   batch, row = None, 0
   for group in groups:
     if batch is None:
-      batch = {key: np.empty((batch_size, *value.shape[1:]), value.dtype)
+      batch = {key: fresh_zeros((batch_size, *value.shape[1:]), value.dtype)
                for key, value in group.items()}
     size = len(next(iter(group.values())))
     for key, value in group.items():
