@@ -2,6 +2,7 @@
 
 import io
 import math
+import mmap
 import threading
 import time
 
@@ -11,6 +12,7 @@ import pytest
 
 from recall_jax import data
 from recall_jax import errors
+from recall_jax.data import pipeline
 from recall_jax.data import transforms
 
 
@@ -336,3 +338,26 @@ def test_negative_prefetch_is_refused():
   sampler = data.MPerClassSampler(np.array([r["label"] for r in source]), 8, 2, seed=0)
   with pytest.raises(errors.ConfigError, match="must be non-negative"):
     _loader(source, sampler, prefetch_batches=-1)
+
+
+@pytest.mark.parametrize("shape,dtype", [((3, 4), np.int32), ((64, 224, 224, 3), np.uint8)])
+def test_fresh_zeros_are_writable_zeros_of_the_shape_and_dtype(shape, dtype):
+  array = pipeline.fresh_zeros(shape, dtype)
+  assert array.shape == shape and array.dtype == dtype and array.flags.writeable
+  assert not array.any()
+  array[-1] = 7
+  assert int(array.reshape(-1)[-1]) == 7
+  large = array.nbytes >= 2 << 20
+  # Large arrays live in their own anonymous mapping (huge pages asked for), small ones not.
+  root = array
+  while isinstance(root, np.ndarray) and root.base is not None:
+    root = root.base
+  assert isinstance(root, mmap.mmap) == (large and hasattr(mmap, "MADV_HUGEPAGE"))
+
+
+def test_stacked_groups_equal_numpy_stack():
+  images = [{"image": np.full((224, 224, 3), i, np.uint8), "label": np.int32(i)}
+            for i in range(40)]
+  stacked = pipeline.stack_images(images)
+  np.testing.assert_array_equal(stacked["image"], np.stack([x["image"] for x in images]))
+  np.testing.assert_array_equal(stacked["label"], np.arange(40, dtype=np.int32))
