@@ -352,6 +352,7 @@ def test_fresh_zeros_are_writable_zeros_of_the_shape_and_dtype(shape, dtype):
   root = array
   while isinstance(root, np.ndarray) and root.base is not None:
     root = root.base
+  root = root.obj if isinstance(root, memoryview) else root
   assert isinstance(root, mmap.mmap) == (large and hasattr(mmap, "MADV_HUGEPAGE"))
 
 
