@@ -425,7 +425,7 @@ def check_database(queries, query_labels, database, database_labels, database_va
     if database_valid.shape != database_labels.shape or database_valid.dtype != bool:
       raise ValueError(f"database_valid must be a ({database.shape[0]},) bool mask, got "
                        f"{database_valid.dtype} of shape {database_valid.shape}")
-  head = lambda x: np.asarray(x[:num_queries])
+  head = lambda x: np.asarray(x)[:num_queries]  # slicing a constant under jit would trace it
   if is_concrete(query_labels) and is_concrete(database_labels):
     if not np.array_equal(head(database_labels), np.asarray(query_labels)):
       raise ValueError("the database's first B labels must be the query labels (the database "

@@ -173,6 +173,19 @@ def test_traced_labels_with_too_few_slots_give_nan():
 
 
 @pytest.mark.parametrize("loss_fn", [recall_at_k_database_loss, smooth_ap_database_loss])
+def test_constant_labels_closed_over_under_jit(loss_fn):
+  """Labels and mask held as JAX constants by a jitted function (only the embeddings traced)
+  give the eager loss: the checks read constants without tracing them."""
+  q, ql, db, dbl, valid = (jnp.asarray(x) for x in _batch_and_memory(6))
+  q, db = q.astype(jnp.float32), db.astype(jnp.float32)
+  memory = db[len(ql):]
+  fn = jax.jit(lambda e: loss_fn(e, ql, jnp.concatenate([e, memory]), dbl,
+                                 database_valid=valid, max_positives=4))
+  np.testing.assert_allclose(float(fn(q)), float(loss_fn(q, ql, db, dbl, database_valid=valid,
+                                                          max_positives=4)), rtol=1e-6)
+
+
+@pytest.mark.parametrize("loss_fn", [recall_at_k_database_loss, smooth_ap_database_loss])
 def test_bad_input(loss_fn):
   q, ql, db, dbl, valid = _batch_and_memory(6)
   q, db = q.astype(np.float32), db.astype(np.float32)
