@@ -50,6 +50,7 @@ _UNBOUNDED_STEPS = 1 << 40
 # Images per grain element: enough that moving an element out of a worker process (a shared
 # memory block per array) costs little per image, few enough that all workers share each batch.
 _MAX_GROUP_IMAGES = 32
+# One transparent huge page: smaller arrays gain nothing from a mapping of their own.
 _HUGE_PAGE_BYTES = 2 << 20
 # Image groups each read thread (and each worker's output buffer, per thread) may hold ahead of
 # the batching: a few MB at 224 px.

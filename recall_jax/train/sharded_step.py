@@ -230,8 +230,7 @@ def sharded_value_and_grad(
     return loss, (jax.lax.psum(model_grads, axis), loss_param_grads)
 
   data, full = PartitionSpec(axis), PartitionSpec()
-  memory_specs = cross_batch_memory.MemoryState(embeddings=data, labels=data, position=full,
-                                                count=full)
+  memory_specs = jax.tree.map(lambda sharding: sharding.spec, memory_shardings(mesh))
 
   def step_fn(params, images, labels, rng=None, *, loss_params=None, loss_inputs=()):
     groups, slots = _image_groups(images, labels)

@@ -159,7 +159,6 @@ def _train(c: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, Any
       if unchecked is not None:
         _require_finite_loss(unchecked, checkpoints, saves)
         unchecked = None
-      log.write_pending()
       first_bad = _first_bad_loss(first_bad, metrics["loss"], state.step)
       done = step + 1
       evaluates, logs = _evaluates_after(c, done, exp), log.due(done)
@@ -374,9 +373,9 @@ class _Log:
     """Advances the bar; with `write`, the train row of step `done` (learning rate: `schedule`
     of its update; images/s: the mean since the previous row) is due.
 
-    The row's `metrics` stay on the device until `write_pending` (the loop calls it once the
-    next step is queued, as big_vision reads its metrics one step late), or now with `at_once`
-    (a boundary that waits for the step anyway).
+    The row's `metrics` stay on the device until the next call (the loop makes it once the
+    next step is queued, as big_vision reads its metrics one step late) or `write_pending`, or
+    are written now with `at_once` (a boundary that waits for the step anyway).
     """
     self._bar.update(1)
     self.write_pending()
